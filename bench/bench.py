@@ -1,0 +1,400 @@
+"""preftune vs TRL benchmark: one invocation builds the assets, measures the matmul peak, runs every case in
+its own subprocess (peak RSS per run) and prints/writes the comparison table.
+
+    .venv/bin/python bench/bench.py [--steps 30] [--only dpo,simpo,orpo] [--skip-trl] [--skip-preftune]
+                                    [--long-prompt | --long-only] [--matrix] [--out bench_out] [--tiny]
+
+Development (seconds, tiny model): ``.venv/bin/python bench/bench.py --tiny --steps 2 --skip-preftune``.
+Children: bench/trl_run.py (TRL trainers) and bench/preftune_run.py (preftune.train / ablate).
+Outputs: <out>/results.json, <out>/results.md, per-run logs under <out>/runs/<setting>/<case>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BATCH = 8
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FULL_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376)
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=172)
+VOCAB = 4096
+# setting -> (prompt token range, completion token range, max_length, max_prompt_length)
+SETTINGS: dict[str, tuple[tuple[int, int], tuple[int, int], int, int]] = {
+    "standard": ((55, 75), (40, 60), 256, 128),
+    "long": ((180, 220), (40, 60), 512, 384),
+}
+HELDOUT_PAIRS = 8  # preftune evaluates at step 0 and at the end: keep it cheap
+OBJECTIVE_PARAMS = {  # same hyperparameters on both sides; TRL simpo_gamma is SimPO's absolute gamma
+    "dpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 0.5},
+    "orpo": {"beta": 0.1},
+}
+
+
+# ------------------------------------------------------------------------------------------------ assets
+def _words(rng: random.Random, n: int) -> list[str]:
+    syl = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    out: set[str] = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(syl) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))))
+    return sorted(out)
+
+
+def build_assets(root: Path, tiny: bool, n_train: int) -> dict[str, Any]:
+    """Tokenizer (byte-level BPE, vocab 4096), random Llama, synthetic pairs; deterministic, reused if present."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1234)
+    words = _words(rng, 6000)
+    weights = [1.0 / (i + 10) for i in range(len(words))]  # Zipf-like
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        corpus = [" ".join(rng.choices(words, weights, k=60)) + "." for _ in range(20000)]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        fast.save_pretrained(tok_dir)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    n_tok = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+
+    def text(lo_hi: tuple[int, int], pool: list[str], r: random.Random) -> str:
+        target, out, n = r.randint(*lo_hi), [], 0
+        while n < target:
+            w = r.choice(pool)
+            out.append(w)
+            n += n_tok[w]
+        return " " + " ".join(out)
+
+    data_dir = root / "data"
+    data_dir.mkdir(exist_ok=True)
+    for setting, (p_rng, c_rng, _, _) in SETTINGS.items():
+        for split, n in (("train", n_train), ("heldout", HELDOUT_PAIRS)):
+            path = data_dir / f"{split}_{setting}_{n}.jsonl"
+            if path.exists():
+                continue
+            r = random.Random(f"{setting}-{split}-{n}")
+            rows = []
+            for _ in range(n):
+                topic = r.sample(words[:2000], 40)  # chosen stays on the prompt's topic, rejected drifts
+                rows.append({"prompt": "Q:" + text(p_rng, topic, r) + "\nA:",
+                             "chosen": text(c_rng, topic, r) + ".", "rejected": text(c_rng, words, r) + "."})
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(x) + "\n" for x in rows))
+            tmp.replace(path)
+
+    model_dir = root / ("model_tiny" if tiny else "model")
+    if not (model_dir / "config.json").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, tie_word_embeddings=False,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **(TINY_MODEL if tiny else FULL_MODEL))
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+        tmp = model_dir.with_name(model_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(model_dir)
+    meta_path = model_dir / "bench_meta.json"
+    if not meta_path.exists():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        meta = {"params": sum(p.numel() for p in model.parameters()),
+                "matmul_weights": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))}
+        meta_path.write_text(json.dumps(meta))
+    meta = json.loads(meta_path.read_text())
+    return {"model": str(model_dir), "data": str(data_dir), **meta}
+
+
+# ------------------------------------------------------------------------------------------------ peak
+def matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best-of-`reps` GFLOP/s of an n x n matmul, fp32 and bf16, at the runs' thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_child(script: str, spec: dict[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; wall time and peak RSS (os.wait4) are per child."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore",
+           "HF_DATASETS_CACHE": str(run_dir / "hf_datasets")}
+    t = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / script), str(run_dir / "spec.json"),
+                                 str(run_dir / "result.json")], stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    res_path = run_dir / "result.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+    res.update(process_wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, returncode=proc.returncode)
+    if proc.returncode != 0 or not res.get("ok"):
+        tail = (run_dir / "log.txt").read_text().strip().splitlines()[-3:]
+        res.update(ok=False, error=res.get("error") or " | ".join(tail))
+    return res
+
+
+def derive(res: dict[str, Any], n_matmul: int, peaks: dict[str, float]) -> dict[str, Any]:
+    """pairs/s, tokens/s and share of matmul peak from a child's raw numbers.
+
+    Timed seconds = training loop + reference work done outside it (TRL precompute, preftune reference_s).
+    Model FLOPs = 4N per policy token (LoRA: forward + input-gradient backward, no weight gradients of the base)
+    + 2N per reference-forward token; N = Linear weights incl. lm_head; attention score FLOPs are ignored.
+    """
+    if not res.get("ok"):
+        return res
+    timed = res["loop_s"] + res.get("ref_s", 0.0)
+    flops = 4 * n_matmul * res["policy_tokens"] + 2 * n_matmul * res.get("ref_tokens", 0)
+    peak = peaks["bf16" if res.get("bf16") else "fp32"]
+    return {**res, "timed_s": timed, "pairs_per_s": res["pairs"] / timed,
+            "tokens_per_s": res["policy_tokens"] / timed,
+            "peak_share": flops / timed / (peak * 1e9)}
+
+
+def base_spec(args: argparse.Namespace, setting: str, assets: dict[str, Any]) -> dict[str, Any]:
+    """Settings shared by every run of a setting (both libraries)."""
+    _, _, max_len, max_prompt = SETTINGS[setting]
+    n_train = args.steps * BATCH
+    return {"model": assets["model"], "steps": args.steps, "batch_size": BATCH, "max_length": max_len,
+            "max_prompt_length": max_prompt, "threads": args.threads, "lr": 5e-6, "seed": 42,
+            "lora_rank": 8, "lora_alpha": 16, "lora_targets": LORA_TARGETS,
+            "data": f"{assets['data']}/train_{setting}_{max(n_train, 240)}.jsonl",
+            "eval_data": f"{assets['data']}/heldout_{setting}_{HELDOUT_PAIRS}.jsonl",
+            "trl_gradient_checkpointing": args.trl_grad_ckpt}
+
+
+def case_specs(args: argparse.Namespace, setting: str, assets: dict[str, Any]) -> dict[str, tuple[str, dict]]:
+    """name -> (child script, spec) for one setting."""
+    base = base_spec(args, setting, assets)
+    out: dict[str, tuple[str, dict]] = {}
+    for obj in args.only:
+        p = OBJECTIVE_PARAMS[obj]
+        if not args.skip_trl:
+            kind = {"dpo": "dpo", "simpo": "cpo_simpo", "orpo": "orpo"}[obj]
+            out[f"trl-{obj}"] = ("trl_run.py", {**base, "trainer": kind, **p})
+            if obj == "dpo":
+                out["trl-dpo-precompute"] = ("trl_run.py", {**base, "trainer": "dpo", "precompute": True, **p})
+                if args.trl_bf16:
+                    out["trl-dpo-bf16"] = ("trl_run.py", {**base, "trainer": "dpo", "bf16": True, **p})
+        if not args.skip_preftune:
+            out[f"preftune-{obj}"] = ("preftune_run.py", {**base, "objective": obj, **p})
+            if obj in args.bf16_rows:
+                out[f"preftune-{obj}-bf16"] = ("preftune_run.py", {**base, "objective": obj, "bf16": True, **p})
+    return out
+
+
+RATIOS = [  # (label, preftune case, TRL case)
+    ("DPO vs DPOTrainer (ref each step)", "preftune-dpo", "trl-dpo"),
+    ("DPO vs DPOTrainer (precompute_ref_log_probs)", "preftune-dpo", "trl-dpo-precompute"),
+    ("DPO bf16 vs DPOTrainer fp32", "preftune-dpo-bf16", "trl-dpo"),
+    ("SimPO vs CPOTrainer(loss_type=simpo)", "preftune-simpo", "trl-simpo"),
+    ("ORPO vs ORPOTrainer", "preftune-orpo", "trl-orpo"),
+]
+
+
+def ratios(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label, a, b in RATIOS:
+        ra, rb = cases.get(a, {}), cases.get(b, {})
+        if ra.get("ok") and rb.get("ok"):
+            out.append({"comparison": label, "speedup": ra["pairs_per_s"] / rb["pairs_per_s"],
+                        "rss_ratio_trl_over_preftune": rb["peak_rss_mb"] / ra["peak_rss_mb"]})
+    return out
+
+
+def run_matrix(args: argparse.Namespace, setting: str, assets: dict[str, Any], cases: dict[str, dict[str, Any]],
+               run_root: Path) -> dict[str, Any]:
+    """Wall time of `preftune ablate` (dpo/simpo x r16/r8) vs the sum of the four equivalent TRL runs
+    (the r8 ones are reused from this invocation's table when present)."""
+    base = base_spec(args, setting, assets)
+    trl_walls: dict[str, float | None] = {}
+    for obj in ("dpo", "simpo"):
+        for rank in (16, 8):
+            name = f"trl-{obj}" + ("" if rank == 8 else "-r16")
+            if name not in cases and not args.skip_trl:
+                kind = "dpo" if obj == "dpo" else "cpo_simpo"
+                spec = {**base, "trainer": kind, "lora_rank": rank, "lora_alpha": 2 * rank, **OBJECTIVE_PARAMS[obj]}
+                cases[name] = run_child("trl_run.py", spec, run_root / name, args.threads)
+                _report(name, cases[name])
+            trl_walls[name] = cases[name]["process_wall_s"] if cases.get(name, {}).get("ok") else None
+    spec = {**base, "matrix": {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]},
+            "objectives": {k: OBJECTIVE_PARAMS[k] for k in ("dpo", "simpo")}}
+    pt = run_child("preftune_run.py", spec, run_root / "preftune-matrix", args.threads)
+    ok = pt.get("ok") and all(v is not None for v in trl_walls.values())
+    trl_sum = sum(v for v in trl_walls.values() if v is not None)
+    return {"trl_runs_wall_s": trl_walls, "trl_sum_wall_s": trl_sum,
+            "preftune_ablate_wall_s": pt["process_wall_s"] if pt.get("ok") else None,
+            "speedup": trl_sum / pt["process_wall_s"] if ok else None, "error": pt.get("error")}
+
+
+# ------------------------------------------------------------------------------------------------ table
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+COLUMNS = ["case", "pairs/s", "tokens/s", "loop s", "ref s", "proc s", "peak RSS MB", "% matmul peak", "last loss"]
+
+
+def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name, r in cases.items():
+        if not r.get("ok"):
+            rows.append([name, "FAILED", (r.get("error") or "")[:80], "", "", "", "", "", ""])
+            continue
+        share = _f(100 * r["peak_share"], "{:.1f}%") + (" bf16" if r.get("bf16") else " fp32")
+        rows.append([name, _f(r["pairs_per_s"]), _f(r["tokens_per_s"], "{:.0f}"), _f(r["loop_s"], "{:.1f}"),
+                     _f(r.get("ref_s") or None, "{:.1f}"), _f(r["process_wall_s"], "{:.1f}"),
+                     _f(r["peak_rss_mb"], "{:.0f}"), share, _f(r.get("last_loss"), "{:.4f}")])
+    return rows
+
+
+def render(results: dict[str, Any], markdown: bool) -> str:
+    m = results["machine"]
+    lines = [f"preftune vs TRL -- {m['cpu']}, {m['threads']} threads, torch {m['torch']}, trl {m['trl']}; "
+             f"matmul peak fp32 {m['peak_gflops']['fp32']:.1f} GFLOP/s, bf16 {m['peak_gflops']['bf16']:.1f} GFLOP/s; "
+             f"model {results['model_params'] / 1e6:.1f}M params, N={results['matmul_weights'] / 1e6:.2f}M matmul "
+             f"weights; {results['steps']} steps x {BATCH} pairs", ""]
+    for setting, s in results["settings"].items():
+        rows = table_rows(s["cases"])
+        lines.append(f"## {setting}: max_length {s['max_length']}" if markdown else f"[{setting}] max_length "
+                     f"{s['max_length']}")
+        if markdown:
+            lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+        else:
+            widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *rows)]
+            for r in [COLUMNS, *rows]:
+                lines.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                                       for i, (x, w) in enumerate(zip(r, widths))))
+        lines.append("")
+        for q in s["ratios"]:
+            lines.append(f"{'- ' if markdown else '  '}{q['comparison']}: {q['speedup']:.2f}x pairs/s, "
+                         f"peak RSS TRL/preftune {q['rss_ratio_trl_over_preftune']:.2f}x")
+        if s.get("matrix"):
+            mx = s["matrix"]
+            lines.append(f"{'- ' if markdown else '  '}2x2 ablate (dpo/simpo x r16/r8): preftune "
+                         f"{_f(mx['preftune_ablate_wall_s'], '{:.1f}')} s vs TRL 4 runs {mx['trl_sum_wall_s']:.1f} s"
+                         f" -> {_f(mx['speedup'], '{:.2f}x')}" + (f" ({mx['error']})" if mx.get("error") else ""))
+        lines.append("")
+    lines.append("pairs/s = pairs / (loop s + ref s); ref s = TRL precompute or preftune reference_s. tokens/s = "
+                 "policy tokens processed incl. padding. % matmul peak = (4N/policy token + 2N/reference token) / "
+                 "time / peak. proc s = whole subprocess wall (imports, load, setup).")
+    return "\n".join(lines) + "\n"
+
+
+def _report(name: str, r: dict[str, Any]) -> None:
+    if r.get("ok"):
+        print(f"  {name}: loop {r['loop_s']:.1f}s ref {r.get('ref_s', 0):.1f}s proc {r['process_wall_s']:.1f}s "
+              f"rss {r['peak_rss_mb']:.0f}MB", flush=True)
+    else:
+        print(f"  {name}: FAILED {r.get('error')}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (30; 2 with --tiny)")
+    ap.add_argument("--only", default="dpo,simpo,orpo", help="objectives to run")
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-preftune", action="store_true")
+    ap.add_argument("--long-prompt", action="store_true", help="also run the long-prompt setting (max_length 512)")
+    ap.add_argument("--long-only", action="store_true", help="run only the long-prompt setting")
+    ap.add_argument("--matrix", action="store_true", help="2x2 ablate wall time vs 4 TRL runs")
+    ap.add_argument("--bf16-rows", default="dpo", help="objectives with an extra preftune autocast-bf16 row, or none")
+    ap.add_argument("--trl-bf16", action="store_true", help="add a TRL DPOTrainer bf16=True row")
+    ap.add_argument("--trl-grad-ckpt", action="store_true",
+                    help="TRL gradient_checkpointing=True (TRL's own default; off = TRL's faster setting)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--tiny", action="store_true", help="tiny model for development")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (2 if args.tiny else 30)
+    args.only = [o.strip() for o in args.only.split(",") if o.strip()]
+    args.bf16_rows = [] if args.bf16_rows == "none" else args.bf16_rows.split(",")
+    bad = [o for o in args.only if o not in OBJECTIVE_PARAMS]
+    if bad:
+        ap.error(f"unknown objective(s) {bad}; choose from {list(OBJECTIVE_PARAMS)}")
+    out = Path(args.out)
+    assets = build_assets(out / "assets", args.tiny, max(args.steps * BATCH, 240))
+    peaks = matmul_peak(args.threads, n=1024 if args.tiny else 2048)
+    print(f"matmul peak ({args.threads} threads): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s",
+          flush=True)
+    import trl
+
+    results: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "trl": trl.__version__, "peak_gflops": peaks},
+        "steps": args.steps, "batch_size": BATCH, "model": assets["model"], "model_params": assets["params"],
+        "matmul_weights": assets["matmul_weights"], "trl_gradient_checkpointing": args.trl_grad_ckpt,
+        "settings": {}}
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        results["machine"]["cpu"] = f"{cpu} ({os.cpu_count()} cpus)"
+    except (OSError, StopIteration):
+        pass
+    settings = ["long"] if args.long_only else ["standard"] + (["long"] if args.long_prompt else [])
+    for setting in settings:
+        print(f"[{setting}]", flush=True)
+        specs = case_specs(args, setting, assets)
+        run_root = out / "runs" / setting
+        cases: dict[str, dict[str, Any]] = {}
+        for name, (script, spec) in specs.items():
+            cases[name] = run_child(script, spec, run_root / name, args.threads)
+            _report(name, cases[name])
+        s: dict[str, Any] = {"max_length": SETTINGS[setting][2], "cases": cases}
+        if args.matrix:
+            s["matrix"] = run_matrix(args, setting, assets, cases, run_root)
+        s["cases"] = {k: derive(v, assets["matmul_weights"], peaks) for k, v in cases.items()}
+        s["ratios"] = ratios(s["cases"])
+        results["settings"][setting] = s
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(render(results, markdown=True))
+    print("\n" + render(results, markdown=False), end="")
+    return results
+
+
+if __name__ == "__main__":
+    main()

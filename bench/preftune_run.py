@@ -1,0 +1,111 @@
+"""preftune side of the benchmark: one case (or the 2x2 ablate) per process, started by bench/bench.py.
+
+    .venv/bin/python bench/preftune_run.py SPEC.json RESULT.json
+
+SPEC: the keys of bench/trl_run.py plus objective, eval_data, max_prompt_length, and for the ablate
+``matrix`` ({"objective": [...], "lora_rank": [...]}) with per-objective ``objectives`` overrides.
+Output and reference cache live in a fresh <run dir>/tmp, so the reference precompute is always counted.
+RESULT: loop_s = timing.train_s, ref_s = timing.reference_s (pairs/s uses their sum), eval_s, policy_tokens =
+timing.processed_tokens, plus preftune's own pairs_per_second / peak_rss_mb for cross-checking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+
+def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
+    """The preftune Config equivalent to the TRL runs (same data, LoRA, lr, batch, steps, lengths, seed)."""
+    from preftune.config import Config
+
+    values = dict(
+        model=spec["model"], data=spec["data"], eval_data=spec["eval_data"], objective=spec.get("objective", "dpo"),
+        beta=spec.get("beta"), gamma=spec.get("gamma"), lora_rank=spec["lora_rank"],
+        lora_alpha=float(spec["lora_alpha"]), lora_dropout=0.0, lora_target_modules=list(spec["lora_targets"]),
+        lr=spec["lr"], batch_size=spec["batch_size"], grad_accum=1, max_steps=spec["steps"],
+        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], scheduler="linear",
+        warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], eval_every=0,
+        eval_batch_size=16, log_every=1, save_every=0, output=str(tmp / "run"), cache_dir=str(tmp / "cache"),
+        dtype="float32", autocast_bf16=bool(spec.get("bf16")), threads=spec["threads"], quiet=True)
+    values.update(over)
+    return Config(**values).validate()
+
+
+def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    from preftune.train import train
+
+    cfg = build_config(spec, tmp)
+    summary = train(cfg)
+    t = summary["timing"]
+    steps = int(summary.get("steps") or spec["steps"])
+    ref_tokens = t.get("reference_tokens")
+    return {"library": "preftune", "objective": cfg.objective, "status": summary.get("status"), "steps": steps,
+            "pairs": steps * cfg.batch_size * cfg.grad_accum, "loop_s": t["train_s"], "ref_s": t.get("reference_s") or 0.0,
+            "eval_s": t.get("eval_s"), "preftune_total_s": t.get("total_s"), "policy_tokens": t["processed_tokens"],
+            # without a reported count, a DPO reference pass is taken to see as many tokens as the policy pass
+            "ref_tokens": ref_tokens if ref_tokens is not None else (t["processed_tokens"] if cfg.objective == "dpo"
+                                                                      else 0),
+            "ref_tokens_estimated": ref_tokens is None,
+            "preftune_pairs_per_second": t.get("pairs_per_second"), "preftune_peak_rss_mb": t.get("peak_rss_mb"),
+            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.autocast_bf16}
+
+
+# ==================================================================================================
+# FILL IN: the 2x2 ablate (objective dpo/simpo x lora_rank 16/8). bench.py times this whole process.
+# Replace the body with the real call once preftune.ablate lands, e.g.
+#     from preftune.ablate import run_matrix
+#     return run_matrix(base_cfg, factors=spec["matrix"], output=str(tmp / "matrix"))
+# or the CLI: subprocess.run([".venv/bin/preftune", "ablate", "--config", base.yaml, ..., "--output", ...]).
+# The base config carries per-objective overrides in `objectives` (SimPO's beta/gamma differ from DPO's).
+# ==================================================================================================
+def run_preftune_matrix(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    base_cfg = build_config(spec, tmp, objectives=spec.get("objectives", {}), beta=None, gamma=None)
+    try:
+        from preftune.ablate import run_matrix  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise NotImplementedError("preftune.ablate.run_matrix not available yet (fill in bench/preftune_run.py)") from e
+    matrix = run_matrix(base_cfg, factors=spec["matrix"], output=str(tmp / "matrix"))
+    cells = matrix.get("cells", []) if isinstance(matrix, dict) else []
+    failed = [c["name"] for c in cells if c.get("status") != "finished"]
+    if failed:
+        raise RuntimeError(f"ablate cells not finished: {failed}")
+    return {"library": "preftune", "matrix": spec["matrix"], "cells": len(cells)}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = argv[1], argv[2]
+    spec = json.loads(Path(spec_path).read_text())
+    tmp = Path(result_path).parent / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    result: dict[str, Any] = {"ok": False, "bf16": bool(spec.get("bf16"))}
+    t = time.perf_counter()
+    try:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        result.update(run_preftune_matrix(spec, tmp) if "matrix" in spec else run_single(spec, tmp), ok=True)
+    except Exception as e:  # reported in the table, traceback in the run's log.txt
+        traceback.print_exc()
+        result["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    result["child_total_s"] = time.perf_counter() - t
+    result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(result_path).write_text(json.dumps(result, indent=1))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

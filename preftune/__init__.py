@@ -1,0 +1,59 @@
+"""preftune: preference optimization that decides.
+
+Train DPO, SimPO, ORPO, IPO, robust/cDPO, hinge and SFT with LoRA in one engine, measure each on held-out
+pairs while it trains, and say which objective and which adapter rank won, how sure that is, and why.
+
+    >>> import preftune
+    >>> cfg = preftune.Config(model="path/or/hub-id", data="train.jsonl", eval_data="heldout.jsonl",
+    ...                       objective="simpo", beta=2.0, gamma_beta_ratio=0.5, lora_rank=8, output="runs/s")
+    >>> summary = preftune.train(cfg)
+    >>> summary["final_eval"]["eval_accuracy"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Config, from_file
+from .errors import InputError, TrainingDiverged
+
+__all__ = ["Config", "from_file", "train", "ablate", "decide", "report", "review", "InputError", "TrainingDiverged"]
+__version__ = "0.1.0"
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Train one run; returns its summary (see docs/formats.md)."""
+    from .train import train as _train
+
+    return _train(config)
+
+
+def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: int = 1) -> dict[str, int]:
+    """Run the objective x rank matrix (default dpo,simpo x 16,8) into ``config.output``."""
+    from .ablate import DEFAULT_GRID, run_matrix
+
+    return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel)
+
+
+def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
+    """Statistics and the verdict over a matrix folder; writes decision.json."""
+    from .decide import decide as _decide
+    from .decide import write_decision
+
+    decision = _decide(matrix_dir, **kw)
+    write_decision(matrix_dir, decision)
+    return decision
+
+
+def report(matrix_dir: str) -> tuple[Any, Any]:
+    """Write report.md and report.html for a decided matrix."""
+    from .report import write_report
+
+    return write_report(matrix_dir)
+
+
+def review(path: str) -> Any:
+    """Diagnostics of one run folder or TRL log."""
+    from .review import review as _review
+
+    return _review(path)

@@ -1,0 +1,217 @@
+"""Command line: ``preftune train | eval | ablate | review | decide | report | demo | world | objectives``.
+
+Bad input is one line on stderr and exit code 2; a diverged run exits 1; no tracebacks for either.
+
+    preftune train --model M --data train.jsonl --eval-data heldout.jsonl --objective simpo --output runs/s
+    preftune ablate --config base.yaml --grid objective=dpo,simpo --grid lora_rank=16,8 --output matrix
+    preftune decide matrix && preftune report matrix
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import MISSING
+from typing import Any
+
+from . import config as config_mod
+from .config import Config
+from .errors import InputError, TrainingDiverged
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an unknown or bad flag is one line with a suggestion and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = ""
+        if "unrecognized arguments:" in message:
+            bad = message.split(":", 1)[1].split()[0].split("=")[0]
+            flags = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(bad, flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"preftune {self.prog.split()[-1]}: error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per Config field (``lora_rank`` -> ``--lora-rank``); only flags given on the line count."""
+    for name, f in config_mod.FIELDS.items():
+        if name in skip or name == "objectives":
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool):
+            p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"(default {default})")
+        else:
+            p.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=f"(default {default})")
+
+
+def _config_from(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> Config:
+    given = {k: v for k, v in vars(args).items() if k in config_mod.FIELDS and k not in skip}
+    if getattr(args, "config", None):
+        return config_mod.from_file(args.config, **given)
+    return config_mod.build({}, given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="preftune", description="Preference optimization that decides: train DPO/SimPO/ORPO/... "
+                "with LoRA, compare them on held-out pairs, and say which objective and rank won.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one run")
+    t.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
+    _add_config_flags(t)
+
+    e = sub.add_parser("eval", help="held-out evaluation of a model (and adapter) alone")
+    e.add_argument("--config")
+    e.add_argument("--adapter", help="a peft adapter folder (e.g. runs/x/adapter)")
+    _add_config_flags(e)
+
+    a = sub.add_parser("ablate", help="run an objective x rank (x seed x ...) matrix")
+    a.add_argument("--config", help="base config (YAML); may hold `objectives:` per-objective overrides")
+    a.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a factor and its values (repeatable); default objective=dpo,simpo and lora_rank=16,8")
+    a.add_argument("--parallel", type=int, default=1, help="cells run at once on this machine")
+    _add_config_flags(a)
+
+    r = sub.add_parser("review", help="diagnose one run folder, TRL trainer_state.json or JSONL log")
+    r.add_argument("run")
+    r.add_argument("--output", help="where review.json goes (default: the run folder, if it is one)")
+
+    d = sub.add_parser("decide", help="statistics and the verdict over a matrix folder")
+    d.add_argument("matrix")
+    d.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    d.add_argument("--baseline", metavar="objective=dpo,lora_rank=16", help="the cell to compare against")
+    d.add_argument("--fallback", action="store_true", help="when the verdict is fallback_orpo, run ORPO cells")
+
+    rp = sub.add_parser("report", help="write report.md and a self-contained report.html for a matrix")
+    rp.add_argument("matrix")
+
+    dm = sub.add_parser("demo", help="the main job on the built-in tiny world: SFT, 2x2 matrix, verdict, report")
+    dm.add_argument("--output", default="demo_out")
+    dm.add_argument("--quick", action="store_true", help="a smaller, faster demo")
+
+    w = sub.add_parser("world", help="build the built-in tiny model, tokenizer and preference task")
+    w.add_argument("output")
+    w.add_argument("--variant", default="default", choices=["default", "chosen_shorter", "flipped"])
+    w.add_argument("--n-train", type=int, default=256)
+    w.add_argument("--n-eval", type=int, default=64)
+    w.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("objectives", help="list objectives, their hyperparameters and defaults")
+    return p
+
+
+def _parse_baseline(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("objective", "lora_rank"):
+            raise InputError(f"expected objective=NAME,lora_rank=R, got {text!r}", field="baseline")
+        out[key] = int(value) if key == "lora_rank" else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except InputError as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"preftune: training diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("preftune: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "train":
+        from .train import train
+
+        cfg = _config_from(args)
+        summary = train(cfg)
+        before = (summary.get("step0_eval") or {}).get("eval_accuracy", float("nan"))
+        after = (summary.get("final_eval") or {}).get("eval_accuracy", float("nan"))
+        print(f"{cfg.objective} r={cfg.lora_rank}: held-out accuracy {before:.3f} -> {after:.3f}; "
+              f"results in {cfg.output}")
+        return 0
+    if cmd == "eval":
+        from .evaluate import evaluate_model
+
+        metrics = evaluate_model(_config_from(args), adapter=args.adapter)
+        print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
+              f"(refrel {metrics['eval_refrel/accuracy']:.3f}, lennorm {metrics['eval_lennorm/accuracy']:.3f})")
+        return 0
+    if cmd == "ablate":
+        from .ablate import parse_grid, run_matrix
+
+        cfg = _config_from(args)
+        grid = parse_grid(args.grid)
+        result = run_matrix(cfg, grid, parallel=args.parallel)
+        print(f"matrix: {result['finished']} finished, {result['failed']} failed -> {cfg.output}")
+        return 0 if result["failed"] == 0 else 1
+    if cmd == "review":
+        from .review import review, write_review
+
+        rev = review(args.run)
+        path = write_review(rev, args.output) if args.output else write_review(rev, None)
+        for f in rev.findings:
+            print(f"[{f.severity}] {f.sentence}")
+        if path:
+            print(f"review: {path}")
+        return 0
+    if cmd == "decide":
+        from .decide import decide, write_decision
+
+        decision = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
+        write_decision(args.matrix, decision)
+        print(f"verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
+        for reason in decision["reasons"]:
+            print(f"  - {reason}")
+        if args.fallback and decision["verdict"] == "fallback_orpo":
+            from .ablate import run_fallback
+
+            run_fallback(args.matrix)
+        return 0
+    if cmd == "report":
+        from .report import write_report
+
+        md, html = write_report(args.matrix)
+        print(f"report: {html}\n        {md}")
+        return 0
+    if cmd == "demo":
+        from .demo import run_demo
+
+        run_demo(args.output, quick=args.quick)
+        return 0
+    if cmd == "world":
+        from .tinyworld import build_world
+
+        w = build_world(args.output, variant=args.variant, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+        print(f"model: {w.model_dir}\ntrain: {w.train_path}\nheld-out: {w.eval_path}")
+        return 0
+    if cmd == "objectives":
+        from .objectives import REGISTRY
+
+        for o in REGISTRY.values():
+            ref = "needs reference" if o.needs_reference else "reference-free"
+            params = ", ".join(f"{k}={v}" for k, v in o.defaults.items())
+            print(f"{o.name:8s} {ref:16s} {params:32s} {o.summary}")
+        return 0
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""The one error type users see: bad input, reported as one line and exit code 2 by the CLI."""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad user input (file, config, flag). Message names the file, line or row, and field.
+
+    The CLI prints ``preftune: error: <message>`` and exits with code 2, no traceback.
+    Raise it *before* anything is written to an output folder.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        what = f"field '{field}': " if field is not None else ""
+        super().__init__(f"{where}{what}{message}")
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became NaN/inf. The last good checkpoint is left intact."""

@@ -1,0 +1,122 @@
+"""Held-out evaluation: TRL-named metrics, two common yardsticks, and one row per pair.
+
+Every run, whatever its objective, is also scored under two objective-free yardsticks so runs of different
+objectives can be compared on the same held-out pairs:
+
+* reference-relative (DPO's, β = 1): ``(logπ(c) - logπref(c)) - (logπ(r) - logπref(r))``
+* length-normalized (SimPO's, β = 1, γ = 0): ``logπ(c)/|c| - logπ(r)/|r|``
+
+    preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl --output runs/x-eval
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import objectives
+from .config import Config, dump_yaml
+from .data import load_examples, tokenize_examples
+from .errors import InputError
+from .files import atomic_write_json, atomic_write_text, write_jsonl
+from .logprobs import score_pairs
+from .model import fingerprint, load_model, load_tokenizer
+from .reference import cache_key, reference_logps
+
+
+def summarize(logps: Tensor, counts: Tensor, out: objectives.Output, loss: Tensor, prefix: str = "") -> dict:
+    """TRL's metric names, averaged over pairs. logps, counts: (B, 2) with chosen in column 0."""
+    margins = out.chosen_rewards - out.rejected_rewards
+    m = {
+        "loss": loss.mean(),
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/margins": margins.mean(),
+        "rewards/accuracies": (margins > 0).float().mean(),
+        "logps/chosen": logps[:, 0].mean(),
+        "logps/rejected": logps[:, 1].mean(),
+    }
+    m.update({k: v.mean() for k, v in out.extras.items()})
+    return {prefix + k: float(v) for k, v in m.items()}
+
+
+def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: dict,
+            ids: Sequence[str]) -> tuple[dict, list[dict]]:
+    """Metrics (``eval_`` keys) and per-pair rows from already computed log-probs. All inputs (N, 2)."""
+    lp = objectives.SeqLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=counts[:, 0],
+                             rejected_tokens=counts[:, 1], ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
+    out = objectives.compute(objective, lp, params)
+    margin = out.chosen_rewards - out.rejected_rewards                      # (N,)
+    refrel = (logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1])          # (N,)
+    lennorm = logps[:, 0] / counts[:, 0] - logps[:, 1] / counts[:, 1]       # (N,)
+    metrics = summarize(logps, counts, out, out.loss, prefix="eval_")
+    metrics.update({
+        "eval_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
+        "eval_refrel/accuracy": float((refrel > 0).float().mean()),
+        "eval_refrel/margin": float(refrel.mean()),
+        "eval_lennorm/accuracy": float((lennorm > 0).float().mean()),
+        "eval_lennorm/margin": float(lennorm.mean()),
+        "eval_margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
+        "eval_length/chosen": float(counts[:, 0].mean()),
+        "eval_length/rejected": float(counts[:, 1].mean()),
+        "eval_pairs": len(ids),
+    })
+    rows = [{
+        "id": ids[i],
+        "chosen_logps": float(logps[i, 0]), "rejected_logps": float(logps[i, 1]),
+        "chosen_tokens": int(counts[i, 0]), "rejected_tokens": int(counts[i, 1]),
+        "ref_chosen_logps": float(ref[i, 0]), "ref_rejected_logps": float(ref[i, 1]),
+        "chosen_reward": float(out.chosen_rewards[i]), "rejected_reward": float(out.rejected_rewards[i]),
+        "margin": float(margin[i]), "correct": bool(margin[i] > 0),
+        "refrel_margin": float(refrel[i]), "lennorm_margin": float(lennorm[i]),
+    } for i in range(len(ids))]
+    return metrics, rows
+
+
+def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: str, params: dict, *,
+             pad_id: int, batch_size: int = 16, share_prompt: bool = True, chunk: int = 1024,
+             autocast_bf16: bool = False) -> tuple[dict, list[dict], int]:
+    """Score ``pairs`` with the current policy. Returns (eval metrics, per-pair rows, tokens processed)."""
+    logps, counts, processed = score_pairs(model, pairs, pad_id=pad_id, batch_size=batch_size,
+                                           share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16)
+    metrics, rows = heldout(logps, counts, ref, objective, params, [p.id for p in pairs])
+    return metrics, rows, processed
+
+
+def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
+    """``preftune eval``: score a model (plus an optional peft adapter) on held-out pairs, write to cfg.output.
+
+    The reference is the base model (the adapter disabled), so both yardsticks are available.
+    Writes ``config.yaml``, ``metrics.json`` and ``eval_pairs.jsonl``; returns the metrics.
+    """
+    source = cfg.eval_data or cfg.data
+    if not source:
+        raise InputError("no held-out data given (--eval-data FILE)", field="eval_data")
+    cfg.validate()
+    tok = load_tokenizer(cfg)
+    examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split)
+    pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                 apply_chat_template=cfg.apply_chat_template, source=source)
+    model = load_model(cfg)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as e:
+            raise InputError(f"cannot load adapter: {str(e).splitlines()[0]}", path=adapter, field="adapter") from None
+    fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+    cache_dir = cfg.resolved_cache_dir()
+    key = cache_key(fingerprint(cfg.model, cache_dir), pairs, cfg.dtype, cfg.autocast_bf16)
+    ref, _ = reference_logps(model, pairs, key=key, cache_dir=cache_dir, pad_id=tok.pad_token_id,
+                             batch_size=max(32, cfg.eval_batch_size), **fast)
+    metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,
+                                batch_size=cfg.eval_batch_size, **fast)
+    out = Path(cfg.output)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(out / "metrics.json", metrics)
+    write_jsonl(out / "eval_pairs.jsonl", rows)
+    return metrics

@@ -1,0 +1,58 @@
+"""Reference log-probs: computed once before training, cached on disk, shared by every run that can.
+
+The cache key is a hash of (model weight files, every tokenized id of the pairs, dtype, bf16 autocast).
+Tokenized ids already encode the tokenizer, the data and the truncation settings, so a second run with the
+same key reads the cache exactly and any difference in them gives another key.
+
+For LoRA runs the reference is the same model with adapters disabled (no second copy in memory); for full
+fine-tuning it is computed before the first update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .logprobs import score_pairs
+from .model import is_peft
+
+
+def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16: bool) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps({"model": model_fingerprint, "dtype": dtype, "bf16": autocast_bf16, "n": len(pairs)}).encode())
+    for p in pairs:
+        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_dir: Path, pad_id: int,
+                    batch_size: int = 32, share_prompt: bool = True, chunk: int = 1024,
+                    autocast_bf16: bool = False) -> tuple[torch.Tensor, bool]:
+    """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache."""
+    path = Path(cache_dir) / "reference" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            logps = load_file(path)["logps"]
+            if logps.shape == (len(pairs), 2):
+                return logps, True
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            pass
+    ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+    with ctx:
+        logps, _, _ = score_pairs(model, pairs, pad_id=pad_id, batch_size=batch_size, share_prompt=share_prompt,
+                                  chunk=chunk, autocast_bf16=autocast_bf16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel cells may race: rename is atomic
+    save_file({"logps": logps.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return logps, False

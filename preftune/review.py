@@ -1,0 +1,428 @@
+"""Diagnostics of one training run: did the held-out side learn, or did only the training margin inflate?
+
+    preftune review runs/x                      # a preftune run folder (metrics.jsonl, eval_pairs.jsonl)
+    preftune review out/trainer_state.json      # TRL: its log_history
+    preftune review logs.jsonl                  # one JSON object per logged step
+
+``review(path)`` returns a ``Review``; each ``Finding`` has a code, a severity (info | warn | error) and one
+sentence with the numbers behind it. Key variants are normalized: ``train_loss`` is ``loss``,
+``train_rewards/margins`` is ``rewards/margins``; eval keys keep their ``eval_`` prefix and held-out accuracy
+is ``eval_accuracy`` or, failing that, TRL's ``eval_rewards/accuracies``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import stats
+from .errors import InputError
+from .files import atomic_write_json
+
+TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+              "logps/chosen", "logps/rejected")
+EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS) + ("eval_accuracy",)
+CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance"
+UNSTABLE = ("nonfinite", "divergence", "at_chance")
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str                 # info | warn | error
+    sentence: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return clean_json({"code": self.code, "severity": self.severity, "sentence": self.sentence,
+                           "data": self.data})
+
+
+@dataclass
+class Log:
+    """A run's log lines, normalized: ``train`` lines keyed like TRL's training logs, ``eval`` lines by eval_."""
+
+    source: str
+    kind: str                     # run | trainer_state | jsonl
+    train: list[dict]
+    eval: list[dict]
+    pairs: list[dict] | None = None   # eval_pairs.jsonl rows (run folders only)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of the lines holding ``key``, non-finite values left out."""
+        lines = self.eval if key.startswith("eval_") else self.train
+        pts = [(r["step"], r[key]) for r in lines if key in r and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def accuracy_series(self) -> tuple[list[float], list[float]]:
+        steps, acc = self.series("eval_accuracy")
+        return (steps, acc) if acc else self.series("eval_rewards/accuracies")
+
+    def final_accuracy(self) -> tuple[float, int] | None:
+        """(held-out accuracy, pairs) at the end: eval_pairs.jsonl if present, else the last eval line."""
+        if self.pairs:
+            return sum(bool(p.get("correct")) for p in self.pairs) / len(self.pairs), len(self.pairs)
+        _, acc = self.accuracy_series()
+        if not acc:
+            return None
+        n = next((r["eval_pairs"] for r in reversed(self.eval) if isinstance(r.get("eval_pairs"), int)), 0)
+        return acc[-1], n
+
+
+@dataclass
+class Review:
+    source: str
+    kind: str
+    findings: list[Finding]
+
+    @property
+    def unstable(self) -> bool:
+        """NaN/inf, a diverging loss, or held-out accuracy at or below chance."""
+        return any(f.code in UNSTABLE for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "unstable": self.unstable,
+                "findings": [f.to_dict() for f in self.findings]}
+
+
+def review(path: str | Path) -> Review:
+    """Load a run folder, a TRL ``trainer_state.json`` or a JSONL log and diagnose it.
+
+        >>> r = review("runs/x")            # preftune review runs/x
+        >>> [f.sentence for f in r.findings]
+    """
+    log = load(path)
+    return Review(log.source, log.kind, diagnose(log))
+
+
+def write_review(review: Review, out_dir: str | Path) -> Path:
+    """Write ``review.json`` into ``out_dir`` (atomically) and return its path."""
+    path = Path(out_dir) / "review.json"
+    atomic_write_json(path, review.to_dict())
+    return path
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+def load(path: str | Path) -> Log:
+    """Read any supported log into a ``Log``; InputError naming the file (and line) when it can't."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "metrics.jsonl").is_file():
+            pairs_path = path / "eval_pairs.jsonl"
+            pairs = read_pairs(pairs_path) if pairs_path.is_file() else None
+            return _build(str(path), "run", _read_jsonl_lines(path / "metrics.jsonl"), pairs)
+        if (path / "trainer_state.json").is_file():
+            path = path / "trainer_state.json"
+        else:
+            raise InputError("not a preftune run folder (no metrics.jsonl) nor a TRL output folder "
+                             "(no trainer_state.json)", path=str(path))
+    if not path.is_file():
+        raise InputError("no such file or folder", path=str(path))
+    if path.suffix != ".jsonl":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read: {e}", path=str(path)) from None
+        except json.JSONDecodeError:
+            obj = None  # not one JSON document: try it as JSONL below
+        if isinstance(obj, dict):
+            history = obj.get("log_history")
+            if not isinstance(history, list):
+                raise InputError("a JSON log must be a TRL trainer_state.json with a 'log_history' list",
+                                 path=str(path))
+            return _build(str(path), "trainer_state", [(i, r) for i, r in enumerate(history)], None,
+                          where="log_history entry")
+    return _build(str(path), "jsonl", _read_jsonl_lines(path), None)
+
+
+def _read_jsonl_lines(path: Path) -> list[tuple[int, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read: {e}", path=str(path)) from None
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines) and i > 1:
+                break  # torn last line of a crashed run
+            raise InputError(f"not valid JSON ({e.msg})", path=str(path), line=i) from None
+    return rows
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Rows of an eval_pairs.jsonl; each needs ``id``, ``margin`` and ``correct``."""
+    path = Path(path)
+    rows = []
+    for i, row in _read_jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise InputError("a line must be a JSON object", path=str(path), line=i)
+        for key in ("id", "margin", "correct"):
+            if key not in row:
+                raise InputError("missing", path=str(path), line=i, field=key)
+        rows.append(row)
+    if not rows:
+        raise InputError("no held-out pairs", path=str(path))
+    return rows
+
+
+def _number(value: Any, path: str, line: int | None, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise InputError(f"{value!r} is not a number", path=path, line=line, field=key) from None
+
+
+def _build(source: str, kind: str, rows: list[tuple[int, Any]], pairs: list[dict] | None,
+           where: str = "") -> Log:
+    """Split rows into train and eval lines. ``where`` names list entries (TRL) instead of file lines."""
+    train, evals = [], []
+    for i, row in rows:
+        line, prefix = (None, f"{where} {i}: ") if where else (i, "")
+        if not isinstance(row, dict):
+            raise InputError("a log line must be a JSON object", path=source, line=line,
+                             field=prefix[:-2] or None)
+        if "train_runtime" in row:
+            continue  # TRL's end-of-training summary (its train_loss is an average, not a step)
+        step = _number(row.get("step", len(train) + len(evals)), source, line, prefix + "step")
+        t, e = {"step": step}, {"step": step}
+        for key, value in row.items():
+            name = key.removeprefix("train_")
+            if name in TRAIN_KEYS or name in EVAL_KEYS:
+                x = _number(value, source, line, prefix + key)
+                if x is not None:
+                    (e if name.startswith("eval_") else t)[name] = x
+            elif key == "eval_pairs" and isinstance(value, int):
+                e[key] = value
+        if len(t) > 1:
+            train.append(t)
+        if any(k in e for k in EVAL_KEYS):
+            evals.append(e)
+    if not train and not evals:
+        raise InputError("no log lines with known keys (loss, rewards/margins, eval_accuracy, eval_loss, ...)",
+                         path=source)
+    return Log(source, kind, train, evals, pairs)
+
+
+# --- diagnosis -----------------------------------------------------------------------------------------------
+
+def diagnose(log: Log) -> list[Finding]:
+    """All findings for a loaded log; a single info finding 'healthy' when nothing warns."""
+    findings = (_instability(log) + _overoptimization(log) + _margin_gap(log) + _displacement(log)
+                + _noise(log) + _length_bias(log))
+    if not any(f.severity != "info" for f in findings):
+        findings.insert(0, _healthy(log))
+    return findings
+
+
+def margin_gap(log: Log) -> tuple[float, float, float] | None:
+    """(training margin, held-out margin, gap): mean ``rewards/margins`` over the last 10% of training lines,
+    the last ``eval_rewards/margins``, and the first minus the second."""
+    _, train = log.series("rewards/margins")
+    _, held = log.series("eval_rewards/margins")
+    if not train or not held:
+        return None
+    tail = train[-max(1, math.ceil(0.1 * len(train))):]
+    t = sum(tail) / len(tail)
+    return t, held[-1], t - held[-1]
+
+
+def _n(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _halves(xs: list[float]) -> tuple[float, float]:
+    h = len(xs) // 2
+    return statistics.fmean(xs[:h]), statistics.fmean(xs[-h:])
+
+
+def _change(steps: list[float], ys: list[float]) -> float:
+    """Fitted change of ``ys`` over the span of ``steps`` (least squares), robust to one noisy eval."""
+    xs = steps if len(set(steps)) > 1 else list(range(len(ys)))
+    return stats.slope(xs, ys) * (max(xs) - min(xs))
+
+
+def _instability(log: Log) -> list[Finding]:
+    out = []
+    bad: dict[str, float] = {}
+    for line in log.train + log.eval:
+        for key, value in line.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.setdefault(key, line["step"])
+    bad_pairs = sum(1 for p in log.pairs or [] if not math.isfinite(float(p["margin"])))
+    if bad or bad_pairs:
+        keys = ", ".join(f"{k} (from step {_n(s)})" for k, s in bad.items())
+        where = keys + (f"; {bad_pairs} held-out pair margins" if bad_pairs else "")
+        out.append(Finding("nonfinite", "error", f"non-finite values (NaN/inf): {where}: training is unstable",
+                           {"keys": bad, "nonfinite_pairs": bad_pairs}))
+    _, loss = log.series("loss")
+    if len(loss) >= 4:
+        early, late = _halves(loss)
+        if late > max(2 * early, early + 0.5):
+            out.append(Finding("divergence", "error",
+                               f"loss diverged: {_n(early)} in the first half -> {_n(late)} in the second half "
+                               f"of {len(loss)} logged steps", {"early": early, "late": late}))
+    final = log.final_accuracy()
+    if final and final[0] <= 0.5 + CHANCE_TOL:
+        acc, n = final
+        lo, hi = stats.wilson_interval(round(acc * n), n) if n else (0.0, 1.0)
+        ci = f" (95% CI {_n(lo)}-{_n(hi)}, {n} pairs)" if n else ""
+        out.append(Finding("at_chance", "error",
+                           f"held-out accuracy {_n(acc)}{ci} is at or below chance (0.5): no held-out "
+                           f"preference was learned", {"accuracy": acc, "pairs": n}))
+    return out
+
+
+def _overoptimization(log: Log) -> list[Finding]:
+    _, train = log.series("rewards/margins")
+    steps, acc = log.accuracy_series()
+    msteps, held = log.series("eval_rewards/margins")
+    if len(train) < 4 or max(len(acc), len(held)) < 2:
+        return []
+    early, late = _halves(train)
+    rise = late - early
+    if acc and len(acc) >= 2:
+        moved, flat = _change(steps, acc), "accuracy"
+        flag, first, last, n = moved <= 0.01, acc[0], acc[-1], len(acc)
+    else:
+        moved, flat = _change(msteps, held), "margin"
+        flag, first, last, n = moved <= 0.25 * rise, held[0], held[-1], len(held)
+    if rise <= 0.1 or not flag:
+        return []
+    gap = margin_gap(log)
+    gap_txt = f"; train-held-out margin gap {_n(gap[2])}" if gap else ""
+    return [Finding("overoptimization", "warn",
+                    f"training margin rose {_n(early)} -> {_n(late)} while held-out {flat} moved {_n(first)} -> "
+                    f"{_n(last)} (fitted change {moved:+.3g}) over {n} evals{gap_txt}: inflation, not learning",
+                    {"train_margin_early": early, "train_margin_late": late, f"heldout_{flat}_first": first,
+                     f"heldout_{flat}_last": last, f"heldout_{flat}_change": moved, "evals": n,
+                     "margin_gap": gap[2] if gap else None})]
+
+
+def _margin_gap(log: Log) -> list[Finding]:
+    gap = margin_gap(log)
+    if gap is None:
+        return []
+    train, held, diff = gap
+    warn = train > 0 and diff >= 0.2 and diff >= 0.5 * train
+    share = f" ({diff / train:.0%} of the training margin does not carry over)" if train > 0 else ""
+    return [Finding("margin_gap", "warn" if warn else "info",
+                    f"training margin {_n(train)} (last 10% of steps) vs held-out margin {_n(held)}: gap "
+                    f"{_n(diff)}{share}", {"train_margin": train, "heldout_margin": held, "gap": diff})]
+
+
+def _falling(xs: list[float]) -> tuple[float, float] | None:
+    """(early, late) when ``xs`` fell by more than max(0.5, 2%) nats between its halves (or ends, for 2-3)."""
+    if len(xs) < 2:
+        return None
+    early, late = _halves(xs) if len(xs) >= 4 else (xs[0], xs[-1])
+    return (early, late) if late - early < -max(0.5, 0.02 * abs(early)) else None
+
+
+def _displacement(log: Log) -> list[Finding]:
+    _, train = log.series("rewards/margins")
+    _, held = log.series("eval_rewards/margins")
+    rising = (len(train) >= 4 and _halves(train)[1] - _halves(train)[0] > 0.1) or \
+             (len(held) >= 2 and held[-1] - held[0] > 0.1)
+    tr = _falling(log.series("logps/chosen")[1])
+    ev = _falling(log.series("eval_logps/chosen")[1])
+    if not rising or not (tr or ev):
+        return []
+    parts = ([f"{_n(tr[0])} -> {_n(tr[1])} on training"] if tr else []) + \
+            ([f"{_n(ev[0])} -> {_n(ev[1])} held-out"] if ev else [])
+    what = (f"training margin rose {_n(_halves(train)[0])} -> {_n(_halves(train)[1])}" if len(train) >= 4
+            else f"held-out margin rose {_n(held[0])} -> {_n(held[-1])}")
+    return [Finding("likelihood_displacement", "warn",
+                    f"chosen log-prob fell {' and '.join(parts)} while the {what}: likelihood displacement "
+                    f"(the margin grows by pushing both responses down)",
+                    {"train_chosen_logps": list(tr) if tr else None, "heldout_chosen_logps": list(ev) if ev else None})]
+
+
+def _noise(log: Log) -> list[Finding]:
+    _, held = log.series("eval_rewards/margins")
+    last = held[-3:]
+    across_evals = statistics.stdev(last) if len(last) >= 2 else None
+    if log.pairs:
+        margins = [float(p["margin"]) for p in log.pairs if math.isfinite(float(p["margin"]))]
+        across_pairs = statistics.stdev(margins) if len(margins) >= 2 else None
+    else:
+        across_pairs = next((r["eval_margin_std"] for r in reversed(log.eval) if "eval_margin_std" in r), None)
+    final = log.final_accuracy()
+    parts, data, severity = [], {"std_last_evals": across_evals, "std_pairs": across_pairs}, "info"
+    if across_evals is not None:
+        parts.append(f"held-out margin std {_n(across_evals)} across the last {len(last)} evals")
+    if across_pairs is not None:
+        parts.append(f"{_n(across_pairs)} across pairs")
+    if final and final[1]:
+        acc, n = final
+        lo, hi = stats.wilson_interval(round(acc * n), n)
+        data.update(pairs=n, accuracy=acc, ci=[lo, hi])
+        parts.append(f"{n} held-out pairs give accuracy {_n(acc)} a 95% interval {_n(lo)}-{_n(hi)} "
+                     f"(width {_n(hi - lo)})")
+        if hi - lo > 0.2:
+            severity = "warn"
+            parts.append(f"too few to separate runs closer than about {_n((hi - lo) / 2)} in accuracy")
+    if not parts:
+        return []
+    return [Finding("heldout_noise", severity, "; ".join(parts), data)]
+
+
+def _length_bias(log: Log) -> list[Finding]:
+    rows = [p for p in log.pairs or [] if isinstance(p.get("chosen_tokens"), (int, float))
+            and isinstance(p.get("rejected_tokens"), (int, float))]
+    if len(rows) < 5:
+        return []
+    diffs = [p["chosen_tokens"] - p["rejected_tokens"] for p in rows]
+    n = len(rows)
+    shorter, longer = sum(d < 0 for d in diffs) / n, sum(d > 0 for d in diffs) / n
+    equal = 1 - shorter - longer
+    ratios = [p["chosen_tokens"] / p["rejected_tokens"] for p in rows if p["rejected_tokens"] > 0]
+    ratio = statistics.fmean(ratios) if ratios else float("nan")
+    margins = [float(p["margin"]) for p in rows]
+    ok = all(math.isfinite(m) for m in margins) and len(set(diffs)) > 1 and len(set(margins)) > 1
+    r = stats.pearson(diffs, margins) if ok else None
+    biased = max(shorter, longer) >= 0.7 or (r is not None and abs(r) >= 0.5)
+    side = "shorter" if shorter >= longer else "longer"
+    sentence = (f"chosen is {side} in {max(shorter, longer):.0%} of {n} held-out pairs (shorter {shorter:.0%}, "
+                f"longer {longer:.0%}, equal {equal:.0%}), mean length ratio chosen/rejected {_n(ratio)}"
+                + (f"; held-out margin vs length difference r = {r:.2f}" if r is not None else ""))
+    if biased:
+        sentence += ": length predicts the label or the margin, a length-normalized reward (SimPO) is indicated"
+    return [Finding("length_bias", "warn" if biased else "info", sentence,
+                    {"pairs": n, "chosen_shorter": shorter, "chosen_longer": longer, "equal": equal,
+                     "mean_length_ratio": ratio, "margin_length_corr": r})]
+
+
+def _healthy(log: Log) -> Finding:
+    _, train = log.series("rewards/margins")
+    _, acc = log.accuracy_series()
+    parts = []
+    if len(train) >= 2:
+        parts.append(f"training margin {_n(train[0])} -> {_n(train[-1])}")
+    if acc:
+        parts.append(f"held-out accuracy {_n(acc[0])} -> {_n(acc[-1])} over {len(acc)} evals")
+    return Finding("healthy", "info", "no warning signs" + (f": {', '.join(parts)}" if parts else ""), {})
+
+
+def clean_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None, so the JSON written is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj

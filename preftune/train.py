@@ -1,0 +1,386 @@
+"""The training loop: one function, top to bottom, for every objective.
+
+Runs differ only in their loss: tokenization, data order (a function of seed and epoch alone), optimizer,
+schedule and evaluation are shared. Reference log-probs are computed once up front (and cached on disk);
+reference-free objectives skip them for the training set.
+
+    preftune train --model M --data train.jsonl --eval-data heldout.jsonl --objective dpo --beta 0.1 \\
+        --lora-rank 8 --lr 5e-6 --batch-size 8 --max-steps 100 --output runs/x
+
+    >>> import preftune
+    >>> summary = preftune.train(preftune.Config(model="M", data="train.jsonl", objective="simpo"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import objectives
+from .config import Config, dump_yaml
+from .data import DataStats, Pair, batch_order, length_bias, load_examples, split_by_prompt, tokenize_examples
+from .errors import InputError, TrainingDiverged
+from .evaluate import evaluate, summarize
+from .files import (
+    FolderLock,
+    append_jsonl,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
+from .logprobs import batch_logps, make_batch
+from .model import add_lora, fingerprint, is_peft, load_model, load_tokenizer
+from .reference import cache_key, reference_logps
+
+
+@dataclass
+class Prepared:
+    """Tokenized train and held-out pairs; the ablation matrix builds this once and hands it to every cell."""
+
+    tokenizer: object
+    train: list[Pair]
+    eval: list[Pair]
+    stats: dict[str, DataStats]
+
+
+def prepare_data(cfg: Config, tokenizer: object) -> Prepared:
+    """Load, validate, split and tokenize. Raises InputError before anything is written."""
+    examples = load_examples(cfg.data, cfg.data_split)
+    if cfg.eval_data:
+        heldout = load_examples(cfg.eval_data, cfg.eval_split)
+    elif cfg.eval_fraction > 0:
+        examples, heldout = split_by_prompt(examples, cfg.eval_fraction, cfg.split_seed)
+    else:
+        raise InputError("no held-out pairs: give --eval-data FILE or --eval-fraction > 0", field="eval_data")
+    if cfg.max_train_pairs:
+        examples = examples[:cfg.max_train_pairs]
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+              apply_chat_template=cfg.apply_chat_template)
+    train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
+    held, held_stats = tokenize_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
+    return Prepared(tokenizer, train, held, {"train": train_stats, "eval": held_stats})
+
+
+def lr_at(step: int, cfg: Config, total: int) -> float:
+    """transformers' schedules (linear/cosine/constant with linear warmup), so runs compare with TRL's."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.scheduler == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    if cfg.scheduler == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn.Module | None = None) -> dict:
+    """Train one run and write its folder (see docs/formats.md). Returns the summary dict.
+
+    ``prepared`` and ``base_model`` let the ablation matrix share tokenized data and the loaded base model
+    across cells; a LoRA run leaves ``base_model`` as it found it.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    params = cfg.objective_params()
+    objective = objectives.get(cfg.objective)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not cfg.resume:
+        raise InputError("output folder is not empty: pass --resume to continue it, or choose another --output",
+                         path=str(out))
+    if cfg.resume and (out / "summary.json").exists() and _status(out) == "finished":
+        return json.loads((out / "summary.json").read_text())
+
+    # 1. Everything that can reject the input happens before the output folder is touched.
+    tok = prepared.tokenizer if prepared else load_tokenizer(cfg)
+    data = prepared or prepare_data(cfg, tok)
+    model = base_model if base_model is not None else load_model(cfg)
+    cache_dir = cfg.resolved_cache_dir()
+    model_fp = fingerprint(cfg.model, cache_dir)
+    torch.manual_seed(cfg.seed)  # LoRA init and dropout: same seed, same adapter at step 0 for every objective
+    model = add_lora(model, cfg)
+    pad_id = tok.pad_token_id
+    fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+
+    try:
+        with FolderLock(out):
+            summary = _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, model_fp,
+                           checkpoint, t_start, tok)
+    finally:
+        if base_model is not None and is_peft(model):
+            model.unload()  # hand the shared base model back without adapters
+    return summary
+
+
+def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, model_fp, checkpoint, t_start, tok):
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_tokens": 0, "real_train_tokens": 0,
+              "reference_tokens": 0, "eval_tokens": 0}
+
+    # 2. Reference log-probs, once, before any update (held-out always: both yardsticks need them).
+    t = time.perf_counter()
+    ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
+    ref_eval, hit_eval = reference_logps(
+        model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+    ref_train, hit_train = None, True
+    if objective.needs_reference:
+        ref_train, hit_train = reference_logps(
+            model, data.train, key=cache_key(model_fp, data.train, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+    timing["reference_s"] = time.perf_counter() - t
+    timing["reference_cached"] = {"train": hit_train, "eval": hit_eval}
+    for pairs, hit in ((data.eval, hit_eval), (data.train if ref_train is not None else [], hit_train)):
+        if not hit:
+            timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                              for p in pairs)
+
+    # 3. Optimizer and schedule; resume restores them with the RNG and the step.
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step_pairs = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(data.train) / step_pairs)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
+    orders: dict[int, list[list[int]]] = {}
+    metrics_path = out / "metrics.jsonl"
+    eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, **fast)
+
+    def run_eval(step: int) -> tuple[dict, list[dict]]:
+        t = time.perf_counter()
+        m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
+        timing["eval_s"] += time.perf_counter() - t
+        timing["eval_tokens"] += processed
+        m = {"step": step, "epoch": step / steps_per_epoch, **m}
+        append_jsonl(metrics_path, m)
+        return m, rows
+
+    start = 0
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, trainable, opt)
+        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
+        step0 = next((r for r in read_jsonl(metrics_path) if r["step"] == 0 and "eval_loss" in r), None)
+    else:
+        metrics_path.unlink(missing_ok=True)
+        step0, _ = run_eval(0)
+    progress = Progress(total, quiet=cfg.quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
+    progress.eval(step0 or {})
+
+    # 4. The loop.
+    model.train()
+    for step in range(start, total):
+        t = time.perf_counter()
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders = {epoch: batch_order(lengths, step_pairs, seed=cfg.seed, epoch=epoch,
+                                         group_by_length=cfg.group_by_length)}
+        idx = orders[epoch][i]
+        lr = lr_at(step, cfg, total)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        parts = []
+        step_tokens = 0
+        for j in range(0, len(idx), cfg.batch_size):
+            mb = idx[j:j + cfg.batch_size]
+            sub = [data.train[k] for k in mb]
+            batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
+                               [p.rejected_ids for p in sub], pad_id, cfg.share_prompt)
+            s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
+            k = len(mb)
+            ref = ref_train[mb] if ref_train is not None else None                                   # (k, 2)
+            lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
+                                     ref_chosen=None if ref is None else ref[:, 0],
+                                     ref_rejected=None if ref is None else ref[:, 1])
+            res = objectives.compute(cfg.objective, lp, params)
+            (res.loss.sum() / len(idx)).backward()  # mean over the step's pairs, however it is split
+            parts.append((torch.stack([s[:k], s[k:]], 1).detach(), torch.stack([c[:k], c[k:]], 1), res))
+            timing["train_tokens"] += batch.padded_tokens
+            timing["real_train_tokens"] += batch.real_tokens
+            step_tokens += batch.real_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable],
+                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        logps = torch.cat([p[0] for p in parts])
+        counts = torch.cat([p[1] for p in parts])
+        res = _cat_outputs([p[2] for p in parts])
+        loss = res.loss.detach()
+        if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
+            return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start)
+        opt.step()
+        dt = time.perf_counter() - t
+        timing["train_s"] += dt
+        row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
+               **summarize(logps, counts, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
+               "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}
+        last = step + 1 == total
+        if (step + 1) % cfg.log_every == 0 or last:
+            append_jsonl(metrics_path, row)
+        progress.step(step + 1, row)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+            progress.eval(run_eval(step + 1)[0])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+            save_checkpoint(out, step + 1, trainable, opt)
+
+    # 5. Final eval, per-pair rows, weights, summary.
+    final, rows = run_eval(total)
+    progress.eval(final)
+    write_jsonl(out / "eval_pairs.jsonl", rows)
+    save_weights(out, model, tok)
+    summary = _summary(cfg, out, total, "finished", data, timing, t_start)
+    progress.done(summary, out)
+    return summary
+
+
+def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
+    return objectives.Output(
+        loss=torch.cat([o.loss for o in outs]),
+        chosen_rewards=torch.cat([o.chosen_rewards for o in outs]),
+        rejected_rewards=torch.cat([o.rejected_rewards for o in outs]),
+        extras={k: torch.cat([o.extras[k] for o in outs]) for k in outs[0].extras})
+
+
+def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | None, timing: dict,
+             t_start: float) -> dict:
+    rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    evals = [r for r in rows if "eval_loss" in r]
+    trains = [r for r in rows if "loss" in r]
+    tail = trains[-max(1, len(trains) // 10):]
+    train_last = {k: sum(r[k] for r in tail) / len(tail) for k in (tail[0] if tail else {})
+                  if k not in ("step", "epoch")}
+    n_pairs = steps * cfg.batch_size * cfg.grad_accum if data is None else min(
+        steps * cfg.batch_size * cfg.grad_accum, steps * len(data.train))
+    loop_s = timing["train_s"] + timing["reference_s"]
+    timing = {**timing, "total_s": time.perf_counter() - t_start,
+              "pairs_per_second": n_pairs / loop_s if loop_s else 0.0,
+              "tokens_per_second": timing["train_tokens"] / timing["train_s"] if timing["train_s"] else 0.0,
+              "processed_tokens": timing["train_tokens"] + timing["reference_tokens"],
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    summary = {
+        "objective": cfg.objective, "lora_rank": cfg.lora_rank, "seed": cfg.seed, "steps": steps, "status": status,
+        "params": cfg.objective_params(),
+        "final_eval": evals[-1] if evals else None, "step0_eval": evals[0] if evals else None,
+        "train_last": train_last,
+        "data": {k: v.to_dict() for k, v in data.stats.items()} if data else None,
+        "length_bias": length_bias(data.eval) if data else None,
+        "timing": timing,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _diverged(out, cfg, step, loss, grad_norm, timing, t_start):
+    _summary(cfg, out, step, "diverged", None, timing, t_start)
+    last = latest_checkpoint(out)
+    keep = f"; the last good checkpoint is {last}" if last else ""
+    raise TrainingDiverged(f"loss or gradient became non-finite at step {step} (loss={loss}, grad_norm={grad_norm})"
+                           f"{keep}. Lower --lr or --beta, or try --objective orpo.")
+
+
+def _status(out: Path) -> str | None:
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+# --- weights and checkpoints (safetensors only) ---------------------------------------------------
+
+def save_weights(out: Path, model: torch.nn.Module, tok: object) -> None:
+    """LoRA runs: ``adapter/`` for ``PeftModel.from_pretrained``; full fine-tuning: ``model/`` + tokenizer."""
+    name = "adapter" if is_peft(model) else "model"
+    with atomic_dir(out / name) as d:
+        model.save_pretrained(d, safe_serialization=True)
+        if name == "model":
+            tok.save_pretrained(d)
+
+
+def save_checkpoint(out: Path, step: int, trainable: list[tuple[str, Tensor]], opt: torch.optim.Optimizer) -> Path:
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    with atomic_dir(folder) as d:
+        save_file({n: p.detach().contiguous() for n, p in trainable}, str(d / "trainable.safetensors"))
+        sd = opt.state_dict()
+        tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(d / "optimizer.safetensors"))
+        atomic_write_json(d / "state.json", {"step": step, "param_groups": sd["param_groups"]})
+    for old in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: Path, trainable: list[tuple[str, Tensor]], opt: torch.optim.Optimizer) -> int:
+    weights = load_file(str(folder / "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in trainable:
+            p.copy_(weights[n])
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("rng."):
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = v
+    meta = json.loads((folder / "state.json").read_text())
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line bar on a terminal; plain log lines (about ten per run) when not a terminal or under CI."""
+
+    def __init__(self, total: int, *, quiet: bool, name: str, start: int = 0) -> None:
+        self.total, self.quiet, self.name = total, quiet, name
+        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
+        self.every = max(1, total // 10)
+        self.acc = float("nan")
+        self.t0 = time.perf_counter()
+        self.start = start
+
+    def _print(self, text: str, end: str = "\n") -> None:
+        if not self.quiet:
+            print(text, end=end, file=sys.stderr, flush=True)
+
+    def step(self, step: int, row: dict) -> None:
+        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
+        line = (f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} "
+                f"margin {row['rewards/margins']:+.4f} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
+        if self.tty:
+            self._print("\r" + line, end="")
+        elif step % self.every == 0 or step == self.total:
+            self._print(line)
+
+    def eval(self, m: dict) -> None:
+        if "eval_accuracy" not in m:
+            return
+        self.acc = m["eval_accuracy"]
+        if self.tty and m["step"] > 0:
+            self._print("")
+        self._print(f"[{self.name}] eval @ step {m['step']}: held-out acc {m['eval_accuracy']:.3f} "
+                    f"margin {m['eval_rewards/margins']:+.4f} (refrel acc {m['eval_refrel/accuracy']:.3f}, "
+                    f"lennorm acc {m['eval_lennorm/accuracy']:.3f}, {m['eval_pairs']} pairs)")
+
+    def done(self, summary: dict, out: Path) -> None:
+        t = summary["timing"]
+        self._print(f"[{self.name}] done in {t['total_s']:.1f}s ({t['pairs_per_second']:.2f} pairs/s): {out}")
