@@ -5,8 +5,9 @@
 SPEC: the keys of bench/trl_run.py plus objective, eval_data, max_prompt_length, and for the ablate
 ``matrix`` ({"objective": [...], "lora_rank": [...]}) with per-objective ``objectives`` overrides.
 Output and reference cache live in a fresh <run dir>/tmp, so the reference precompute is always counted.
-RESULT: loop_s = timing.train_s, ref_s = timing.reference_s (pairs/s uses their sum), eval_s, policy_tokens =
-timing.processed_tokens, plus preftune's own pairs_per_second / peak_rss_mb for cross-checking.
+RESULT: loop_s = timing.train_s, ref_s = timing.reference_s (pairs/s uses their sum; it includes the held-out
+reference pass, for every objective), eval_s, policy_tokens = timing.train_tokens, ref_tokens =
+timing.reference_tokens, plus preftune's own pairs_per_second / peak_rss_mb for cross-checking.
 """
 
 from __future__ import annotations
@@ -51,38 +52,44 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     summary = train(cfg)
     t = summary["timing"]
     steps = int(summary.get("steps") or spec["steps"])
+    # timing.processed_tokens = train_tokens (policy, padded) + reference_tokens (reference passes, train + eval)
+    policy = t.get("train_tokens", t["processed_tokens"])
     ref_tokens = t.get("reference_tokens")
     return {"library": "preftune", "objective": cfg.objective, "status": summary.get("status"), "steps": steps,
             "pairs": steps * cfg.batch_size * cfg.grad_accum, "loop_s": t["train_s"], "ref_s": t.get("reference_s") or 0.0,
-            "eval_s": t.get("eval_s"), "preftune_total_s": t.get("total_s"), "policy_tokens": t["processed_tokens"],
+            "eval_s": t.get("eval_s"), "preftune_total_s": t.get("total_s"), "policy_tokens": policy,
+            "policy_tokens_real": t.get("real_train_tokens"),
             # without a reported count, a DPO reference pass is taken to see as many tokens as the policy pass
-            "ref_tokens": ref_tokens if ref_tokens is not None else (t["processed_tokens"] if cfg.objective == "dpo"
-                                                                      else 0),
+            "ref_tokens": ref_tokens if ref_tokens is not None else (policy if cfg.objective == "dpo" else 0),
             "ref_tokens_estimated": ref_tokens is None,
             "preftune_pairs_per_second": t.get("pairs_per_second"), "preftune_peak_rss_mb": t.get("peak_rss_mb"),
-            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.autocast_bf16}
+            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.autocast_bf16,
+            "reference_cached": t.get("reference_cached")}
 
 
 # ==================================================================================================
-# FILL IN: the 2x2 ablate (objective dpo/simpo x lora_rank 16/8). bench.py times this whole process.
-# Replace the body with the real call once preftune.ablate lands, e.g.
-#     from preftune.ablate import run_matrix
-#     return run_matrix(base_cfg, factors=spec["matrix"], output=str(tmp / "matrix"))
-# or the CLI: subprocess.run([".venv/bin/preftune", "ablate", "--config", base.yaml, ..., "--output", ...]).
-# The base config carries per-objective overrides in `objectives` (SimPO's beta/gamma differ from DPO's).
+# The 2x2 ablate (objective dpo/simpo x lora_rank 16/8); bench.py times this whole process end to end.
+# Uses preftune.ablate.run_matrix(base, grid, parallel=1) -> {"finished": n, "failed": n}; the matrix folder is
+# base.output. lora_alpha None = 2 x rank, like the TRL r16 (alpha 32) / r8 (alpha 16) runs. SimPO's beta/gamma
+# come from the base's `objectives` overrides. Adjust here if the ablate API changes.
 # ==================================================================================================
 def run_preftune_matrix(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    base_cfg = build_config(spec, tmp, objectives=spec.get("objectives", {}), beta=None, gamma=None)
-    try:
-        from preftune.ablate import run_matrix  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise NotImplementedError("preftune.ablate.run_matrix not available yet (fill in bench/preftune_run.py)") from e
-    matrix = run_matrix(base_cfg, factors=spec["matrix"], output=str(tmp / "matrix"))
-    cells = matrix.get("cells", []) if isinstance(matrix, dict) else []
-    failed = [c["name"] for c in cells if c.get("status") != "finished"]
-    if failed:
-        raise RuntimeError(f"ablate cells not finished: {failed}")
-    return {"library": "preftune", "matrix": spec["matrix"], "cells": len(cells)}
+    from preftune.ablate import run_matrix
+
+    objectives = spec.get("objectives", {})
+    base = build_config(spec, tmp, objective="dpo", objectives=objectives, lora_alpha=None,
+                        output=str(tmp / "matrix"), **objectives.get("dpo", {}))
+    counts = run_matrix(base, dict(spec["matrix"]), parallel=int(spec.get("parallel", 1)))
+    if counts.get("failed"):
+        raise RuntimeError(f"ablate: {counts} (see {tmp / 'matrix' / 'matrix.json'})")
+    cells = json.loads((tmp / "matrix" / "matrix.json").read_text()).get("cells", [])
+    return {"library": "preftune", "matrix": spec["matrix"], "counts": counts,
+            "cell_train_s": {c["name"]: _cell_timing(tmp / "matrix" / "cells" / c["name"]) for c in cells}}
+
+
+def _cell_timing(cell: Path) -> dict[str, Any] | None:
+    path = cell / "summary.json"
+    return json.loads(path.read_text()).get("timing") if path.exists() else None
 
 
 def main(argv: list[str]) -> int:

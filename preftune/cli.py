@@ -27,11 +27,20 @@ class _Parser(argparse.ArgumentParser):
         hint = ""
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()[0].split("=")[0]
-            flags = [s for a in self._actions for s in a.option_strings]
-            close = difflib.get_close_matches(bad, flags, n=1)
+            close = difflib.get_close_matches(bad, self._all_flags(), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-        print(f"preftune {self.prog.split()[-1]}: error: {message}{hint}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
+
+    def _all_flags(self) -> list[str]:
+        flags = []
+        for a in self._actions:
+            flags += a.option_strings
+            choices = getattr(a, "choices", None)
+            for sub in (choices.values() if isinstance(choices, dict) else []):
+                if isinstance(sub, _Parser):
+                    flags += sub._all_flags()
+        return flags
 
 
 def _flag(name: str) -> str:

@@ -21,7 +21,8 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -56,7 +57,7 @@ class Config:
     beta: float | None = None            # None = the objective's own default (see `preftune objectives`)
     gamma: float | None = None           # SimPO margin, absolute (reward units)
     gamma_beta_ratio: float | None = None  # SimPO margin as gamma/beta (the paper's table form)
-    label_smoothing: float = 0.0         # robust / cdpo epsilon
+    label_smoothing: float | None = None  # robust / cdpo epsilon; None = the objective's default (0.1)
     nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
     objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
     # --- optimisation ----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class Config:
             ("grad_accum", self.grad_accum >= 1), ("lr", self.lr > 0),
             ("eval_fraction", 0 <= self.eval_fraction < 1), ("max_length", self.max_length >= 2),
             ("max_prompt_length", 1 <= self.max_prompt_length < self.max_length),
-            ("warmup_ratio", 0 <= self.warmup_ratio <= 1), ("label_smoothing", 0 <= self.label_smoothing < 0.5),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1), ("label_smoothing", self.label_smoothing is None or 0 <= self.label_smoothing < 0.5),
             ("eval_every", self.eval_every >= 0), ("save_every", self.save_every >= 0),
             ("epochs", self.epochs > 0), ("logit_chunk", self.logit_chunk >= 1),
         ]
@@ -157,7 +158,7 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     if key not in FIELDS:
         raise InputError(f"unknown key{_suggest(key)}", path=source, field=key)
     hint = _HINTS[key]
-    types = [t for t in get_args(hint)] or [hint]
+    types = list(get_args(hint)) if get_origin(hint) in (Union, UnionType) else [hint]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types):
         if type(None) in types:
             return None

@@ -1,27 +1,13 @@
 """The verdict over an ablation matrix: switch objective, keep it, not decisive, or fall back to ORPO.
 
     preftune decide matrix/                         # writes matrix/decision.json
-    preftune decide matrix/ --baseline dpo:16
 
 Every comparison is paired: two cells scored on the same held-out pairs (joined by ``id``) are compared with
 McNemar's exact test on the pairs only one of them ranks correctly, a paired bootstrap interval of the accuracy
 difference, and the pairs a test would need (Connor) -- under the run's own reward and under both common
 yardsticks (reference-relative ``refrel_margin > 0``, length-normalized ``lennorm_margin > 0``).
 
-Verdict rules (``RULES`` below is the text the report shows):
-
-1. switch: the challenger objective, at the baseline's rank, ranks >= 1 more held-out pair correctly, McNemar
-   p < alpha / (number of challengers), its accuracy interval is above chance, it is stable, and its margins are
-   cleaner: a smaller share of the training margin lost on held-out pairs and a held-out margin spread (std /
-   |mean|) not larger. Scale-free, because objectives' rewards live on different scales.
-2. rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different
-   from the best rank's.
-3. fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at
-   or below chance, or failed with such an error).
-4. keep: the baseline is stable and against every challenger either the baseline is significantly better, the
-   challenger is unstable, or they are not significantly different while the challenger's margins are not
-   cleaner and the pairs were enough to detect a 5-point accuracy difference. Otherwise not_decisive, with the
-   held-out pairs or seeds that would settle it.
+Verdict rules: see ``RULES`` (the report shows them).
 
 Several seeds per (objective, rank) are pooled per pair: a pair's correctness is its mean over seeds, the
 accuracy is the mean over pairs (= the mean of the seeds' accuracies), and McNemar becomes a sign test over
@@ -30,6 +16,7 @@ pairs on which one side is right more often -- pairs stay the independent unit.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -43,7 +30,20 @@ from .errors import InputError
 from .files import atomic_write_json
 from .review import Log, Review, clean_json, diagnose, load, margin_gap
 
-RULES = __doc__.split("Verdict rules")[1].split("Several seeds")[0]
+RULES = (
+    "switch: the challenger objective, at the baseline's rank, ranks at least one more held-out pair correctly, "
+    "McNemar p < alpha / (number of challengers), its accuracy interval is above chance, it is stable, and its "
+    "margins are cleaner: a smaller share of the training margin lost on held-out pairs and a held-out margin "
+    "std/|mean| not larger (scale-free, because objectives' rewards live on different scales).",
+    "rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different "
+    "from the best rank's.",
+    "fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at "
+    "or below chance, or failed with such an error).",
+    "keep: the baseline is stable, its accuracy interval is above chance, and against every challenger either the baseline is significantly better, the "
+    "challenger is unstable, or they are not significantly different while the challenger's margins are not "
+    "cleaner and the pairs were enough to detect a 5-point accuracy difference; otherwise not_decisive, with "
+    "the held-out pairs or seeds that would settle it.",
+)
 NOT_JUDGED = ("orpo", "sft")          # rule 3 judges every other objective: the DPO family and SimPO
 FALLBACK = "orpo"
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
@@ -104,8 +104,8 @@ def decide(matrix_dir: str | Path, *, alpha: float = 0.05, baseline: dict | None
            n_boot: int = 10000) -> dict:
     """Compare the matrix's finished cells on their shared held-out pairs and return the decision.json dict.
 
-        >>> d = decide("matrix/")           # preftune decide matrix/
-        >>> d["verdict"], d["objective"], d["lora_rank"], d["reasons"][0]
+        d = decide("matrix/")               # preftune decide matrix/
+        print(d["verdict"], d["objective"], d["lora_rank"], d["summary"])
     """
     return _Decider(Path(matrix_dir), alpha, baseline, n_boot).run()
 
@@ -121,8 +121,6 @@ def write_decision(matrix_dir: str | Path, decision: dict) -> Path:
 
 def read_matrix(matrix_dir: Path) -> tuple[dict, list[dict]]:
     """(factors, cells) of matrix.json, validated."""
-    import json
-
     path = matrix_dir / "matrix.json"
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -160,7 +158,7 @@ def load_cell(matrix_dir: Path, entry: dict) -> tuple[dict, Log | None]:
     if not log.pairs:
         raise InputError("a finished cell needs eval_pairs.jsonl", path=str(folder))
     rev = Review(log.source, log.kind, diagnose(log))
-    margins = [float(p["margin"]) for p in log.pairs if math.isfinite(float(p["margin"]))]
+    margins = [p["margin"] for p in log.pairs if math.isfinite(p["margin"])]
     k, n = sum(bool(p["correct"]) for p in log.pairs), len(log.pairs)
     gap = margin_gap(log)
     out.update(accuracy=k / n, ci=list(stats.wilson_interval(k, n)), pairs=n,
@@ -259,7 +257,8 @@ class _Decider:
 
     def run(self) -> dict:
         verdict, chosen, summary = self._verdict()
-        return {"verdict": verdict, "objective": chosen.objective if chosen else FALLBACK,
+        fallback = FALLBACK if verdict == "fallback_orpo" else self.baseline["objective"]
+        return {"verdict": verdict, "objective": chosen.objective if chosen else fallback,
                 "lora_rank": chosen.lora_rank if chosen else self.baseline["lora_rank"],
                 "baseline": self.baseline, "summary": summary, "reasons": self.reasons,
                 "comparisons": list(self.comparisons.values()), "cells": self.cells,
@@ -301,13 +300,16 @@ class _Decider:
                 f"(McNemar p={_p(cmp['mcnemar_p'])}) with cleaner margins.")
         keep, need = self._keep(base, challengers)
         chosen = self._rank(base)
+        weak = base.unstable or base.ci[0] <= 0.5
         if keep:
-            return "keep", chosen, (f"Keep {base.objective} (rank {chosen.lora_rank}): no other objective did "
-                                    f"better on {base.pairs} held-out pairs, and a {MEANINGFUL:.0%} difference "
-                                    f"would have shown.")
+            return "keep", chosen, (f"Keep {base.objective} (rank {chosen.lora_rank}): on {base.pairs} held-out "
+                                    f"pairs every other objective was significantly worse, unstable, or no "
+                                    f"different where a {MEANINGFUL * 100:.0f}-point difference would have shown.")
         settle = f"; about {need} held-out pairs (or more seeds) would settle it" if need else ""
-        return "not_decisive", chosen, (f"Not decisive: the held-out evidence does not separate {base.objective} "
-                                        f"from {', '.join(sorted({c.objective for c, _ in challengers}))}{settle}.")
+        others = ", ".join(sorted({c.objective for c, _ in challengers}))
+        why = (f"the baseline {base.objective} shows no reliable held-out learning" if weak else
+               f"the held-out evidence does not separate {base.objective} from {others}")
+        return "not_decisive", chosen, f"Not decisive: {why}{settle}."
 
     def _fallback(self) -> tuple[str, Group | None, str] | None:
         judged = [g for g in self.groups if g.objective not in NOT_JUDGED]
@@ -317,7 +319,7 @@ class _Decider:
             return None
         families = {("SimPO" if g.objective == "simpo" else "DPO-family") for g in judged} | \
                    {("SimPO" if c["objective"] == "simpo" else "DPO-family") for c in crashed}
-        self.reasons.append(f"every DPO-family and SimPO cell is unstable: "
+        self.reasons.append("every DPO-family and SimPO cell is unstable: "
                             + "; ".join(f"{g.name} ({self._why_unstable(g)})" for g in judged)
                             + "".join(f"; {c['name']} failed: {c['error']}" for c in crashed))
         for missing in sorted({"DPO-family", "SimPO"} - families):
@@ -378,15 +380,15 @@ class _Decider:
     def _switch(self, c: Group, base: Group, cmp: dict, k: int) -> bool:
         level = self.alpha / k
         more = (cmp["acc_a"] - cmp["acc_b"]) * cmp["n"] >= 1 - 1e-9
-        if not more or cmp["mcnemar_p"] >= level:
+        if not more or cmp["mcnemar_p"] >= self.alpha:
             return False
         lo = c.ci[0]
-        why = ("it is unstable: " + self._why_unstable(c) if c.unstable
+        why = (f"p is not below alpha/{k} = {_p(level)} ({k} challengers tested)" if cmp["mcnemar_p"] >= level
+               else "it is unstable: " + self._why_unstable(c) if c.unstable
                else f"its accuracy interval starts at {_n(lo)}, not above chance" if lo <= 0.5
                else None if self._cleaner(c, base) else f"its margins are not cleaner: {self._margins(c, base)}")
         if why:
-            self.reasons.append(f"{c.name} is significantly better (p={_p(cmp['mcnemar_p'])} < {_p(level)}) "
-                                f"but no switch: {why}")
+            self.reasons.append(f"{c.name} is better (p={_p(cmp['mcnemar_p'])}) but no switch: {why}")
             return False
         self.reasons.append(f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly, "
                             f"p={_p(cmp['mcnemar_p'])} < {_p(level)} (alpha {self.alpha} over {k} challenger(s)), "
@@ -396,38 +398,42 @@ class _Decider:
 
     def _keep(self, base: Group, challengers: list[tuple[Group, dict]]) -> tuple[bool, int | None]:
         """(whether the evidence supports staying with the baseline, held-out pairs that would settle it)."""
+        keep, need = True, []
         if base.unstable:
+            keep = False
             self.reasons.append(f"the baseline {base.name} is unstable ({self._why_unstable(base)}): not a "
                                 f"position to keep")
-            return False, None
-        keep, need = True, []
+        elif base.ci[0] <= 0.5:
+            keep = False
+            self.reasons.append(f"the baseline {base.name}'s held-out accuracy {_n(base.accuracy)} has a 95% interval "
+                                f"{_n(base.ci[0])}-{_n(base.ci[1])} that includes chance: no evidence it learned "
+                                f"the preference, nothing to keep")
         for c, cmp in challengers:
             if c.unstable:
-                self.reasons.append(f"{c.name} is unstable ({self._why_unstable(c)}): supports keeping")
+                self.reasons.append(f"{c.name} is unstable ({self._why_unstable(c)}): favours the baseline")
                 continue
             significant = cmp["mcnemar_p"] < self.alpha
             if significant and cmp["diff"] < 0:
                 self.reasons.append(f"{base.name} is significantly better than {c.name} "
-                                    f"(p={_p(cmp['mcnemar_p'])}): supports keeping")
+                                    f"(p={_p(cmp['mcnemar_p'])}): favours the baseline")
                 continue
             powered = cmp["pairs_to_detect"] is not None and cmp["n"] >= cmp["pairs_to_detect"]
             if not significant and not self._cleaner(c, base) and powered:
                 self.reasons.append(f"{c.name} is not significantly different (p={_p(cmp['mcnemar_p'])}), its "
                                     f"margins are not cleaner, and {cmp['n']} pairs were enough to detect a "
-                                    f"{MEANINGFUL:.0%} difference (needs {cmp['pairs_to_detect']}): supports keeping")
+                                    f"{MEANINGFUL * 100:.0f}-point difference (needs {cmp['pairs_to_detect']}): favours the baseline")
                 continue
             keep = False
-            wanted = [x for x in (cmp["pairs_needed"], None if powered else cmp["pairs_to_detect"]) if x]
-            need += wanted
+            need.append(cmp["pairs_needed"] or cmp["pairs_to_detect"])
             why = ("it is better but not by enough to switch (see above)" if significant
                    else f"not significantly different (p={_p(cmp['mcnemar_p'])})")
             if not significant and self._cleaner(c, base):
-                why += f", and its margins are cleaner ({self._margins(c, base)})"
-            elif not significant and not powered:
-                why += (f", and {cmp['n']} pairs cannot detect a {MEANINGFUL:.0%} difference "
+                why += f", its margins are cleaner ({self._margins(c, base)})"
+            if not significant and not powered:
+                why += (f", {cmp['n']} pairs cannot detect a {MEANINGFUL * 100:.0f}-point difference "
                         f"(needs {cmp['pairs_to_detect']})")
             self.reasons.append(f"{c.name} vs {base.name}: {why}; " + self._settle(c, base, cmp))
-        return keep, max(need) if need else None
+        return keep, max((x for x in need if x), default=None)
 
     def _settle(self, c: Group, base: Group, cmp: dict) -> str:
         pairs = (f"the observed difference {cmp['diff']:+.3f} would need about {cmp['pairs_needed']} held-out "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +35,10 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 def load_model(cfg: Config) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with safetensors only and SDPA attention."""
+    if not sys.stderr.isatty() or os.environ.get("CI"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar redrawn per shard is noise in a log file
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,

@@ -92,15 +92,22 @@ class Review:
 def review(path: str | Path) -> Review:
     """Load a run folder, a TRL ``trainer_state.json`` or a JSONL log and diagnose it.
 
-        >>> r = review("runs/x")            # preftune review runs/x
-        >>> [f.sentence for f in r.findings]
+        r = review("runs/x")                # preftune review runs/x
+        print([f.sentence for f in r.findings])
     """
     log = load(path)
     return Review(log.source, log.kind, diagnose(log))
 
 
-def write_review(review: Review, out_dir: str | Path) -> Path:
-    """Write ``review.json`` into ``out_dir`` (atomically) and return its path."""
+def write_review(review: Review, out_dir: str | Path | None = None) -> Path | None:
+    """Write ``review.json`` into ``out_dir`` (atomically) and return its path.
+
+    With no ``out_dir`` it goes into the reviewed run folder; for a TRL or JSONL log nothing is written (None).
+    """
+    if out_dir is None:
+        if review.kind != "run":
+            return None
+        out_dir = review.source
     path = Path(out_dir) / "review.json"
     atomic_write_json(path, review.to_dict())
     return path
@@ -169,6 +176,10 @@ def read_pairs(path: str | Path) -> list[dict]:
         for key in ("id", "margin", "correct"):
             if key not in row:
                 raise InputError("missing", path=str(path), line=i, field=key)
+        if not isinstance(row["correct"], bool):
+            raise InputError(f"{row['correct']!r} is not true/false", path=str(path), line=i, field="correct")
+        margin = _number(row["margin"], str(path), i, "margin")
+        row["margin"] = math.nan if margin is None else margin  # null: a NaN written as strict JSON
         rows.append(row)
     if not rows:
         raise InputError("no held-out pairs", path=str(path))
@@ -244,9 +255,10 @@ def _n(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _halves(xs: list[float]) -> tuple[float, float]:
-    h = len(xs) // 2
-    return statistics.fmean(xs[:h]), statistics.fmean(xs[-h:])
+def _ends(xs: list[float]) -> tuple[float, float]:
+    """Means of the first and the last 10% of ``xs`` (at least one value each)."""
+    k = max(1, math.ceil(0.1 * len(xs)))
+    return statistics.fmean(xs[:k]), statistics.fmean(xs[-k:])
 
 
 def _change(steps: list[float], ys: list[float]) -> float:
@@ -262,7 +274,7 @@ def _instability(log: Log) -> list[Finding]:
         for key, value in line.items():
             if isinstance(value, float) and not math.isfinite(value):
                 bad.setdefault(key, line["step"])
-    bad_pairs = sum(1 for p in log.pairs or [] if not math.isfinite(float(p["margin"])))
+    bad_pairs = sum(1 for p in log.pairs or [] if not math.isfinite(p["margin"]))
     if bad or bad_pairs:
         keys = ", ".join(f"{k} (from step {_n(s)})" for k, s in bad.items())
         where = keys + (f"; {bad_pairs} held-out pair margins" if bad_pairs else "")
@@ -270,11 +282,11 @@ def _instability(log: Log) -> list[Finding]:
                            {"keys": bad, "nonfinite_pairs": bad_pairs}))
     _, loss = log.series("loss")
     if len(loss) >= 4:
-        early, late = _halves(loss)
+        early, late = _ends(loss)
         if late > max(2 * early, early + 0.5):
             out.append(Finding("divergence", "error",
-                               f"loss diverged: {_n(early)} in the first half -> {_n(late)} in the second half "
-                               f"of {len(loss)} logged steps", {"early": early, "late": late}))
+                               f"loss diverged: {_n(early)} over the first 10% of {len(loss)} logged steps -> "
+                               f"{_n(late)} over the last 10%", {"early": early, "late": late}))
     final = log.final_accuracy()
     if final and final[0] <= 0.5 + CHANCE_TOL:
         acc, n = final
@@ -292,7 +304,7 @@ def _overoptimization(log: Log) -> list[Finding]:
     msteps, held = log.series("eval_rewards/margins")
     if len(train) < 4 or max(len(acc), len(held)) < 2:
         return []
-    early, late = _halves(train)
+    early, late = _ends(train)
     rise = late - early
     if acc and len(acc) >= 2:
         moved, flat = _change(steps, acc), "accuracy"
@@ -325,28 +337,30 @@ def _margin_gap(log: Log) -> list[Finding]:
 
 
 def _falling(xs: list[float]) -> tuple[float, float] | None:
-    """(early, late) when ``xs`` fell by more than max(0.5, 2%) nats between its halves (or ends, for 2-3)."""
+    """(early, late) when ``xs`` fell by more than max(0.5, 2%) nats from its first to its last 10%."""
     if len(xs) < 2:
         return None
-    early, late = _halves(xs) if len(xs) >= 4 else (xs[0], xs[-1])
+    early, late = _ends(xs)
     return (early, late) if late - early < -max(0.5, 0.02 * abs(early)) else None
 
 
 def _displacement(log: Log) -> list[Finding]:
     _, train = log.series("rewards/margins")
     _, held = log.series("eval_rewards/margins")
-    rising = (len(train) >= 4 and _halves(train)[1] - _halves(train)[0] > 0.1) or \
-             (len(held) >= 2 and held[-1] - held[0] > 0.1)
+    if len(train) >= 4 and _ends(train)[1] - _ends(train)[0] > 0.1:
+        what = "the training margin rose {} -> {}".format(*map(_n, _ends(train)))
+    elif len(held) >= 2 and held[-1] - held[0] > 0.1:
+        what = f"the held-out margin rose {_n(held[0])} -> {_n(held[-1])}"
+    else:
+        return []
     tr = _falling(log.series("logps/chosen")[1])
     ev = _falling(log.series("eval_logps/chosen")[1])
-    if not rising or not (tr or ev):
+    if not (tr or ev):
         return []
     parts = ([f"{_n(tr[0])} -> {_n(tr[1])} on training"] if tr else []) + \
             ([f"{_n(ev[0])} -> {_n(ev[1])} held-out"] if ev else [])
-    what = (f"training margin rose {_n(_halves(train)[0])} -> {_n(_halves(train)[1])}" if len(train) >= 4
-            else f"held-out margin rose {_n(held[0])} -> {_n(held[-1])}")
     return [Finding("likelihood_displacement", "warn",
-                    f"chosen log-prob fell {' and '.join(parts)} while the {what}: likelihood displacement "
+                    f"chosen log-prob fell {' and '.join(parts)} while {what}: likelihood displacement "
                     f"(the margin grows by pushing both responses down)",
                     {"train_chosen_logps": list(tr) if tr else None, "heldout_chosen_logps": list(ev) if ev else None})]
 
@@ -356,7 +370,7 @@ def _noise(log: Log) -> list[Finding]:
     last = held[-3:]
     across_evals = statistics.stdev(last) if len(last) >= 2 else None
     if log.pairs:
-        margins = [float(p["margin"]) for p in log.pairs if math.isfinite(float(p["margin"]))]
+        margins = [p["margin"] for p in log.pairs if math.isfinite(p["margin"])]
         across_pairs = statistics.stdev(margins) if len(margins) >= 2 else None
     else:
         across_pairs = next((r["eval_margin_std"] for r in reversed(log.eval) if "eval_margin_std" in r), None)
@@ -387,17 +401,16 @@ def _length_bias(log: Log) -> list[Finding]:
         return []
     diffs = [p["chosen_tokens"] - p["rejected_tokens"] for p in rows]
     n = len(rows)
-    shorter, longer = sum(d < 0 for d in diffs) / n, sum(d > 0 for d in diffs) / n
-    equal = 1 - shorter - longer
+    shorter, longer, equal = (sum(d < 0 for d in diffs) / n, sum(d > 0 for d in diffs) / n,
+                              sum(d == 0 for d in diffs) / n)
     ratios = [p["chosen_tokens"] / p["rejected_tokens"] for p in rows if p["rejected_tokens"] > 0]
     ratio = statistics.fmean(ratios) if ratios else float("nan")
-    margins = [float(p["margin"]) for p in rows]
+    margins = [p["margin"] for p in rows]
     ok = all(math.isfinite(m) for m in margins) and len(set(diffs)) > 1 and len(set(margins)) > 1
     r = stats.pearson(diffs, margins) if ok else None
     biased = max(shorter, longer) >= 0.7 or (r is not None and abs(r) >= 0.5)
-    side = "shorter" if shorter >= longer else "longer"
-    sentence = (f"chosen is {side} in {max(shorter, longer):.0%} of {n} held-out pairs (shorter {shorter:.0%}, "
-                f"longer {longer:.0%}, equal {equal:.0%}), mean length ratio chosen/rejected {_n(ratio)}"
+    sentence = (f"chosen is shorter in {shorter:.0%}, longer in {longer:.0%}, equal in {equal:.0%} of {n} held-out "
+                f"pairs, mean length ratio chosen/rejected {_n(ratio)}"
                 + (f"; held-out margin vs length difference r = {r:.2f}" if r is not None else ""))
     if biased:
         sentence += ": length predicts the label or the margin, a length-normalized reward (SimPO) is indicated"

@@ -47,6 +47,8 @@ FORMAT = 1  # bump when the world's content changes, so stale folders are rebuil
 
 @dataclass
 class World:
+    """Paths of a built world; ``model_dir`` holds both the weights and the tokenizer."""
+
     model_dir: Path
     train_path: Path
     eval_path: Path
@@ -69,14 +71,14 @@ def make_pairs(n: int, *, seed: int, variant: str = "default") -> list[dict]:
             continue
         seen.add(prompt)
         chosen, rejected = _spaced(good), _spaced(bad)
-        # Fillers are drawn whatever the variant, so variants of one seed share prompts and digits.
-        fill_c, fill_r = rng.random() < 0.5, rng.random() < 0.5
+        # Every draw happens whatever the variant, so the variants of one seed share prompts and digits.
+        fill_c, fill_r, flip = rng.random() < 0.5, rng.random() < 0.5, rng.random() < 0.5
         filler_c, filler_r = rng.choice(FILLERS), rng.choice(FILLERS)
         if variant == "chosen_shorter":
             fill_c, fill_r = False, True
         chosen += filler_c if fill_c else ""
         rejected += filler_r if fill_r else ""
-        if variant == "flipped" and rng.random() < 0.5:
+        if variant == "flipped" and flip:
             chosen, rejected = rejected, chosen
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs

@@ -241,6 +241,7 @@ def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, mode
     write_jsonl(out / "eval_pairs.jsonl", rows)
     save_weights(out, model, tok)
     summary = _summary(cfg, out, total, "finished", data, timing, t_start)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
     progress.done(summary, out)
     return summary
 

@@ -1,0 +1,380 @@
+"""A report a person wants to read: report.md and one self-contained report.html (inline CSS and SVG).
+
+    preftune report matrix/       # matrix/report.md, matrix/report.html (uses decision.json, else decides)
+    preftune report runs/x        # one run: runs/x/report.md, runs/x/report.html (write_run_report)
+
+The HTML needs no network: no scripts, no external files; the plots are SVG drawn here by hand. Every string
+read from a file (cell names, dataset text, error messages) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import stats
+from .decide import RULES, decide
+from .files import atomic_write_text
+from .review import Log, load, review
+
+TRAIN_COLOR, HELD_COLOR = "#2563eb", "#dc2626"
+VERDICT_COLORS = {"switch": "#1d4ed8", "keep": "#15803d", "not_decisive": "#b45309", "fallback_orpo": "#7e22ce"}
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1f2937;max-width:1180px;
+ margin:24px auto;padding:0 16px}
+h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;
+ padding-bottom:4px}
+.verdict{font-size:18px;font-weight:600;padding:12px 16px;border-left:6px solid var(--c);background:#f9fafb}
+.meta{color:#6b7280;margin:6px 0 0}.tag{display:inline-block;padding:0 6px;border-radius:4px;font-size:12px;
+ background:#e5e7eb;margin-left:4px}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{border-bottom:1px solid #e5e7eb;padding:5px 6px;
+ text-align:left;vertical-align:top}th{background:#f3f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums;
+ white-space:nowrap}
+tr.rec{background:#eff6ff}.warn{color:#b45309}.error{color:#b91c1c}.info{color:#6b7280}
+ul.f{margin:0;padding-left:16px}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #e5e7eb;
+ border-radius:6px;padding:8px}.card h3{font-size:13px;margin:0 0 4px;word-break:break-all}
+svg text{font:11px system-ui,sans-serif;fill:#374151}pre{white-space:pre-wrap;margin:2px 0;background:#f9fafb;
+ padding:4px 6px;border-radius:4px}
+"""
+
+
+def write_report(matrix_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into the matrix folder; return their paths.
+
+        md, page = write_report("matrix/")      # preftune report matrix/
+    """
+    root = Path(matrix_dir)
+    path = root / "decision.json"
+    decision = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else decide(root)
+    logs = {c["name"]: load(root / "cells" / c["name"]) for c in decision["cells"] if c["status"] == "finished"}
+    md, page = root / "report.md", root / "report.html"
+    atomic_write_text(md, _matrix_md(decision, root.name))
+    atomic_write_text(page, _matrix_html(decision, logs, root.name))
+    return md, page
+
+
+def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md and report.html for one run folder: its review findings and plots.
+
+        md, page = write_run_report("runs/x")   # preftune report runs/x
+    """
+    root = Path(run_dir)
+    log, findings = load(root), review(root).findings
+    items = [(f.severity, f.code, f.sentence) for f in findings]
+    md = f"# preftune run report: {_md(root.name)}\n\n" + "".join(
+        f"- **{s}** {c}: {_md(t)}\n" for s, c, t in items)
+    body = (f"<h1>preftune run report: {_e(root.name)}</h1><h2>Findings</h2>{_findings_html(items)}"
+            f"<h2>Plots</h2><div class='grid'>{_margin_plot(log, 'training vs held-out margin')}"
+            + (_scatter(log, "margin vs length difference") + _length_bars(log) if log.pairs else "")
+            + "</div>")
+    paths = root / "report.md", root / "report.html"
+    atomic_write_text(paths[0], md)
+    atomic_write_text(paths[1], _page(f"preftune: {root.name}", body))
+    return paths
+
+
+# --- markdown ------------------------------------------------------------------------------------------------
+
+def _md(text: Any) -> str:
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+
+
+def _num(x: Any, fmt: str = ".3g") -> str:
+    return "–" if not isinstance(x, (int, float)) or not math.isfinite(x) else format(x, fmt)
+
+
+def _ci(c: dict) -> str:
+    if c.get("accuracy") is None:
+        return "–"
+    return f"{_num(c['accuracy'], '.3f')} [{_num(c['ci'][0], '.3f')}, {_num(c['ci'][1], '.3f')}]"
+
+
+def _flagged(c: dict) -> list[dict]:
+    return [f for f in c.get("findings") or [] if f["severity"] != "info"]
+
+
+def _matrix_md(d: dict, title: str) -> str:
+    out = [f"# preftune report: {_md(title)}", "", f"**{_md(d.get('summary', d['verdict']))}**", "",
+           f"verdict `{d['verdict']}` · recommended {_md(d['objective'])}, rank {_md(d['lora_rank'])} · baseline "
+           f"{_md(d['baseline']['objective'])}, rank {_md(d['baseline']['lora_rank'])} · plots in report.html", "",
+           "## Why", ""] + [f"- {_md(r)}" for r in d["reasons"]]
+    out += ["", "## Cells", "", "| cell | status | accuracy [95% CI] | pairs | held-out margin | margin gap | "
+            "margin std | findings |", "|---|---|---|---|---|---|---|---|"]
+    for c in d["cells"]:
+        flags = "; ".join(f"**{f['code']}**: {_md(f['sentence'])}" for f in _flagged(c)) or \
+            ("ok" if c["status"] == "finished" else _md(c.get("error") or ""))
+        out.append(f"| {_md(c['name'])} | {_md(c['status'])} | {_ci(c)} | {_num(c.get('pairs'))} | "
+                   f"{_num(c.get('margin'))} | {_num(c.get('margin_gap'))} | {_num(c.get('margin_std'))} | {flags} |")
+    out += ["", "## Comparisons", "", "| a | b | yardstick | acc a | acc b | diff [95% CI] | McNemar p | only a | "
+            "only b | pairs needed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in d["comparisons"]:
+        out.append(f"| {_md(c['a'])} | {_md(c['b'])} | {c['yardstick']} | {_num(c['acc_a'], '.3f')} | "
+                   f"{_num(c['acc_b'], '.3f')} | {_num(c['diff'], '+.3f')} [{_num(c['ci'][0], '+.3f')}, "
+                   f"{_num(c['ci'][1], '+.3f')}] | {_num(c['mcnemar_p'], '.2g')} | {c['a_only']} | {c['b_only']} | "
+                   f"{_num(c['pairs_needed'], 'd')} |")
+    out += ["", "## Verdict rules", ""] + [f"{i}. {r}" for i, r in enumerate(RULES, 1)]
+    return "\n".join(out) + "\n"
+
+
+# --- HTML ----------------------------------------------------------------------------------------------------
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
+            f"<body>{body}</body></html>\n")
+
+
+def _findings_html(items: list[tuple[str, str, str]]) -> str:
+    return "<ul class='f'>" + "".join(f"<li class='{_e(s)}'><b>{_e(c)}</b>: {_e(t)}</li>" for s, c, t in items) + \
+        "</ul>"
+
+
+def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
+    base = d["baseline"]
+    rec = (d["objective"], d["lora_rank"]) if d["verdict"] != "not_decisive" else None
+    color = VERDICT_COLORS.get(d["verdict"], "#374151")
+    parts = [f"<h1>preftune report: {_e(title)}</h1>",
+             f"<p class='verdict' id='verdict' style='--c:{color}'>{_e(d.get('summary', d['verdict']))}</p>",
+             f"<p class='meta'>verdict <b>{_e(d['verdict'])}</b> · recommended {_e(d['objective'])}, rank "
+             f"{_e(d['lora_rank'])} · baseline {_e(base['objective'])}, rank {_e(base['lora_rank'])}</p>",
+             "<h2>Why</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in d["reasons"]) + "</ol>"]
+    rows = []
+    for c in d["cells"]:
+        is_rec = (c["objective"], c["lora_rank"]) == rec
+        tags = ("<span class='tag'>recommended</span>" if is_rec else "") + \
+               ("<span class='tag'>baseline</span>" if (c["objective"], c["lora_rank"]) ==
+                (base["objective"], base["lora_rank"]) else "")
+        flags = [(f["severity"], f["code"], f["sentence"]) for f in _flagged(c)]
+        info = [(f["severity"], f["code"], f["sentence"]) for f in c.get("findings") or [] if f["severity"] == "info"]
+        found = (_findings_html(flags) if flags else "") + \
+            (f"<details><summary class='info'>{len(info)} info</summary>{_findings_html(info)}</details>" if info
+             else "") + (f"<span class='error'>{_e(c['error'])}</span>" if c.get("error") else "")
+        rows.append(f"<tr class='{'rec' if is_rec else ''}'>"
+                    f"<td>{_e(c['name'])}{tags}</td><td>{_e(c['status'])}</td>"
+                    f"<td class='num'>{_ci(c)}</td><td class='num'>{_num(c.get('pairs'))}</td>"
+                    f"<td class='num'>{_num(c.get('margin'))}</td><td class='num'>{_num(c.get('margin_gap'))}</td>"
+                    f"<td class='num'>{_num(c.get('margin_std'))}</td><td>{found}</td></tr>")
+    parts.append("<h2>Cells</h2><table><tr><th>cell</th><th>status</th><th>held-out accuracy [95% CI]</th>"
+                 "<th>pairs</th><th>held-out margin</th><th>train − held-out gap</th><th>margin std</th>"
+                 "<th>findings</th></tr>" + "".join(rows) + "</table>")
+    finished = [c for c in d["cells"] if c["name"] in logs]
+    parts.append("<h2>Held-out accuracy</h2>" + _interval_plot(
+        [(c["name"], c["accuracy"], c["ci"][0], c["ci"][1], (c["objective"], c["lora_rank"]) == rec)
+         for c in finished]))
+    parts.append("<h2>Training vs held-out margin</h2><div class='grid'>" + "".join(
+        f"<div class='card'><h3>{_e(c['name'])}</h3>{_margin_plot(logs[c['name']], c['name'])}</div>"
+        for c in finished) + "</div>")
+    with_len = [c for c in finished if _lengths(logs[c["name"]])]
+    if with_len:
+        parts.append("<h2>Length</h2><p class='meta'>Held-out completion lengths (tokens), and each cell's "
+                     "held-out margin against chosen − rejected length: a slope means the reward follows length."
+                     "</p><div class='grid'>" + _length_bars(logs[with_len[0]["name"]]) + "".join(
+                         f"<div class='card'><h3>{_e(c['name'])}</h3>{_scatter(logs[c['name']], c['name'])}</div>"
+                         for c in with_len) + "</div>")
+    parts.append(_comparisons_html(d["comparisons"]))
+    parts.append(_examples(d, logs))
+    parts.append("<h2>Verdict rules</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in RULES) + "</ol>")
+    return _page(f"preftune: {title}", "".join(parts))
+
+
+def _comparisons_html(comparisons: list[dict]) -> str:
+    if not comparisons:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("a", "b", "yardstick", "acc a", "acc b", "diff [95% CI]", "McNemar p",
+                                             "only a", "only b", "pairs needed"))
+    rows = "".join(
+        f"<tr><td>{_e(c['a'])}</td><td>{_e(c['b'])}</td><td>{_e(c['yardstick'])}</td>"
+        f"<td class='num'>{_num(c['acc_a'], '.3f')}</td><td class='num'>{_num(c['acc_b'], '.3f')}</td>"
+        f"<td class='num'>{_num(c['diff'], '+.3f')} [{_num(c['ci'][0], '+.3f')}, {_num(c['ci'][1], '+.3f')}]</td>"
+        f"<td class='num'>{_num(c['mcnemar_p'], '.2g')}</td><td class='num'>{c['a_only']}</td>"
+        f"<td class='num'>{c['b_only']}</td><td class='num'>{_num(c['pairs_needed'], 'd')}</td></tr>"
+        for c in comparisons)
+    return ("<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's reward; "
+            "refrel: reference-relative log-ratio margin &gt; 0; lennorm: length-normalized log-prob margin &gt; 0."
+            f"</p><table><tr>{head}</tr>{rows}</table>")
+
+
+TEXT_KEYS = ("prompt", "chosen", "rejected")
+
+
+def _examples(d: dict, logs: dict[str, Log]) -> str:
+    """Held-out pairs with text on which the recommended and the baseline cell disagree (else the first few)."""
+    def pick(objective: str, rank: int) -> Log | None:
+        names = [c["name"] for c in d["cells"] if (c["objective"], c["lora_rank"]) == (objective, rank)
+                 and c["name"] in logs]
+        return logs[names[0]] if names else None
+
+    rec, base = pick(d["objective"], d["lora_rank"]), pick(d["baseline"]["objective"], d["baseline"]["lora_rank"])
+    main = rec or base
+    if main is None or not all(isinstance(main.pairs[0].get(k), str) for k in TEXT_KEYS):
+        return ""
+    other = {p["id"]: p for p in (base.pairs if base and base is not main else [])}
+    split = [[p for p in main.pairs if p["id"] in other and bool(p["correct"]) == side
+              and bool(other[p["id"]]["correct"]) != side] for side in (True, False)]
+    labelled = [(p, "only the recommended cell is right") for p in split[0][:2]] + \
+               [(p, "only the baseline is right") for p in split[1][:2]]
+    labelled = labelled or [(p, "") for p in main.pairs[:3]]
+    cards = []
+    for p, label in labelled:
+        margins = f"margin {_num(p['margin'])}" + (f", baseline {_num(other[p['id']]['margin'])}"
+                                                    if p["id"] in other else "")
+        cards.append(f"<div class='card' style='flex:1 1 45%'><h3>{_e(p['id'])} · {margins}</h3>"
+                     + (f"<p class='meta'>{label}</p>" if label else "")
+                     + "".join(f"<b>{k}</b><pre>{_e(str(p[k])[:600])}</pre>" for k in TEXT_KEYS) + "</div>")
+    return f"<h2>Example held-out pairs</h2><div class='grid'>{''.join(cards)}</div>"
+
+
+# --- SVG plots -----------------------------------------------------------------------------------------------
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def _span(values: Sequence[float], pad: float = 0.05) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return lo - 1, hi + 1
+    return lo - pad * (hi - lo), hi + pad * (hi - lo)
+
+
+def _tick(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _axes(w: int, h: int, xr: tuple[float, float], yr: tuple[float, float], title: str, xlabel: str,
+          ylabel: str, xticks: bool = True) -> tuple[list[str], Callable[[float], float], Callable[[float], float]]:
+    """SVG opening, frame, ticks and labels; and the data-to-pixel maps."""
+    left, right, top, bottom = 46, 10, 22, 34
+    sx = lambda v: left + (v - xr[0]) / (xr[1] - xr[0]) * (w - left - right)  # noqa: E731
+    sy = lambda v: h - bottom - (v - yr[0]) / (yr[1] - yr[0]) * (h - top - bottom)  # noqa: E731
+    out = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' aria-label='{_e(title)}'>",
+           f"<title>{_e(title)}</title>",
+           f"<rect x='{left}' y='{top}' width='{w - left - right}' height='{h - top - bottom}' fill='#fff' "
+           f"stroke='#d1d5db'/>"]
+    for t in _ticks(*xr) if xticks else []:
+        out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='{top}' y2='{h - bottom}' stroke='#f3f4f6'/>"
+                   f"<text x='{sx(t):.1f}' y='{h - bottom + 13}' text-anchor='middle'>{_tick(t)}</text>")
+    for t in _ticks(*yr):
+        out.append(f"<line x1='{left}' x2='{w - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#f3f4f6'/>"
+                   f"<text x='{left - 4}' y='{sy(t) + 4:.1f}' text-anchor='end'>{_tick(t)}</text>")
+    out.append(f"<text x='{(left + w - right) / 2}' y='{h - 4}' text-anchor='middle'>{_e(xlabel)}</text>"
+               f"<text x='12' y='{(top + h - bottom) / 2}' text-anchor='middle' "
+               f"transform='rotate(-90 12 {(top + h - bottom) / 2})'>{_e(ylabel)}</text>")
+    return out, sx, sy
+
+
+def _legend(items: list[tuple[str, str]], x: int, y: int = 14) -> str:
+    out = []
+    for label, color in items:
+        out.append(f"<rect x='{x}' y='{y - 8}' width='10' height='10' fill='{color}'/>"
+                   f"<text x='{x + 14}' y='{y + 1}'>{_e(label)}</text>")
+        x += 14 + 7 * len(label) + 12
+    return "".join(out)
+
+
+def _margin_plot(log: Log, title: str, w: int = 360, h: int = 210) -> str:
+    """Training margin per logged step and held-out margin per eval, against the step."""
+    ts, tm = log.series("rewards/margins")
+    es, em = log.series("eval_rewards/margins")
+    if not tm and not em:
+        return "<p class='meta'>no margins logged</p>"
+    xr = _span(ts + es, 0.02)
+    out, sx, sy = _axes(w, h, xr, _span(tm + em + [0.0]), f"margins: {title}", "step", "reward margin")
+    out.append(f"<line x1='{sx(xr[0]):.1f}' x2='{sx(xr[1]):.1f}' y1='{sy(0):.1f}' y2='{sy(0):.1f}' "
+               f"stroke='#9ca3af' stroke-dasharray='3 3'/>")
+    if tm:
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(ts, tm))
+        out.append(f"<polyline points='{pts}' fill='none' stroke='{TRAIN_COLOR}' stroke-width='1.2' "
+                   f"stroke-opacity='0.8'/>")
+    if em:
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(es, em))
+        out.append(f"<polyline points='{pts}' fill='none' stroke='{HELD_COLOR}' stroke-width='2'/>"
+                   + "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{HELD_COLOR}'/>"
+                             for x, y in zip(es, em)))
+    out.append(_legend([("training", TRAIN_COLOR), ("held-out", HELD_COLOR)], 50))
+    return "".join(out) + "</svg>"
+
+
+def _lengths(log: Log) -> list[tuple[float, float, float]]:
+    """(chosen tokens, rejected tokens, margin) of the held-out pairs that have all three, finite."""
+    rows = []
+    for p in log.pairs or []:
+        vals = (p.get("chosen_tokens"), p.get("rejected_tokens"), p.get("margin"))
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            rows.append(tuple(float(v) for v in vals))
+    return rows
+
+
+def _scatter(log: Log, title: str, w: int = 300, h: int = 210) -> str:
+    rows = _lengths(log)
+    if not rows:
+        return ""
+    xs, ys = [c - r for c, r, _ in rows], [m for _, _, m in rows]
+    out, sx, sy = _axes(w, h, _span(xs + [0.0]), _span(ys + [0.0]), f"margin vs length: {title}",
+                        "chosen − rejected tokens", "held-out margin")
+    out.append(f"<line x1='{sx(0):.1f}' x2='{sx(0):.1f}' y1='22' y2='{h - 34}' stroke='#9ca3af' "
+               f"stroke-dasharray='3 3'/><line x1='46' x2='{w - 10}' y1='{sy(0):.1f}' y2='{sy(0):.1f}' "
+               f"stroke='#9ca3af' stroke-dasharray='3 3'/>")
+    out += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='2.5' fill='{HELD_COLOR}' fill-opacity='0.45'/>"
+            for x, y in zip(xs, ys)]
+    out.append(f"<text x='50' y='14'>r = {stats.pearson(xs, ys):.2f}, {len(rows)} pairs</text>")
+    return "".join(out) + "</svg>"
+
+
+def _length_bars(log: Log, w: int = 260, h: int = 210) -> str:
+    rows = _lengths(log)
+    if not rows:
+        return ""
+    chosen, rejected = statistics.fmean(r[0] for r in rows), statistics.fmean(r[1] for r in rows)
+    shorter = sum(r[0] < r[1] for r in rows) / len(rows)
+    longer = sum(r[0] > r[1] for r in rows) / len(rows)
+    out, _, sy = _axes(w, h, (0, 2), (0, max(chosen, rejected) * 1.15), "mean held-out lengths", "",
+                       "mean tokens", xticks=False)
+    for i, (label, value, color) in enumerate((("chosen", chosen, TRAIN_COLOR), ("rejected", rejected, HELD_COLOR))):
+        x, bw = 46 + (w - 56) * (0.15 + 0.5 * i), (w - 56) * 0.3
+        out.append(f"<rect x='{x:.1f}' y='{sy(value):.1f}' width='{bw:.1f}' height='{sy(0) - sy(value):.1f}' "
+                   f"fill='{color}' fill-opacity='0.8'/><text x='{x + bw / 2:.1f}' y='{sy(value) - 4:.1f}' "
+                   f"text-anchor='middle'>{value:.1f}</text><text x='{x + bw / 2:.1f}' y='{h - 21}' "
+                   f"text-anchor='middle'>{label}</text>")
+    out.append(f"<text x='50' y='14'>chosen shorter {shorter:.0%}, longer {longer:.0%}</text>")
+    return "<div class='card'>" + "".join(out) + "</svg></div>"
+
+
+def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
+    """Held-out accuracy per cell, 95% Wilson interval as a bar, chance as a dashed line."""
+    if not rows:
+        return "<p class='meta'>no finished cells</p>"
+    label_w, w, row_h = 12 + 6.5 * min(48, max(len(r[0]) for r in rows)), 900, 24
+    h = 40 + row_h * len(rows)
+    lo = min(0.4, math.floor(min(r[2] for r in rows) * 10) / 10)
+    sx = lambda v: label_w + (v - lo) / (1 - lo) * (w - label_w - 20)  # noqa: E731
+    out = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' aria-label='held-out accuracy'>"
+           "<title>held-out accuracy with 95% intervals</title>"]
+    for t in _ticks(lo, 1.0, 6):
+        out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='8' y2='{h - 22}' stroke='#f3f4f6'/>"
+                   f"<text x='{sx(t):.1f}' y='{h - 8}' text-anchor='middle'>{_tick(t)}</text>")
+    out.append(f"<line x1='{sx(0.5):.1f}' x2='{sx(0.5):.1f}' y1='8' y2='{h - 22}' stroke='#9ca3af' "
+               f"stroke-dasharray='4 3'/><text x='{sx(0.5) + 3:.1f}' y='18'>chance</text>")
+    for i, (name, acc, a, b, rec) in enumerate(rows):
+        y = 22 + i * row_h
+        color = TRAIN_COLOR if rec else "#4b5563"
+        clipped = name if len(name) <= 48 else name[:47] + "…"
+        out.append(f"<text x='{label_w - 8}' y='{y + 4}' text-anchor='end'>{_e(clipped)}</text>"
+                   f"<line x1='{sx(a):.1f}' x2='{sx(b):.1f}' y1='{y}' y2='{y}' stroke='{color}' stroke-width='3'/>"
+                   f"<circle cx='{sx(acc):.1f}' cy='{y}' r='5' fill='{color}'/>"
+                   f"<text x='{sx(b) + 6:.1f}' y='{y + 4}'>{acc:.3f} [{a:.3f}, {b:.3f}]</text>")
+    return "".join(out) + "</svg>"

@@ -1,0 +1,80 @@
+"""Config: defaults in one place, YAML < per-objective < command line, unknown keys rejected with a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune import config as C
+from preftune.cli import main
+from preftune.errors import InputError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_precedence(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("objective: simpo\nlora_rank: 16\nbeta: 0.5\nobjectives:\n  simpo: {beta: 2.5}\n")
+    cfg = C.from_file(f, lora_rank="4")
+    assert cfg.objective == "simpo" and cfg.lora_rank == 4 and cfg.beta == 2.5  # per-objective beats top level
+    cfg = C.from_file(f, beta="3.0")
+    assert cfg.beta == 3.0  # the command line beats both
+
+
+def test_unknown_key_suggests(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("lora_rnak: 8\n")
+    with pytest.raises(InputError, match=r"run.yaml: field 'lora_rnak': unknown key \(did you mean 'lora_rank'\?\)"):
+        C.from_file(f)
+
+
+def test_bad_type_and_yaml(tmp_path):
+    with pytest.raises(InputError, match="field 'lora_rank'"):
+        C.build({"lora_rank": "eight"})
+    f = tmp_path / "bad.yaml"
+    f.write_text("lora_rank: [8\n")
+    with pytest.raises(InputError, match="bad.yaml:"):
+        C.from_file(f)
+
+
+def test_validate_rejects_nonsense():
+    with pytest.raises(InputError, match="objective"):
+        C.Config(model="m", data="d", objective="dpx").validate()
+    with pytest.raises(InputError, match="gamma"):
+        C.Config(model="m", data="d", objective="simpo", gamma=1.0, gamma_beta_ratio=0.5).validate()
+    with pytest.raises(InputError, match="max_prompt_length"):
+        C.Config(model="m", data="d", max_length=64, max_prompt_length=64).validate()
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = C.build({"objective": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5, "lora_target_modules": "q_proj,v_proj",
+                   "objectives": {"dpo": {"beta": 0.1}}})
+    f = tmp_path / "saved.yaml"
+    f.write_text(C.dump_yaml(cfg))
+    assert C.from_file(f) == cfg
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_parse(path):
+    cfg = C.from_file(path, model="some/model", data="train.jsonl")
+    cfg.validate()
+    assert set(yaml.safe_load(path.read_text())) <= set(C.FIELDS)
+
+
+def test_cli_bad_flag_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--lora-rnak", "8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora-rank" in err[0]
+
+
+def test_cli_bad_config_exit_2(tmp_path, capsys):
+    f = tmp_path / "run.yaml"
+    f.write_text("bogus: 1\n")
+    assert main(["train", "--config", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus" in err[0] and "Traceback" not in err[0]

@@ -1,0 +1,231 @@
+"""decide: each verdict from constructed matrices, paired statistics joined by id, seeds, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from test_review import metrics, pairs, ramp, write_run
+
+from preftune.decide import decide, write_decision
+from preftune.errors import InputError
+
+
+def split(n: int, both: int, only_a: int, only_b: int) -> tuple[list[bool], list[bool]]:
+    """Correctness of two runs on n pairs: ``both`` right in both, then only-a, only-b, the rest wrong in both."""
+    a = [True] * both + [True] * only_a + [False] * only_b
+    b = [True] * both + [False] * only_a + [True] * only_b
+    rest = n - len(a)
+    return a + [False] * rest, b + [False] * rest
+
+
+def cell(objective: str, rank: int, correct: list[bool], *, train_top: float = 1.0, held: float = 0.8,
+         seed: int = 42, status: str = "finished", error: str | None = None, **run: object) -> dict:
+    """A matrix cell whose training margin ramps to ``train_top`` and held-out margin to ``held``."""
+    acc = sum(correct) / len(correct)
+    lines = run.pop("lines", None) or metrics(ramp(0.0, train_top, 40), ramp(0.0, held, 5), ramp(0.5, acc, 5))
+    return {"values": {"objective": objective, "lora_rank": rank, "seed": seed}, "status": status,
+            "error": error, "lines": lines, "rows": pairs(correct, seed=rank + seed, **run)}
+
+
+def write_matrix(root: Path, cells: list[dict], factors: dict | None = None) -> Path:
+    entries = []
+    for c in cells:
+        values = c["values"]
+        name = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed" or "seed" in (factors or {}))
+        name = c.get("name", name)
+        entries.append({"name": name, "values": values, "status": c["status"], "error": c["error"]})
+        if c["status"] == "finished":
+            write_run(root / "cells" / name, c["lines"], c["rows"], objective=values["objective"],
+                      lora_rank=values["lora_rank"], seed=values["seed"])
+    factors = factors or {k: list(dict.fromkeys(c["values"][k] for c in cells)) for k in ("objective", "lora_rank")}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "matrix.json").write_text(json.dumps({"factors": factors, "cells": entries}))
+    return root
+
+
+def switch_matrix(root: Path) -> Path:
+    """SimPO ranks 70 more of 400 pairs than DPO at rank 16, with cleaner margins; rank 8 is as good as 16."""
+    dpo, simpo = split(400, 220, 10, 80)
+    simpo8 = simpo[:]
+    simpo8[0] = simpo8[1] = False  # 2 pairs fewer: not significantly different
+    return write_matrix(root, [
+        cell("dpo", 16, dpo, train_top=3.0, held=0.3),
+        cell("dpo", 8, dpo, train_top=2.0, held=0.3),
+        cell("simpo", 16, simpo, train_top=1.2, held=1.0),
+        cell("simpo", 8, simpo8, train_top=0.9, held=0.9),
+    ])
+
+
+def comparison(d: dict, a: str, b: str, yardstick: str = "own") -> dict:
+    return next(c for c in d["comparisons"] if c["a"] == a and c["b"] == b and c["yardstick"] == yardstick)
+
+
+def test_switch(tmp_path):
+    d = decide(switch_matrix(tmp_path / "m"), n_boot=2000)
+    assert d["verdict"] == "switch", d["reasons"]
+    assert (d["objective"], d["lora_rank"]) == ("simpo", 8)  # rule 2: lower rank, not different
+    assert d["baseline"] == {"objective": "dpo", "lora_rank": 16}
+    c = comparison(d, "objective=simpo,lora_rank=16", "objective=dpo,lora_rank=16")
+    assert (c["a_only"], c["b_only"], c["n"]) == (80, 10, 400)
+    assert c["acc_a"] == pytest.approx(0.75) and c["acc_b"] == pytest.approx(0.575)
+    assert c["diff"] == pytest.approx(0.175) and c["ci"][0] < 0.175 < c["ci"][1] and c["ci"][0] > 0.1
+    assert c["mcnemar_p"] < 1e-10 and c["pairs_needed"] < 400
+    assert {x["yardstick"] for x in d["comparisons"]} == {"own", "refrel", "lennorm"}
+    assert any("prefer the lower rank 8" in r for r in d["reasons"])
+    assert d["summary"].startswith("Switch from dpo to simpo (rank 8): it ranks 70 more of 400")
+    assert len(d["cells"]) == 4 and all(c["findings"] for c in d["cells"])
+    cell16 = next(c for c in d["cells"] if c["name"] == "objective=dpo,lora_rank=16")
+    assert cell16["accuracy"] == pytest.approx(0.575) and cell16["ci"][0] < 0.575 < cell16["ci"][1]
+    assert cell16["margin_gap"] == pytest.approx(sum(ramp(0.0, 3.0, 40)[-4:]) / 4 - 0.3)
+
+
+def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
+    dpo, simpo = split(400, 220, 10, 80)
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=1.0, held=0.8),
+                                         cell("simpo", 8, simpo, train_top=5.0, held=0.2)])
+    d = decide(root, n_boot=500)
+    assert d["verdict"] == "not_decisive"
+    assert any("margins are not cleaner" in r for r in d["reasons"])
+
+
+def test_keep_when_baseline_significantly_better(tmp_path):
+    dpo, simpo = split(400, 220, 80, 10)
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo)]), n_boot=500)
+    assert d["verdict"] == "keep" and d["objective"] == "dpo", d["reasons"]
+    assert any("significantly better than objective=simpo" in r for r in d["reasons"])
+
+
+def test_keep_when_equal_and_enough_pairs(tmp_path):
+    dpo, simpo = split(1000, 700, 20, 20)
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=1.0, held=0.8),
+                                             cell("simpo", 8, simpo, train_top=2.0, held=0.5)]), n_boot=500)
+    assert d["verdict"] == "keep", d["reasons"]
+    assert any("were enough to detect a 5-point difference" in r for r in d["reasons"])
+
+
+def test_not_decisive_on_a_small_heldout_set(tmp_path):
+    dpo, simpo = split(40, 22, 2, 5)
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.8)]),
+               n_boot=500)
+    assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
+    c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
+    assert c["mcnemar_p"] > 0.05 and c["pairs_needed"] > 40
+    assert f"about {c['pairs_needed']} held-out pairs" in " ".join(d["reasons"])
+    assert "seeds" in " ".join(d["reasons"]) and "would settle it" in d["summary"]
+
+
+def test_fallback_orpo(tmp_path):
+    nan_lines = metrics(ramp(0.0, 1.0, 40), [0.0, 0.1], [0.5, 0.6])
+    nan_lines[20]["loss"] = float("nan")
+    good, chance = split(200, 140, 0, 0)[0], [i % 2 == 0 for i in range(200)]
+    root = write_matrix(tmp_path / "m", [
+        cell("dpo", 8, good, lines=nan_lines),
+        cell("ipo", 8, good, status="failed", error="TrainingDiverged: loss is nan at step 12"),
+        cell("simpo", 8, chance),
+        cell("orpo", 8, good),
+        cell("orpo", 4, good),
+    ])
+    d = decide(root, n_boot=500)
+    assert d["verdict"] == "fallback_orpo", d["reasons"]
+    assert (d["objective"], d["lora_rank"]) == ("orpo", 4)
+    assert any("cell objective=ipo,lora_rank=8 failed" in r for r in d["reasons"])
+    assert any("every DPO-family and SimPO cell is unstable" in r and "non-finite" in r and "chance" in r
+               for r in d["reasons"])
+    failed = next(c for c in d["cells"] if c["status"] == "failed")
+    assert failed["error"].startswith("TrainingDiverged") and "accuracy" not in failed
+
+
+def test_everything_unstable_is_not_decisive(tmp_path):
+    chance = [i % 2 == 0 for i in range(200)]
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, chance), cell("orpo", 8, chance)]), n_boot=200)
+    assert d["verdict"] == "not_decisive" and "ORPO included" in d["summary"] and d["objective"] == "dpo"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_flipped_labels_never_switch(tmp_path, seed):
+    """No learnable preference: every cell is a coin flip per pair, training margins still rise."""
+    rng = random.Random(seed)
+    n = 200
+    cells = [cell(obj, rank, [rng.random() < 0.5 for _ in range(n)], train_top=rng.uniform(0.5, 3), held=0.01)
+             for obj in ("dpo", "simpo") for rank in (16, 8)]
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
+    assert d["verdict"] in ("not_decisive", "fallback_orpo"), d["reasons"]
+
+
+def test_winner_must_beat_chance(tmp_path):
+    """A challenger significantly better than a below-chance baseline, but itself not above chance, loses."""
+    dpo, simpo = split(400, 80, 0, 60)   # dpo 0.2
+    simpo[300:376] = [True] * 76         # simpo 0.54, interval reaches below 0.5
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.5)]),
+               n_boot=200)
+    assert d["verdict"] == "not_decisive", d["reasons"]
+    assert any("not above chance" in r for r in d["reasons"])
+
+
+def test_pairs_are_joined_by_id(tmp_path):
+    dpo, simpo = split(100, 50, 5, 30)
+    ids = [f"h:{i}" for i in range(100)]
+    order = list(range(100))
+    random.Random(1).shuffle(order)
+    cells = [cell("dpo", 8, dpo, ids=ids),
+             cell("simpo", 8, [simpo[i] for i in order], ids=[ids[i] for i in order])]
+    cells[1]["rows"].append(pairs([True], ids=["only-in-simpo"])[0])
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
+    c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
+    assert (c["n"], c["a_only"], c["b_only"]) == (100, 30, 5)
+
+
+def test_seeds_are_pooled_per_pair(tmp_path):
+    n = 300
+    a1, b1 = split(n, 150, 20, 60)
+    a2, b2 = split(n, 150, 30, 50)
+    factors = {"objective": ["dpo", "simpo"], "lora_rank": [8], "seed": [1, 2]}
+    cells = [cell("dpo", 8, a1, seed=1), cell("dpo", 8, a2, seed=2),
+             cell("simpo", 8, b1, seed=1, train_top=0.9, held=1.0), cell("simpo", 8, b2, seed=2, train_top=0.9, held=1.0)]
+    d = decide(write_matrix(tmp_path / "m", cells, factors), n_boot=500)
+    groups = {g["name"]: g for g in d["groups"]}
+    dpo = groups["objective=dpo,lora_rank=8"]
+    assert dpo["seeds"] == [1, 2] and dpo["accuracy"] == pytest.approx((170 / n + 180 / n) / 2)
+    assert dpo["seed_accuracies"] == pytest.approx([170 / n, 180 / n])
+    c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
+    # per pair over seeds: dpo right on 20 pairs in both seeds, simpo on 50; 10 pairs split one each (a tie)
+    assert c["n"] == n and (c["a_only"], c["b_only"]) == (50, 20)
+    assert d["verdict"] == "switch", d["reasons"]
+    assert len(d["cells"]) == 4
+
+
+def test_baseline_argument_and_failed_baseline(tmp_path):
+    root = switch_matrix(tmp_path / "m")
+    d = decide(root, baseline={"objective": "simpo", "lora_rank": 16}, n_boot=200)
+    assert d["baseline"] == {"objective": "simpo", "lora_rank": 16} and d["verdict"] != "switch"
+    with pytest.raises(InputError, match="baseline"):
+        decide(root, baseline={"objective": "kto", "lora_rank": 16})
+    dpo, simpo = split(100, 50, 5, 30)
+    failed = write_matrix(tmp_path / "f", [cell("dpo", 8, dpo, status="failed", error="OOM"),
+                                           cell("simpo", 8, simpo)])
+    d = decide(failed, n_boot=200)
+    assert d["verdict"] == "not_decisive" and "baseline cell did not finish" in d["summary"]
+    assert (d["objective"], d["lora_rank"]) == ("dpo", 8)
+
+
+def test_write_decision_is_strict_json(tmp_path):
+    root = switch_matrix(tmp_path / "m")
+    d = decide(root, n_boot=200)
+    d["cells"][0]["margin"] = float("nan")
+    path = write_decision(root, d)
+    loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert path == root / "decision.json" and loaded["verdict"] == "switch" and loaded["cells"][0]["margin"] is None
+
+
+def test_bad_matrix(tmp_path):
+    with pytest.raises(InputError, match="matrix.json: cannot read"):
+        decide(tmp_path)
+    (tmp_path / "matrix.json").write_text('{"cells": [{"status": "finished"}]}')
+    with pytest.raises(InputError, match="'cells'"):
+        decide(tmp_path)
+    (tmp_path / "matrix.json").write_text('{"cells": [{"name": "x", "status": "finished"}]}')
+    with pytest.raises(InputError, match="config.yaml"):
+        decide(tmp_path)

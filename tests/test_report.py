@@ -1,0 +1,113 @@
+"""report: report.md + one self-contained report.html, escaped, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_decide import cell, split, write_matrix
+from test_review import healthy_lines, pairs, write_run
+
+from preftune.decide import decide, write_decision
+from preftune.report import write_report, write_run_report
+
+PAYLOAD = "<script>document.body.setAttribute('data-pwned','1')</script>"
+
+
+def hostile_matrix(root: Path) -> Path:
+    """A switch matrix whose names, errors and dataset text carry HTML/script payloads."""
+    dpo, simpo = split(300, 160, 10, 70)
+    lengths = {"chosen_tokens": [6 + i % 4 for i in range(300)], "rejected_tokens": [10] * 300}
+    cells = [cell("dpo", 16, dpo, train_top=3.0, held=0.3, text=True, **lengths),
+             cell("simpo", 16, simpo, train_top=1.0, held=0.9, text=True, **lengths),
+             cell("dpo", 4, dpo, text=True, **lengths),
+             cell("orpo", 16, dpo, status="failed", error=f"crashed {PAYLOAD} & <b>bold</b>")]
+    cells[2]["name"] = "dpo <script>document.body.setAttribute('data-pwned','2')"  # no '/': it is a folder
+    cells[3]["name"] = f"orpo{PAYLOAD}"
+    for row in cells[1]["rows"]:
+        row["prompt"] = f"sort {PAYLOAD} <img src=x onerror=alert(1)>"
+    return write_matrix(root, cells, {"objective": ["dpo", "simpo", "orpo"], "lora_rank": [16, 4]})
+
+
+def expected_svgs(finished: int, with_lengths: bool = True) -> int:
+    """Accuracy intervals + a margin plot per finished cell (+ length bars + a scatter per cell)."""
+    return 1 + finished + (1 + finished if with_lengths else 0)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, dict]:
+    root = hostile_matrix(tmp_path_factory.mktemp("report") / "m")
+    decision = decide(root, n_boot=500)
+    write_decision(root, decision)
+    write_report(root)
+    return root, decision
+
+
+def test_report_files_are_self_contained_and_escaped(report):
+    root, decision = report
+    page = (root / "report.html").read_text()
+    assert decision["verdict"] == "switch"
+    assert decision["summary"] in page and page.index(decision["summary"]) < page.index("<table")
+    assert page.count("<svg") == expected_svgs(3)
+    assert "<script" not in page.lower() and "<img" not in page.lower()
+    assert "&lt;script&gt;document.body.setAttribute(&#x27;data-pwned&#x27;,&#x27;1&#x27;)" in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "Example held-out pairs" in page
+    assert not re.search(r"<[^<>]*\s(src|href)\s*=|https?://|@import|url\(", page)  # nothing to fetch
+    md = (root / "report.md").read_text()
+    assert md.startswith("# preftune report: m\n") and f"**{decision['summary']}**" in md
+    assert "| objective=dpo,lora_rank=16 | finished | 0.567 [" in md and "&lt;script&gt;" in md
+    assert "<script" not in md
+
+
+def test_report_decides_when_no_decision_json(tmp_path):
+    dpo, simpo = split(60, 30, 3, 8)
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo)])
+    md, page = write_report(root)
+    assert not (root / "decision.json").exists()
+    text = page.read_text()
+    assert "Not decisive" in text and "Example held-out pairs" not in text  # no text in these pairs
+    assert text.count("<svg") == expected_svgs(2) and md.read_text().count(" | finished | ") == 2
+
+
+def test_run_report(tmp_path):
+    run = write_run(tmp_path / "run", healthy_lines(), pairs([i % 4 != 0 for i in range(400)]))
+    md, page = write_run_report(run)
+    assert page.read_text().count("<svg") == 3 and "healthy" in md.read_text()
+
+
+def chromium() -> str:
+    """The chromium binary; installed with apt only as root under CI (CI=1), otherwise the test is skipped."""
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if found:
+        return found
+    if os.geteuid() != 0 or not os.environ.get("CI") or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the test installs it only as root "
+                    "with CI set")
+    done = subprocess.run("apt-get update -q && apt-get install -y -q chromium", shell=True, capture_output=True,
+                          timeout=900)
+    if done.returncode != 0 or not shutil.which("chromium"):
+        pytest.skip(f"apt-get install chromium failed: {done.stderr.decode()[-300:]}")
+    return shutil.which("chromium")
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    root, decision = report
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (root / "report.html").resolve().as_uri()
+    dom = subprocess.run(cmd + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert decision["summary"] in dom
+    assert dom.count("<svg") == expected_svgs(3)
+    assert len(re.findall(r"<circle", dom)) > 300  # the scatter points were parsed as SVG
+    assert "data-pwned=" not in dom and "<img" not in dom  # payloads stayed text
+    shot = tmp_path / "shot.png"
+    subprocess.run(cmd + ["--window-size=1200,2000", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+    assert json.loads((root / "decision.json").read_text())["verdict"] == "switch"

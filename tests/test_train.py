@@ -1,0 +1,195 @@
+"""End-to-end tiny CPU runs of the engine: learning, resume, reference cache, bad input, divergence, outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import preftune.train as T
+from preftune.cli import main
+from preftune.config import Config
+from preftune.data import load_examples, tokenize_examples
+from preftune.errors import TrainingDiverged
+from preftune.files import read_jsonl
+from preftune.logprobs import score_pairs
+from preftune.model import add_lora, load_model, load_tokenizer
+
+TIMING_KEYS = {"pairs_per_second", "tokens_per_second"}
+
+
+def cfg_for(world, tmp_path, name, **kw) -> Config:
+    base = dict(model=str(world.model_dir), data=str(world.train_path), eval_data=str(world.eval_path),
+                lr=2e-3, batch_size=8, max_steps=16, eval_every=8, save_every=0, warmup_ratio=0.0,
+                lora_rank=8, output=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), quiet=True,
+                max_train_pairs=128)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "ipo", "robust", "cdpo", "hinge"])
+def test_every_objective_learns_on_heldout(tiny_world, tmp_path, objective):
+    beta = {"simpo": 2.0, "ipo": 0.5}.get(objective)
+    summary = T.train(cfg_for(tiny_world, tmp_path, objective, objective=objective, beta=beta))
+    step0, final = summary["step0_eval"], summary["final_eval"]
+    # The length-normalized yardstick is objective-free, so "rises" means the policy learned the preference.
+    assert final["eval_lennorm/accuracy"] > step0["eval_lennorm/accuracy"] + 0.05, (step0, final)
+    assert final["eval_accuracy"] > 0.6
+    assert summary["status"] == "finished"
+
+
+def test_outputs_and_metric_names(tiny_world, tmp_path):
+    cfg = cfg_for(tiny_world, tmp_path, "run", max_steps=4, eval_every=2)
+    T.train(cfg)
+    out = tmp_path / "run"
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in train_rows[0]
+        if key not in ("grad_norm", "learning_rate"):
+            assert "eval_" + key in eval_rows[0]
+    for key in ("eval_accuracy", "eval_refrel/accuracy", "eval_lennorm/accuracy", "eval_length/chosen"):
+        assert key in eval_rows[0]
+    assert [r["step"] for r in eval_rows] == [0, 2, 4]
+    pairs = read_jsonl(out / "eval_pairs.jsonl")
+    assert len(pairs) == eval_rows[-1]["eval_pairs"] == 64
+    assert sum(p["correct"] for p in pairs) / len(pairs) == pytest.approx(eval_rows[-1]["eval_rewards/accuracies"])
+    saved = Config(**{**json.loads(json.dumps(cfg.to_dict()))})
+    assert saved == cfg
+    # The adapter loads with peft and reproduces the final held-out log-probs.
+    base = AutoModelForCausalLM.from_pretrained(tiny_world.model_dir)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    tok = load_tokenizer(cfg)
+    held, _ = tokenize_examples(load_examples(str(tiny_world.eval_path)), tok, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length)
+    logps, _, _ = score_pairs(model, held, pad_id=tok.pad_token_id)
+    assert logps[0, 0].item() == pytest.approx(pairs[0]["chosen_logps"], abs=1e-4)
+    assert not (out / "checkpoints").exists()  # nothing left to resume once finished
+
+
+def test_lora_at_init_equals_base(tiny_world, tmp_path):
+    cfg = cfg_for(tiny_world, tmp_path, "x", lora_rank=16, lora_dropout=0.1)
+    tok = load_tokenizer(cfg)
+    pairs, _ = tokenize_examples(load_examples(str(tiny_world.eval_path))[:8], tok, max_length=128,
+                                 max_prompt_length=64)
+    base = load_model(cfg)
+    before, _, _ = score_pairs(base, pairs, pad_id=tok.pad_token_id)
+    wrapped = add_lora(base, cfg)
+    after, _, _ = score_pairs(wrapped, pairs, pad_id=tok.pad_token_id)
+    assert torch.equal(before, after)
+
+
+def test_resume_equals_uninterrupted(tiny_world, tmp_path, monkeypatch):
+    kw = dict(max_steps=8, save_every=3, eval_every=4, lora_dropout=0.1)  # dropout: the RNG must be restored too
+    T.train(cfg_for(tiny_world, tmp_path, "full", **kw))
+
+    calls = {"n": 0}
+    real = T.batch_logps
+
+    def crash_at_step_7(*a, **k):  # one training forward per step (batch_size pairs, no accumulation)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # killed mid-run, after the step-6 checkpoint
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "batch_logps", crash_at_step_7)
+    cfg = cfg_for(tiny_world, tmp_path, "crashed", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    monkeypatch.setattr(T, "batch_logps", real)
+    assert T.latest_checkpoint(tmp_path / "crashed").name == "step-0000006"
+    T.train(replace(cfg, resume=True))
+
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "crashed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(tmp_path / "crashed" / "metrics.jsonl")
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k not in TIMING_KEYS} == {k: v for k, v in y.items() if k not in TIMING_KEYS}
+
+
+def test_reference_cache_hit_and_miss(tiny_world, tmp_path):
+    s1 = T.train(cfg_for(tiny_world, tmp_path, "a", max_steps=2, eval_every=0))
+    s2 = T.train(cfg_for(tiny_world, tmp_path, "b", max_steps=2, eval_every=0))
+    s3 = T.train(cfg_for(tiny_world, tmp_path, "c", max_steps=2, eval_every=0, max_length=12,
+                           max_prompt_length=6))  # truncation differs
+    assert s1["timing"]["reference_cached"] == {"train": False, "eval": False}
+    assert s2["timing"]["reference_cached"] == {"train": True, "eval": True}
+    assert s3["timing"]["reference_cached"] == {"train": False, "eval": False}
+    r1, r2 = read_jsonl(tmp_path / "a" / "eval_pairs.jsonl"), read_jsonl(tmp_path / "b" / "eval_pairs.jsonl")
+    assert [r["ref_chosen_logps"] for r in r1] == [r["ref_chosen_logps"] for r in r2]
+
+
+def test_reference_free_objective_skips_train_reference(tiny_world, tmp_path):
+    s = T.train(cfg_for(tiny_world, tmp_path, "s", objective="simpo", max_steps=2, eval_every=0))
+    held_tokens = sum(r["chosen_tokens"] + r["rejected_tokens"] for r in read_jsonl(tmp_path / "s" / "eval_pairs.jsonl"))
+    assert 0 < s["timing"]["reference_tokens"] < 2 * held_tokens + 64 * 40  # held-out only, not the train set
+
+
+def test_same_data_order_for_every_objective(tiny_world, tmp_path, monkeypatch):
+    seen: dict[str, list] = {}
+    real = T.make_batch
+
+    def record(prompts, *a, **k):
+        seen.setdefault(current, []).append([tuple(p) for p in prompts])
+        return real(prompts, *a, **k)
+
+    monkeypatch.setattr(T, "make_batch", record)
+    for current in ("dpo", "simpo", "orpo"):
+        T.train(cfg_for(tiny_world, tmp_path, current, objective=current, max_steps=5, eval_every=0))
+    assert seen["dpo"] == seen["simpo"] == seen["orpo"] and len(seen["dpo"]) == 5
+
+
+def test_bad_input_exit_2_and_nothing_written(tiny_world, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": ""}\n')
+    out = tmp_path / "out"
+    code = main(["train", "--model", str(tiny_world.model_dir), "--data", str(bad), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "bad.jsonl:2" in err[0] and "chosen" in err[0]
+    assert not out.exists()
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", str(tiny_world.train_path),
+                 "--output", str(out)])
+    assert code == 2 and not out.exists()
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypatch):
+    real = T.batch_logps
+    calls = {"n": 0}
+
+    def nan_at_step_5(*a, **k):
+        calls["n"] += 1
+        logps, counts = real(*a, **k)
+        return (logps * float("nan"), counts) if calls["n"] == 5 else (logps, counts)
+
+    monkeypatch.setattr(T, "batch_logps", nan_at_step_5)
+    with pytest.raises(TrainingDiverged, match="step 5"):
+        T.train(cfg_for(tiny_world, tmp_path, "nan", max_steps=8, save_every=2, eval_every=0))
+    out = tmp_path / "nan"
+    assert T.latest_checkpoint(out).name == "step-0000004"
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_full_finetune_saves_model_and_eval_cli(tiny_world, tmp_path, capsys):
+    T.train(cfg_for(tiny_world, tmp_path, "sft", objective="sft", lora_rank=0, max_steps=3, eval_every=0))
+    model_dir = tmp_path / "sft" / "model"
+    assert (model_dir / "model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    # `preftune eval` on a trained adapter matches the run's own final eval.
+    T.train(cfg_for(tiny_world, tmp_path, "lora", max_steps=3, eval_every=0))
+    code = main(["eval", "--model", str(tiny_world.model_dir), "--adapter", str(tmp_path / "lora" / "adapter"),
+                 "--eval-data", str(tiny_world.eval_path), "--output", str(tmp_path / "ev"), "--cache-dir",
+                 str(tmp_path / "cache")])
+    assert code == 0
+    final = json.loads((tmp_path / "lora" / "summary.json").read_text())["final_eval"]
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
+    assert got["eval_refrel/margin"] == pytest.approx(final["eval_refrel/margin"], abs=1e-4)
