@@ -33,20 +33,23 @@ from .review import Log, Review, clean_json, diagnose, load, margin_gap
 RULES = (
     "switch: the challenger objective, at the baseline's rank, ranks at least one more held-out pair correctly, "
     "McNemar p < alpha / (number of challengers), its accuracy interval is above chance, it is stable, and its "
-    "margins are cleaner: a smaller share of the training margin lost on held-out pairs and a held-out margin "
-    "std/|mean| not larger (scale-free, because objectives' rewards live on different scales).",
+    "margins are cleaner: a smaller share of its training margin lost on held-out pairs (or at most 25% for "
+    "both: no inflation on either side) and a held-out margin std/|mean| not larger (scale-free, because "
+    "objectives' rewards live on different scales), and the lift shows (difference > 0) on at least one common "
+    "yardstick, reference-relative or length-normalized.",
     "rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different "
     "from the best rank's.",
     "fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at "
     "or below chance, or failed with such an error).",
-    "keep: the baseline is stable, its accuracy interval is above chance, and against every challenger either the baseline is significantly better, the "
-    "challenger is unstable, or they are not significantly different while the challenger's margins are not "
-    "cleaner and the pairs were enough to detect a 5-point accuracy difference; otherwise not_decisive, with "
-    "the held-out pairs or seeds that would settle it.",
+    "keep: the baseline is stable, its accuracy interval is above chance, and against every challenger either "
+    "the baseline is significantly better, the challenger is unstable, or they are not significantly "
+    "different while the challenger's margins are not cleaner and the pairs were enough to detect a 5-point "
+    "accuracy difference; otherwise not_decisive, with the held-out pairs or seeds that would settle it.",
 )
 NOT_JUDGED = ("orpo", "sft")          # rule 3 judges every other objective: the DPO family and SimPO
 FALLBACK = "orpo"
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
+NO_INFLATION = 0.25                   # a train-held-out gap of at most this share of the training margin is fine
 YARDSTICKS = {"own": "margin", "refrel": "refrel_margin", "lennorm": "lennorm_margin"}
 DIVERGED_WORDS = ("nan", "inf", "diverg")
 
@@ -217,6 +220,7 @@ class _Decider:
         self.baseline = self._baseline(baseline)
         self.comparisons: dict[tuple[str, str, str], dict] = {}
         self.reasons: list[str] = []
+        self.blocked: list[str] = []      # significant lifts that failed another switch condition
 
     def _baseline(self, given: dict | None) -> dict:
         if given:
@@ -308,6 +312,7 @@ class _Decider:
         settle = f"; about {need} held-out pairs (or more seeds) would settle it" if need else ""
         others = ", ".join(sorted({c.objective for c, _ in challengers}))
         why = (f"the baseline {base.objective} shows no reliable held-out learning" if weak else
+               "; ".join(self.blocked) if self.blocked else
                f"the held-out evidence does not separate {base.objective} from {others}")
         return "not_decisive", chosen, f"Not decisive: {why}{settle}."
 
@@ -365,12 +370,14 @@ class _Decider:
                 f"{_n(cmp['acc_b'])} (diff {cmp['diff']:+.3f}, 95% CI {cmp['ci'][0]:+.3f} to {cmp['ci'][1]:+.3f}), "
                 f"{cmp['a_only']} pairs only {c.objective} gets right, {cmp['b_only']} only {base.objective}, "
                 f"McNemar p={_p(cmp['mcnemar_p'])}"
-                + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})" for y in ys if y))
+                + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})"
+                          for y in ys if y))
             out.append((c, cmp))
         return out
 
     def _cleaner(self, c: Group, base: Group) -> bool:
-        return c.gap_share() < base.gap_share() and c.spread() <= base.spread()
+        gap = c.gap_share() < base.gap_share() or max(c.gap_share(), base.gap_share()) <= NO_INFLATION
+        return gap and c.spread() <= base.spread()
 
     def _margins(self, c: Group, base: Group) -> str:
         return (f"train-held-out gap {_n(c.mean('margin_gap'))} ({_n(c.gap_share() * 100)}% of its training "
@@ -382,19 +389,29 @@ class _Decider:
         more = (cmp["acc_a"] - cmp["acc_b"]) * cmp["n"] >= 1 - 1e-9
         if not more or cmp["mcnemar_p"] >= self.alpha:
             return False
-        lo = c.ci[0]
-        why = (f"p is not below alpha/{k} = {_p(level)} ({k} challengers tested)" if cmp["mcnemar_p"] >= level
-               else "it is unstable: " + self._why_unstable(c) if c.unstable
-               else f"its accuracy interval starts at {_n(lo)}, not above chance" if lo <= 0.5
-               else None if self._cleaner(c, base) else f"its margins are not cleaner: {self._margins(c, base)}")
-        if why:
-            self.reasons.append(f"{c.name} is better (p={_p(cmp['mcnemar_p'])}) but no switch: {why}")
-            return False
-        self.reasons.append(f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly, "
-                            f"p={_p(cmp['mcnemar_p'])} < {_p(level)} (alpha {self.alpha} over {k} challenger(s)), "
-                            f"accuracy interval {_n(c.ci[0])}-{_n(c.ci[1])} above chance, cleaner margins: "
-                            f"{self._margins(c, base)}")
-        return True
+        yard = [y for y in (self.compare(c, base, "refrel"), self.compare(c, base, "lennorm")) if y]
+        if cmp["mcnemar_p"] >= level:
+            why = "its p is not below alpha", f"p is not below alpha/{k} = {_p(level)} ({k} challengers tested)"
+        elif c.unstable:
+            why = "it is unstable", self._why_unstable(c)
+        elif c.ci[0] <= 0.5:
+            why = "it is not above chance", f"its accuracy interval starts at {_n(c.ci[0])}"
+        elif not self._cleaner(c, base):
+            why = "its margins are not cleaner", self._margins(c, base)
+        elif yard and all(y["diff"] <= 0 for y in yard):
+            why = ("the lift shows on neither common yardstick", ", ".join(
+                f"{y['yardstick']} {y['diff']:+.3f}" for y in yard) + ": it comes from how the objective's own "
+                "reward scores pairs, not from a policy that ranks them better")
+        else:
+            self.reasons.append(
+                f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly, "
+                f"p={_p(cmp['mcnemar_p'])} < {_p(level)} (alpha {self.alpha} over {k} challenger(s)), accuracy "
+                f"interval {_n(c.ci[0])}-{_n(c.ci[1])} above chance, cleaner margins: {self._margins(c, base)}")
+            return True
+        self.blocked.append(f"{c.objective} ranks more held-out pairs correctly on its own reward "
+                            f"(p={_p(cmp['mcnemar_p'])}) but {why[0]}")
+        self.reasons.append(f"{c.name} is better (p={_p(cmp['mcnemar_p'])}) but no switch: {why[0]} ({why[1]})")
+        return False
 
     def _keep(self, base: Group, challengers: list[tuple[Group, dict]]) -> tuple[bool, int | None]:
         """(whether the evidence supports staying with the baseline, held-out pairs that would settle it)."""
@@ -405,9 +422,9 @@ class _Decider:
                                 f"position to keep")
         elif base.ci[0] <= 0.5:
             keep = False
-            self.reasons.append(f"the baseline {base.name}'s held-out accuracy {_n(base.accuracy)} has a 95% interval "
-                                f"{_n(base.ci[0])}-{_n(base.ci[1])} that includes chance: no evidence it learned "
-                                f"the preference, nothing to keep")
+            self.reasons.append(f"the baseline {base.name}'s held-out accuracy {_n(base.accuracy)} has a 95% "
+                                f"interval {_n(base.ci[0])}-{_n(base.ci[1])} that includes chance: no evidence it "
+                                f"learned the preference, nothing to keep")
         for c, cmp in challengers:
             if c.unstable:
                 self.reasons.append(f"{c.name} is unstable ({self._why_unstable(c)}): favours the baseline")
@@ -421,15 +438,17 @@ class _Decider:
             if not significant and not self._cleaner(c, base) and powered:
                 self.reasons.append(f"{c.name} is not significantly different (p={_p(cmp['mcnemar_p'])}), its "
                                     f"margins are not cleaner, and {cmp['n']} pairs were enough to detect a "
-                                    f"{MEANINGFUL * 100:.0f}-point difference (needs {cmp['pairs_to_detect']}): favours the baseline")
+                                    f"{MEANINGFUL * 100:.0f}-point difference (needs {cmp['pairs_to_detect']}): "
+                                    f"favours the baseline")
                 continue
             keep = False
+            if significant:
+                continue  # a real lift that failed another switch condition: reported by _switch
             need.append(cmp["pairs_needed"] or cmp["pairs_to_detect"])
-            why = ("it is better but not by enough to switch (see above)" if significant
-                   else f"not significantly different (p={_p(cmp['mcnemar_p'])})")
-            if not significant and self._cleaner(c, base):
+            why = f"not significantly different (p={_p(cmp['mcnemar_p'])})"
+            if self._cleaner(c, base):
                 why += f", its margins are cleaner ({self._margins(c, base)})"
-            if not significant and not powered:
+            if not powered:
                 why += (f", {cmp['n']} pairs cannot detect a {MEANINGFUL * 100:.0f}-point difference "
                         f"(needs {cmp['pairs_to_detect']})")
             self.reasons.append(f"{c.name} vs {base.name}: {why}; " + self._settle(c, base, cmp))
@@ -465,6 +484,8 @@ class _Decider:
                     f"; training margin {_n(tm)} vs {_n(tt)}): prefer the lower rank {g.lora_rank}")
                 return g
         if len(same) > 1:
+            lower = ("lower ranks are significantly worse" if top.lora_rank > min(g.lora_rank for g in same)
+                     else "also the lowest")
             self.reasons.append(f"rank {top.lora_rank} is the best rank for {top.objective} (held-out accuracy "
-                                f"{_n(top.accuracy)}) and lower ranks are significantly worse")
+                                f"{_n(top.accuracy)}), {lower}")
         return top

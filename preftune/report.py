@@ -19,8 +19,9 @@ from typing import Any
 
 from . import stats
 from .decide import RULES, decide
+from .errors import InputError
 from .files import atomic_write_text
-from .review import Log, load, review
+from .review import Log, diagnose, load
 
 TRAIN_COLOR, HELD_COLOR = "#2563eb", "#dc2626"
 VERDICT_COLORS = {"switch": "#1d4ed8", "keep": "#15803d", "not_decisive": "#b45309", "fallback_orpo": "#7e22ce"}
@@ -50,7 +51,10 @@ def write_report(matrix_dir: str | Path) -> tuple[Path, Path]:
     """
     root = Path(matrix_dir)
     path = root / "decision.json"
-    decision = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else decide(root)
+    try:
+        decision = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else decide(root)
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg}); rerun preftune decide", path=str(path), line=e.lineno) from None
     logs = {c["name"]: load(root / "cells" / c["name"]) for c in decision["cells"] if c["status"] == "finished"}
     md, page = root / "report.md", root / "report.html"
     atomic_write_text(md, _matrix_md(decision, root.name))
@@ -64,8 +68,8 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
         md, page = write_run_report("runs/x")   # preftune report runs/x
     """
     root = Path(run_dir)
-    log, findings = load(root), review(root).findings
-    items = [(f.severity, f.code, f.sentence) for f in findings]
+    log = load(root)
+    items = [(f.severity, f.code, f.sentence) for f in diagnose(log)]
     md = f"# preftune run report: {_md(root.name)}\n\n" + "".join(
         f"- **{s}** {c}: {_md(t)}\n" for s, c, t in items)
     body = (f"<h1>preftune run report: {_e(root.name)}</h1><h2>Findings</h2>{_findings_html(items)}"
@@ -94,13 +98,17 @@ def _ci(c: dict) -> str:
     return f"{_num(c['accuracy'], '.3f')} [{_num(c['ci'][0], '.3f')}, {_num(c['ci'][1], '.3f')}]"
 
 
+def _pick(d: dict) -> str:
+    return "until settled, stay with" if d["verdict"] == "not_decisive" else "recommended"
+
+
 def _flagged(c: dict) -> list[dict]:
     return [f for f in c.get("findings") or [] if f["severity"] != "info"]
 
 
 def _matrix_md(d: dict, title: str) -> str:
     out = [f"# preftune report: {_md(title)}", "", f"**{_md(d.get('summary', d['verdict']))}**", "",
-           f"verdict `{d['verdict']}` · recommended {_md(d['objective'])}, rank {_md(d['lora_rank'])} · baseline "
+           f"verdict `{d['verdict']}` · {_pick(d)} {_md(d['objective'])}, rank {_md(d['lora_rank'])} · baseline "
            f"{_md(d['baseline']['objective'])}, rank {_md(d['baseline']['lora_rank'])} · plots in report.html", "",
            "## Why", ""] + [f"- {_md(r)}" for r in d["reasons"]]
     out += ["", "## Cells", "", "| cell | status | accuracy [95% CI] | pairs | held-out margin | margin gap | "
@@ -144,7 +152,7 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
     color = VERDICT_COLORS.get(d["verdict"], "#374151")
     parts = [f"<h1>preftune report: {_e(title)}</h1>",
              f"<p class='verdict' id='verdict' style='--c:{color}'>{_e(d.get('summary', d['verdict']))}</p>",
-             f"<p class='meta'>verdict <b>{_e(d['verdict'])}</b> · recommended {_e(d['objective'])}, rank "
+             f"<p class='meta'>verdict <b>{_e(d['verdict'])}</b> · {_pick(d)} {_e(d['objective'])}, rank "
              f"{_e(d['lora_rank'])} · baseline {_e(base['objective'])}, rank {_e(base['lora_rank'])}</p>",
              "<h2>Why</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in d["reasons"]) + "</ol>"]
     rows = []
@@ -153,8 +161,8 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
         tags = ("<span class='tag'>recommended</span>" if is_rec else "") + \
                ("<span class='tag'>baseline</span>" if (c["objective"], c["lora_rank"]) ==
                 (base["objective"], base["lora_rank"]) else "")
-        flags = [(f["severity"], f["code"], f["sentence"]) for f in _flagged(c)]
-        info = [(f["severity"], f["code"], f["sentence"]) for f in c.get("findings") or [] if f["severity"] == "info"]
+        items = [(f["severity"], f["code"], f["sentence"]) for f in c.get("findings") or []]
+        flags, info = [t for t in items if t[0] != "info"], [t for t in items if t[0] == "info"]
         found = (_findings_html(flags) if flags else "") + \
             (f"<details><summary class='info'>{len(info)} info</summary>{_findings_html(info)}</details>" if info
              else "") + (f"<span class='error'>{_e(c['error'])}</span>" if c.get("error") else "")
@@ -361,7 +369,7 @@ def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
     label_w, w, row_h = 12 + 6.5 * min(48, max(len(r[0]) for r in rows)), 900, 24
     h = 40 + row_h * len(rows)
     lo = min(0.4, math.floor(min(r[2] for r in rows) * 10) / 10)
-    sx = lambda v: label_w + (v - lo) / (1 - lo) * (w - label_w - 20)  # noqa: E731
+    sx = lambda v: label_w + (v - lo) / (1 - lo) * (w - label_w - 170)  # noqa: E731  (170 px for the numbers)
     out = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' aria-label='held-out accuracy'>"
            "<title>held-out accuracy with 95% intervals</title>"]
     for t in _ticks(lo, 1.0, 6):
@@ -376,5 +384,5 @@ def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
         out.append(f"<text x='{label_w - 8}' y='{y + 4}' text-anchor='end'>{_e(clipped)}</text>"
                    f"<line x1='{sx(a):.1f}' x2='{sx(b):.1f}' y1='{y}' y2='{y}' stroke='{color}' stroke-width='3'/>"
                    f"<circle cx='{sx(acc):.1f}' cy='{y}' r='5' fill='{color}'/>"
-                   f"<text x='{sx(b) + 6:.1f}' y='{y + 4}'>{acc:.3f} [{a:.3f}, {b:.3f}]</text>")
+                   f"<text x='{sx(1) + 14:.1f}' y='{y + 4}'>{acc:.3f} [{a:.3f}, {b:.3f}]</text>")
     return "".join(out) + "</svg>"

@@ -362,7 +362,8 @@ def _displacement(log: Log) -> list[Finding]:
     return [Finding("likelihood_displacement", "warn",
                     f"chosen log-prob fell {' and '.join(parts)} while {what}: likelihood displacement "
                     f"(the margin grows by pushing both responses down)",
-                    {"train_chosen_logps": list(tr) if tr else None, "heldout_chosen_logps": list(ev) if ev else None})]
+                    {"train_chosen_logps": list(tr) if tr else None,
+                     "heldout_chosen_logps": list(ev) if ev else None})]
 
 
 def _noise(log: Log) -> list[Finding]:

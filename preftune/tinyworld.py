@@ -42,7 +42,7 @@ VOCAB_SIZE = 384
 # A little English beside the task text, so that other strings (chat roles, tests' own text) get merges too.
 ENGLISH = ("user:\nassistant:\nsystem:\nThe answer is the list of numbers in order. What is the color of "
            "the sky? It is blue, and the sea is green. Please write a short reply to the question here.")
-FORMAT = 1  # bump when the world's content changes, so stale folders are rebuilt
+FORMAT = 2  # bump when the world's content changes, so stale folders are rebuilt
 
 
 @dataclass

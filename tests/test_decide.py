@@ -91,6 +91,18 @@ def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
     assert any("margins are not cleaner" in r for r in d["reasons"])
 
 
+def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
+    dpo, simpo = split(400, 220, 10, 80)
+    cells = [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.9, held=1.0)]
+    for c in cells:  # both policies rank every pair the same under the common yardsticks
+        for row in c["rows"]:
+            row["refrel_margin"], row["lennorm_margin"] = 1.0, 0.1
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=500)
+    assert d["verdict"] == "not_decisive", d["reasons"]
+    assert any("the lift shows on neither common yardstick (refrel +0.000, lennorm +0.000:" in r
+               for r in d["reasons"])
+
+
 def test_keep_when_baseline_significantly_better(tmp_path):
     dpo, simpo = split(400, 220, 80, 10)
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo)]), n_boot=500)
@@ -183,8 +195,9 @@ def test_seeds_are_pooled_per_pair(tmp_path):
     a1, b1 = split(n, 150, 20, 60)
     a2, b2 = split(n, 150, 30, 50)
     factors = {"objective": ["dpo", "simpo"], "lora_rank": [8], "seed": [1, 2]}
+    clean = {"train_top": 0.9, "held": 1.0}
     cells = [cell("dpo", 8, a1, seed=1), cell("dpo", 8, a2, seed=2),
-             cell("simpo", 8, b1, seed=1, train_top=0.9, held=1.0), cell("simpo", 8, b2, seed=2, train_top=0.9, held=1.0)]
+             cell("simpo", 8, b1, seed=1, **clean), cell("simpo", 8, b2, seed=2, **clean)]
     d = decide(write_matrix(tmp_path / "m", cells, factors), n_boot=500)
     groups = {g["name"]: g for g in d["groups"]}
     dpo = groups["objective=dpo,lora_rank=8"]

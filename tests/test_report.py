@@ -14,6 +14,7 @@ from test_decide import cell, split, write_matrix
 from test_review import healthy_lines, pairs, write_run
 
 from preftune.decide import decide, write_decision
+from preftune.errors import InputError
 from preftune.report import write_report, write_run_report
 
 PAYLOAD = "<script>document.body.setAttribute('data-pwned','1')</script>"
@@ -72,6 +73,9 @@ def test_report_decides_when_no_decision_json(tmp_path):
     text = page.read_text()
     assert "Not decisive" in text and "Example held-out pairs" not in text  # no text in these pairs
     assert text.count("<svg") == expected_svgs(2) and md.read_text().count(" | finished | ") == 2
+    (root / "decision.json").write_text("{")
+    with pytest.raises(InputError, match="decision.json:1: not valid JSON"):
+        write_report(root)
 
 
 def test_run_report(tmp_path):

@@ -113,6 +113,7 @@ def test_healthy_run(tmp_path):
     assert d["kind"] == "run" and not d["unstable"] and d["findings"][0]["code"] == "healthy"
     path = write_review(r, tmp_path / "out")
     assert json.loads(path.read_text())["findings"][0]["sentence"] == r.findings[0].sentence
+    assert write_review(r) == tmp_path / "run" / "review.json"  # default: into the run folder
 
 
 def test_trl_trainer_state(tmp_path):
@@ -145,6 +146,7 @@ def test_jsonl_with_train_prefixes_and_nan(tmp_path):
     nonfinite = next(f for f in r.findings if f.code == "nonfinite")
     assert nonfinite.severity == "error" and "loss (from step 13)" in nonfinite.sentence
     assert json.loads(json.dumps(r.to_dict(), allow_nan=False))  # strict JSON
+    assert write_review(r) is None  # not a run folder: nothing written without a destination
 
 
 def test_divergence_and_chance(tmp_path):

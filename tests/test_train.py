@@ -35,7 +35,9 @@ def cfg_for(world, tmp_path, name, **kw) -> Config:
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "ipo", "robust", "cdpo", "hinge"])
 def test_every_objective_learns_on_heldout(tiny_world, tmp_path, objective):
     beta = {"simpo": 2.0, "ipo": 0.5}.get(objective)
-    summary = T.train(cfg_for(tiny_world, tmp_path, objective, objective=objective, beta=beta))
+    lr = 5e-3 if objective == "orpo" else 2e-3  # ORPO's NLL term dominates early: it moves the margin slowest
+    summary = T.train(cfg_for(tiny_world, tmp_path, objective, objective=objective, beta=beta, lr=lr, max_steps=20,
+                              eval_every=10))
     step0, final = summary["step0_eval"], summary["final_eval"]
     # The length-normalized yardstick is objective-free, so "rises" means the policy learned the preference.
     assert final["eval_lennorm/accuracy"] > step0["eval_lennorm/accuracy"] + 0.05, (step0, final)
