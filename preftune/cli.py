@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--baseline", metavar="objective=dpo,lora_rank=16", help="the cell to compare against")
     d.add_argument("--fallback", action="store_true", help="when the verdict is fallback_orpo, run ORPO cells")
 
-    rp = sub.add_parser("report", help="write report.md and a self-contained report.html for a matrix")
-    rp.add_argument("matrix")
+    rp = sub.add_parser("report", help="write report.md and a self-contained report.html (matrix or run folder)")
+    rp.add_argument("matrix", metavar="FOLDER")
 
     dm = sub.add_parser("demo", help="the main job on the built-in tiny world: SFT, 2x2 matrix, verdict, report")
     dm.add_argument("--output", default="demo_out")
@@ -187,6 +187,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         decision = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
         write_decision(args.matrix, decision)
         print(f"verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
+        print(decision.get("summary", ""))
         for reason in decision["reasons"]:
             print(f"  - {reason}")
         if args.fallback and decision["verdict"] == "fallback_orpo":
@@ -195,9 +196,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             run_fallback(args.matrix)
         return 0
     if cmd == "report":
-        from .report import write_report
+        from pathlib import Path
 
-        md, html = write_report(args.matrix)
+        from .report import write_report, write_run_report
+
+        folder = Path(args.matrix)
+        md, html = write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
         print(f"report: {html}\n        {md}")
         return 0
     if cmd == "demo":

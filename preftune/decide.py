@@ -31,12 +31,13 @@ from .files import atomic_write_json
 from .review import Log, Review, clean_json, diagnose, load, margin_gap
 
 RULES = (
-    "switch: the challenger objective, at the baseline's rank, ranks at least one more held-out pair correctly, "
-    "McNemar p < alpha / (number of challengers), its accuracy interval is above chance, it is stable, and its "
+    "switch: objectives are compared on the two common yardsticks (reference-relative and length-normalized), "
+    "never on their own rewards, which live on different scales and can differ before any training. The "
+    "challenger objective, at the baseline's rank, ranks at least one more held-out pair correctly on a "
+    "yardstick with McNemar p (x2 for the two yardsticks) < alpha / (number of challengers), is not "
+    "significantly worse on the other yardstick, its accuracy interval is above chance, it is stable, and its "
     "margins are cleaner: a smaller share of its training margin lost on held-out pairs (or at most 25% for "
-    "both: no inflation on either side) and a held-out margin std/|mean| not larger (scale-free, because "
-    "objectives' rewards live on different scales), and the lift shows (difference > 0) on at least one common "
-    "yardstick, reference-relative or length-normalized.",
+    "both: no inflation on either side) and a held-out margin std/|mean| not larger.",
     "rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different "
     "from the best rank's.",
     "fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at "
@@ -51,6 +52,7 @@ FALLBACK = "orpo"
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
 NO_INFLATION = 0.25                   # a train-held-out gap of at most this share of the training margin is fine
 YARDSTICKS = {"own": "margin", "refrel": "refrel_margin", "lennorm": "lennorm_margin"}
+COMMON = ("refrel", "lennorm")        # objective-free yardsticks: the only fair ground between objectives
 DIVERGED_WORDS = ("nan", "inf", "diverg")
 
 
@@ -292,7 +294,7 @@ class _Decider:
         winners = [c for c, cmp in challengers if self._switch(c, base, cmp, len(challengers))]
         if winners:
             win = max(winners, key=lambda g: g.accuracy)
-            cmp = self.compare(win, base)
+            cmp = self.primary(win, base)
             chosen = self._rank(win)
             if chosen is not win:
                 final = self.compare(chosen, base)
@@ -300,8 +302,8 @@ class _Decider:
                                     f"{_n(final['acc_a'])} vs {_n(final['acc_b'])} (p={_p(final['mcnemar_p'])})")
             return "switch", chosen, (
                 f"Switch from {base.objective} to {win.objective} (rank {chosen.lora_rank}): it ranks "
-                f"{cmp['a_only'] - cmp['b_only']} more of {cmp['n']} held-out pairs correctly "
-                f"(McNemar p={_p(cmp['mcnemar_p'])}) with cleaner margins.")
+                f"{cmp['a_only'] - cmp['b_only']} more of {cmp['n']} held-out pairs correctly on the "
+                f"{cmp['yardstick']} yardstick (McNemar p={_p(cmp['mcnemar_p'])}, adjusted) with cleaner margins.")
         keep, need = self._keep(base, challengers)
         chosen = self._rank(base)
         weak = base.unstable or base.ci[0] <= 0.5
@@ -364,7 +366,7 @@ class _Decider:
             if cmp is None:
                 self.reasons.append(f"{c.name} shares no held-out pair ids with {base.name}: not compared")
                 continue
-            ys = [self.compare(c, base, y) for y in ("refrel", "lennorm")]
+            ys = [self.compare(c, base, y) for y in COMMON]
             self.reasons.append(
                 f"{c.name} vs {base.name} on {cmp['n']} held-out pairs: accuracy {_n(cmp['acc_a'])} vs "
                 f"{_n(cmp['acc_b'])} (diff {cmp['diff']:+.3f}, 95% CI {cmp['ci'][0]:+.3f} to {cmp['ci'][1]:+.3f}), "
@@ -372,8 +374,20 @@ class _Decider:
                 f"McNemar p={_p(cmp['mcnemar_p'])}"
                 + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})"
                           for y in ys if y))
-            out.append((c, cmp))
+            out.append((c, self.primary(c, base)))
         return out
+
+    def primary(self, c: Group, base: Group) -> dict:
+        """The common-yardstick comparison with the most evidence, its p Bonferroni-adjusted over the yardsticks.
+
+        Own rewards are not comparable across objectives (SimPO's is a length-normalized log-prob that can rank
+        pairs well before any training, DPO's starts at an exact tie), so objectives are judged here.
+        """
+        ys = [y for y in (self.compare(c, base, y) for y in COMMON) if y]
+        if not ys:
+            return self.compare(c, base)  # logs without yardsticks: own reward is all there is
+        best = min(ys, key=lambda y: (y["mcnemar_p"], -y["diff"]))
+        return {**best, "mcnemar_p": min(1.0, best["mcnemar_p"] * len(ys)), "p_raw": best["mcnemar_p"]}
 
     def _cleaner(self, c: Group, base: Group) -> bool:
         gap = c.gap_share() < base.gap_share() or max(c.gap_share(), base.gap_share()) <= NO_INFLATION
@@ -388,8 +402,18 @@ class _Decider:
         level = self.alpha / k
         more = (cmp["acc_a"] - cmp["acc_b"]) * cmp["n"] >= 1 - 1e-9
         if not more or cmp["mcnemar_p"] >= self.alpha:
+            own = self.compare(c, base)
+            if own and own is not cmp and own["diff"] > 0 and own["mcnemar_p"] < self.alpha:
+                text = (f"{c.objective} ranks more held-out pairs correctly on its own reward "
+                        f"({_n(own['acc_a'])} vs {_n(own['acc_b'])}, p={_p(own['mcnemar_p'])}) but not on a common "
+                        f"yardstick (best: {cmp['yardstick']} {cmp['diff']:+.3f}, adjusted p={_p(cmp['mcnemar_p'])})"
+                        f": the lift comes from how its own reward scores pairs, not from a policy that ranks "
+                        f"them better")
+                self.blocked.append(text)
+                self.reasons.append(f"no switch to {c.name}: {text}")
             return False
-        yard = [y for y in (self.compare(c, base, "refrel"), self.compare(c, base, "lennorm")) if y]
+        worse = [y for y in (self.compare(c, base, y) for y in COMMON)
+                 if y and y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < self.alpha]
         if cmp["mcnemar_p"] >= level:
             why = "its p is not below alpha", f"p is not below alpha/{k} = {_p(level)} ({k} challengers tested)"
         elif c.unstable:
@@ -398,18 +422,18 @@ class _Decider:
             why = "it is not above chance", f"its accuracy interval starts at {_n(c.ci[0])}"
         elif not self._cleaner(c, base):
             why = "its margins are not cleaner", self._margins(c, base)
-        elif yard and all(y["diff"] <= 0 for y in yard):
-            why = ("the lift shows on neither common yardstick", ", ".join(
-                f"{y['yardstick']} {y['diff']:+.3f}" for y in yard) + ": it comes from how the objective's own "
-                "reward scores pairs, not from a policy that ranks them better")
+        elif worse:
+            why = "it is significantly worse on the other yardstick", ", ".join(
+                f"{y['yardstick']} {y['diff']:+.3f}, p={_p(y['mcnemar_p'])}" for y in worse)
         else:
             self.reasons.append(
-                f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly, "
-                f"p={_p(cmp['mcnemar_p'])} < {_p(level)} (alpha {self.alpha} over {k} challenger(s)), accuracy "
+                f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly on the "
+                f"{cmp['yardstick']} yardstick, adjusted p={_p(cmp['mcnemar_p'])} < {_p(level)} "
+                f"(alpha {self.alpha} over {k} challenger(s)), accuracy "
                 f"interval {_n(c.ci[0])}-{_n(c.ci[1])} above chance, cleaner margins: {self._margins(c, base)}")
             return True
-        self.blocked.append(f"{c.objective} ranks more held-out pairs correctly on its own reward "
-                            f"(p={_p(cmp['mcnemar_p'])}) but {why[0]}")
+        self.blocked.append(f"{c.objective} ranks more held-out pairs correctly on the {cmp['yardstick']} "
+                            f"yardstick (p={_p(cmp['mcnemar_p'])}) but {why[0]}")
         self.reasons.append(f"{c.name} is better (p={_p(cmp['mcnemar_p'])}) but no switch: {why[0]} ({why[1]})")
         return False
 

@@ -24,21 +24,21 @@ from .train import train
 def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     out = Path(output)
     t0 = time.perf_counter()
-    size = dict(hidden=64, layers=2, heads=4) if quick else dict(hidden=96, layers=3, heads=4)
-    world = build_world(out / "world", n_train=128 if quick else 384, n_eval=64 if quick else 160, **size)
+    size = dict(hidden=64, layers=2, heads=4) if quick else dict(hidden=128, layers=4, heads=4)
+    world = build_world(out / "world", n_train=128 if quick else 1024, n_eval=64 if quick else 400, **size)
     print(f"[demo] tiny world: {world.model_dir}", flush=True)
     common = dict(data=str(world.train_path), eval_data=str(world.eval_path), cache_dir=str(out / "cache"),
                   batch_size=8, max_length=128, max_prompt_length=64, seed=0, resume=True)
 
     sft = Config(model=str(world.model_dir), objective="sft", lora_rank=0, lr=2e-3, warmup_ratio=0.05,
-                 max_steps=40 if quick else 100, batch_size=16, eval_every=0, save_every=0, output=str(out / "sft"),
+                 max_steps=20 if quick else 30, batch_size=16, eval_every=0, save_every=0, output=str(out / "sft"),
                  **{k: v for k, v in common.items() if k != "batch_size"})
     s = train(sft)
     print(f"[demo] SFT done: held-out length-normalized accuracy {s['step0_eval']['eval_lennorm/accuracy']:.3f} "
           f"-> {s['final_eval']['eval_lennorm/accuracy']:.3f}", flush=True)
 
     base = Config(model=str(out / "sft" / "model"), objective="dpo", lr=1e-3 if quick else 5e-4,
-                  max_steps=20 if quick else 48, eval_every=6 if quick else 8, save_every=16, warmup_ratio=0.1,
+                  max_steps=20 if quick else 96, eval_every=6 if quick else 12, save_every=24, warmup_ratio=0.1,
                   objectives={"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
                   output=str(out / "matrix"), **common)
     run_matrix(base, dict(DEFAULT_GRID))
@@ -46,6 +46,7 @@ def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     write_decision(out / "matrix", decision)
     md, html = write_report(out / "matrix")
     print(f"\n[demo] verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
+    print(f"[demo] {decision.get('summary', '')}")
     for reason in decision["reasons"]:
         print(f"  - {reason}")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s\n[demo] report: {html}\n[demo] markdown: {md}\n"

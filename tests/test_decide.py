@@ -99,7 +99,7 @@ def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
             row["refrel_margin"], row["lennorm_margin"] = 1.0, 0.1
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=500)
     assert d["verdict"] == "not_decisive", d["reasons"]
-    assert any("the lift shows on neither common yardstick (refrel +0.000, lennorm +0.000:" in r
+    assert any("not on a common yardstick (best: refrel +0.000" in r and "comes from how its own reward" in r
                for r in d["reasons"])
 
 
