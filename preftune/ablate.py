@@ -19,11 +19,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import replace
+import time
+from collections.abc import Callable
+from dataclasses import MISSING, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from . import config as config_mod
 from .config import Config, dump_yaml
@@ -36,6 +41,9 @@ OBJECTIVE_PARAMS = ("beta", "gamma", "gamma_beta_ratio", "label_smoothing")
 DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_split", "eval_fraction", "split_seed",
                "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs")
 NOT_A_FACTOR = ("output", "resume", "objectives", "cache_dir", "quiet")
+# Settings a re-run may change without invalidating a cell's results (the parallel path sets some of them).
+RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir")
+_CHILD = "import sys; from preftune.ablate import _cell_main; sys.exit(_cell_main(sys.argv[1]))"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -43,13 +51,16 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not values.strip():
             raise InputError(f"expected KEY=V1,V2,..., got {item!r}", field="grid")
         if key in NOT_A_FACTOR:
             raise InputError("cannot be a factor of the matrix", field=key)
-        grid[key] = [config_mod.coerce(key, v.strip(), "--grid") for v in values.split(",")]
-    return grid or dict(DEFAULT_GRID)
+        if key in grid:
+            raise InputError("given twice in --grid: list all its values in one KEY=V1,V2", field=key)
+        coerced = [config_mod.coerce(key, v.strip(), "--grid") for v in values.split(",")]
+        grid[key] = list({json.dumps(v): v for v in coerced}.values())  # a repeated value would repeat a cell
+    return grid or {k: list(v) for k, v in DEFAULT_GRID.items()}
 
 
 def cell_name(values: dict[str, Any]) -> str:
@@ -60,10 +71,13 @@ def cell_config(base: Config, values: dict[str, Any], out: Path) -> Config:
     """The base config with the cell's factor values; see the module docstring for objective parameters."""
     fields = base.to_dict()
     objective = values.get("objective", base.objective)
+    entry = base.objectives.get(objective, {})
     if objective != base.objective:
         for k in OBJECTIVE_PARAMS:
             fields[k] = config_mod.FIELDS[k].default
-    fields.update(base.objectives.get(objective, {}))
+        fields.update(entry)
+    else:  # config.build already applied the entry below the command line; a Config made in Python may not have
+        fields.update({k: v for k, v in entry.items() if fields[k] == _default(k)})
     fields.update(values)
     fields.update(output=str(out / "cells" / cell_name(values)), resume=True)
     return Config(**fields).validate()
@@ -79,39 +93,74 @@ def plan(base: Config, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, 
 
 
 def run_matrix(base: Config, grid: dict[str, list[Any]], *, parallel: int = 1) -> dict[str, int]:
-    """Run (or finish) every cell. Returns counts of finished and failed cells."""
+    """Run (or finish) every cell. Returns counts of finished and failed cells.
+
+    A KeyboardInterrupt propagates: the cell it hit stays "running" in matrix.json and resumes on the next call.
+    """
+    return _matrix(base, grid, parallel)
+
+
+def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
+            keep: tuple[dict, list[dict]] | None = None) -> dict[str, int]:
+    """run_matrix; ``keep`` = (factors, cells) listed in matrix.json beside the planned ones (the fallback)."""
+    from .model import load_tokenizer
     from .train import prepare_data
 
     base.validate()
     cells = plan(base, grid)              # every cell's config is valid before anything is written
     out = Path(base.output)
-    from .model import load_tokenizer
-
-    tok = load_tokenizer(base)
+    toks: dict[tuple, Any] = {}
     prepared: dict[tuple, Any] = {}
     for _, _, cfg in cells:               # and every cell's data is readable and tokenizes
         key = _data_key(cfg)
         if key not in prepared:
-            prepared[key] = prepare_data(cfg, tok)
+            tkey = (cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+            if tkey not in toks:
+                toks[tkey] = load_tokenizer(cfg)
+            prepared[key] = prepare_data(cfg, toks[tkey])
 
     with FolderLock(out):
+        _check_settings(out, cells)
         atomic_write_text(out / "base_config.yaml", dump_yaml(base))
-        status = _load_status(out, cells, grid)
-        _write_status(out, grid, status)
+        status = _load_status(cells)
+        factors, kept = keep or (grid, [])
+
+        def write() -> None:
+            atomic_write_json(out / "matrix.json", {"factors": factors, "cells": kept + list(status.values())})
+
+        write()
         todo = [c for c in cells if status[c[0]]["status"] != "finished"]
         if parallel > 1 and len(todo) > 1:
-            _run_parallel(out, todo, prepared, status, grid, parallel)
+            _run_parallel(out, todo, prepared, status, write, parallel)
         else:
-            _run_serial(out, todo, prepared, status, grid)
+            _run_serial(todo, prepared, status, write)
     finished = sum(s["status"] == "finished" for s in status.values())
     return {"finished": finished, "failed": len(status) - finished}
+
+
+def _default(key: str) -> Any:
+    f = config_mod.FIELDS[key]
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def _data_key(cfg: Config) -> tuple:
     return tuple(json.dumps(getattr(cfg, f)) for f in DATA_FIELDS)
 
 
-def _load_status(out: Path, cells: list, grid: dict) -> dict[str, dict]:
+def _check_settings(out: Path, cells: list) -> None:
+    """A cell already (partly) run with other settings would be skipped or resumed with the wrong results."""
+    for name, _, cfg in cells:
+        path = Path(cfg.output) / "config.yaml"
+        if not path.exists():
+            continue
+        old, new = yaml.safe_load(path.read_text()) or {}, cfg.to_dict()
+        diff = [k for k, v in old.items() if k in new and k not in RERUN_FREE and v != new[k]]
+        if diff:
+            raise InputError(f"cell {name} was run with other settings ({', '.join(diff)}): use the same base "
+                             "config and grid, or another --output", path=str(out))
+
+
+def _load_status(cells: list) -> dict[str, dict]:
     status = {name: {"name": name, "values": values, "status": "pending", "error": None}
               for name, values, _ in cells}
     for name, _, cfg in cells:
@@ -122,18 +171,14 @@ def _load_status(out: Path, cells: list, grid: dict) -> dict[str, dict]:
     return status
 
 
-def _write_status(out: Path, grid: dict, status: dict[str, dict]) -> None:
-    atomic_write_json(out / "matrix.json", {"factors": grid, "cells": list(status.values())})
-
-
-def _run_serial(out: Path, todo: list, prepared: dict, status: dict, grid: dict) -> None:
+def _run_serial(todo: list, prepared: dict, status: dict, write: Callable[[], None]) -> None:
     from .model import load_model
     from .train import train
 
     base_models: dict[tuple, Any] = {}
     for name, _, cfg in todo:
         status[name].update(status="running", error=None)
-        _write_status(out, grid, status)
+        write()
         try:
             shared = None
             if cfg.lora_rank > 0:  # full fine-tuning changes the weights: it loads its own copy
@@ -143,55 +188,97 @@ def _run_serial(out: Path, todo: list, prepared: dict, status: dict, grid: dict)
                 shared = base_models[mkey]
             train(cfg, prepared=prepared[_data_key(cfg)], base_model=shared)
             status[name]["status"] = "finished"
-        except Exception as e:  # one failing cell must not stop the matrix
+        except Exception as e:  # one failing cell must not stop the matrix; KeyboardInterrupt does
             status[name].update(status="failed", error=_one_line(e))
             print(f"preftune ablate: cell {name} failed: {_one_line(e)}", file=sys.stderr)
-        _write_status(out, grid, status)
+        write()
 
 
-def _run_parallel(out: Path, todo: list, prepared: dict, status: dict, grid: dict, parallel: int) -> None:
+def _run_parallel(out: Path, todo: list, prepared: dict, status: dict, write: Callable[[], None],
+                  parallel: int) -> None:
     """N cells at once, each in its own process; reference log-probs are cached first so no cell recomputes."""
     _warm_reference_cache(todo, prepared)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // parallel)
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen, Path]] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, _, cfg = pending.pop(0)
-            cfg_path = out / ".cells" / f"{name}.yaml"
-            atomic_write_text(cfg_path, dump_yaml(replace(cfg, threads=cfg.threads or threads, quiet=True)))
-            err = cfg_path.with_suffix(".err")
-            proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "train", "--config", str(cfg_path)],
-                                    stdout=subprocess.DEVNULL, stderr=open(err, "w"))
-            status[name].update(status="running", error=None)
-            running.append((name, proc, err))
-            _write_status(out, grid, status)
-        name, proc, err = running.pop(0)
-        code = proc.wait()
-        lines = [line for line in err.read_text().splitlines() if line.strip()]
-        status[name].update(status="finished" if code == 0 else "failed",
-                            error=None if code == 0 else (lines[-1] if lines else f"exit code {code}"))
-        _write_status(out, grid, status)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, _, cfg = pending.pop(0)
+                cfg_path = out / ".cells" / f"{name}.yaml"
+                child = replace(cfg, threads=cfg.threads or threads, quiet=True,
+                                cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
+                atomic_write_text(cfg_path, dump_yaml(child))
+                err = cfg_path.with_name(f"{name}.err")
+                with open(err, "w") as fh:
+                    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_path)],
+                                            stdout=subprocess.DEVNULL, stderr=fh)
+                status[name].update(status="running", error=None)
+                running.append((name, proc, err))
+                write()
+            time.sleep(0.1)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                name, proc, err = item
+                lines = [line for line in err.read_text().splitlines() if line.strip()]
+                ok = proc.returncode == 0
+                status[name].update(status="finished" if ok else "failed",
+                                    error=None if ok else (lines[-1] if lines else f"exit code {proc.returncode}"))
+                write()
+    finally:  # interrupted: stop the cells (each keeps its last checkpoint) before the matrix lock goes
+        for _, proc, _ in running:
+            proc.send_signal(signal.SIGINT)
+        for _, proc, _ in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _cell_main(path: str) -> int:
+    """One cell in a child process (the parallel path): the exact config, one line on stderr if it fails."""
+    from .train import train
+
+    try:
+        train(_read_config(path))
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(_one_line(e), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_config(path: str | Path, **overrides: Any) -> Config:
+    """A config as written, without re-applying its ``objectives`` entry over the resolved values."""
+    raw = {**config_mod.load_yaml(path), **overrides}
+    return Config(**{k: config_mod.coerce(k, v, str(path)) for k, v in raw.items()}).validate()
 
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
-    from .model import add_lora, fingerprint, load_model
+    """Every reference log-prob set the cells will need, computed here once (the base model, no adapter)."""
+    from .model import fingerprint, load_model
     from .objectives import get
     from .reference import cache_key, reference_logps
 
-    done = set()
+    models: dict[tuple, Any] = {}
+    done: set[tuple] = set()
     for _, _, cfg in todo:
         data = prepared[_data_key(cfg)]
-        key = (_data_key(cfg), cfg.dtype, cfg.autocast_bf16, get(cfg.objective).needs_reference)
-        if key in done:
-            continue
-        done.add(key)
-        model = add_lora(load_model(cfg), replace(cfg, lora_rank=max(1, cfg.lora_rank)))
-        fp = fingerprint(cfg.model, cfg.resolved_cache_dir())
-        sets = [data.eval] + ([data.train] if get(cfg.objective).needs_reference else [])
-        for pairs in sets:
-            reference_logps(model, pairs, key=cache_key(fp, pairs, cfg.dtype, cfg.autocast_bf16),
-                            cache_dir=cfg.resolved_cache_dir(), pad_id=data.tokenizer.pad_token_id,
+        cache_dir = cfg.resolved_cache_dir()
+        fp = fingerprint(cfg.model, cache_dir)
+        for pairs in [data.eval] + ([data.train] if get(cfg.objective).needs_reference else []):
+            key = cache_key(fp, pairs, cfg.dtype, cfg.autocast_bf16)
+            if (key, str(cache_dir)) in done:
+                continue
+            done.add((key, str(cache_dir)))
+            mkey = (cfg.model, cfg.dtype, cfg.trust_remote_code)
+            if mkey not in models:
+                models = {mkey: load_model(cfg)}
+            reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
                             batch_size=max(32, cfg.eval_batch_size), share_prompt=cfg.share_prompt,
                             chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
 
@@ -200,18 +287,15 @@ def run_fallback(matrix_dir: str | Path) -> dict[str, int]:
     """``preftune decide --fallback``: add ORPO cells at the matrix's ranks and run them."""
     out = Path(matrix_dir)
     meta = json.loads((out / "matrix.json").read_text())
-    base = config_mod.from_file(out / "base_config.yaml", output=str(out))
-    grid = {k: v for k, v in meta["factors"].items() if k != "objective"}
-    grid = {"objective": ["orpo"], **grid}
-    result = run_matrix(base, grid)
-    # Merge: matrix.json lists the original cells and the ORPO ones.
-    new = json.loads((out / "matrix.json").read_text())["cells"]
-    names = {c["name"] for c in new}
-    cells = [c for c in meta["cells"] if c["name"] not in names] + new
-    factors = dict(meta["factors"])
-    factors["objective"] = list(dict.fromkeys(factors.get("objective", []) + ["orpo"]))
-    atomic_write_json(out / "matrix.json", {"factors": factors, "cells": cells})
-    return result
+    base = _read_config(out / "base_config.yaml", output=str(out))
+    factors = meta["factors"]
+    grid = {k: (["orpo"] if k == "objective" else v) for k, v in factors.items()}
+    grid = grid if "objective" in grid else {"objective": ["orpo"], **grid}
+    merged = {**grid, **factors, "objective": list(dict.fromkeys(factors.get("objective", [base.objective])
+                                                                 + ["orpo"]))}
+    names = {cell_name(dict(zip(grid, combo))) for combo in itertools.product(*grid.values())}
+    kept = [c for c in meta["cells"] if c["name"] not in names]
+    return _matrix(base, grid, 1, keep=(merged, kept))  # matrix.json lists both while the ORPO cells run
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,48 @@
+"""The decision layer on real tiny runs: no learnable preference never switches, length bias is flagged."""
+
+from __future__ import annotations
+
+import json
+
+from preftune.ablate import DEFAULT_GRID, run_matrix
+from preftune.cli import main
+from preftune.config import Config
+from preftune.decide import decide
+from preftune.review import review
+from preftune.tinyworld import build_world
+from preftune.train import train
+
+
+def base_config(world, out, **kw) -> Config:
+    d = dict(model=str(world.model_dir), data=str(world.train_path), eval_data=str(world.eval_path), lr=2e-3,
+             max_steps=16, eval_every=4, save_every=0, warmup_ratio=0.0, output=str(out), quiet=True,
+             cache_dir=str(out.parent / "cache"), objectives={"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}})
+    d.update(kw)
+    return Config(**d)
+
+
+def test_flipped_labels_are_never_a_switch(tmp_path):
+    world = build_world(tmp_path / "world", variant="flipped", n_train=128, n_eval=160)
+    run_matrix(base_config(world, tmp_path / "m"), dict(DEFAULT_GRID))
+    d = decide(tmp_path / "m", n_boot=1000)
+    assert d["verdict"] in ("not_decisive", "fallback_orpo"), d["summary"]
+    assert d["verdict"] != "switch"
+
+
+def test_chosen_shorter_is_flagged_as_length_biased(tmp_path):
+    world = build_world(tmp_path / "world", variant="chosen_shorter", n_train=64, n_eval=64)
+    out = tmp_path / "run"
+    summary = train(base_config(world, out, max_steps=4))
+    assert summary["length_bias"]["chosen_shorter"] > 0.9  # a fraction of the held-out pairs
+    findings = {f.code: f for f in review(out).findings}
+    assert "length_bias" in findings, [f.sentence for f in review(out).findings]
+    assert "shorter" in findings["length_bias"].sentence and "SimPO" in findings["length_bias"].sentence
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "[demo] verdict:" in out and "report.html" in out
+    decision = json.loads((tmp_path / "demo" / "matrix" / "decision.json").read_text())
+    assert decision["verdict"] in ("switch", "keep", "not_decisive", "fallback_orpo")
+    assert (tmp_path / "demo" / "matrix" / "report.html").stat().st_size > 1000
