@@ -43,6 +43,11 @@ def summarize(logps: Tensor, counts: Tensor, out: objectives.Output, loss: Tenso
     return {prefix + k: float(v) for k, v in m.items()}
 
 
+def _accuracy(margin: Tensor) -> float:
+    """Share of pairs ranked right; a tie (e.g. every DPO margin at step 0) counts one half, i.e. chance."""
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
 def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: dict,
             ids: Sequence[str]) -> tuple[dict, list[dict]]:
     """Metrics (``eval_`` keys) and per-pair rows from already computed log-probs. All inputs (N, 2)."""
@@ -54,10 +59,10 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
     lennorm = logps[:, 0] / counts[:, 0] - logps[:, 1] / counts[:, 1]       # (N,)
     metrics = summarize(logps, counts, out, out.loss, prefix="eval_")
     metrics.update({
-        "eval_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
-        "eval_refrel/accuracy": float((refrel > 0).float().mean()),
+        "eval_accuracy": _accuracy(margin),
+        "eval_refrel/accuracy": _accuracy(refrel),
         "eval_refrel/margin": float(refrel.mean()),
-        "eval_lennorm/accuracy": float((lennorm > 0).float().mean()),
+        "eval_lennorm/accuracy": _accuracy(lennorm),
         "eval_lennorm/margin": float(lennorm.mean()),
         "eval_margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
         "eval_length/chosen": float(counts[:, 0].mean()),

@@ -1,4 +1,4 @@
-"""A built-in tiny world: a random 2-layer Llama, its tokenizer and a preference task with a ground truth.
+"""A built-in tiny world: a small random Llama (2 layers by default), its tokenizer and a preference task with a ground truth.
 
 Everything is built offline and deterministically in a few seconds, so tests, the demo and benchmarks can
 train for real without a download::
