@@ -8,8 +8,10 @@ Hyperparameters per objective: in a matrix over objectives, the top-level beta/g
 objective only; every other objective takes its ``objectives: {name: {...}}`` entry or its own default, so a
 SimPO cell never silently runs with DPO's beta. A factor in ``--grid`` applies to every cell.
 
-Re-running skips finished cells and resumes a killed one; a failing cell is recorded and the others go on;
-a lock keeps two processes from writing one matrix.
+Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
+is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one
+matrix. ``--parallel N`` runs cells in child processes (configs and stderr under ``matrix/.cells/``) after
+computing every reference log-prob set they need once, in this process.
 
     preftune ablate --config base.yaml --grid objective=dpo,simpo --grid lora_rank=16,8 --output matrix
 """
@@ -153,7 +155,7 @@ def _check_settings(out: Path, cells: list) -> None:
         path = Path(cfg.output) / "config.yaml"
         if not path.exists():
             continue
-        old, new = yaml.safe_load(path.read_text()) or {}, cfg.to_dict()
+        old, new = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(dump_yaml(cfg))
         diff = [k for k, v in old.items() if k in new and k not in RERUN_FREE and v != new[k]]
         if diff:
             raise InputError(f"cell {name} was run with other settings ({', '.join(diff)}): use the same base "
@@ -242,7 +244,7 @@ def _cell_main(path: str) -> int:
     from .train import train
 
     try:
-        train(_read_config(path))
+        train(config_mod.from_file(path))
     except KeyboardInterrupt:
         print("KeyboardInterrupt: interrupted", file=sys.stderr)
         return 130
@@ -250,12 +252,6 @@ def _cell_main(path: str) -> int:
         print(_one_line(e), file=sys.stderr)
         return 1
     return 0
-
-
-def _read_config(path: str | Path, **overrides: Any) -> Config:
-    """A config as written, without re-applying its ``objectives`` entry over the resolved values."""
-    raw = {**config_mod.load_yaml(path), **overrides}
-    return Config(**{k: config_mod.coerce(k, v, str(path)) for k, v in raw.items()}).validate()
 
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
@@ -287,7 +283,7 @@ def run_fallback(matrix_dir: str | Path) -> dict[str, int]:
     """``preftune decide --fallback``: add ORPO cells at the matrix's ranks and run them."""
     out = Path(matrix_dir)
     meta = json.loads((out / "matrix.json").read_text())
-    base = _read_config(out / "base_config.yaml", output=str(out))
+    base = config_mod.from_file(out / "base_config.yaml", output=str(out))
     factors = meta["factors"]
     grid = {k: (["orpo"] if k == "objective" else v) for k, v in factors.items()}
     grid = grid if "objective" in grid else {"objective": ["orpo"], **grid}

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preftune: training diverged: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("preftune: interrupted; continue with --resume", file=sys.stderr)
+        how = "re-run the same command" if args.command == "ablate" else "continue with --resume"
+        print(f"preftune: interrupted; {how}", file=sys.stderr)
         return 130
 
 

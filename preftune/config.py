@@ -128,10 +128,12 @@ class Config:
         """Hyperparameters handed to the objective function, defaults filled in from the registry."""
         from . import objectives
 
-        return objectives.resolve_params(self.objective, {
-            "beta": self.beta, "gamma": self.gamma, "gamma_beta_ratio": self.gamma_beta_ratio,
-            "label_smoothing": self.label_smoothing, "nll_weight": self.nll_weight,
-        })
+        given = {"beta": self.beta, "gamma": self.gamma, "gamma_beta_ratio": self.gamma_beta_ratio,
+                 "label_smoothing": self.label_smoothing, "nll_weight": self.nll_weight}
+        for k, v in self.objectives.get(self.objective, {}).items():  # a Config built in Python, not via build()
+            if k in given and given[k] is None:
+                given[k] = v
+        return objectives.resolve_params(self.objective, given)
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -244,4 +246,8 @@ def from_file(path: str | os.PathLike, **overrides: Any) -> Config:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config. The run's own ``objectives`` entry is already applied at the top level, so it is
+    left out: loading this file back gives the same run even when the command line overrode that entry."""
+    d = cfg.to_dict()
+    d["objectives"] = {k: v for k, v in d["objectives"].items() if k != cfg.objective}
+    return yaml.safe_dump(d, sort_keys=False)

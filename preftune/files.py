@@ -103,7 +103,7 @@ class FolderLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 pid = _read_pid(self.path)
-                if pid is not None and pid != os.getpid() and _alive(pid):
+                if pid is not None and _alive(pid):  # our own pid too: a lock is not re-entrant
                     raise InputError(f"another preftune process (pid {pid}) is writing this folder",
                                      path=str(self.path.parent)) from None
                 self.path.unlink(missing_ok=True)  # stale lock

@@ -113,11 +113,12 @@ def test_default_grid_layout(matrix):
 
 def test_cells_differ_only_in_their_factors(matrix):
     base = matrix.base.to_dict()
-    free = {"objective", "lora_rank", "output", "resume", *OBJECTIVE_PARAMS}
+    free = {"objective", "lora_rank", "output", "resume", "objectives", *OBJECTIVE_PARAMS}
     for name in NAMES:
         cfg = yaml.safe_load((matrix.out / "cells" / name / "config.yaml").read_text())
-        assert {k for k in base if cfg[k] != base[k]} <= free
+        assert cfg.keys() == base.keys() and {k for k in base if cfg[k] != base[k]} <= free
         assert cfg["output"] == str(matrix.out / "cells" / name) and cfg["resume"] is True
+        assert cfg["objective"] not in cfg["objectives"]  # already applied at the top level
         params = cell(matrix.out, name, "summary.json")["params"]
         if "simpo" in name:  # its own `objectives:` entry, not the DPO cells' top-level beta
             assert (cfg["beta"], cfg["gamma_beta_ratio"]) == (2.0, 0.5)

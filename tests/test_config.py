@@ -78,3 +78,19 @@ def test_cli_bad_config_exit_2(tmp_path, capsys):
     assert main(["train", "--config", str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bogus" in err[0] and "Traceback" not in err[0]
+
+
+def test_saved_config_reproduces_a_cli_override(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("objective: dpo\nobjectives:\n  dpo: {beta: 0.1}\n  simpo: {beta: 2.0}\n")
+    cfg = C.from_file(f, beta="0.3")
+    assert cfg.beta == 0.3
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(C.dump_yaml(cfg))
+    again = C.from_file(saved)
+    assert again.beta == 0.3 and again.objectives == {"simpo": {"beta": 2.0}}
+
+
+def test_python_config_uses_its_objectives_entry():
+    cfg = C.Config(model="m", data="d", objective="simpo", objectives={"simpo": {"beta": 5.0}})
+    assert cfg.objective_params()["beta"] == 5.0
