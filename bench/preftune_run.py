@@ -40,7 +40,8 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], scheduler="linear",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], eval_every=0,
         eval_batch_size=16, log_every=1, save_every=0, output=str(tmp / "run"), cache_dir=str(tmp / "cache"),
-        dtype="float32", autocast_bf16=bool(spec.get("bf16")), threads=spec["threads"], quiet=True)
+        # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.model)
+        dtype="bfloat16" if spec.get("bf16") else "float32", threads=spec["threads"], quiet=True)
     values.update(over)
     return Config(**values).validate()
 
@@ -63,7 +64,9 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "ref_tokens": ref_tokens if ref_tokens is not None else (policy if cfg.objective == "dpo" else 0),
             "ref_tokens_estimated": ref_tokens is None,
             "preftune_pairs_per_second": t.get("pairs_per_second"), "preftune_peak_rss_mb": t.get("peak_rss_mb"),
-            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.autocast_bf16,
+            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.dtype == "bfloat16",
+            "final_eval_accuracy": (summary.get("final_eval") or {}).get("eval_accuracy"),
+            "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
             "reference_cached": t.get("reference_cached")}
 
 

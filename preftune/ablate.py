@@ -259,6 +259,7 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
     from .model import fingerprint, load_model
     from .objectives import get
     from .reference import cache_key, reference_logps
+    from .train import Schedule
 
     models: dict[tuple, Any] = {}
     done: set[tuple] = set()
@@ -266,7 +267,8 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
         data = prepared[_data_key(cfg)]
         cache_dir = cfg.resolved_cache_dir()
         fp = fingerprint(cfg.model, cache_dir)
-        for pairs in [data.eval] + ([data.train] if get(cfg.objective).needs_reference else []):
+        visited = [data.train[i] for i in Schedule(cfg, data.train).visited()]  # what the cell's train() asks for
+        for pairs in [data.eval] + ([visited] if get(cfg.objective).needs_reference else []):
             key = cache_key(fp, pairs, cfg.dtype, cfg.autocast_bf16)
             if (key, str(cache_dir)) in done:
                 continue

@@ -74,6 +74,29 @@ def prepare_data(cfg: Config, tokenizer: object) -> Prepared:
     return Prepared(tokenizer, train, held, {"train": train_stats, "eval": held_stats})
 
 
+class Schedule:
+    """Which training pairs each optimizer step sees: a function of (seed, epoch, lengths) alone, so every
+    objective gets the same data order, a resumed run the same batches, and the reference pass knows in
+    advance which pairs it must score."""
+
+    def __init__(self, cfg: Config, pairs: list[Pair]) -> None:
+        self.cfg, self.step_pairs = cfg, cfg.batch_size * cfg.grad_accum
+        self.steps_per_epoch = math.ceil(len(pairs) / self.step_pairs)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def batch(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, batch_order(self.lengths, self.step_pairs, seed=self.cfg.seed, epoch=epoch,
+                                              group_by_length=self.cfg.group_by_length))
+        return self._epoch[1][i]
+
+    def visited(self) -> list[int]:
+        return sorted({i for step in range(self.total) for i in self.batch(step)})
+
+
 def lr_at(step: int, cfg: Config, total: int) -> float:
     """transformers' schedules (linear/cosine/constant with linear warmup), so runs compare with TRL's."""
     warmup = math.ceil(cfg.warmup_ratio * total)
@@ -133,30 +156,32 @@ def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, mode
     timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
               "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
 
-    # 2. Reference log-probs, once, before any update (held-out always: both yardsticks need them).
+    # 2. Reference log-probs, once, before any update: held-out always (both yardsticks need them), and the
+    # training pairs the schedule will visit when the objective needs them (a short run skips the rest).
+    schedule = Schedule(cfg, data.train)
+    total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
     t = time.perf_counter()
     ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
     ref_eval, hit_eval = reference_logps(
         model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16), **ref_kw)
-    ref_train, hit_train = None, True
+    ref_train, hit_train, visited = None, True, []
     if objective.needs_reference:
-        ref_train, hit_train = reference_logps(
-            model, data.train, key=cache_key(model_fp, data.train, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+        used = schedule.visited()
+        visited = [data.train[i] for i in used]
+        ref_used, hit_train = reference_logps(
+            model, visited, key=cache_key(model_fp, visited, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+        ref_train = torch.full((len(data.train), 2), float("nan"))
+        ref_train[used] = ref_used
     timing["reference_s"] = time.perf_counter() - t
     timing["reference_cached"] = {"train": hit_train, "eval": hit_eval}
-    for pairs, hit in ((data.eval, hit_eval), (data.train if ref_train is not None else [], hit_train)):
+    for pairs, hit in ((data.eval, hit_eval), (visited, hit_train)):
         if not hit:
             timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                               for p in pairs)
 
-    # 3. Optimizer and schedule; resume restores them with the RNG and the step.
+    # 3. Optimizer; resume restores it with the RNG and the step.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step_pairs = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(len(data.train) / step_pairs)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
-    orders: dict[int, list[list[int]]] = {}
     metrics_path = out / "metrics.jsonl"
     eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, **fast)
 
@@ -184,11 +209,7 @@ def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, mode
     model.train()
     for step in range(start, total):
         t = time.perf_counter()
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch not in orders:
-            orders = {epoch: batch_order(lengths, step_pairs, seed=cfg.seed, epoch=epoch,
-                                         group_by_length=cfg.group_by_length)}
-        idx = orders[epoch][i]
+        idx = schedule.batch(step)
         lr = lr_at(step, cfg, total)
         for g in opt.param_groups:
             g["lr"] = lr

@@ -195,3 +195,20 @@ def test_full_finetune_saves_model_and_eval_cli(tiny_world, tmp_path, capsys):
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
     assert got["eval_refrel/margin"] == pytest.approx(final["eval_refrel/margin"], abs=1e-4)
+
+
+def test_short_run_scores_only_the_pairs_it_visits(tiny_world, tmp_path):
+    s = T.train(cfg_for(tiny_world, tmp_path, "short", max_steps=2, eval_every=0))  # 2 steps x 8 of 128 pairs
+    held = read_jsonl(tmp_path / "short" / "eval_pairs.jsonl")
+    held_tokens = sum(r["chosen_tokens"] + r["rejected_tokens"] for r in held)
+    train_ref_tokens = s["timing"]["reference_tokens"] - held_tokens - 64 * 12  # minus held-out prompts (<12 each)
+    assert 0 < train_ref_tokens < 40 * 16  # 16 visited pairs of at most ~40 tokens, not 128
+
+
+def test_bf16_mode_trains_and_keeps_its_own_reference(tiny_world, tmp_path):
+    f32 = T.train(cfg_for(tiny_world, tmp_path, "f32", max_steps=12, eval_every=0))
+    b16 = T.train(cfg_for(tiny_world, tmp_path, "b16", max_steps=12, eval_every=0, dtype="bfloat16"))
+    assert b16["timing"]["reference_cached"] == {"train": False, "eval": False}  # bf16 never reuses fp32 numbers
+    assert b16["final_eval"]["eval_lennorm/accuracy"] > b16["step0_eval"]["eval_lennorm/accuracy"] + 0.05
+    # Same data, same steps: bf16 lands within a few held-out pairs of fp32 (64 pairs).
+    assert abs(b16["final_eval"]["eval_accuracy"] - f32["final_eval"]["eval_accuracy"]) * 64 <= 6
