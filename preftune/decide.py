@@ -41,7 +41,9 @@ RULES = (
     "rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different "
     "from the best rank's.",
     "fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at "
-    "or below chance, or failed with such an error).",
+    "or below chance, or failed with such an error) and at least one of them is numerically unstable (NaN/inf "
+    "or divergence). When every cell merely sits at chance, nothing diverged: the labels carry no learnable "
+    "signal (or training was too short), ORPO would not fix that, and the verdict is not_decisive.",
     "keep: the baseline is stable, its accuracy interval is above chance, and against every challenger either "
     "the baseline is significantly better, the challenger is unstable, or they are not significantly "
     "different while the challenger's margins are not cleaner and the pairs were enough to detect a 5-point "
@@ -324,6 +326,17 @@ class _Decider:
                    and any(w in (c["error"] or "").lower() for w in DIVERGED_WORDS)]
         if not (judged or crashed) or any(not g.unstable for g in judged):
             return None
+        numeric = crashed or any(f["code"] in ("nonfinite", "divergence")
+                                 for g in judged for c in g.cells for f in c["findings"])
+        if not numeric:
+            self.reasons.append(
+                "every DPO-family and SimPO cell is at chance on the held-out pairs and none diverged: "
+                + "; ".join(f"{g.name} {_n(g.accuracy)} (95% CI {_n(g.ci[0])}-{_n(g.ci[1])})" for g in judged)
+                + ". No objective learned a held-out preference, so switching objective (ORPO included) would "
+                  "not help: check that chosen/rejected labels are meaningful (not random or flipped), or train "
+                  "longer")
+            return "not_decisive", None, ("Not decisive: no objective learned a held-out preference (every cell "
+                                          "is at chance and none diverged); check the labels or train longer.")
         families = {("SimPO" if g.objective == "simpo" else "DPO-family") for g in judged} | \
                    {("SimPO" if c["objective"] == "simpo" else "DPO-family") for c in crashed}
         self.reasons.append("every DPO-family and SimPO cell is unstable: "

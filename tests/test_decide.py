@@ -153,7 +153,8 @@ def test_fallback_orpo(tmp_path):
 def test_everything_unstable_is_not_decisive(tmp_path):
     chance = [i % 2 == 0 for i in range(200)]
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, chance), cell("orpo", 8, chance)]), n_boot=200)
-    assert d["verdict"] == "not_decisive" and "ORPO included" in d["summary"] and d["objective"] == "dpo"
+    assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
+    assert "no objective learned a held-out preference" in d["summary"]
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -164,7 +165,7 @@ def test_flipped_labels_never_switch(tmp_path, seed):
     cells = [cell(obj, rank, [rng.random() < 0.5 for _ in range(n)], train_top=rng.uniform(0.5, 3), held=0.01)
              for obj in ("dpo", "simpo") for rank in (16, 8)]
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
-    assert d["verdict"] in ("not_decisive", "fallback_orpo"), d["reasons"]
+    assert d["verdict"] == "not_decisive", d["reasons"]  # at chance without divergence: a data problem
 
 
 def test_winner_must_beat_chance(tmp_path):
