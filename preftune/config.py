@@ -35,6 +35,7 @@ class Config:
     model: str = ""                      # folder or hub id, loaded with AutoModelForCausalLM.from_pretrained
     tokenizer: str | None = None         # defaults to `model`
     dtype: str = "float32"               # float32 | bfloat16 (weights and matmuls; log-prob sums and loss stay fp32)
+    device: str = "auto"                 # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     trust_remote_code: bool = False      # off unless the user asks
     # --- LoRA (lora_rank 0 = full fine-tuning) ---------------------------------------------------
     lora_rank: int = 8
@@ -103,6 +104,8 @@ class Config:
             objectives.get(key)
         _choice("dtype", self.dtype, ("float32", "bfloat16"))
         _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        if not (self.device in ("auto", "cpu", "mps") or self.device.split(":")[0] == "cuda"):
+            raise InputError(f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps", field="device")
         checks = [
             ("lora_rank", self.lora_rank >= 0), ("batch_size", self.batch_size >= 1),
             ("grad_accum", self.grad_accum >= 1), ("lr", self.lr > 0),
@@ -134,6 +137,13 @@ class Config:
             if k in given and given[k] is None:
                 given[k] = v
         return objectives.resolve_params(self.objective, given)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:

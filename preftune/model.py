@@ -63,10 +63,13 @@ def load_model(cfg: Config) -> PreTrainedModel:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar redrawn per shard is noise in a log file
+    device = cfg.resolved_device()
+    cpu_bf16 = cfg.dtype == "bfloat16" and device == "cpu"  # GPU bf16 attention kernels are fast: keep them
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True, attn_implementation=SDPA_FP32 if cfg.dtype == "bfloat16" else "sdpa")
+            use_safetensors=True, attn_implementation=SDPA_FP32 if cpu_bf16 else "sdpa")
+        model.to(device)
     except Exception as e:
         raise InputError(f"cannot load model: {_first_line(e)}", path=cfg.model, field="model") from None
     model.config.use_cache = False

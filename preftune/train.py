@@ -223,7 +223,7 @@ def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, mode
                                [p.rejected_ids for p in sub], pad_id, cfg.share_prompt)
             s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
             k = len(mb)
-            ref = ref_train[mb] if ref_train is not None else None                                   # (k, 2)
+            ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
             lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
                                      ref_chosen=None if ref is None else ref[:, 0],
                                      ref_rejected=None if ref is None else ref[:, 1])
@@ -289,7 +289,8 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
               "pairs_per_second": timing["train_pairs"] / loop_s if loop_s else 0.0,
               "tokens_per_second": timing["train_tokens"] / timing["train_s"] if timing["train_s"] else 0.0,
               "processed_tokens": timing["train_tokens"] + timing["reference_tokens"],
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
     summary = {
         "objective": cfg.objective, "lora_rank": cfg.lora_rank, "seed": cfg.seed, "steps": steps, "status": status,
         "params": cfg.objective_params(),
@@ -336,6 +337,8 @@ def save_checkpoint(out: Path, step: int, trainable: list[tuple[str, Tensor]], o
         sd = opt.state_dict()
         tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
         save_file(tensors, str(d / "optimizer.safetensors"))
         atomic_write_json(d / "state.json", {"step": step, "param_groups": sd["param_groups"]})
     for old in (out / "checkpoints").glob("step-*"):  # keep only the newest complete one
@@ -363,6 +366,8 @@ def load_checkpoint(folder: Path, trainable: list[tuple[str, Tensor]], opt: torc
     meta = json.loads((folder / "state.json").read_text())
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
 
 

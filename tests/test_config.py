@@ -94,3 +94,10 @@ def test_saved_config_reproduces_a_cli_override(tmp_path):
 def test_python_config_uses_its_objectives_entry():
     cfg = C.Config(model="m", data="d", objective="simpo", objectives={"simpo": {"beta": 5.0}})
     assert cfg.objective_params()["beta"] == 5.0
+
+
+def test_device_choices():
+    assert C.Config(model="m", data="d", device="cpu").validate().resolved_device() == "cpu"
+    C.Config(model="m", data="d", device="cuda:1").validate()
+    with pytest.raises(InputError, match="field 'device'"):
+        C.Config(model="m", data="d", device="gpu").validate()
