@@ -277,7 +277,8 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
             if mkey not in models:
                 models = {mkey: load_model(cfg)}
             reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
-                            batch_size=max(32, cfg.eval_batch_size), share_prompt=cfg.share_prompt,
+                            batch_size=cfg.eval_batch_size if pairs is data.eval else max(32, cfg.eval_batch_size),
+                            share_prompt=cfg.share_prompt,
                             chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
 
 

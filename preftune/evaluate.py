@@ -117,7 +117,7 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     cache_dir = cfg.resolved_cache_dir()
     key = cache_key(fingerprint(cfg.model, cache_dir), pairs, cfg.dtype, cfg.autocast_bf16)
     ref, _ = reference_logps(model, pairs, key=key, cache_dir=cache_dir, pad_id=tok.pad_token_id,
-                             batch_size=max(32, cfg.eval_batch_size), **fast)
+                             batch_size=cfg.eval_batch_size, **fast)
     metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,
                                 batch_size=cfg.eval_batch_size, **fast)
     out = Path(cfg.output)

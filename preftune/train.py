@@ -162,8 +162,11 @@ def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, mode
     total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
     t = time.perf_counter()
     ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
+    # Held-out reference in evaluation's own batch layout: at step 0 policy and reference are then bit-identical
+    # and every reference-relative margin is an exact tie.
     ref_eval, hit_eval = reference_logps(
-        model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+        model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16),
+        **{**ref_kw, "batch_size": cfg.eval_batch_size})
     ref_train, hit_train, visited = None, True, []
     if objective.needs_reference:
         used = schedule.visited()

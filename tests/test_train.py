@@ -60,6 +60,7 @@ def test_outputs_and_metric_names(tiny_world, tmp_path):
     for key in ("eval_accuracy", "eval_refrel/accuracy", "eval_lennorm/accuracy", "eval_length/chosen"):
         assert key in eval_rows[0]
     assert [r["step"] for r in eval_rows] == [0, 2, 4]
+    assert eval_rows[0]["eval_refrel/margin"] == 0.0 and eval_rows[0]["eval_accuracy"] == 0.5  # exact tie at init
     pairs = read_jsonl(out / "eval_pairs.jsonl")
     assert len(pairs) == eval_rows[-1]["eval_pairs"] == 64
     assert sum(p["correct"] for p in pairs) / len(pairs) == pytest.approx(eval_rows[-1]["eval_rewards/accuracies"])
