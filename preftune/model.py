@@ -100,13 +100,6 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
-def count_matmul_params(model: torch.nn.Module) -> int:
-    """N for FLOP accounting: weights of every Linear (LM head included, embeddings excluded)."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in type(m).__name__.lower()
-               and m.weight.dim() == 2 and m.weight.shape[0] > 0)
-
-
 def fingerprint(model_path: str, cache_dir: Path) -> str:
     """A content hash of the model's weight and config files, memoized by (path, size, mtime).
 
