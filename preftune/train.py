@@ -13,6 +13,7 @@ reference-free objectives skip them for the training set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -141,134 +142,127 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     pad_id = tok.pad_token_id
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
 
-    try:
-        with FolderLock(out):
-            summary = _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, model_fp,
-                           checkpoint, t_start, tok)
-    finally:
+    with contextlib.ExitStack() as stack:
         if base_model is not None and is_peft(model):
-            model.unload()  # hand the shared base model back without adapters
-    return summary
+            stack.callback(model.unload)  # hand the shared base model back without adapters, even on error
+        stack.enter_context(FolderLock(out))
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
+                  "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
 
-
-def _run(cfg, out, model, data, objective, params, pad_id, fast, cache_dir, model_fp, checkpoint, t_start, tok):
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
-              "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
-
-    # 2. Reference log-probs, once, before any update: held-out always (both yardsticks need them), and the
-    # training pairs the schedule will visit when the objective needs them (a short run skips the rest).
-    schedule = Schedule(cfg, data.train)
-    total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
-    t = time.perf_counter()
-    ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
-    # Held-out reference in evaluation's own batch layout: at step 0 policy and reference are then bit-identical
-    # and every reference-relative margin is an exact tie.
-    ref_eval, hit_eval = reference_logps(
-        model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16),
-        **{**ref_kw, "batch_size": cfg.eval_batch_size})
-    ref_train, hit_train, visited = None, True, []
-    if objective.needs_reference:
-        used = schedule.visited()
-        visited = [data.train[i] for i in used]
-        ref_used, hit_train = reference_logps(
-            model, visited, key=cache_key(model_fp, visited, cfg.dtype, cfg.autocast_bf16), **ref_kw)
-        ref_train = torch.full((len(data.train), 2), float("nan"))
-        ref_train[used] = ref_used
-    timing["reference_s"] = time.perf_counter() - t
-    timing["reference_cached"] = {"train": hit_train, "eval": hit_eval}
-    for pairs, hit in ((data.eval, hit_eval), (visited, hit_train)):
-        if not hit:
-            timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                                              for p in pairs)
-
-    # 3. Optimizer; resume restores it with the RNG and the step.
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    metrics_path = out / "metrics.jsonl"
-    eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, **fast)
-
-    def run_eval(step: int) -> tuple[dict, list[dict]]:
+        # 2. Reference log-probs, once, before any update: held-out always (both yardsticks need them), and the
+        # training pairs the schedule will visit when the objective needs them (a short run skips the rest).
+        schedule = Schedule(cfg, data.train)
+        total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
         t = time.perf_counter()
-        m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
-        timing["eval_s"] += time.perf_counter() - t
-        timing["eval_tokens"] += processed
-        m = {"step": step, "epoch": step / steps_per_epoch, **m}
-        append_jsonl(metrics_path, m)
-        return m, rows
+        ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
+        # Held-out reference in evaluation's own batch layout: at step 0 policy and reference are then
+        # bit-identical and every reference-relative margin is an exact tie.
+        ref_eval, hit_eval = reference_logps(
+            model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16),
+            **{**ref_kw, "batch_size": cfg.eval_batch_size})
+        ref_train, hit_train, visited = None, True, []
+        if objective.needs_reference:
+            used = schedule.visited()
+            visited = [data.train[i] for i in used]
+            ref_used, hit_train = reference_logps(
+                model, visited, key=cache_key(model_fp, visited, cfg.dtype, cfg.autocast_bf16), **ref_kw)
+            ref_train = torch.full((len(data.train), 2), float("nan"))
+            ref_train[used] = ref_used
+        timing["reference_s"] = time.perf_counter() - t
+        timing["reference_cached"] = {"train": hit_train, "eval": hit_eval}
+        for pairs, hit in ((data.eval, hit_eval), (visited, hit_train)):
+            if not hit:
+                timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                                  for p in pairs)
 
-    start = 0
-    if checkpoint is not None:
-        start = load_checkpoint(checkpoint, trainable, opt)
-        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
-        step0 = next((r for r in read_jsonl(metrics_path) if r["step"] == 0 and "eval_loss" in r), None)
-    else:
-        metrics_path.unlink(missing_ok=True)
-        step0, _ = run_eval(0)
-    progress = Progress(total, quiet=cfg.quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
-    progress.eval(step0 or {})
+        # 3. Optimizer; resume restores it with the RNG and the step.
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        metrics_path = out / "metrics.jsonl"
+        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, **fast)
 
-    # 4. The loop.
-    model.train()
-    for step in range(start, total):
-        t = time.perf_counter()
-        idx = schedule.batch(step)
-        lr = lr_at(step, cfg, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        parts = []
-        step_tokens = 0
-        for j in range(0, len(idx), cfg.batch_size):
-            mb = idx[j:j + cfg.batch_size]
-            sub = [data.train[k] for k in mb]
-            batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
-                               [p.rejected_ids for p in sub], pad_id, cfg.share_prompt)
-            s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
-            k = len(mb)
-            ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
-            lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
-                                     ref_chosen=None if ref is None else ref[:, 0],
-                                     ref_rejected=None if ref is None else ref[:, 1])
-            res = objectives.compute(cfg.objective, lp, params)
-            (res.loss.sum() / len(idx)).backward()  # mean over the step's pairs, however it is split
-            parts.append((torch.stack([s[:k], s[k:]], 1).detach(), torch.stack([c[:k], c[k:]], 1), res))
-            timing["train_tokens"] += batch.padded_tokens
-            timing["real_train_tokens"] += batch.real_tokens
-            step_tokens += batch.real_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable],
-                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        logps = torch.cat([p[0] for p in parts])
-        counts = torch.cat([p[1] for p in parts])
-        res = _cat_outputs([p[2] for p in parts])
-        loss = res.loss.detach()
-        if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
-            return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start)
-        opt.step()
-        dt = time.perf_counter() - t
-        timing["train_s"] += dt
-        timing["train_pairs"] += len(idx)
-        row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
-               **summarize(logps, counts, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
-               "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}
-        last = step + 1 == total
-        if (step + 1) % cfg.log_every == 0 or last:
-            append_jsonl(metrics_path, row)
-        progress.step(step + 1, row)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-            progress.eval(run_eval(step + 1)[0])
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            save_checkpoint(out, step + 1, trainable, opt)
+        def run_eval(step: int) -> tuple[dict, list[dict]]:
+            t = time.perf_counter()
+            m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
+            timing["eval_s"] += time.perf_counter() - t
+            timing["eval_tokens"] += processed
+            m = {"step": step, "epoch": step / steps_per_epoch, **m}
+            append_jsonl(metrics_path, m)
+            return m, rows
 
-    # 5. Final eval, per-pair rows, weights, summary.
-    final, rows = run_eval(total)
-    progress.eval(final)
-    write_jsonl(out / "eval_pairs.jsonl", rows)
-    save_weights(out, model, tok)
-    summary = _summary(cfg, out, total, "finished", data, timing, t_start)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
-    progress.done(summary, out)
-    return summary
+        start = 0
+        if checkpoint is not None:
+            start = load_checkpoint(checkpoint, trainable, opt)
+            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
+            step0 = next((r for r in read_jsonl(metrics_path) if r["step"] == 0 and "eval_loss" in r), None)
+        else:
+            metrics_path.unlink(missing_ok=True)
+            step0, _ = run_eval(0)
+        progress = Progress(total, quiet=cfg.quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
+        progress.eval(step0 or {})
+
+        # 4. The loop.
+        model.train()
+        for step in range(start, total):
+            t = time.perf_counter()
+            idx = schedule.batch(step)
+            lr = lr_at(step, cfg, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            parts = []
+            step_tokens = 0
+            for j in range(0, len(idx), cfg.batch_size):
+                mb = idx[j:j + cfg.batch_size]
+                sub = [data.train[k] for k in mb]
+                batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
+                                   [p.rejected_ids for p in sub], pad_id, cfg.share_prompt)
+                s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
+                k = len(mb)
+                ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
+                lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
+                                         ref_chosen=None if ref is None else ref[:, 0],
+                                         ref_rejected=None if ref is None else ref[:, 1])
+                res = objectives.compute(cfg.objective, lp, params)
+                (res.loss.sum() / len(idx)).backward()  # mean over the step's pairs, however it is split
+                parts.append((torch.stack([s[:k], s[k:]], 1).detach(), torch.stack([c[:k], c[k:]], 1), res))
+                timing["train_tokens"] += batch.padded_tokens
+                timing["real_train_tokens"] += batch.real_tokens
+                step_tokens += batch.real_tokens
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, don't clip
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], clip)
+            logps = torch.cat([p[0] for p in parts])
+            counts = torch.cat([p[1] for p in parts])
+            res = _cat_outputs([p[2] for p in parts])
+            loss = res.loss.detach()
+            if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
+                return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start)
+            opt.step()
+            dt = time.perf_counter() - t
+            timing["train_s"] += dt
+            timing["train_pairs"] += len(idx)
+            row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
+                   **summarize(logps, counts, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
+                   "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}
+            last = step + 1 == total
+            if (step + 1) % cfg.log_every == 0 or last:
+                append_jsonl(metrics_path, row)
+            progress.step(step + 1, row)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+                progress.eval(run_eval(step + 1)[0])
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                save_checkpoint(out, step + 1, trainable, opt)
+
+        # 5. Final eval, per-pair rows, weights, summary.
+        final, rows = run_eval(total)
+        progress.eval(final)
+        write_jsonl(out / "eval_pairs.jsonl", rows)
+        save_weights(out, model, tok)
+        summary = _summary(cfg, out, total, "finished", data, timing, t_start)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
+        progress.done(summary, out)
+        return summary
 
 
 def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
