@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,7 +92,9 @@ def add_lora(model: PreTrainedModel, cfg: Config) -> torch.nn.Module:
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
                       bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise in every run log
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as e:
         raise InputError(_first_line(e), field="lora_target_modules") from None
 
