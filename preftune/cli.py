@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-train", type=int, default=256)
     w.add_argument("--n-eval", type=int, default=64)
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--hidden", type=int, default=64, help="model width (the demo uses 128)")
+    w.add_argument("--layers", type=int, default=2, help="decoder layers (the demo uses 4)")
 
     sub.add_parser("objectives", help="list objectives, their hyperparameters and defaults")
     return p
@@ -213,7 +215,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "world":
         from .tinyworld import build_world
 
-        w = build_world(args.output, variant=args.variant, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+        w = build_world(args.output, variant=args.variant, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
+                        hidden=args.hidden, layers=args.layers)
         print(f"model: {w.model_dir}\ntrain: {w.train_path}\nheld-out: {w.eval_path}")
         return 0
     if cmd == "objectives":
