@@ -257,9 +257,8 @@ def _cell_main(path: str) -> int:
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
     """Every reference log-prob set the cells will need, computed here once (the base model, no adapter)."""
     from .model import fingerprint, load_model
-    from .objectives import get
     from .reference import cache_key, reference_logps
-    from .train import Schedule
+    from .train import Schedule, reference_requests
 
     models: dict[tuple, Any] = {}
     done: set[tuple] = set()
@@ -267,8 +266,7 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
         data = prepared[_data_key(cfg)]
         cache_dir = cfg.resolved_cache_dir()
         fp = fingerprint(cfg.model, cache_dir)
-        visited = [data.train[i] for i in Schedule(cfg, data.train).visited()]  # what the cell's train() asks for
-        for pairs in [data.eval] + ([visited] if get(cfg.objective).needs_reference else []):
+        for pairs, batch_size in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
             key = cache_key(fp, pairs, cfg.dtype, cfg.autocast_bf16)
             if (key, str(cache_dir)) in done:
                 continue
@@ -277,9 +275,8 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
             if mkey not in models:
                 models = {mkey: load_model(cfg)}
             reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
-                            batch_size=cfg.eval_batch_size if pairs is data.eval else max(32, cfg.eval_batch_size),
-                            share_prompt=cfg.share_prompt,
-                            chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+                            batch_size=batch_size, share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk,
+                            autocast_bf16=cfg.autocast_bf16)
 
 
 def run_fallback(matrix_dir: str | Path) -> dict[str, int]:

@@ -14,6 +14,7 @@ reference-free objectives skip them for the training set.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -94,8 +95,24 @@ class Schedule:
                                               group_by_length=self.cfg.group_by_length))
         return self._epoch[1][i]
 
+    @functools.cached_property
     def visited(self) -> list[int]:
+        """Indices of every training pair some step will use, sorted."""
         return sorted({i for step in range(self.total) for i in self.batch(step)})
+
+
+def reference_requests(cfg: Config, data: Prepared, schedule: Schedule) -> dict[str, tuple[list[Pair], int]]:
+    """The reference log-prob sets a run asks for, each with the batch size it is computed in.
+
+    Held-out always (both yardsticks need it), in evaluation's own batch layout so that at step 0 policy and
+    reference are bit-identical and every reference-relative margin is an exact tie. Training pairs only when
+    the objective needs them, and only those the schedule visits. The ablation matrix warms the cache from
+    this same list, so its keys are the ones each cell's run looks up.
+    """
+    sets = {"eval": (data.eval, cfg.eval_batch_size)}
+    if objectives.get(cfg.objective).needs_reference:
+        sets["train"] = ([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size))
+    return sets
 
 
 def lr_at(step: int, cfg: Config, total: int) -> float:
@@ -123,7 +140,6 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
     params = cfg.objective_params()
-    objective = objectives.get(cfg.objective)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not cfg.resume:
         raise InputError("output folder is not empty: pass --resume to continue it, or choose another --output",
@@ -150,31 +166,24 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
                   "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
 
-        # 2. Reference log-probs, once, before any update: held-out always (both yardsticks need them), and the
-        # training pairs the schedule will visit when the objective needs them (a short run skips the rest).
+        # 2. Reference log-probs, once, before any update (which sets, and how: see reference_requests).
         schedule = Schedule(cfg, data.train)
         total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
         t = time.perf_counter()
-        ref_kw = dict(cache_dir=cache_dir, pad_id=pad_id, batch_size=max(32, cfg.eval_batch_size), **fast)
-        # Held-out reference in evaluation's own batch layout: at step 0 policy and reference are then
-        # bit-identical and every reference-relative margin is an exact tie.
-        ref_eval, hit_eval = reference_logps(
-            model, data.eval, key=cache_key(model_fp, data.eval, cfg.dtype, cfg.autocast_bf16),
-            **{**ref_kw, "batch_size": cfg.eval_batch_size})
-        ref_train, hit_train, visited = None, True, []
-        if objective.needs_reference:
-            used = schedule.visited()
-            visited = [data.train[i] for i in used]
-            ref_used, hit_train = reference_logps(
-                model, visited, key=cache_key(model_fp, visited, cfg.dtype, cfg.autocast_bf16), **ref_kw)
-            ref_train = torch.full((len(data.train), 2), float("nan"))
-            ref_train[used] = ref_used
-        timing["reference_s"] = time.perf_counter() - t
-        timing["reference_cached"] = {"train": hit_train, "eval": hit_eval}
-        for pairs, hit in ((data.eval, hit_eval), (visited, hit_train)):
-            if not hit:
+        refs, cached = {}, {"train": True, "eval": True}
+        for name, (pairs, batch_size) in reference_requests(cfg, data, schedule).items():
+            refs[name], cached[name] = reference_logps(
+                model, pairs, key=cache_key(model_fp, pairs, cfg.dtype, cfg.autocast_bf16), cache_dir=cache_dir,
+                pad_id=pad_id, batch_size=batch_size, **fast)
+            if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                   for p in pairs)
+        ref_eval, ref_train = refs["eval"], None
+        if "train" in refs:  # full-size, NaN where the schedule never goes
+            ref_train = torch.full((len(data.train), 2), float("nan"))
+            ref_train[schedule.visited] = refs["train"]
+        timing["reference_s"] = time.perf_counter() - t
+        timing["reference_cached"] = cached
 
         # 3. Optimizer; resume restores it with the RNG and the step.
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
