@@ -34,7 +34,8 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
 
     values = dict(
         model=spec["model"], data=spec["data"], eval_data=spec["eval_data"], objective=spec.get("objective", "dpo"),
-        beta=spec.get("beta"), gamma=spec.get("gamma"), lora_rank=spec["lora_rank"],
+        objectives={spec.get("objective", "dpo"): {k: spec[k] for k in ("beta", "gamma") if spec.get(k) is not None}},
+        lora_rank=spec["lora_rank"],
         lora_alpha=float(spec["lora_alpha"]), lora_dropout=0.0, lora_target_modules=list(spec["lora_targets"]),
         lr=spec["lr"], batch_size=spec["batch_size"], grad_accum=1, max_steps=spec["steps"],
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], scheduler="linear",

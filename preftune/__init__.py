@@ -1,23 +1,29 @@
 """preftune: preference optimization that decides.
 
-Train DPO, SimPO, ORPO, IPO, robust/cDPO, hinge and SFT with LoRA in one engine, measure each on held-out
-pairs while it trains, and say which objective and which adapter rank won, how sure that is, and why.
+Train DPO, SimPO, ORPO, IPO, robust/cDPO, hinge and SFT (or your own objective) with LoRA in one engine,
+measure each on held-out pairs while it trains, and say which objective and which adapter rank won, how sure
+that is, and why.
 
     >>> import preftune
     >>> cfg = preftune.Config(model="path/or/hub-id", data="train.jsonl", eval_data="heldout.jsonl",
-    ...                       objective="simpo", beta=2.0, gamma_beta_ratio=0.5, lora_rank=8, output="runs/s")
+    ...                       objective="simpo", objectives={"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
+    ...                       lora_rank=8, output="runs/s")
     >>> summary = preftune.train(cfg)
     >>> summary["final_eval"]["eval_accuracy"]
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from .config import Config, from_file
 from .errors import InputError, TrainingDiverged
+from .objectives import ObjectiveOutput, SeqLogps, objective
 
-__all__ = ["Config", "from_file", "train", "ablate", "decide", "report", "review", "InputError", "TrainingDiverged"]
+__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
+           "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 
 
@@ -26,6 +32,13 @@ def train(config: Config) -> dict[str, Any]:
     from .train import train as _train
 
     return _train(config)
+
+
+def evaluate(config: Config, adapter: str | None = None) -> dict[str, Any]:
+    """``preftune eval``: score a model (and an optional peft adapter) on held-out pairs; returns the metrics."""
+    from .evaluate import evaluate_model
+
+    return evaluate_model(config, adapter=adapter)
 
 
 def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: int = 1) -> dict[str, int]:
@@ -46,10 +59,13 @@ def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
 
 
 def report(matrix_dir: str) -> tuple[Any, Any]:
-    """Write report.md and report.html for a decided matrix."""
-    from .report import write_report
+    """Write report.md and report.html for a matrix folder (decided if needed) or a single run folder."""
+    from pathlib import Path
 
-    return write_report(matrix_dir)
+    from .report import write_report, write_run_report
+
+    folder = Path(matrix_dir)
+    return write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
 
 
 def review(path: str) -> Any:
@@ -57,3 +73,21 @@ def review(path: str) -> Any:
     from .review import review as _review
 
     return _review(path)
+
+
+_API = frozenset({"train", "evaluate", "ablate", "decide", "report", "review"})
+
+
+class _Package(types.ModuleType):
+    """The package module: importing a submodule that shares a name with a public function (``preftune.train``
+    the module, ``preftune.train()`` the function) must not rebind the function, or the second API call in a
+    process fails with "'module' object is not callable". The submodules stay in ``sys.modules`` and import
+    normally with ``from preftune.train import ...``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

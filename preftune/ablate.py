@@ -4,9 +4,10 @@ Every cell is a normal run folder under ``matrix/cells/<name>/``. Cells share th
 order per seed, the schedule, the held-out set and the reference log-probs (computed once, cached on disk);
 the base model is loaded once and each LoRA cell adds and removes its own adapter.
 
-Hyperparameters per objective: in a matrix over objectives, the top-level beta/gamma apply to the base
-objective only; every other objective takes its ``objectives: {name: {...}}`` entry or its own default, so a
-SimPO cell never silently runs with DPO's beta. A factor in ``--grid`` applies to every cell.
+Hyperparameters live per objective (``objectives: {name: {...}}``; ``--beta`` and friends fill the base
+objective's entry), so a SimPO cell never silently runs with DPO's beta. A hyperparameter can be a factor
+(``--grid beta=0.05,0.1``): it goes into each cell's own objective entry, and every objective in the matrix
+must take it. Any other factor in ``--grid`` applies to every cell as a config key.
 
 Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
 is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one
@@ -26,19 +27,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import config as config_mod
+from . import objectives
 from .config import Config, dump_yaml
 from .errors import InputError
 from .files import FolderLock, atomic_write_json, atomic_write_text
 
 DEFAULT_GRID: dict[str, list[Any]] = {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}
-OBJECTIVE_PARAMS = ("beta", "gamma", "gamma_beta_ratio", "label_smoothing")
 # Fields that change the tokenized data; cells that agree on them share one Prepared.
 DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_split", "eval_fraction", "split_seed",
                "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs")
@@ -49,20 +50,40 @@ _CHILD = "import sys; from preftune.ablate import _cell_main; sys.exit(_cell_mai
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``["objective=dpo,simpo", "lora_rank=16,8"]`` -> ``{"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}``."""
-    grid: dict[str, list[Any]] = {}
+    """``["objective=dpo,simpo", "lora_rank=16,8"]`` -> ``{"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}``.
+
+    A key that is no config key but a hyperparameter of a registered objective (``beta``, or ``delta`` of a
+    ``module:name`` objective in the same grid) is a hyperparameter factor, its values numbers.
+    """
+    split = []
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not values.strip():
             raise InputError(f"expected KEY=V1,V2,..., got {item!r}", field="grid")
+        split.append((key, [v.strip() for v in values.split(",")]))
+    for key, values in split:  # import module:name objectives first: they declare hyperparameters
+        if key == "objective":
+            for v in values:
+                objectives.get(v)
+    grid: dict[str, list[Any]] = {}
+    for key, values in split:
         if key in NOT_A_FACTOR:
             raise InputError("cannot be a factor of the matrix", field=key)
         if key in grid:
             raise InputError("given twice in --grid: list all its values in one KEY=V1,V2", field=key)
-        coerced = [config_mod.coerce(key, v.strip(), "--grid") for v in values.split(",")]
+        if key not in config_mod.FIELDS and is_hyperparameter(key):
+            owner = next(o for o in objectives.REGISTRY.values() if key in o.params)  # its rule checks the values
+            coerced: list[Any] = [objectives.resolve_params(owner.name, {key: v})[key] for v in values]
+        else:
+            coerced = [config_mod.coerce(key, v, "--grid") for v in values]
         grid[key] = list({json.dumps(v): v for v in coerced}.values())  # a repeated value would repeat a cell
     return grid or {k: list(v) for k, v in DEFAULT_GRID.items()}
+
+
+def is_hyperparameter(key: str) -> bool:
+    """Whether ``key`` is a hyperparameter of some registered objective (so a grid factor of its entry)."""
+    return any(key in o.params for o in objectives.REGISTRY.values())
 
 
 def cell_name(values: dict[str, Any]) -> str:
@@ -70,18 +91,16 @@ def cell_name(values: dict[str, Any]) -> str:
 
 
 def cell_config(base: Config, values: dict[str, Any], out: Path) -> Config:
-    """The base config with the cell's factor values; see the module docstring for objective parameters."""
+    """The base config with the cell's factor values; a hyperparameter factor goes into the entry of the
+    cell's own objective (see the module docstring)."""
     fields = base.to_dict()
-    objective = values.get("objective", base.objective)
-    entry = base.objectives.get(objective, {})
-    if objective != base.objective:
-        for k in OBJECTIVE_PARAMS:
-            fields[k] = config_mod.FIELDS[k].default
-        fields.update(entry)
-    else:  # config.build already applied the entry below the command line; a Config made in Python may not have
-        fields.update({k: v for k, v in entry.items() if fields[k] == _default(k)})
-    fields.update(values)
-    fields.update(output=str(out / "cells" / cell_name(values)), resume=True)
+    plain = {k: v for k, v in values.items() if k in config_mod.FIELDS}
+    params = {k: v for k, v in values.items() if k not in config_mod.FIELDS}
+    fields.update(plain, output=str(out / "cells" / cell_name(values)), resume=True)
+    if params:
+        obj = objectives.get(fields["objective"])
+        entry = fields["objectives"].get(obj.spec, fields["objectives"].get(obj.name, {}))
+        fields["objectives"] = {**fields["objectives"], obj.spec: {**entry, **params}}
     return Config(**fields).validate()
 
 
@@ -108,6 +127,8 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     from .model import load_tokenizer
     from .train import prepare_data
 
+    for name in grid.get("objective", []):  # a module:name objective registers itself (and its entry's schema)
+        objectives.get(name)
     base.validate()
     cells = plan(base, grid)              # every cell's config is valid before anything is written
     out = Path(base.output)
@@ -140,9 +161,11 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     return {"finished": finished, "failed": len(status) - finished}
 
 
-def _default(key: str) -> Any:
-    f = config_mod.FIELDS[key]
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+def _model_key(cfg: Config) -> tuple:
+    """Cells that agree on this share one loaded base model."""
+    from .model import resolve_dtype
+
+    return cfg.model, resolve_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation, cfg.device
 
 
 def _data_key(cfg: Config) -> tuple:
@@ -184,7 +207,7 @@ def _run_serial(todo: list, prepared: dict, status: dict, write: Callable[[], No
         try:
             shared = None
             if cfg.lora_rank > 0:  # full fine-tuning changes the weights: it loads its own copy
-                mkey = (cfg.model, cfg.dtype, cfg.trust_remote_code)
+                mkey = _model_key(cfg)
                 if mkey not in base_models:
                     base_models = {mkey: load_model(cfg)}
                 shared = base_models[mkey]
@@ -256,7 +279,7 @@ def _cell_main(path: str) -> int:
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
     """Every reference log-prob set the cells will need, computed here once (the base model, no adapter)."""
-    from .model import fingerprint, load_model
+    from .model import fingerprint, load_model, resolve_dtype
     from .reference import cache_key, reference_logps
     from .train import Schedule, reference_requests
 
@@ -267,11 +290,11 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
         cache_dir = cfg.resolved_cache_dir()
         fp = fingerprint(cfg.model, cache_dir)
         for pairs, batch_size in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
-            key = cache_key(fp, pairs, cfg.dtype, cfg.autocast_bf16)
+            key = cache_key(fp, pairs, resolve_dtype(cfg), cfg.autocast_bf16)
             if (key, str(cache_dir)) in done:
                 continue
             done.add((key, str(cache_dir)))
-            mkey = (cfg.model, cfg.dtype, cfg.trust_remote_code)
+            mkey = _model_key(cfg)
             if mkey not in models:
                 models = {mkey: load_model(cfg)}
             reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
@@ -280,15 +303,16 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
 
 
 def run_fallback(matrix_dir: str | Path) -> dict[str, int]:
-    """``preftune decide --fallback``: add ORPO cells at the matrix's ranks and run them."""
+    """``preftune decide --fallback``: add cells of the fallback objective (ORPO) at the matrix's ranks and run
+    them."""
     out = Path(matrix_dir)
     meta = json.loads((out / "matrix.json").read_text())
     base = config_mod.from_file(out / "base_config.yaml", output=str(out))
-    factors = meta["factors"]
-    grid = {k: (["orpo"] if k == "objective" else v) for k, v in factors.items()}
-    grid = grid if "objective" in grid else {"objective": ["orpo"], **grid}
+    factors, fallback = meta["factors"], objectives.fallback()
+    grid = {k: ([fallback] if k == "objective" else v) for k, v in factors.items()}
+    grid = grid if "objective" in grid else {"objective": [fallback], **grid}
     merged = {**grid, **factors, "objective": list(dict.fromkeys(factors.get("objective", [base.objective])
-                                                                 + ["orpo"]))}
+                                                                 + [fallback]))}
     names = {cell_name(dict(zip(grid, combo))) for combo in itertools.product(*grid.values())}
     kept = [c for c in meta["cells"] if c["name"] not in names]
     return _matrix(base, grid, 1, keep=(merged, kept))  # matrix.json lists both while the ORPO cells run

@@ -1,4 +1,4 @@
-"""Command line: ``preftune train | eval | ablate | review | decide | report | demo | world | objectives``.
+"""Command line: ``preftune train | eval | ablate | review | decide | report | demo | world | generate | objectives``.
 
 Bad input is one line on stderr and exit code 2; a diverged run exits 1; no tracebacks for either.
 
@@ -16,8 +16,10 @@ from dataclasses import MISSING
 from typing import Any
 
 from . import config as config_mod
+from . import trackers
 from .config import Config
 from .errors import InputError, TrainingDiverged
+from .files import check_writable_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +63,16 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
                            help=f"(default {default})")
 
 
+def _add_shorthand_flags(p: argparse.ArgumentParser) -> None:
+    """``--beta`` etc.: a hyperparameter of the objective being run (its ``objectives`` entry)."""
+    for name in config_mod.SHORTHANDS:
+        p.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
+                       help=f"shorthand for objectives.<objective>.{name} (see `preftune objectives`)")
+
+
 def _config_from(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> Config:
-    given = {k: v for k, v in vars(args).items() if k in config_mod.FIELDS and k not in skip}
+    keys = set(config_mod.FIELDS) | set(config_mod.SHORTHANDS)
+    given = {k: v for k, v in vars(args).items() if k in keys and k not in skip}
     if getattr(args, "config", None):
         return config_mod.from_file(args.config, **given)
     return config_mod.build({}, given)
@@ -76,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run")
     t.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
     _add_config_flags(t)
+    _add_shorthand_flags(t)
 
     e = sub.add_parser("eval", help="held-out evaluation of a model (and adapter) alone")
     e.add_argument("--config")
     e.add_argument("--adapter", help="a peft adapter folder (e.g. runs/x/adapter)")
     _add_config_flags(e)
+    _add_shorthand_flags(e)
 
     a = sub.add_parser("ablate", help="run an objective x rank (x seed x ...) matrix")
     a.add_argument("--config", help="base config (YAML); may hold `objectives:` per-objective overrides")
@@ -88,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a factor and its values (repeatable); default objective=dpo,simpo and lora_rank=16,8")
     a.add_argument("--parallel", type=int, default=1, help="cells run at once on this machine")
     _add_config_flags(a)
+    _add_shorthand_flags(a)
 
     r = sub.add_parser("review", help="diagnose one run folder, TRL trainer_state.json or JSONL log")
     r.add_argument("run")
@@ -115,8 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hidden", type=int, default=64, help="model width (the demo uses 128)")
     w.add_argument("--layers", type=int, default=2, help="decoder layers (the demo uses 4)")
 
+    g = sub.add_parser("generate", help="sample K completions per prompt; optionally judge them and write pairs")
+    from .generate import add_arguments as _generate_arguments
+
+    _generate_arguments(g)
+
+    pl = sub.add_parser("plan", help="will it fit? memory and compute per objective x rank, from the config alone")
+    from .plan import add_arguments as _plan_arguments
+
+    _plan_arguments(pl)
+
+    ex = sub.add_parser("export", help="a run's adapter, or the model with it merged, plus a model card")
+    from .export import add_arguments as _export_arguments
+
+    _export_arguments(ex)
+
     sub.add_parser("objectives", help="list objectives, their hyperparameters and defaults")
     return p
+
+
+def _check_dirs(cfg: Config) -> None:
+    """--output and --cache-dir are folders this process can write: checked before any loading or writing."""
+    check_writable_dir(cfg.output, field="output")
+    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
 
 
 def _parse_baseline(text: str | None) -> dict[str, Any] | None:
@@ -161,8 +195,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "eval":
         from .evaluate import evaluate_model
+        from .progress import phase
 
-        metrics = evaluate_model(_config_from(args), adapter=args.adapter)
+        cfg = _config_from(args)
+        _check_dirs(cfg)
+        with phase("scoring held-out pairs (reference, then model)", quiet=cfg.quiet):  # a bar in a terminal
+            metrics = evaluate_model(cfg, adapter=args.adapter)
         print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
               f"(refrel {metrics['eval_refrel/accuracy']:.3f}, lennorm {metrics['eval_lennorm/accuracy']:.3f})")
         return 0
@@ -171,6 +209,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = _config_from(args)
         grid = parse_grid(args.grid)
+        _check_dirs(cfg)
+        trackers.check(cfg.report_to)  # before the matrix folder is written, not once per failing cell
         result = run_matrix(cfg, grid, parallel=args.parallel)
         print(f"matrix: {result['finished']} finished, {result['failed']} failed -> {cfg.output}")
         return 0 if result["failed"] == 0 else 1
@@ -178,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .review import review, write_review
 
         rev = review(args.run)
+        if args.output:
+            check_writable_dir(args.output, field="output")
         path = write_review(rev, args.output) if args.output else write_review(rev, None)
         for f in rev.findings:
             print(f"[{f.severity}] {f.sentence}")
@@ -188,10 +230,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .decide import decide, write_decision
 
         decision = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
+        check_writable_dir(args.matrix)
         write_decision(args.matrix, decision)
         print(f"verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
         print(decision.get("summary", ""))
-        for reason in decision["reasons"]:
+        for reason in decision["explanation"]:
             print(f"  - {reason}")
         if args.fallback and decision["verdict"] == "fallback_orpo":
             from .ablate import run_fallback
@@ -204,6 +247,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .report import write_report, write_run_report
 
         folder = Path(args.matrix)
+        if not folder.is_dir():
+            raise InputError("not a folder: give a matrix folder or a run folder" if folder.exists()
+                             else "no such folder", path=str(folder))
+        check_writable_dir(folder)
         md, html = write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
         print(f"report: {html}\n        {md}")
         return 0
@@ -219,13 +266,28 @@ def _dispatch(args: argparse.Namespace) -> int:
                         hidden=args.hidden, layers=args.layers)
         print(f"model: {w.model_dir}\ntrain: {w.train_path}\nheld-out: {w.eval_path}")
         return 0
+    if cmd == "generate":
+        from .generate import main as generate_main
+
+        return generate_main(args)
+    if cmd == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(args)
+    if cmd == "export":
+        from .export import main as export_main
+
+        return export_main(args)
     if cmd == "objectives":
         from .objectives import REGISTRY
 
         for o in REGISTRY.values():
-            ref = "needs reference" if o.needs_reference else "reference-free"
-            params = ", ".join(f"{k}={v}" for k, v in o.defaults.items())
-            print(f"{o.name:8s} {ref:16s} {params:32s} {o.summary}")
+            ref = "needs a reference" if o.needs_reference else "no reference"
+            role = ", the fallback" if o.fallback else ""
+            print(f"{o.name:8s} {o.family}{role}, {ref}: {o.summary}")
+            for key, p in o.params.items():
+                default = "derived" if p.default is None else p.default
+                print(f"    {key:18s} default {default!s:8s} {p.rule:12s} {p.help}")
         return 0
     raise AssertionError(cmd)
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .files import parse_jsonl
 
 Content = str | list  # a string, or a list of {role, content} messages
 BAD_VALUE = "must be a non-empty string or a list of messages"
@@ -93,20 +94,19 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
         except Exception as e:  # pyarrow raises its own types for missing or corrupt files
             raise InputError(f"cannot read Parquet: {_one_line(e)}", path=source) from None
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", path=source) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Name the line like every other bad row does, and the byte offset, so `xxd -s` finds it.
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                         f"(byte {column} of the line)", path=source, line=line) from None
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=i) from None
-        return rows
+        return parse_jsonl(text, source, torn_last_line="error")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -287,6 +287,71 @@ def _encode_chat(ex: Example, tok: Any, wrapped: bool, source: str) -> tuple[lis
     return enc(prompt, True), enc(prompt + chosen), enc(prompt + rejected)
 
 
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt to generate from, with where it came from (for one-line errors)."""
+
+    id: str            # "<file name>:<line>" like Example.id
+    prompt: Content
+    source: str        # the file or dataset given
+    line: int          # JSONL line (1-based) or row (0-based)
+
+    def text(self) -> str:
+        return _text(self.prompt)
+
+
+def load_prompts(source: str, split: str = "train") -> list[PromptRow]:
+    """Prompts of any data file preftune reads: rows with a ``prompt`` (string or messages), or pairs.
+
+    Rows need no chosen/rejected; conversational pairs without a ``prompt`` give their common message prefix.
+
+        rows = load_prompts("heldout.jsonl")          # InputError "<file>:<line>: field 'prompt': missing"
+    """
+    path = Path(source)
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        name, rows = path.name, _read_file(path, source, split)
+    else:
+        name, rows = source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
+    out = []
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise InputError(f"row must be an object, got {type(row).__name__}", path=source, line=line)
+        if row.get("prompt") is None and "chosen" in row and "rejected" in row:
+            prompt = _example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
+        elif row.get("prompt") is None:
+            raise InputError("missing", path=source, line=line, field="prompt")
+        else:
+            prompt = row["prompt"]
+            _check(prompt, "prompt", source, line)
+        out.append(PromptRow(f"{name}:{line}", prompt, source, line))
+    if not out:
+        raise InputError("no rows", path=source)
+    return out
+
+
+def encode_prompts(rows: Sequence[PromptRow], tokenizer: Any, *, apply_chat_template: bool = False) -> list[list[int]]:
+    """Prompt ids exactly as training encodes them: plain strings with the tokenizer's default special tokens,
+    message lists (or wrapped strings) through the chat template with ``add_generation_prompt=True``."""
+    out: list[list[int]] = []
+    for r in rows:
+        prompt = r.prompt
+        if isinstance(prompt, str) and not apply_chat_template:
+            out.append(list(tokenizer(text=prompt)["input_ids"]))
+            continue
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("the tokenizer has no chat template, which conversational prompts need",
+                             path=r.source, line=r.line)
+        try:
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
+                                                add_generation_prompt=True)["input_ids"]
+        except Exception as e:  # jinja errors from the template itself
+            raise InputError(f"chat template failed: {_one_line(e)}", path=r.source, line=r.line) from None
+        out.append(list(ids))
+    return out
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -336,17 +401,3 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def length_bias(pairs: list[Pair]) -> dict:
-    """How completion length (tokens) relates to the label: a strong skew lets a model win on length alone."""
-    lc = [len(p.chosen_ids) for p in pairs]
-    lr = [len(p.rejected_ids) for p in pairs]
-    n = max(len(pairs), 1)
-    return {
-        "pairs": len(pairs),
-        "chosen_shorter": sum(c < r for c, r in zip(lc, lr)) / n,
-        "chosen_longer": sum(c > r for c, r in zip(lc, lr)) / n,
-        "equal": sum(c == r for c, r in zip(lc, lr)) / n,
-        "mean_chosen_len": sum(lc) / n,
-        "mean_rejected_len": sum(lr) / n,
-        "mean_len_ratio": sum(c / r for c, r in zip(lc, lr)) / n,
-    }

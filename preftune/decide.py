@@ -1,11 +1,14 @@
 """The verdict over an ablation matrix: switch objective, keep it, not decisive, or fall back to ORPO.
 
+Three parts: statistics (:class:`Stats`: paired comparison records), rules (:class:`_Rules`: the verdict and
+``Reason(code, data)`` records, no prose) and a renderer (preftune/reasons.py: sentences from the records).
+
     preftune decide matrix/                         # writes matrix/decision.json
 
 Every comparison is paired: two cells scored on the same held-out pairs (joined by ``id``) are compared with
 McNemar's exact test on the pairs only one of them ranks correctly, a paired bootstrap interval of the accuracy
-difference, and the pairs a test would need (Connor) -- under the run's own reward and under both common
-yardsticks (reference-relative ``refrel_margin > 0``, length-normalized ``lennorm_margin > 0``).
+difference, and the pairs a test would need (Connor) -- under the run's own reward and under every
+objective-free yardstick (preftune/yardsticks.py: reference-relative ``refrel``, length-normalized ``lennorm``).
 
 Verdict rules: see ``RULES`` (the report shows them).
 
@@ -24,11 +27,12 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from . import stats
+from . import objectives, stats, yardsticks
 from .config import load_yaml
 from .errors import InputError
 from .files import atomic_write_json
-from .review import Log, Review, clean_json, diagnose, load, margin_gap
+from .reasons import Reason, render, render_summary
+from .review import NUMERIC, Log, Review, clean_json, diagnose, load, margin_gap
 
 RULES = (
     "switch: objectives are compared on the two common yardsticks (reference-relative and length-normalized), "
@@ -40,21 +44,22 @@ RULES = (
     "both: no inflation on either side) and a held-out margin std/|mean| not larger.",
     "rank: within the chosen objective, the lowest rank whose held-out accuracy is not significantly different "
     "from the best rank's.",
-    "fallback_orpo: every DPO-family and SimPO cell is unstable (NaN/inf, diverging loss, held-out accuracy at "
-    "or below chance, or failed with such an error) and at least one of them is numerically unstable (NaN/inf "
-    "or divergence). When every cell merely sits at chance, nothing diverged: the labels carry no learnable "
-    "signal (or training was too short), ORPO would not fix that, and the verdict is not_decisive.",
-    "keep: the baseline is stable, its accuracy interval is above chance, and against every challenger either "
+    "fallback_orpo: every cell of a preference objective (the reference-relative and reference-free families, "
+    "the fallback objective aside) is unstable (NaN/inf, diverging loss, no yardstick's held-out accuracy "
+    "significantly above its step-0 value, or failed with such an error) and at least one of them is "
+    "numerically unstable (NaN/inf or divergence). When every cell merely learned nothing, nothing diverged: the "
+    "labels carry no learnable signal (or training was too short), ORPO would not fix that, and the verdict is "
+    "not_decisive.",
+    "keep: the baseline is stable and learned (above its step-0 value on a yardstick), and against every "
+    "challenger either "
     "the baseline is significantly better, the challenger is unstable, or they are not significantly "
     "different while the challenger's margins are not cleaner and the pairs were enough to detect a 5-point "
     "accuracy difference; otherwise not_decisive, with the held-out pairs or seeds that would settle it.",
 )
-NOT_JUDGED = ("orpo", "sft")          # rule 3 judges every other objective: the DPO family and SimPO
-FALLBACK = "orpo"
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
 NO_INFLATION = 0.25                   # a train-held-out gap of at most this share of the training margin is fine
-YARDSTICKS = {"own": "margin", "refrel": "refrel_margin", "lennorm": "lennorm_margin"}
-COMMON = ("refrel", "lennorm")        # objective-free yardsticks: the only fair ground between objectives
+COMMON = tuple(yardsticks.REGISTRY)   # objective-free yardsticks: the only fair ground between objectives
+YARDSTICKS = {"own": "margin", **{y: f"{y}_margin" for y in COMMON}}
 DIVERGED_WORDS = ("nan", "inf", "diverg")
 
 
@@ -89,6 +94,15 @@ class Group:
     def unstable(self) -> bool:
         return any(c["unstable"] for c in self.cells)
 
+    @property
+    def spec(self) -> objectives.Objective:
+        return objectives.get(self.objective)
+
+    def problems(self) -> list[str]:
+        """The finding codes that make it unstable (nonfinite, divergence, not_learned, at_chance)."""
+        return sorted({f["code"] for c in self.cells for f in c["findings"] if f["code"] in
+                       ("nonfinite", "divergence", "not_learned", "at_chance")})
+
     def spread(self) -> float:
         """Held-out margin std relative to its mean (scale-free); inf when the mean margin is 0 or unknown."""
         std, margin = self.mean("margin_std"), self.mean("margin")
@@ -114,7 +128,8 @@ def decide(matrix_dir: str | Path, *, alpha: float = 0.05, baseline: dict | None
         d = decide("matrix/")               # preftune decide matrix/
         print(d["verdict"], d["objective"], d["lora_rank"], d["summary"])
     """
-    return _Decider(Path(matrix_dir), alpha, baseline, n_boot).run()
+    st = Stats(Path(matrix_dir), alpha, n_boot)
+    return _Rules(st, st.baseline(baseline)).run()
 
 
 def write_decision(matrix_dir: str | Path, decision: dict) -> Path:
@@ -204,29 +219,20 @@ def _group(cells: list[tuple[dict, Log]]) -> list[Group]:
     return list(groups.values())
 
 
-# --- deciding ------------------------------------------------------------------------------------------------
+# --- statistics ----------------------------------------------------------------------------------------------
 
-def _p(x: float) -> str:
-    return f"{x:.2g}" if x < 0.01 else f"{x:.2f}"
+class Stats:
+    """The matrix's cells, grouped per (objective, rank), and paired comparison records between groups."""
 
-
-def _n(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
-
-
-class _Decider:
-    def __init__(self, matrix_dir: Path, alpha: float, baseline: dict | None, n_boot: int) -> None:
+    def __init__(self, matrix_dir: Path, alpha: float, n_boot: int) -> None:
         self.dir, self.alpha, self.n_boot = matrix_dir, alpha, n_boot
         self.factors, entries = read_matrix(matrix_dir)
         loaded = [load_cell(matrix_dir, e) for e in entries]
         self.cells = [c for c, _ in loaded]
         self.groups = _group([(c, log) for c, log in loaded if log is not None])
-        self.baseline = self._baseline(baseline)
         self.comparisons: dict[tuple[str, str, str], dict] = {}
-        self.reasons: list[str] = []
-        self.blocked: list[str] = []      # significant lifts that failed another switch condition
 
-    def _baseline(self, given: dict | None) -> dict:
+    def baseline(self, given: dict | None) -> dict:
         if given:
             if "objective" not in given or "lora_rank" not in given:
                 raise InputError("baseline needs 'objective' and 'lora_rank'", field="baseline")
@@ -244,6 +250,7 @@ class _Decider:
         return next((g for g in self.groups if g.objective == objective and g.lora_rank == rank), None)
 
     def compare(self, a: Group, b: Group, yardstick: str = "own") -> dict | None:
+        """McNemar, paired bootstrap and sample sizes of ``a`` vs ``b`` on their shared pairs, or None."""
         key = (a.name, b.name, yardstick)
         if key not in self.comparisons:
             ca, cb = a.correct.get(yardstick), b.correct.get(yardstick)
@@ -258,196 +265,200 @@ class _Decider:
             self.comparisons[key] = {
                 "a": a.name, "b": b.name, "yardstick": yardstick, "n": len(ids), "acc_a": acc_a, "acc_b": acc_b,
                 "diff": diff, "ci": [lo, hi], "mcnemar_p": stats.mcnemar_exact(a_only, b_only),
-                "a_only": a_only, "b_only": b_only,
+                "a_only": a_only, "b_only": b_only, "discordant": discordant,
                 "pairs_needed": stats.pairs_needed(acc_a, acc_b, discordant, alpha=self.alpha),
                 "pairs_to_detect": stats.pairs_needed(acc_b + MEANINGFUL, acc_b, discordant, alpha=self.alpha)}
         return self.comparisons[key]
 
-    def run(self) -> dict:
-        verdict, chosen, summary = self._verdict()
-        fallback = FALLBACK if verdict == "fallback_orpo" else self.baseline["objective"]
-        return {"verdict": verdict, "objective": chosen.objective if chosen else fallback,
-                "lora_rank": chosen.lora_rank if chosen else self.baseline["lora_rank"],
-                "baseline": self.baseline, "summary": summary, "reasons": self.reasons,
-                "comparisons": list(self.comparisons.values()), "cells": self.cells,
-                **({"groups": [g.to_dict() for g in self.groups]} if any(len(g.cells) > 1 for g in self.groups)
-                   else {})}
+    def common(self, c: Group, base: Group) -> list[dict]:
+        return [y for y in (self.compare(c, base, y) for y in COMMON) if y]
 
-    def _verdict(self) -> tuple[str, Group | None, str]:
-        for c in self.cells:
-            if c["status"] != "finished":
-                self.reasons.append(f"cell {c['name']} {c['status']}" + (f": {c['error']}" if c["error"] else "")
-                                    + "; reported, not compared")
-        fallback = self._fallback()
-        if fallback:
-            return fallback
-        base = self.find(self.baseline["objective"], self.baseline["lora_rank"])
-        if base is None:
-            self.reasons.append(f"the baseline cell ({self.baseline['objective']}, rank "
-                                f"{self.baseline['lora_rank']}) did not finish: nothing to compare against")
-            return "not_decisive", None, "Not decisive: the baseline cell did not finish."
-        challengers = self._challengers(base)
-        if not challengers:
-            self.reasons.append(f"no other objective finished beside {base.objective}: the objective cannot be "
-                                f"judged (only the rank)")
-            chosen = self._rank(base)
-            return "not_decisive", chosen, (f"Not decisive: only {base.objective} finished, so the objective "
-                                            f"was not tested; rank {chosen.lora_rank} is recommended.")
-        winners = [c for c, cmp in challengers if self._switch(c, base, cmp, len(challengers))]
-        if winners:
-            win = max(winners, key=lambda g: g.accuracy)
-            cmp = self.primary(win, base)
-            chosen = self._rank(win)
-            if chosen is not win:
-                final = self.compare(chosen, base)
-                self.reasons.append(f"{chosen.name} vs the baseline {base.name} directly: accuracy "
-                                    f"{_n(final['acc_a'])} vs {_n(final['acc_b'])} (p={_p(final['mcnemar_p'])})")
-            return "switch", chosen, (
-                f"Switch from {base.objective} to {win.objective} (rank {chosen.lora_rank}): it ranks "
-                f"{cmp['a_only'] - cmp['b_only']} more of {cmp['n']} held-out pairs correctly on the "
-                f"{cmp['yardstick']} yardstick (McNemar p={_p(cmp['mcnemar_p'])}, adjusted) with cleaner margins.")
-        keep, need = self._keep(base, challengers)
-        chosen = self._rank(base)
-        weak = base.unstable or base.ci[0] <= 0.5
-        if keep:
-            return "keep", chosen, (f"Keep {base.objective} (rank {chosen.lora_rank}): on {base.pairs} held-out "
-                                    f"pairs every other objective was significantly worse, unstable, or no "
-                                    f"different where a {MEANINGFUL * 100:.0f}-point difference would have shown.")
-        settle = f"; about {need} held-out pairs (or more seeds) would settle it" if need else ""
-        others = ", ".join(sorted({c.objective for c, _ in challengers}))
-        why = (f"the baseline {base.objective} shows no reliable held-out learning" if weak else
-               "; ".join(self.blocked) if self.blocked else
-               f"the held-out evidence does not separate {base.objective} from {others}")
-        return "not_decisive", chosen, f"Not decisive: {why}{settle}."
-
-    def _fallback(self) -> tuple[str, Group | None, str] | None:
-        judged = [g for g in self.groups if g.objective not in NOT_JUDGED]
-        crashed = [c for c in self.cells if c["status"] == "failed" and c["objective"] not in NOT_JUDGED
-                   and any(w in (c["error"] or "").lower() for w in DIVERGED_WORDS)]
-        if not (judged or crashed) or any(not g.unstable for g in judged):
-            return None
-        numeric = crashed or any(f["code"] in ("nonfinite", "divergence")
-                                 for g in judged for c in g.cells for f in c["findings"])
-        if not numeric:
-            self.reasons.append(
-                "every DPO-family and SimPO cell is at chance on the held-out pairs and none diverged: "
-                + "; ".join(f"{g.name} {_n(g.accuracy)} (95% CI {_n(g.ci[0])}-{_n(g.ci[1])})" for g in judged)
-                + ". No objective learned a held-out preference, so switching objective (ORPO included) would "
-                  "not help: check that chosen/rejected labels are meaningful (not random or flipped), or train "
-                  "longer")
-            return "not_decisive", None, ("Not decisive: no objective learned a held-out preference (every cell "
-                                          "is at chance and none diverged); check the labels or train longer.")
-        families = {("SimPO" if g.objective == "simpo" else "DPO-family") for g in judged} | \
-                   {("SimPO" if c["objective"] == "simpo" else "DPO-family") for c in crashed}
-        self.reasons.append("every DPO-family and SimPO cell is unstable: "
-                            + "; ".join(f"{g.name} ({self._why_unstable(g)})" for g in judged)
-                            + "".join(f"; {c['name']} failed: {c['error']}" for c in crashed))
-        for missing in sorted({"DPO-family", "SimPO"} - families):
-            self.reasons.append(f"no {missing} cell was in the matrix; it was not tried")
-        orpo = [g for g in self.groups if g.objective == FALLBACK]
-        if orpo and all(g.unstable for g in orpo):
-            self.reasons.append("the ORPO cells are unstable too: "
-                                + "; ".join(f"{g.name} ({self._why_unstable(g)})" for g in orpo))
-            return "not_decisive", None, ("Not decisive: every cell, ORPO included, is unstable or at chance; "
-                                          "check the data (are labels meaningful?) and the learning rate.")
-        if not orpo:
-            self.reasons.append("ORPO was not in the matrix: run it to confirm it trains stably")
-            return "fallback_orpo", None, ("Fall back to ORPO: every DPO-family and SimPO cell was unstable "
-                                           "or at chance.")
-        best = self._rank(max((g for g in orpo if not g.unstable), key=lambda g: g.accuracy))
-        return "fallback_orpo", best, (f"Fall back to ORPO (rank {best.lora_rank}): every DPO-family and SimPO "
-                                       f"cell was unstable or at chance; ORPO reached held-out accuracy "
-                                       f"{_n(best.accuracy)}.")
-
-    @staticmethod
-    def _why_unstable(g: Group) -> str:
-        return ", ".join(sorted({f["sentence"] for c in g.cells for f in c["findings"]
-                                 if f["code"] in ("nonfinite", "divergence", "at_chance")}))
-
-    def _challengers(self, base: Group) -> list[tuple[Group, dict]]:
-        """Each other objective at the baseline's rank (its best cell if that rank did not finish)."""
-        out = []
-        for objective in dict.fromkeys(g.objective for g in self.groups):
-            if objective == base.objective:
-                continue
-            c = self.find(objective, base.lora_rank)
-            if c is None:
-                c = max((g for g in self.groups if g.objective == objective), key=lambda g: g.accuracy)
-                self.reasons.append(f"{objective} has no finished cell at rank {base.lora_rank}; its best cell "
-                                    f"{c.name} stands in (objective and rank are confounded there)")
-            cmp = self.compare(c, base)
-            if cmp is None:
-                self.reasons.append(f"{c.name} shares no held-out pair ids with {base.name}: not compared")
-                continue
-            ys = [self.compare(c, base, y) for y in COMMON]
-            self.reasons.append(
-                f"{c.name} vs {base.name} on {cmp['n']} held-out pairs: accuracy {_n(cmp['acc_a'])} vs "
-                f"{_n(cmp['acc_b'])} (diff {cmp['diff']:+.3f}, 95% CI {cmp['ci'][0]:+.3f} to {cmp['ci'][1]:+.3f}), "
-                f"{cmp['a_only']} pairs only {c.objective} gets right, {cmp['b_only']} only {base.objective}, "
-                f"McNemar p={_p(cmp['mcnemar_p'])}"
-                + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})"
-                          for y in ys if y))
-            out.append((c, self.primary(c, base)))
-        return out
-
-    def primary(self, c: Group, base: Group) -> dict:
-        """The common-yardstick comparison with the most evidence, its p Bonferroni-adjusted over the yardsticks.
+    def primary(self, c: Group, base: Group) -> dict | None:
+        """The common-yardstick comparison with the most evidence for the challenger (a gain before a loss), its p
+        Bonferroni-adjusted over the yardsticks.
 
         Own rewards are not comparable across objectives (SimPO's is a length-normalized log-prob that can rank
         pairs well before any training, DPO's starts at an exact tie), so objectives are judged here.
         """
-        ys = [y for y in (self.compare(c, base, y) for y in COMMON) if y]
+        ys = self.common(c, base)
         if not ys:
             return self.compare(c, base)  # logs without yardsticks: own reward is all there is
-        best = min(ys, key=lambda y: (y["mcnemar_p"], -y["diff"]))
+        best = min(ys, key=lambda y: (y["diff"] <= 0, y["mcnemar_p"], -y["diff"]))  # the challenger's best case
         return {**best, "mcnemar_p": min(1.0, best["mcnemar_p"] * len(ys)), "p_raw": best["mcnemar_p"]}
 
-    def _cleaner(self, c: Group, base: Group) -> bool:
-        gap = c.gap_share() < base.gap_share() or max(c.gap_share(), base.gap_share()) <= NO_INFLATION
-        return gap and c.spread() <= base.spread()
 
-    def _margins(self, c: Group, base: Group) -> str:
-        return (f"train-held-out gap {_n(c.mean('margin_gap'))} ({_n(c.gap_share() * 100)}% of its training "
-                f"margin) vs {_n(base.mean('margin_gap'))} ({_n(base.gap_share() * 100)}%), held-out margin "
-                f"std/|mean| {_n(c.spread())} vs {_n(base.spread())}")
+def _short(cmp: dict) -> dict:
+    """The numbers of a comparison a reason carries."""
+    return {k: cmp[k] for k in ("a", "b", "yardstick", "n", "acc_a", "acc_b", "diff", "ci", "mcnemar_p",
+                                "a_only", "b_only")}
+
+
+def _margins(c: Group, base: Group) -> dict:
+    return {"gap": c.mean("margin_gap"), "gap_share": c.gap_share(), "spread": c.spread(),
+            "baseline_gap": base.mean("margin_gap"), "baseline_gap_share": base.gap_share(),
+            "baseline_spread": base.spread()}
+
+
+def cleaner(c: Group, base: Group) -> str:
+    """``cleaner``, ``equal`` or ``not_cleaner``: a smaller share of the training margin lost on held-out pairs
+    (or no inflation on either side) and a held-out margin spread no larger; equal numbers are not cleaner."""
+    m = _margins(c, base)
+    if all(math.isclose(m[k], m[f"baseline_{k}"], rel_tol=1e-9) or m[k] == m[f"baseline_{k}"]
+           for k in ("gap_share", "spread")):
+        return "equal"
+    gap = m["gap_share"] < m["baseline_gap_share"] or max(m["gap_share"], m["baseline_gap_share"]) <= NO_INFLATION
+    return "cleaner" if gap and m["spread"] <= m["baseline_spread"] else "not_cleaner"
+
+
+# --- rules -----------------------------------------------------------------------------------------------------
+
+class _Rules:
+    """The verdict rules (``RULES``), each step recorded as a Reason with its numbers."""
+
+    def __init__(self, st: Stats, baseline: dict) -> None:
+        self.st, self.alpha, self.baseline = st, st.alpha, baseline
+        self.reasons: list[Reason] = []
+        self.blocked: list[Reason] = []      # significant lifts that failed another switch condition
+
+    def add(self, code: str, **data: Any) -> Reason:
+        r = Reason(code, data)
+        self.reasons.append(r)
+        return r
+
+    def run(self) -> dict:
+        verdict, chosen, basis = self._verdict()
+        st = self.st
+        fallback = objectives.fallback() if verdict == "fallback_orpo" else self.baseline["objective"]
+        reasons = [r.to_dict() for r in self.reasons]
+        return {"verdict": verdict, "objective": chosen.objective if chosen else fallback,
+                "lora_rank": chosen.lora_rank if chosen else self.baseline["lora_rank"],
+                "baseline": self.baseline, "summary": render_summary(basis), "basis": basis.to_dict(),
+                "reasons": reasons, "explanation": [render(r) for r in self.reasons],
+                "comparisons": list(st.comparisons.values()), "cells": st.cells,
+                **({"groups": [g.to_dict() for g in st.groups]} if any(len(g.cells) > 1 for g in st.groups)
+                   else {})}
+
+    def _verdict(self) -> tuple[str, Group | None, Reason]:
+        st = self.st
+        for c in st.cells:
+            if c["status"] != "finished":
+                self.add("cell_not_finished", cell=c["name"], status=c["status"], error=c["error"])
+        fallback = self._fallback()
+        if fallback:
+            return fallback
+        base = st.find(self.baseline["objective"], self.baseline["lora_rank"])
+        if base is None:
+            r = self.add("baseline_missing", **self.baseline)
+            return "not_decisive", None, r
+        challengers = self._challengers(base)
+        if not challengers:
+            self.add("single_objective", objective=base.objective)
+            chosen = self._rank(base)
+            return "not_decisive", chosen, Reason("single_objective", {"objective": base.objective,
+                                                                       "lora_rank": chosen.lora_rank})
+        winners = [c for c, cmp in challengers if self._switch(c, base, cmp, len(challengers))]
+        if winners:
+            win = max(winners, key=lambda g: g.accuracy)
+            cmp = st.primary(win, base)
+            chosen = self._rank(win)
+            if chosen is not win:
+                final = st.compare(chosen, base)
+                self.add("direct_vs_baseline", **_short(final))
+            return "switch", chosen, Reason("switch", {"from": base.objective, "to": win.objective,
+                                                       "lora_rank": chosen.lora_rank, **_short(cmp)})
+        keep, need = self._keep(base, challengers)
+        chosen = self._rank(base)
+        if keep:
+            return "keep", chosen, Reason("keep", {"objective": base.objective, "lora_rank": chosen.lora_rank,
+                                                   "pairs": base.pairs, "meaningful": MEANINGFUL})
+        others = sorted({c.objective for c, _ in challengers})
+        return "not_decisive", chosen, Reason("not_decisive", {
+            "baseline": base.objective, "baseline_learned": not (base.unstable or base.ci[0] <= 0.5), "others": others,
+            "blocked": [b.to_dict() for b in self.blocked], "pairs_needed": need})
+
+    def _fallback(self) -> tuple[str, Group | None, Reason] | None:
+        st = self.st
+        judged = [g for g in st.groups if g.spec.judged]
+        crashed = [c for c in st.cells if c["status"] == "failed" and c["objective"]
+                   and objectives.get(c["objective"]).judged
+                   and any(w in (c["error"] or "").lower() for w in DIVERGED_WORDS)]
+        if not (judged or crashed) or any(not g.unstable for g in judged):
+            return None
+        numeric = crashed or any(set(g.problems()) & set(NUMERIC) for g in judged)
+        if not numeric:
+            r = self.add("all_at_chance", cells=[{"cell": g.name, "accuracy": g.accuracy, "ci": list(g.ci),
+                                                  "problems": g.problems()} for g in judged])
+            return "not_decisive", None, r
+        self.add("all_unstable", cells=[{"cell": g.name, "problems": g.problems()} for g in judged],
+                 failed=[{"cell": c["name"], "error": c["error"]} for c in crashed])
+        families = {g.spec.family for g in judged} | {objectives.get(c["objective"]).family for c in crashed}
+        for missing in sorted(set(objectives.PREFERENCE_FAMILIES) - families):
+            self.add("family_not_tried", family=missing)
+        name = objectives.fallback()
+        fb = [g for g in st.groups if g.spec.fallback]
+        if fb and all(g.unstable for g in fb):
+            r = self.add("fallback_unstable", objective=name,
+                         cells=[{"cell": g.name, "problems": g.problems()} for g in fb])
+            return "not_decisive", None, r
+        if not fb:
+            r = self.add("fallback_not_run", objective=name)
+            return "fallback_orpo", None, r
+        best = self._rank(max((g for g in fb if not g.unstable), key=lambda g: g.accuracy))
+        return "fallback_orpo", best, Reason("fallback", {"objective": best.objective, "lora_rank": best.lora_rank,
+                                                          "accuracy": best.accuracy})
+
+    def _challengers(self, base: Group) -> list[tuple[Group, dict]]:
+        """Each other objective at the baseline's rank (its best cell if that rank did not finish)."""
+        st, out = self.st, []
+        for objective in dict.fromkeys(g.objective for g in st.groups):
+            if objective == base.objective:
+                continue
+            c = st.find(objective, base.lora_rank)
+            if c is None:
+                c = max((g for g in st.groups if g.objective == objective), key=lambda g: g.accuracy)
+                self.add("stand_in", objective=objective, lora_rank=base.lora_rank, cell=c.name)
+            cmp = st.compare(c, base)
+            if cmp is None:
+                self.add("no_shared_pairs", a=c.name, b=base.name)
+                continue
+            self.add("comparison", **_short(cmp), yardsticks=[
+                {"yardstick": y["yardstick"], "diff": y["diff"], "mcnemar_p": y["mcnemar_p"]}
+                for y in st.common(c, base)])
+            out.append((c, st.primary(c, base)))
+        return out
 
     def _switch(self, c: Group, base: Group, cmp: dict, k: int) -> bool:
-        level = self.alpha / k
+        st, level = self.st, self.alpha / k
         more = (cmp["acc_a"] - cmp["acc_b"]) * cmp["n"] >= 1 - 1e-9
         if not more or cmp["mcnemar_p"] >= self.alpha:
-            own = self.compare(c, base)
-            if own and own is not cmp and own["diff"] > 0 and own["mcnemar_p"] < self.alpha:
-                text = (f"{c.objective} ranks more held-out pairs correctly on its own reward "
-                        f"({_n(own['acc_a'])} vs {_n(own['acc_b'])}, p={_p(own['mcnemar_p'])}) but not on a common "
-                        f"yardstick (best: {cmp['yardstick']} {cmp['diff']:+.3f}, adjusted p={_p(cmp['mcnemar_p'])})"
-                        f": the lift comes from how its own reward scores pairs, not from a policy that ranks "
-                        f"them better")
-                self.blocked.append(text)
-                self.reasons.append(f"no switch to {c.name}: {text}")
+            own = st.compare(c, base)
+            if own and own["yardstick"] != cmp["yardstick"] and own["diff"] > 0 and own["mcnemar_p"] < self.alpha:
+                r = self.add("own_reward_only", cell=c.name, objective=c.objective, own=_short(own),
+                             best=_short(cmp))
+                self.blocked.append(r)
             return False
-        worse = [y for y in (self.compare(c, base, y) for y in COMMON)
-                 if y and y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < self.alpha]
+        worse = [y for y in st.common(c, base)
+                 if y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < self.alpha]
+        lo = stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])[0]
+        margins = cleaner(c, base)
+        common = {"cell": c.name, "objective": c.objective, **_short(cmp)}
         if cmp["mcnemar_p"] >= level:
-            why = "its p is not below alpha", f"p is not below alpha/{k} = {_p(level)} ({k} challengers tested)"
+            r = Reason("not_significant_adjusted", {**common, "level": level, "challengers": k})
         elif c.unstable:
-            why = "it is unstable", self._why_unstable(c)
-        elif c.ci[0] <= 0.5:
-            why = "it is not above chance", f"its accuracy interval starts at {_n(c.ci[0])}"
-        elif not self._cleaner(c, base):
-            why = "its margins are not cleaner", self._margins(c, base)
+            r = Reason("challenger_unstable", {**common, "problems": c.problems()})
+        elif lo <= 0.5:
+            r = Reason("not_above_chance", {**common, "ci_low": lo})
+        elif margins != "cleaner":
+            r = Reason("margins_equal" if margins == "equal" else "margins_not_cleaner",
+                       {**common, **_margins(c, base)})
         elif worse:
-            why = "it is significantly worse on the other yardstick", ", ".join(
-                f"{y['yardstick']} {y['diff']:+.3f}, p={_p(y['mcnemar_p'])}" for y in worse)
+            r = Reason("worse_other_yardstick", {**common, "worse": [_short(y) for y in worse]})
         else:
-            self.reasons.append(
-                f"switch: {c.name} ranks {cmp['a_only'] - cmp['b_only']} more pairs correctly on the "
-                f"{cmp['yardstick']} yardstick, adjusted p={_p(cmp['mcnemar_p'])} < {_p(level)} "
-                f"(alpha {self.alpha} over {k} challenger(s)), accuracy "
-                f"interval {_n(c.ci[0])}-{_n(c.ci[1])} above chance, cleaner margins: {self._margins(c, base)}")
+            self.add("switch_rule_met", **common, level=level, alpha=self.alpha, challengers=k, ci_low=lo,
+                     ci_high=stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])[1], **_margins(c, base))
             return True
-        self.blocked.append(f"{c.objective} ranks more held-out pairs correctly on the {cmp['yardstick']} "
-                            f"yardstick (p={_p(cmp['mcnemar_p'])}) but {why[0]}")
-        self.reasons.append(f"{c.name} is better (p={_p(cmp['mcnemar_p'])}) but no switch: {why[0]} ({why[1]})")
+        self.reasons.append(r)
+        self.blocked.append(r)
         return False
 
     def _keep(self, base: Group, challengers: list[tuple[Group, dict]]) -> tuple[bool, int | None]:
@@ -455,74 +466,68 @@ class _Decider:
         keep, need = True, []
         if base.unstable:
             keep = False
-            self.reasons.append(f"the baseline {base.name} is unstable ({self._why_unstable(base)}): not a "
-                                f"position to keep")
+            self.add("baseline_unstable", cell=base.name, problems=base.problems())
         elif base.ci[0] <= 0.5:
             keep = False
-            self.reasons.append(f"the baseline {base.name}'s held-out accuracy {_n(base.accuracy)} has a 95% "
-                                f"interval {_n(base.ci[0])}-{_n(base.ci[1])} that includes chance: no evidence it "
-                                f"learned the preference, nothing to keep")
+            self.add("baseline_not_above_chance", cell=base.name, accuracy=base.accuracy, ci=list(base.ci))
         for c, cmp in challengers:
             if c.unstable:
-                self.reasons.append(f"{c.name} is unstable ({self._why_unstable(c)}): favours the baseline")
+                self.add("challenger_unstable", cell=c.name, objective=c.objective, problems=c.problems(),
+                         favours="baseline")
                 continue
             significant = cmp["mcnemar_p"] < self.alpha
             if significant and cmp["diff"] < 0:
-                self.reasons.append(f"{base.name} is significantly better than {c.name} "
-                                    f"(p={_p(cmp['mcnemar_p'])}): favours the baseline")
+                self.add("baseline_better", **_short(cmp))
                 continue
-            powered = cmp["pairs_to_detect"] is not None and cmp["n"] >= cmp["pairs_to_detect"]
-            if not significant and not self._cleaner(c, base) and powered:
-                self.reasons.append(f"{c.name} is not significantly different (p={_p(cmp['mcnemar_p'])}), its "
-                                    f"margins are not cleaner, and {cmp['n']} pairs were enough to detect a "
-                                    f"{MEANINGFUL * 100:.0f}-point difference (needs {cmp['pairs_to_detect']}): "
-                                    f"favours the baseline")
+            margins = cleaner(c, base)
+            to_detect = cmp["pairs_to_detect"]
+            powered = to_detect is not None and cmp["n"] >= to_detect
+            if not significant and margins != "cleaner" and powered:
+                self.add("no_difference", **_short(cmp), pairs_to_detect=to_detect, meaningful=MEANINGFUL)
                 continue
             keep = False
             if significant:
                 continue  # a real lift that failed another switch condition: reported by _switch
-            need.append(cmp["pairs_needed"] or cmp["pairs_to_detect"])
-            why = f"not significantly different (p={_p(cmp['mcnemar_p'])})"
-            if self._cleaner(c, base):
-                why += f", its margins are cleaner ({self._margins(c, base)})"
-            if not powered:
-                why += (f", {cmp['n']} pairs cannot detect a {MEANINGFUL * 100:.0f}-point difference "
-                        f"(needs {cmp['pairs_to_detect']})")
-            self.reasons.append(f"{c.name} vs {base.name}: {why}; " + self._settle(c, base, cmp))
+            need.append(cmp["pairs_needed"] or to_detect)
+            self.add("not_significant", **_short(cmp), **self._settle(c, base, cmp), margins=margins,
+                     **(_margins(c, base) if margins == "cleaner" else {}),
+                     pairs_to_detect=to_detect, powered=powered, meaningful=MEANINGFUL,
+                     power_unknown=None if to_detect is not None else _why_unknown(cmp))
         return keep, max((x for x in need if x), default=None)
 
-    def _settle(self, c: Group, base: Group, cmp: dict) -> str:
-        pairs = (f"the observed difference {cmp['diff']:+.3f} would need about {cmp['pairs_needed']} held-out "
-                 f"pairs to reach p<{self.alpha}" if cmp["pairs_needed"] else
-                 "the two rank the held-out pairs identically on balance")
+    def _settle(self, c: Group, base: Group, cmp: dict) -> dict:
+        """Held-out pairs (and seeds) that would settle a difference that is not significant."""
+        out: dict[str, Any] = {"pairs_needed": cmp["pairs_needed"]}
         accs = [[x["accuracy"] for x in g.cells] for g in (c, base)]
         if min(len(a) for a in accs) < 2:
-            return pairs + "; run >= 3 seeds per cell to see the seed-to-seed spread"
+            return {**out, "seeds": min(len(a) for a in accs)}
         sd = math.sqrt((statistics.variance(accs[0]) + statistics.variance(accs[1])) / 2)
         d = abs(statistics.fmean(accs[0]) - statistics.fmean(accs[1]))
         z = NormalDist().inv_cdf(1 - self.alpha / 2) + NormalDist().inv_cdf(0.8)
-        seeds = math.ceil(2 * (z * sd / d) ** 2) if d > 0 else None
-        return pairs + (f"; with seed std {_n(sd)}, about {seeds} seeds per cell would separate the means"
-                        if seeds else "; the seed means are identical")
+        return {**out, "seeds": min(len(a) for a in accs), "seed_sd": sd,
+                "seeds_needed": math.ceil(2 * (z * sd / d) ** 2) if d > 0 and sd > 0 else None}
 
     def _rank(self, anchor: Group) -> Group:
         """Rule 2: the lowest rank of ``anchor``'s objective not significantly different from its best rank."""
-        same = [g for g in self.groups if g.objective == anchor.objective and (not g.unstable or g is anchor)]
+        st = self.st
+        same = [g for g in st.groups if g.objective == anchor.objective and (not g.unstable or g is anchor)]
         top = max(same, key=lambda g: (g.accuracy, -g.lora_rank))
         for g in sorted(same, key=lambda g: g.lora_rank):
             if g is top:
                 break
-            cmp = self.compare(g, top)
+            cmp = st.compare(g, top)
             if cmp and cmp["mcnemar_p"] >= self.alpha:
-                tm, tt = g.mean("train_margin"), top.mean("train_margin")
-                self.reasons.append(
-                    f"rank {g.lora_rank} is not significantly different from rank {top.lora_rank} for "
-                    f"{g.objective} (accuracy {_n(cmp['acc_a'])} vs {_n(cmp['acc_b'])}, p={_p(cmp['mcnemar_p'])}"
-                    f"; training margin {_n(tm)} vs {_n(tt)}): prefer the lower rank {g.lora_rank}")
+                self.add("lower_rank_equivalent", objective=g.objective, lora_rank=g.lora_rank,
+                         best_rank=top.lora_rank, **_short(cmp), train_margin=g.mean("train_margin"),
+                         best_train_margin=top.mean("train_margin"))
                 return g
         if len(same) > 1:
-            lower = ("lower ranks are significantly worse" if top.lora_rank > min(g.lora_rank for g in same)
-                     else "also the lowest")
-            self.reasons.append(f"rank {top.lora_rank} is the best rank for {top.objective} (held-out accuracy "
-                                f"{_n(top.accuracy)}), {lower}")
+            self.add("best_rank", objective=top.objective, lora_rank=top.lora_rank, accuracy=top.accuracy,
+                     lower_ranks_worse=top.lora_rank > min(g.lora_rank for g in same))
         return top
+
+
+def _why_unknown(cmp: dict) -> str:
+    """Why the pairs a 5-point difference needs can't be computed: the baseline is at the ceiling, or the two
+    runs never disagree (no discordant pairs, zero variance of the difference)."""
+    return "ceiling" if cmp["acc_b"] + MEANINGFUL > 1 else "zero_variance"

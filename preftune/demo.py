@@ -47,7 +47,7 @@ def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     md, html = write_report(out / "matrix")
     print(f"\n[demo] verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
     print(f"[demo] {decision.get('summary', '')}")
-    for reason in decision["reasons"]:
+    for reason in decision["explanation"]:
         print(f"  - {reason}")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s\n[demo] report: {html}\n[demo] markdown: {md}\n"
           f"[demo] cells: {out / 'matrix' / 'cells'}")

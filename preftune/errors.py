@@ -16,6 +16,7 @@ class InputError(Exception):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         what = f"field '{field}': " if field is not None else ""
+        self.path, self.line, self.field = path, line, field  # for callers (and tests) that need the parts
         super().__init__(f"{where}{what}{message}")
 
 

@@ -1,10 +1,8 @@
 """Held-out evaluation: TRL-named metrics, two common yardsticks, and one row per pair.
 
-Every run, whatever its objective, is also scored under two objective-free yardsticks so runs of different
-objectives can be compared on the same held-out pairs:
-
-* reference-relative (DPO's, β = 1): ``(logπ(c) - logπref(c)) - (logπ(r) - logπref(r))``
-* length-normalized (SimPO's, β = 1, γ = 0): ``logπ(c)/|c| - logπ(r)/|r|``
+Every run, whatever its objective, is also scored under every objective-free yardstick (preftune/yardsticks.py:
+reference-relative ``refrel`` and length-normalized ``lennorm``), so runs of different objectives can be
+compared on the same held-out pairs.
 
     preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl --output runs/x-eval
 """
@@ -17,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import objectives
+from . import objectives, yardsticks
 from .config import Config, dump_yaml
 from .data import load_examples, tokenize_examples
 from .errors import InputError
 from .files import atomic_write_json, atomic_write_text, write_jsonl
 from .logprobs import score_pairs
-from .model import fingerprint, load_model, load_tokenizer
+from .model import fingerprint, load_model, load_tokenizer, resolve_dtype
 from .reference import cache_key, reference_logps
 
 
@@ -55,15 +53,12 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
                              rejected_tokens=counts[:, 1], ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
     out = objectives.compute(objective, lp, params)
     margin = out.chosen_rewards - out.rejected_rewards                      # (N,)
-    refrel = (logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1])          # (N,)
-    lennorm = logps[:, 0] / counts[:, 0] - logps[:, 1] / counts[:, 1]       # (N,)
+    sticks = {y.name: y.margin(lp) for y in yardsticks.REGISTRY.values()}   # name -> (N,)
     metrics = summarize(logps, counts, out, out.loss, prefix="eval_")
+    metrics["eval_accuracy"] = _accuracy(margin)
+    for name, m in sticks.items():
+        metrics.update({f"eval_{name}/accuracy": _accuracy(m), f"eval_{name}/margin": float(m.mean())})
     metrics.update({
-        "eval_accuracy": _accuracy(margin),
-        "eval_refrel/accuracy": _accuracy(refrel),
-        "eval_refrel/margin": float(refrel.mean()),
-        "eval_lennorm/accuracy": _accuracy(lennorm),
-        "eval_lennorm/margin": float(lennorm.mean()),
         "eval_margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
         "eval_length/chosen": float(counts[:, 0].mean()),
         "eval_length/rejected": float(counts[:, 1].mean()),
@@ -76,7 +71,7 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
         "ref_chosen_logps": float(ref[i, 0]), "ref_rejected_logps": float(ref[i, 1]),
         "chosen_reward": float(out.chosen_rewards[i]), "rejected_reward": float(out.rejected_rewards[i]),
         "margin": float(margin[i]), "correct": bool(margin[i] > 0),
-        "refrel_margin": float(refrel[i]), "lennorm_margin": float(lennorm[i]),
+        **{f"{name}_margin": float(m[i]) for name, m in sticks.items()},
     } for i in range(len(ids))]
     return metrics, rows
 
@@ -115,7 +110,7 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
             raise InputError(f"cannot load adapter: {str(e).splitlines()[0]}", path=adapter, field="adapter") from None
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
     cache_dir = cfg.resolved_cache_dir()
-    key = cache_key(fingerprint(cfg.model, cache_dir), pairs, cfg.dtype, cfg.autocast_bf16)
+    key = cache_key(fingerprint(cfg.model, cache_dir), pairs, resolve_dtype(cfg), cfg.autocast_bf16)
     ref, _ = reference_logps(model, pairs, key=key, cache_dir=cache_dir, pad_id=tok.pad_token_id,
                              batch_size=cfg.eval_batch_size, **fast)
     metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,

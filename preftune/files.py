@@ -52,16 +52,62 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file written by preftune, skipping a torn final line left by a crash."""
+def parse_jsonl(text: str, source: str, *, torn_last_line: str) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank JSONL line; InputError naming the file and line otherwise.
+
+    ``torn_last_line``: ``"skip"`` drops an unparsable final line with no newline, the trace of a crash in the
+    middle of ``append_jsonl`` (preftune's own logs); ``"error"`` rejects it (user data never silently loses a
+    row). Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
+    """
+    from .errors import InputError
+
+    if torn_last_line not in ("skip", "error"):
+        raise ValueError(f"torn_last_line must be 'skip' or 'error', got {torn_last_line!r}")
+    lines = text.split("\n")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn write at crash time
-            if line.strip():
-                rows.append(json.loads(line))
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if torn_last_line == "skip" and i == len(lines):
+                break
+            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=i) from None
     return rows
+
+
+def read_jsonl(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[Any]:
+    """The values of a JSONL file (see :func:`parse_jsonl` for the torn-last-line policy)."""
+    from .errors import InputError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read: {e}", path=str(path)) from None
+    return [row for _, row in parse_jsonl(text, str(path), torn_last_line=torn_last_line)]
+
+
+def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> None:
+    """InputError unless ``path`` is a folder, or can be made one, that this process can write into.
+
+    Called before anything is written, so a file given as ``--output`` (or a folder under a file) is one line
+    and exit code 2 instead of a traceback halfway through a run, and the file is left untouched.
+
+        check_writable_dir("runs/x", field="output")
+    """
+    from .errors import InputError
+
+    target = Path(path).absolute()
+    if target.exists() and not target.is_dir():
+        raise InputError("is a file, not a folder: choose another path", path=str(path), field=field)
+    probe = target
+    while not probe.exists() and probe.parent != probe:  # the nearest part of the path that exists
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create a folder here: {probe} is a file", path=str(path), field=field)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write here: {probe} is not writable by this user", path=str(path), field=field)
 
 
 @contextmanager

@@ -7,7 +7,9 @@ Two paths that give the same numbers (tested to 1e-5 in fp32):
 * ``batch_logps(model, batch)`` — the fast path used in training and evaluation:
     - prefix sharing (``share_prompt``): one row per pair, ``prompt + chosen + rejected``, with a 4D mask
       that hides chosen from rejected and position ids that restart rejected right after the prompt, so the
-      prompt is processed once per pair instead of twice;
+      prompt is processed once per pair instead of twice. Sliding-window layers get the window applied to
+      that mask by position id; a model for which sharing can't be exact (``prefix_sharing_blocker``:
+      ALiBi, kernels without custom masks) gets the plain layout instead, automatically;
     - the LM head runs only on the positions that predict completion tokens, in chunks, and each token's
       log-prob is ``logit[target] - logsumexp(logits)`` in fp32; no (B, T, V) log-softmax is kept.
 """
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from .model import SDPA_FP32
+from .progress import tick
 
 # Above this many logits in one chunk, recompute the chunk in backward instead of keeping it (large vocabs).
 _CHECKPOINT_LOGITS = 1 << 25
@@ -140,12 +145,96 @@ def token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: i
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _mask_for(model: torch.nn.Module, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """SDPA takes a bool mask (True = attend); eager attention adds a float mask."""
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if mask.dim() == 4 and impl == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
+# Attention implementations that take the prefix-sharing mask: SDPA a 4D bool tensor, eager an additive
+# float one, flex a BlockMask (a float tensor there crashed torch 2.13's CPU kernel). Anything else
+# (flash_attention_*, hub kernels) takes no custom mask and gets the plain layout.
+_BOOL_MASK = ("sdpa", SDPA_FP32)
+_FLOAT_MASK = ("eager",)
+_BLOCK_MASK = ("flex_attention",)
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def prefix_sharing_blocker(model: torch.nn.Module) -> str | None:
+    """Why sharing the prompt can't give this model's exact numbers, or None when it can.
+
+    The one capability check: score_pairs and the training loop fall back to the plain layout (two rows per
+    pair) whenever it names a reason, so numbers never depend on ``share_prompt``.
+
+        >>> prefix_sharing_blocker(load_model(cfg)) is None
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in _BOOL_MASK + _FLOAT_MASK + _BLOCK_MASK:
+        return f"{impl} attention takes no custom 4D mask"
+    if getattr(cfg, "alibi", False) or getattr(cfg, "model_type", "") in ("bloom", "mpt"):
+        # ALiBi biases by token index, not position id: rejected would sit C tokens too far from the prompt
+        return "ALiBi position bias follows the token index, not position ids"
+    types = set(getattr(cfg, "layer_types", None) or ())
+    if types - _LAYER_TYPES:
+        return f"layer types {sorted(types - _LAYER_TYPES)} need masks of their own"
+    if _sliding_window(cfg) is not None and len(types) > 1 and not _takes_mask_per_layer_type(lm.get_decoder()):
+        return "sliding and full-attention layers need two masks and this decoder takes one"
+    return None
+
+
+def _sliding_window(cfg: object) -> int | None:
+    """The window of the sliding layers (if any layer slides)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None  # e.g. Qwen2 without use_sliding_window keeps sliding_window None
+    return int(window)
+
+
+def _takes_mask_per_layer_type(decoder: torch.nn.Module) -> bool:
+    """Decoders with mixed layers (Gemma-2/3, Qwen2/3) accept ``{layer_type: 4D mask}`` as attention_mask."""
+    import inspect
+
+    try:
+        return "causal_mask_mapping" in inspect.getsource(type(decoder).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _mask_for(model: torch.nn.Module, batch: Batch, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    """The attention mask the decoder gets: the 2D padding mask as is (transformers builds causal and sliding
+    masks from it), or the 4D prefix-sharing mask made exact for this model.
+
+    Sliding-window layers (Mistral, Gemma-2/3) see a key only if it is less than ``window`` positions back,
+    where a position is the index in the plain layout, i.e. ``position_ids``; transformers can't derive
+    that from a custom mask, so it is applied here. Mixed models get one mask per layer type. SDPA takes
+    bool (True = attend), eager adds a float mask, flex takes a BlockMask.
+    """
+    mask = batch.attention_mask
+    if mask.dim() != 4:
+        return mask
+    cfg = model.config
+    masks = {"full_attention": mask}
+    window = _sliding_window(cfg)
+    if window is not None and int(batch.position_ids.max()) >= window:  # else no query reaches past the window
+        pos = batch.position_ids
+        near = (pos.unsqueeze(2) - pos.unsqueeze(1)) < window           # (R, L, L): q - k < window
+        types = getattr(cfg, "layer_types", None)
+        masks = {"sliding_attention": mask & near.unsqueeze(1)}         # (R, 1, L, L)
+        if types is not None and "full_attention" in types:
+            masks["full_attention"] = mask
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl in _FLOAT_MASK:
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for k, m in masks.items()}
+    elif impl in _BLOCK_MASK:
+        masks = {k: _block_mask(m) for k, m in masks.items()}
+    return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+def _block_mask(mask: Tensor) -> object:
+    """(R, 1, L, L) bool -> flex attention BlockMask with the same True = attend entries."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    m = mask[:, 0]                                                       # (R, L, L)
+    R, L, _ = m.shape
+    return create_block_mask(lambda b, h, q, k: m[b, q, k], R, None, L, L, device=str(m.device))
 
 
 def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
@@ -161,7 +250,7 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
     batch = batch.to(device)
     dtype = head.weight.dtype
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch.attention_mask, dtype),
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, dtype),
                          position_ids=batch.position_ids, use_cache=False).last_hidden_state   # (R, L, H)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.src)               # (M, H)
         cfg = lm.config
@@ -185,6 +274,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
     """
     was_training = model.training
     model.eval()
+    share_prompt = share_prompt and prefix_sharing_blocker(model) is None
     n = len(pairs)
     logps = torch.zeros(n, 2)
     counts = torch.zeros(n, 2)
@@ -201,5 +291,6 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
         logps[idx] = torch.stack([s[:k], s[k:]], 1).cpu()
         counts[idx] = torch.stack([c[:k], c[k:]], 1).cpu()
         processed += batch.padded_tokens
+        tick(k)  # the terminal's phase bar (reference pass, evaluation), if one is open
     model.train(was_training)
     return logps, counts, processed

@@ -12,14 +12,21 @@ TRL's per-example rewards. Notation used in the docstrings, per pair::
     σ          the logistic function
 
     compute("simpo", lp, resolve_params("simpo", {"beta": 2.0, "gamma_beta_ratio": 0.5}))
+
+Each objective declares itself (``@objective``): its loss, whether it needs a reference, its family, its
+hyperparameter schema. Nothing outside this registry branches on an objective's name.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,40 +58,107 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its default, the rule a value must satisfy, and one line of help.
+
+    ``default`` None means "derived" (the objective computes it from the others, e.g. SimPO's absolute γ).
+    """
+
+    default: float | None
+    check: Callable[[float], bool] = lambda v: True
+    rule: str = "any number"
+    help: str = ""
+
+
+@dataclass(frozen=True)
 class Objective:
+    """A registry entry: everything the engine, the matrix, ``decide`` and ``report`` need to know.
+
+    family: ``reference-relative`` (judged against a frozen reference), ``reference-free``, or ``likelihood``
+    (SFT-like, not a preference objective). ``fallback``: the objective ``decide`` recommends when every judged
+    objective is numerically unstable (ORPO). ``exclusive``: groups of parameters of which a run may give one.
+    ``data``: ``paired`` (prompt/chosen/rejected rows).
+    """
+
     name: str
     fn: Callable[..., Output]
     needs_reference: bool
-    defaults: dict[str, float]
+    family: str
+    params: dict[str, Param]
     summary: str
+    fallback: bool = False
+    exclusive: tuple[tuple[str, ...], ...] = ()
+    data: str = "paired"
+
+    @property
+    def defaults(self) -> dict[str, float | None]:
+        return {k: p.default for k, p in self.params.items()}
+
+    @property
+    def spec(self) -> str:
+        """The name that finds it again in a fresh process: ``module:name`` for an objective registered outside
+        preftune (so a --parallel child or a saved config.yaml imports its module), else the name."""
+        module = self.fn.__module__
+        return self.name if module == __name__ else f"{module}:{self.name}"
+
+    @property
+    def judged(self) -> bool:
+        """Whether ``decide`` judges this objective's stability for the fallback rule (preference objectives
+        other than the fallback itself)."""
+        return self.family in PREFERENCE_FAMILIES and not self.fallback
 
 
+FAMILIES = ("reference-relative", "reference-free", "likelihood")
+PREFERENCE_FAMILIES = ("reference-relative", "reference-free")
 REGISTRY: dict[str, Objective] = {}
+ObjectiveOutput = Output  # the public name (``preftune.ObjectiveOutput``)
 
 
-def _register(name: str, *, needs_reference: bool, defaults: dict[str, float],
-              summary: str) -> Callable[[Callable[..., Output]], Callable[..., Output]]:
+def objective(name: str, *, needs_reference: bool, family: str, params: dict[str, float | Param] | None = None,
+              summary: str = "", fallback: bool = False, exclusive: tuple[tuple[str, ...], ...] = (),
+              data: str = "paired") -> Callable[[Callable[..., Output]], Callable[..., Output]]:
+    """Register an objective; public as ``preftune.objective``. ``params`` maps each hyperparameter to its
+    default (a number) or a :class:`Param`. The function gets a :class:`SeqLogps` and the hyperparameters as
+    keywords, and returns an :class:`Output` (``preftune.ObjectiveOutput``)::
+
+        @preftune.objective("slic", needs_reference=False, family="reference-free", params={"beta": 1.0})
+        def slic(lp, beta): ...
+
+    Then ``preftune train --objective mymodule:slic`` imports ``mymodule`` and runs it.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if data != "paired":
+        raise ValueError(f"data must be 'paired', got {data!r}")
+    schema = {k: v if isinstance(v, Param) else Param(float(v)) for k, v in (params or {}).items()}
+
     def add(fn: Callable[..., Output]) -> Callable[..., Output]:
-        REGISTRY[name] = Objective(name, fn, needs_reference, defaults, summary)
+        doc = (fn.__doc__ or "").strip().splitlines()
+        REGISTRY[name] = Objective(name, fn, needs_reference, family, schema, summary or (doc[0] if doc else name),
+                                   fallback, exclusive, data)
         return fn
     return add
 
 
+_beta = Param(0.1, lambda v: v > 0, "> 0", "preference strength β (KL strength for reference-relative losses)")
+_eps = Param(0.1, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "assumed label-flip probability ε")
+
+
 # --- shared pieces -------------------------------------------------------------------------------------------
 
-def _logratios(lp: SeqLogps) -> tuple[Tensor, Tensor]:
+def logratios(lp: SeqLogps) -> tuple[Tensor, Tensor]:
     """(πc − refc, πr − refr)."""
     return lp.chosen - lp.ref_chosen, lp.rejected - lp.ref_rejected
 
 
-def _mean_logps(lp: SeqLogps) -> tuple[Tensor, Tensor]:
+def mean_logps(lp: SeqLogps) -> tuple[Tensor, Tensor]:
     """(πc/|c|, πr/|r|), counts clamped to at least 1 as TRL does."""
     return lp.chosen / lp.chosen_tokens.clamp(min=1), lp.rejected / lp.rejected_tokens.clamp(min=1)
 
 
 def nll(lp: SeqLogps) -> Tensor:
     """Mean token NLL of the chosen completion, per example: −πc/|c|."""
-    return -_mean_logps(lp)[0]
+    return -mean_logps(lp)[0]
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -99,13 +173,13 @@ def log1mexp(x: Tensor) -> Tensor:
 
 def _ref_output(loss: Tensor, beta: float, lp: SeqLogps) -> Output:
     """DPO-family rewards (TRL): β·(π − ref), summed over the completion."""
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     return Output(loss, (beta * c).detach(), (beta * r).detach())
 
 
 # --- objectives ----------------------------------------------------------------------------------------------
 
-@_register("dpo", needs_reference=True, defaults={"beta": 0.1},
+@objective("dpo", needs_reference=True, family="reference-relative", params={"beta": _beta},
            summary="DPO (Rafailov 2023): -log σ(β·Δ), reference-relative sigmoid loss")
 def dpo(lp: SeqLogps, *, beta: float) -> Output:
     """DPO, Rafailov et al. 2023, "Direct Preference Optimization", Eq. 7 (TRL ``loss_type="sigmoid"``).
@@ -114,11 +188,12 @@ def dpo(lp: SeqLogps, *, beta: float) -> Output:
 
     β: KL strength, typical 0.01–0.5 (default 0.1); larger β keeps the policy closer to the reference.
     """
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     return _ref_output(-F.logsigmoid(beta * (c - r)), beta, lp)
 
 
-@_register("cdpo", needs_reference=True, defaults={"beta": 0.1, "label_smoothing": 0.1},
+@objective("cdpo", needs_reference=True, family="reference-relative",
+           params={"beta": _beta, "label_smoothing": _eps},
            summary="conservative DPO (Mitchell 2023): DPO with label smoothing ε")
 def cdpo(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """Conservative DPO, Mitchell 2023, "A note on DPO with noisy preferences": DPO with label smoothing ε.
@@ -129,12 +204,13 @@ def cdpo(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     in [0, 0.5), typical 0.05–0.2 (default 0.1). The loss is minimised at a finite margin βΔ = log((1−ε)/ε).
     (TRL 1.16's ``sigmoid`` ignores ``label_smoothing``; cDPO is no longer a TRL loss type.)
     """
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     z = beta * (c - r)
     return _ref_output(-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z), beta, lp)
 
 
-@_register("robust", needs_reference=True, defaults={"beta": 0.1, "label_smoothing": 0.1},
+@objective("robust", needs_reference=True, family="reference-relative",
+           params={"beta": _beta, "label_smoothing": _eps},
            summary="robust DPO (Chowdhury 2024): unbiased under label-flip rate ε")
 def robust(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """Robust DPO, Chowdhury et al. 2024, "Provably Robust DPO" (TRL ``loss_type="robust"``).
@@ -145,13 +221,13 @@ def robust(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     below (for ε > 0 it keeps rewarding larger margins). β as DPO (default 0.1); ε = ``label_smoothing`` in
     [0, 0.5), default 0.1 as the paper recommends.
     """
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     z = beta * (c - r)
     eps = label_smoothing
     return _ref_output((-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), beta, lp)
 
 
-@_register("ipo", needs_reference=True, defaults={"beta": 0.1},
+@objective("ipo", needs_reference=True, family="reference-relative", params={"beta": _beta},
            summary="IPO (Azar 2023): squared loss to margin 1/(2β), length-normalized log-ratios")
 def ipo(lp: SeqLogps, *, beta: float) -> Output:
     """IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", Eq. 17.
@@ -161,12 +237,12 @@ def ipo(lp: SeqLogps, *, beta: float) -> Output:
     As TRL's ``ipo``, the log-ratios are divided by completion token counts (TRL confirmed this with the authors);
     β is the paper's τ, typical 0.01–1 (default 0.1). The target length-normalized margin is 1/(2β).
     """
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     delta = c / lp.chosen_tokens.clamp(min=1) - r / lp.rejected_tokens.clamp(min=1)
     return _ref_output((delta - 1 / (2 * beta)) ** 2, beta, lp)
 
 
-@_register("hinge", needs_reference=True, defaults={"beta": 0.1},
+@objective("hinge", needs_reference=True, family="reference-relative", params={"beta": _beta},
            summary="SLiC hinge (Zhao 2023): relu(1 - β·Δ)")
 def hinge(lp: SeqLogps, *, beta: float) -> Output:
     """SLiC-HF hinge loss, Zhao et al. 2023, on reference-relative log-ratios (TRL ``loss_type="hinge"``).
@@ -175,29 +251,34 @@ def hinge(lp: SeqLogps, *, beta: float) -> Output:
 
     1/β is the margin Δ must reach before a pair stops contributing; typical β 0.01–0.5 (default 0.1).
     """
-    c, r = _logratios(lp)
+    c, r = logratios(lp)
     return _ref_output(torch.relu(1 - beta * (c - r)), beta, lp)
 
 
-@_register("simpo", needs_reference=False, defaults={"beta": 2.0, "gamma_beta_ratio": 0.5},
+@objective("simpo", needs_reference=False, family="reference-free", exclusive=(("gamma", "gamma_beta_ratio"),),
+           params={"beta": Param(2.0, lambda v: v > 0, "> 0", "reward scale β on mean token log-probs (typical 2-10)"),
+                   "gamma_beta_ratio": Param(0.5, lambda v: v >= 0, ">= 0", "target margin as γ/β (typical 0.3-0.8)"),
+                   "gamma": Param(None, lambda v: v >= 0, ">= 0", "target margin γ, absolute (default ratio·β)")},
            summary="SimPO (Meng 2024): reference-free, -log σ(β·(mc - mr) - γ), length-normalized")
-def simpo(lp: SeqLogps, *, beta: float, gamma: float) -> Output:
+def simpo(lp: SeqLogps, *, beta: float, gamma_beta_ratio: float = 0.0, gamma: float | None = None) -> Output:
     """SimPO, Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", Eq. 6.
 
     loss = −log σ(β·πc/|c| − β·πr/|r| − γ);  rewards β·π/|π| (β times the mean token log-prob).
 
-    ``gamma`` here is ABSOLUTE, in reward units. The paper's tables (and its code) report the ratio γ/β
-    (``gamma_beta_ratio``, typical 0.3–0.8, default 0.5); :func:`resolve_params` converts γ = ratio·β. β typical
+    ``gamma`` is ABSOLUTE, in reward units. The paper's tables (and its code) report the ratio γ/β
+    (``gamma_beta_ratio``, typical 0.3–0.8, default 0.5); without ``gamma``, γ = ratio·β. Give one of them. β typical
     2–10 (default 2.0): an order of magnitude above DPO's because the rewards are per-token averages.
     No NLL term: TRL's CPOTrainer with ``loss_type="simpo"`` keeps ``cpo_alpha=1.0`` by default and so silently
     adds the chosen NLL (only ``loss_type="alphapo"`` sets it to 0); add it here explicitly with ``nll_weight``.
     """
-    mc, mr = _mean_logps(lp)
+    gamma = gamma_beta_ratio * beta if gamma is None else gamma
+    mc, mr = mean_logps(lp)
     loss = -F.logsigmoid(beta * (mc - mr) - gamma)
     return Output(loss, (beta * mc).detach(), (beta * mr).detach())
 
 
-@_register("orpo", needs_reference=False, defaults={"beta": 0.1},
+@objective("orpo", needs_reference=False, family="reference-free", fallback=True,
+           params={"beta": Param(0.1, lambda v: v > 0, "> 0", "weight λ of the odds-ratio term")},
            summary="ORPO (Hong 2024): NLL(chosen) - λ·log σ(log odds ratio), reference-free")
 def orpo(lp: SeqLogps, *, beta: float) -> Output:
     """ORPO, Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference Model", Eq. 6–7.
@@ -208,7 +289,7 @@ def orpo(lp: SeqLogps, *, beta: float) -> Output:
     λ is called ``beta`` as in TRL's ORPOConfig; paper and TRL default 0.1, typical 0.05–1.
     Extras: ``nll_loss``, ``log_odds_ratio`` (= log σ(log odds)), ``log_odds_chosen`` (= log odds).
     """
-    mc, mr = _mean_logps(lp)
+    mc, mr = mean_logps(lp)
     log_odds = (mc - mr) - (log1mexp(mc) - log1mexp(mr))
     ratio = F.logsigmoid(log_odds)
     loss = -mc - beta * ratio
@@ -216,7 +297,7 @@ def orpo(lp: SeqLogps, *, beta: float) -> Output:
                   {"nll_loss": (-mc).detach(), "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
 
 
-@_register("sft", needs_reference=False, defaults={},
+@objective("sft", needs_reference=False, family="likelihood",
            summary="SFT: mean token NLL of the chosen completion only")
 def sft(lp: SeqLogps) -> Output:
     """Supervised fine-tuning on the chosen completion: loss = −πc/|c| (mean token NLL, per example).
@@ -224,42 +305,90 @@ def sft(lp: SeqLogps) -> Output:
     No hyperparameters; rewards are the mean token log-probs π/|π| (β-free). Rejected completions are ignored
     by the loss. (TRL's DPO ``loss_type="sft"`` averages over all chosen tokens of the batch instead.)
     """
-    mc, mr = _mean_logps(lp)
+    mc, mr = mean_logps(lp)
     return Output(-mc, mc.detach(), mr.detach(), {"nll_loss": (-mc).detach()})
 
 
 # --- lookup, parameters, the one entry point -----------------------------------------------------------------
 
 def get(name: str) -> Objective:
-    """The registered objective called ``name``; InputError with a close match and the choices otherwise."""
+    """The objective ``name``, or ``module:name`` (imports ``module`` from the working directory or PYTHONPATH,
+    which registers it). InputError with a close match and the choices otherwise."""
     if name in REGISTRY:
         return REGISTRY[name]
+    module, sep, short = name.rpartition(":")
+    if sep:
+        if not module or not short:
+            raise InputError(f"expected MODULE:NAME, got '{name}'", field="objective")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # the console script's sys.path[0] is its bin folder, not the cwd
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a user's module can raise anything while importing
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"cannot import objective module '{module}': {type(e).__name__}: {first}",
+                             field="objective") from None
+        if short in REGISTRY:
+            return REGISTRY[short]
+        raise InputError(f"module '{module}' registers no objective '{short}' (use @preftune.objective)",
+                         field="objective")
     close = difflib.get_close_matches(name, list(REGISTRY), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise InputError(f"unknown objective '{name}'{hint}; choose from {', '.join(REGISTRY)}", field="objective")
 
 
-def resolve_params(name: str, given: dict) -> dict:
-    """Hyperparameters for ``compute``: only those ``name`` takes plus ``nll_weight``, ``None`` -> default.
+def fallback() -> str:
+    """The name of the objective ``decide`` falls back to (declared ``fallback=True``: ORPO)."""
+    return next(o.name for o in REGISTRY.values() if o.fallback)
 
-    SimPO takes its margin as ``gamma`` (absolute) or ``gamma_beta_ratio`` (γ/β, the paper's form), not both, and
-    always gets back absolute ``gamma`` = ratio·β. InputError names the field of a value that makes no sense.
+
+def resolve_params(name: str, given: dict[str, Any], *, where: str = "") -> dict[str, float]:
+    """The hyperparameters objective ``name`` runs with: its schema's defaults, overridden by ``given``
+    (None = default), checked in one place, plus ``nll_weight``. Derived parameters (default None) appear
+    only when given. InputError names the field (``objectives.<name>.<key>``) and suggests a close name.
+
+        resolve_params("simpo", {"beta": 2.5})   # {"beta": 2.5, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
     """
     obj = get(name)
-    out = {k: float(d if given.get(k) is None else given[k]) for k, d in obj.defaults.items()}
-    if name == "simpo":
-        gamma, ratio = given.get("gamma"), given.get("gamma_beta_ratio")
-        if gamma is not None and ratio is not None:
-            raise InputError("give SimPO's margin as gamma OR gamma_beta_ratio, not both", field="gamma")
-        ratio = out.pop("gamma_beta_ratio")
-        out["gamma"] = float(gamma) if gamma is not None else ratio * out["beta"]
-    out["nll_weight"] = float(given.get("nll_weight") or 0.0)
-    checks = {"beta": lambda v: v > 0, "label_smoothing": lambda v: 0 <= v < 0.5,
-              "gamma": lambda v: v >= 0, "nll_weight": lambda v: v >= 0}
-    for key, value in out.items():
-        if not (math.isfinite(value) and checks[key](value)):
-            raise InputError(f"invalid value {value!r} for objective '{name}'", field=key)
+    given = dict(given)
+    weight = given.pop("nll_weight", None)
+    out: dict[str, float] = {}
+    for key in given:
+        if key not in obj.params:
+            close = difflib.get_close_matches(key, list(obj.params), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            takes = ", ".join(obj.params) or "none"
+            raise InputError(f"'{obj.name}' has no hyperparameter '{key}'{hint}; it takes: {takes}",
+                             path=where or None, field=f"objectives.{obj.name}.{key}")
+    unused: set[str] = set()  # the defaulted members of a group one of whose members was given
+    for group in obj.exclusive:
+        both = [k for k in group if given.get(k) is not None]
+        if len(both) > 1:
+            raise InputError(f"give {' OR '.join(group)}, not both", path=where or None,
+                             field=f"objectives.{obj.name}.{both[0]}")
+        unused |= set(group) - set(both) if both else set()
+    for key, p in obj.params.items():
+        value = given.get(key)
+        if value is None:
+            if p.default is None or key in unused:
+                continue
+            value = p.default
+        out[key] = _number(value, p, obj.name, key, where)
+    out["nll_weight"] = _number(weight or 0.0, Param(0.0, lambda v: v >= 0, ">= 0"), obj.name, "nll_weight", where)
     return out
+
+
+def _number(value: Any, p: Param, name: str, key: str, where: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{value!r} is not a number", path=where or None, field=f"objectives.{name}.{key}") from None
+    if not (math.isfinite(x) and p.check(x)):
+        raise InputError(f"invalid value {value!r} for '{name}': must be {p.rule}", path=where or None,
+                         field=f"objectives.{name}.{key}")
+    return x
 
 
 def compute(name: str, lp: SeqLogps, params: dict) -> Output:

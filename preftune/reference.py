@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .logprobs import score_pairs
+from .logprobs import prefix_sharing_blocker, score_pairs
 from .model import is_peft
 
 
@@ -38,8 +38,15 @@ def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16
 def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_dir: Path, pad_id: int,
                     batch_size: int = 32, share_prompt: bool = True, chunk: int = 1024,
                     autocast_bf16: bool = False) -> tuple[torch.Tensor, bool]:
-    """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache."""
-    path = Path(cache_dir) / "reference" / f"{key}.safetensors"
+    """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache.
+
+    The file name adds the batch layout (shared or plain rows, batch size) to ``key``: the layouts agree to
+    1e-6, but the held-out exact tie at step 0 needs the reference in evaluation's own layout, bit for bit,
+    also when a cache is shared by runs with and without ``--no-share-prompt``.
+    """
+    shared = share_prompt and prefix_sharing_blocker(model) is None
+    layout = f"{'shared' if shared else 'plain'}-b{batch_size}"
+    path = Path(cache_dir) / "reference" / f"{key}.{layout}.safetensors"
     if path.exists():
         try:
             logps = load_file(path)["logps"]

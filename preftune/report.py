@@ -12,15 +12,17 @@ from __future__ import annotations
 import html
 import json
 import math
-import statistics
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import stats
+from . import stats, yardsticks
+from .data import load_examples
 from .decide import RULES, decide
 from .errors import InputError
 from .files import atomic_write_text
+from .reasons import render
 from .review import Log, diagnose, load
 
 TRAIN_COLOR, HELD_COLOR = "#2563eb", "#dc2626"
@@ -39,8 +41,11 @@ table{border-collapse:collapse;width:100%;font-size:13px}th,td{border-bottom:1px
 tr.rec{background:#eff6ff}.warn{color:#b45309}.error{color:#b91c1c}.info{color:#6b7280}
 ul.f{margin:0;padding-left:16px}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #e5e7eb;
  border-radius:6px;padding:8px}.card h3{font-size:13px;margin:0 0 4px;word-break:break-all}
-svg text{font:11px system-ui,sans-serif;fill:#374151}pre{white-space:pre-wrap;margin:2px 0;background:#f9fafb;
- padding:4px 6px;border-radius:4px}
+svg text{font:11px system-ui,sans-serif;fill:#374151}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0;
+ background:#f9fafb;padding:4px 6px;border-radius:4px;unicode-bidi:isolate;max-height:16em;overflow-y:auto}
+.cc{font-size:10px;color:#b91c1c;border:1px solid #fca5a5;border-radius:3px;padding:0 2px;margin:0 1px}
+table.m2{width:auto}table.m2 td,table.m2 th{padding:6px 14px;border:1px solid #e5e7eb}
+table.m2 td.rec{background:#eff6ff;outline:2px solid #2563eb;outline-offset:-2px}.ys{white-space:nowrap}
 """
 
 
@@ -57,7 +62,7 @@ def write_report(matrix_dir: str | Path) -> tuple[Path, Path]:
         raise InputError(f"not valid JSON ({e.msg}); rerun preftune decide", path=str(path), line=e.lineno) from None
     logs = {c["name"]: load(root / "cells" / c["name"]) for c in decision["cells"] if c["status"] == "finished"}
     md, page = root / "report.md", root / "report.html"
-    atomic_write_text(md, _matrix_md(decision, root.name))
+    atomic_write_text(md, _matrix_md(decision, root.name, logs))
     atomic_write_text(page, _matrix_html(decision, logs, root.name))
     return md, page
 
@@ -106,11 +111,12 @@ def _flagged(c: dict) -> list[dict]:
     return [f for f in c.get("findings") or [] if f["severity"] != "info"]
 
 
-def _matrix_md(d: dict, title: str) -> str:
+def _matrix_md(d: dict, title: str, logs: dict[str, Log] | None = None) -> str:
     out = [f"# preftune report: {_md(title)}", "", f"**{_md(d.get('summary', d['verdict']))}**", "",
            f"verdict `{d['verdict']}` · {_pick(d)} {_md(d['objective'])}, rank {_md(d['lora_rank'])} · baseline "
-           f"{_md(d['baseline']['objective'])}, rank {_md(d['baseline']['lora_rank'])} · plots in report.html", "",
-           "## Why", ""] + [f"- {_md(r)}" for r in d["reasons"]]
+           f"{_md(d['baseline']['objective'])}, rank {_md(d['baseline']['lora_rank'])} · plots in report.html", ""]
+    out += _grid_md(d, logs or {})
+    out += ["## Why", ""] + [f"- {_md(render(r))}" for r in d["reasons"]]
     out += ["", "## Cells", "", "| cell | status | accuracy [95% CI] | pairs | held-out margin | margin gap | "
             "margin std | findings |", "|---|---|---|---|---|---|---|---|"]
     for c in d["cells"]:
@@ -154,7 +160,8 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
              f"<p class='verdict' id='verdict' style='--c:{color}'>{_e(d.get('summary', d['verdict']))}</p>",
              f"<p class='meta'>verdict <b>{_e(d['verdict'])}</b> · {_pick(d)} {_e(d['objective'])}, rank "
              f"{_e(d['lora_rank'])} · baseline {_e(base['objective'])}, rank {_e(base['lora_rank'])}</p>",
-             "<h2>Why</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in d["reasons"]) + "</ol>"]
+             _grid_html(d, logs),
+             "<h2>Why</h2><ol>" + "".join(f"<li>{_e(render(r))}</li>" for r in d["reasons"]) + "</ol>"]
     rows = []
     for c in d["cells"]:
         is_rec = (c["objective"], c["lora_rank"]) == rec
@@ -206,12 +213,166 @@ def _comparisons_html(comparisons: list[dict]) -> str:
         f"<td class='num'>{_num(c['mcnemar_p'], '.2g')}</td><td class='num'>{c['a_only']}</td>"
         f"<td class='num'>{c['b_only']}</td><td class='num'>{_num(c['pairs_needed'], 'd')}</td></tr>"
         for c in comparisons)
-    return ("<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's reward; "
-            "refrel: reference-relative log-ratio margin &gt; 0; lennorm: length-normalized log-prob margin &gt; 0."
+    sticks = "".join(f"; {_e(y.name)}: {_e(y.help)}" for y in yardsticks.REGISTRY.values())
+    return ("<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's reward"
+            f"{sticks}."
             f"</p><table><tr>{head}</tr>{rows}</table>")
 
 
+# --- the objective x rank grid -------------------------------------------------------------------------------
+
+# The two objective-free yardsticks every cell is scored on (evaluate.py): per-pair margin key, label.
+GRID_YARDSTICKS = (("refrel_margin", "refrel"), ("lennorm_margin", "lennorm"))
+
+
+def yardstick_accuracy(pairs: list[dict], key: str) -> tuple[float, float, float, int] | None:
+    """(accuracy, 95% Wilson low, high, pairs) of one yardstick over a cell's eval_pairs.jsonl rows.
+
+    A tie counts one half, as in evaluate.py, so the accuracy equals summary.json's ``eval_<yardstick>/accuracy``.
+    """
+    values = [p.get(key) for p in pairs]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    k = sum(1.0 if v > 0 else 0.5 if v == 0 else 0.0 for v in values)
+    lo, hi = stats.wilson_interval(k, len(values))
+    return k / len(values), lo, hi, len(values)
+
+
+def grid(d: dict, logs: dict[str, Log]) -> tuple[list[str], list[int], dict[tuple[str, int], list[dict]]]:
+    """(objectives, ranks, {(objective, rank): [entry]}): the matrix as objectives x ranks.
+
+    An entry holds the cell name, its other factor values (a seed grid puts several cells in one square),
+    status, and per yardstick (accuracy, low, high, pairs) when the cell finished.
+    """
+    objectives = list(dict.fromkeys(c["objective"] for c in d["cells"] if c.get("objective") is not None))
+    ranks = sorted({c["lora_rank"] for c in d["cells"] if isinstance(c.get("lora_rank"), int)}, reverse=True)
+    squares: dict[tuple[str, int], list[dict]] = {}
+    for c in d["cells"]:
+        if c.get("objective") is None or not isinstance(c.get("lora_rank"), int):
+            continue
+        log = logs.get(c["name"])
+        entry = {"name": c["name"], "status": c["status"], "seed": c.get("seed"),
+                 **{label: yardstick_accuracy(log.pairs or [], key) if log else None
+                    for key, label in GRID_YARDSTICKS}}
+        squares.setdefault((c["objective"], c["lora_rank"]), []).append(entry)
+    return objectives, ranks, squares
+
+
+def _grid_rec(d: dict) -> tuple[str, int]:
+    return d["objective"], d["lora_rank"]
+
+
+def _acc_text(v: tuple[float, float, float, int] | None) -> str:
+    return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def _grid_html(d: dict, logs: dict[str, Log]) -> str:
+    objectives, ranks, squares = grid(d, logs)
+    if not objectives or not ranks:
+        return ""
+    rec = _grid_rec(d)
+    head = "<tr><th>objective \\ LoRA rank</th>" + "".join(f"<th>r={_e(r)}</th>" for r in ranks) + "</tr>"
+    rows = []
+    for o in objectives:
+        tds = []
+        for r in ranks:
+            entries = squares.get((o, r), [])
+            lines = []
+            for e in entries:
+                seed = f"seed {_e(e['seed'])}: " if len(entries) > 1 and e["seed"] is not None else ""
+                if e["status"] != "finished":
+                    lines.append(f"<div>{seed}<span class='error'>{_e(e['status'])}</span></div>")
+                    continue
+                lines.append(f"<div>{seed}" + "".join(
+                    f"<div class='ys'>{label} <b>{_acc_text(e[label])}</b></div>" for _, label in GRID_YARDSTICKS)
+                    + "</div>")
+            mark = "<span class='tag'>" + _e(_pick(d)) + "</span>" if (o, r) == rec else ""
+            cls = " class='rec'" if (o, r) == rec else ""
+            tds.append(f"<td{cls} data-objective='{_e(o)}' data-rank='{_e(r)}'>{mark}{''.join(lines) or '–'}</td>")
+        rows.append(f"<tr><th>{_e(o)}</th>{''.join(tds)}</tr>")
+    return ("<h2>The matrix</h2><p class='meta'>Held-out accuracy [95% Wilson interval] on the two yardsticks "
+            "every objective is scored on: refrel (reference-relative log-ratio margin &gt; 0) and lennorm "
+            "(length-normalized log-prob margin &gt; 0).</p>"
+            f"<table class='m2' id='matrix-grid'>{head}{''.join(rows)}</table>")
+
+
+def _grid_md(d: dict, logs: dict[str, Log]) -> list[str]:
+    objectives, ranks, squares = grid(d, logs)
+    if not objectives or not ranks:
+        return []
+    rec = _grid_rec(d)
+    out = ["## The matrix", "", "Held-out accuracy [95% Wilson interval], refrel / lennorm yardsticks.", "",
+           "| objective \\ rank | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
+    for o in objectives:
+        cells = []
+        for r in ranks:
+            parts = []
+            for e in squares.get((o, r), []):
+                text = (" / ".join(f"{label} {_acc_text(e[label])}" for _, label in GRID_YARDSTICKS)
+                        if e["status"] == "finished" else _md(e["status"]))
+                seed = f"seed {e['seed']}: " if len(squares[(o, r)]) > 1 and e["seed"] is not None else ""
+                parts.append(seed + text)
+            mark = f"**{_pick(d)}** " if (o, r) == rec else ""
+            cells.append(mark + ("<br>".join(parts) or "–"))
+        out.append(f"| {_md(o)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+# --- example pairs -------------------------------------------------------------------------------------------
+
 TEXT_KEYS = ("prompt", "chosen", "rejected")
+EXAMPLE_CHARS = 600  # per text field: a 100 kB completion must not turn the report into a 100 kB scroll
+
+
+def pair_texts(run_dir: str | Path) -> dict[str, dict[str, str]]:
+    """{pair id: {prompt, chosen, rejected}} for a run's held-out pairs, read back from its data file.
+
+    eval_pairs.jsonl keeps only ids (``<file name>:<line>``, assigned by data.load_examples), so the text is
+    looked up in the file the run's config.yaml names: ``eval_data``, or ``data`` when the held-out pairs were
+    split off it. A file that moved, changed format or is a hub dataset gives no text (the section is left
+    out), never an error: the report must not fail over an illustration.
+
+        texts = pair_texts("matrix/cells/objective=dpo,lora_rank=16")
+    """
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    key, split = ("eval_data", "eval_split") if cfg.get("eval_data") else ("data", "data_split")
+    source = cfg.get(key)
+    if not isinstance(source, str) or not source or not Path(source).exists():  # local files only: no hub
+        return {}
+    try:
+        examples = load_examples(source, str(cfg.get(split) or "train"))
+    except InputError:
+        return {}
+    return {ex.id: {"prompt": _content_text(ex.prompt), "chosen": _content_text(ex.chosen),
+                    "rejected": _content_text(ex.rejected)} for ex in examples}
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in content)
+
+
+def _shown(text: str, limit: int = EXAMPLE_CHARS) -> str:
+    """Escaped text with invisible and direction-changing characters (zero-width, RLO, ...) shown as markers,
+    so a reader sees exactly what the model saw and nothing reorders or hides the rest of the page."""
+    more = len(text) - limit
+    out = []
+    for ch in text[:limit]:
+        cat = unicodedata.category(ch)
+        if (cat == "Cf" or cat == "Cc" and ch not in "\n\t") or ch in "\u2028\u2029":
+            out.append(f"<span class='cc' title='{unicodedata.name(ch, 'control character')}'>U+{ord(ch):04X}</span>")
+        else:
+            out.append(html.escape(ch))
+    tail = f"<span class='info'> … {more:,} more characters</span>" if more > 0 else ""
+    return "".join(out) + tail
 
 
 def _examples(d: dict, logs: dict[str, Log]) -> str:
@@ -223,9 +384,16 @@ def _examples(d: dict, logs: dict[str, Log]) -> str:
 
     rec, base = pick(d["objective"], d["lora_rank"]), pick(d["baseline"]["objective"], d["baseline"]["lora_rank"])
     main = rec or base
-    if main is None or not all(isinstance(main.pairs[0].get(k), str) for k in TEXT_KEYS):
+    if main is None or not main.pairs:
         return ""
-    other = {p["id"]: p for p in (base.pairs if base and base is not main else [])}
+    base = None if base is main else base  # one cell is both: nothing to compare it with
+    if not all(isinstance(main.pairs[0].get(k), str) for k in TEXT_KEYS):  # a preftune run: ids only
+        texts = pair_texts(main.source)
+        with_text = [{**p, **texts[str(p["id"])]} for p in main.pairs if str(p["id"]) in texts]
+        if not with_text:
+            return ""
+        main = Log(main.source, main.kind, main.train, main.eval, with_text)
+    other = {p["id"]: p for p in (base.pairs if base else [])}
     split = [[p for p in main.pairs if p["id"] in other and bool(p["correct"]) == side
               and bool(other[p["id"]]["correct"]) != side] for side in (True, False)]
     labelled = [(p, "only the recommended cell is right") for p in split[0][:2]] + \
@@ -237,8 +405,8 @@ def _examples(d: dict, logs: dict[str, Log]) -> str:
                                                     if p["id"] in other else "")
         cards.append(f"<div class='card' style='flex:1 1 45%'><h3>{_e(p['id'])} · {margins}</h3>"
                      + (f"<p class='meta'>{label}</p>" if label else "")
-                     + "".join(f"<b>{k}</b><pre>{_e(str(p[k])[:600])}</pre>" for k in TEXT_KEYS) + "</div>")
-    return f"<h2>Example held-out pairs</h2><div class='grid'>{''.join(cards)}</div>"
+                     + "".join(f"<b>{k}</b><pre>{_shown(str(p[k]))}</pre>" for k in TEXT_KEYS) + "</div>")
+    return f"<h2>Example held-out pairs</h2><div class='grid' id='examples'>{''.join(cards)}</div>"
 
 
 # --- SVG plots -----------------------------------------------------------------------------------------------
@@ -347,9 +515,9 @@ def _length_bars(log: Log, w: int = 260, h: int = 210) -> str:
     rows = _lengths(log)
     if not rows:
         return ""
-    chosen, rejected = statistics.fmean(r[0] for r in rows), statistics.fmean(r[1] for r in rows)
-    shorter = sum(r[0] < r[1] for r in rows) / len(rows)
-    longer = sum(r[0] > r[1] for r in rows) / len(rows)
+    bias = stats.length_bias([r[0] for r in rows], [r[1] for r in rows])
+    chosen, rejected, shorter, longer = (bias[k] for k in ("mean_chosen_len", "mean_rejected_len", "chosen_shorter",
+                                                           "chosen_longer"))
     out, _, sy = _axes(w, h, (0, 2), (0, max(chosen, rejected) * 1.15), "mean held-out lengths", "",
                        "mean tokens", xticks=False)
     for i, (label, value, color) in enumerate((("chosen", chosen, TRAIN_COLOR), ("rejected", rejected, HELD_COLOR))):

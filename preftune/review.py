@@ -21,13 +21,16 @@ from typing import Any
 
 from . import stats
 from .errors import InputError
-from .files import atomic_write_json
+from .files import atomic_write_json, parse_jsonl
+from .yardsticks import REGISTRY as YARDSTICKS
 
 TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
               "logps/chosen", "logps/rejected")
-EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS) + ("eval_accuracy",)
-CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance"
-UNSTABLE = ("nonfinite", "divergence", "at_chance")
+EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS) + ("eval_accuracy",) + \
+    tuple(f"eval_{y}/accuracy" for y in YARDSTICKS)
+CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance" (logs without yardsticks)
+UNSTABLE = ("nonfinite", "divergence", "at_chance", "not_learned")
+NUMERIC = ("nonfinite", "divergence")
 
 
 @dataclass
@@ -152,18 +155,7 @@ def _read_jsonl_lines(path: Path) -> list[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read: {e}", path=str(path)) from None
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((i, json.loads(line)))
-        except json.JSONDecodeError as e:
-            if i == len(lines) and i > 1:
-                break  # torn last line of a crashed run
-            raise InputError(f"not valid JSON ({e.msg})", path=str(path), line=i) from None
-    return rows
+    return parse_jsonl(text, str(path), torn_last_line="skip")  # a crashed run's log may end torn
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -246,8 +238,7 @@ def margin_gap(log: Log) -> tuple[float, float, float] | None:
     _, held = log.series("eval_rewards/margins")
     if not train or not held:
         return None
-    tail = train[-max(1, math.ceil(0.1 * len(train))):]
-    t = sum(tail) / len(tail)
+    t = statistics.fmean(stats.tail(train))
     return t, held[-1], t - held[-1]
 
 
@@ -257,8 +248,7 @@ def _n(x: float) -> str:
 
 def _ends(xs: list[float]) -> tuple[float, float]:
     """Means of the first and the last 10% of ``xs`` (at least one value each)."""
-    k = max(1, math.ceil(0.1 * len(xs)))
-    return statistics.fmean(xs[:k]), statistics.fmean(xs[-k:])
+    return statistics.fmean(stats.head(xs)), statistics.fmean(stats.tail(xs))
 
 
 def _change(steps: list[float], ys: list[float]) -> float:
@@ -287,7 +277,16 @@ def _instability(log: Log) -> list[Finding]:
             out.append(Finding("divergence", "error",
                                f"loss diverged: {_n(early)} over the first 10% of {len(loss)} logged steps -> "
                                f"{_n(late)} over the last 10%", {"early": early, "late": late}))
-    final = log.final_accuracy()
+    gains = learning(log)
+    if gains:
+        if not any(g["learned"] for g in gains.values()):
+            parts = "; ".join(f"{y} {_n(g['step0'])} -> {_n(g['final'])} (95% CI from {_n(g['ci'][0])})"
+                              for y, g in gains.items())
+            out.append(Finding("not_learned", "error",
+                               f"no yardstick's held-out accuracy rose significantly above its step-0 value ({parts}): "
+                               f"training taught no held-out preference", {"yardsticks": gains}))
+        return out
+    final = log.final_accuracy()  # a log without yardsticks (TRL): its own reward against chance
     if final and final[0] <= 0.5 + CHANCE_TOL:
         acc, n = final
         lo, hi = stats.wilson_interval(round(acc * n), n) if n else (0.0, 1.0)
@@ -295,6 +294,32 @@ def _instability(log: Log) -> list[Finding]:
         out.append(Finding("at_chance", "error",
                            f"held-out accuracy {_n(acc)}{ci} is at or below chance (0.5): no held-out "
                            f"preference was learned", {"accuracy": acc, "pairs": n}))
+    return out
+
+
+def learning(log: Log) -> dict[str, dict[str, Any]]:
+    """Per yardstick: held-out accuracy at step 0 and at the end, the end's 95% Wilson interval, and whether the
+    interval lies above the step-0 value ("learned"). Judged on the objective-free yardsticks relative to step
+    0, never on the run's own reward: a SimPO reward ranks pairs well before any training. Empty when the log has
+    no step-0 yardstick accuracies (a TRL log)."""
+    first = next((r for r in log.eval if r["step"] == 0), None)
+    out: dict[str, dict[str, Any]] = {}
+    for y in YARDSTICKS:
+        key = f"eval_{y}/accuracy"
+        if first is None or key not in first:
+            continue
+        rows = [p for p in log.pairs or [] if isinstance(p.get(f"{y}_margin"), (int, float))]
+        if rows:
+            margins = [p[f"{y}_margin"] for p in rows]
+            n, k = len(rows), sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)
+        else:
+            last = next((r for r in reversed(log.eval) if key in r), None)
+            n = int(last.get("eval_pairs", 0)) if last else 0
+            if not n or last["step"] == 0:
+                continue
+            k = last[key] * n
+        lo, hi = stats.wilson_interval(k, n)
+        out[y] = {"step0": first[key], "final": k / n, "pairs": n, "ci": [lo, hi], "learned": lo > first[key]}
     return out
 
 
@@ -400,15 +425,10 @@ def _length_bias(log: Log) -> list[Finding]:
             and isinstance(p.get("rejected_tokens"), (int, float))]
     if len(rows) < 5:
         return []
-    diffs = [p["chosen_tokens"] - p["rejected_tokens"] for p in rows]
-    n = len(rows)
-    shorter, longer, equal = (sum(d < 0 for d in diffs) / n, sum(d > 0 for d in diffs) / n,
-                              sum(d == 0 for d in diffs) / n)
-    ratios = [p["chosen_tokens"] / p["rejected_tokens"] for p in rows if p["rejected_tokens"] > 0]
-    ratio = statistics.fmean(ratios) if ratios else float("nan")
-    margins = [p["margin"] for p in rows]
-    ok = all(math.isfinite(m) for m in margins) and len(set(diffs)) > 1 and len(set(margins)) > 1
-    r = stats.pearson(diffs, margins) if ok else None
+    bias = stats.length_bias([p["chosen_tokens"] for p in rows], [p["rejected_tokens"] for p in rows],
+                             [p["margin"] for p in rows])
+    n, shorter, longer, equal = bias["pairs"], bias["chosen_shorter"], bias["chosen_longer"], bias["equal"]
+    ratio, r = bias["mean_len_ratio"], bias["margin_length_corr"]
     biased = max(shorter, longer) >= 0.7 or (r is not None and abs(r) >= 0.5)
     sentence = (f"chosen is shorter in {shorter:.0%}, longer in {longer:.0%}, equal in {equal:.0%} of {n} held-out "
                 f"pairs, mean length ratio chosen/rejected {_n(ratio)}"

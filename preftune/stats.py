@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -141,3 +142,84 @@ def pearson(xs: ArrayLike, ys: ArrayLike) -> float:
     dx, dy = x - x.mean(), y - y.mean()
     denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
     return float(dx @ dy) / denom if denom > 0 else 0.0
+
+
+def lc_win_rate(prefs: ArrayLike, len_policy: ArrayLike, len_ref: ArrayLike, *,
+                ridge: float = 1e-4) -> tuple[float, float]:
+    """Length-controlled win rate and its standard error: AlpacaEval's ``length_controlled_minimal``.
+
+    Logistic regression with no intercept besides the model term θ:
+        logit P(win) = θ + φ · tanh(Δᵢ / sd(Δ)),   Δᵢ = len_policyᵢ − len_refᵢ (scaled, not centred),
+    fitted to the preferences prefᵢ ∈ [0, 1] (ties 0.5) as soft labels, i.e. the weighted log-likelihood
+    Σ prefᵢ·log pᵢ + (1 − prefᵢ)·log(1 − pᵢ) that AlpacaEval gets by duplicating rows. LC = mean P(win | Δ = 0)
+    = σ(θ). AlpacaEval's Δ is baseline − model; the sign only flips φ and leaves LC unchanged. It fits with an
+    L1 penalty chosen by cross-validation; here the fit is maximum likelihood (Newton) with a tiny ridge that
+    only keeps a perfectly separated fit finite. SE by the delta method, σ'(θ)·se(θ), with the sandwich
+    covariance H⁻¹BH⁻¹ (soft labels are not Bernoulli draws, so the model-based H⁻¹ alone would be wrong).
+
+        lc_win_rate([1, 1, 0, 1], [30, 40, 10, 35], [20, 20, 20, 20])
+    """
+    y = np.asarray(prefs, dtype=float)
+    lp, lr = np.asarray(len_policy, dtype=float), np.asarray(len_ref, dtype=float)
+    if not (y.shape == lp.shape == lr.shape) or y.ndim != 1 or y.size == 0:
+        raise ValueError(f"need equal-length non-empty 1-d sequences, got {y.shape}, {lp.shape}, {lr.shape}")
+    if np.any((y < 0) | (y > 1)) or not np.all(np.isfinite(lp - lr)):
+        raise ValueError("preferences must lie in [0, 1] and lengths be finite")
+    delta = lp - lr
+    sd = float(delta.std(ddof=1)) if delta.size > 1 else 0.0  # pandas' .std(), as AlpacaEval uses
+    feat = np.tanh(delta / sd) if sd > 0 else np.zeros_like(delta)
+    x = np.stack([np.ones_like(feat), feat], axis=1)  # (n, 2): model term, length term
+    w = np.zeros(2)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (y - p) - ridge * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if float(np.max(np.abs(step))) < 1e-10:
+            break
+    p = 1 / (1 + np.exp(-(x @ w)))
+    hess = (x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
+    meat = (x * ((y - p) ** 2)[:, None]).T @ x
+    h_inv = np.linalg.inv(hess)
+    var_theta = float((h_inv @ meat @ h_inv)[0, 0])
+    lc = 1 / (1 + math.exp(-w[0]))
+    return lc, lc * (1 - lc) * math.sqrt(max(var_theta, 0.0))
+
+
+def tail(xs: Sequence[Any], share: float = 0.1) -> Sequence[Any]:
+    """The last ``share`` of ``xs`` (at least one item): "the end of training" everywhere it is summarised."""
+    return xs[-max(1, math.ceil(share * len(xs))):]
+
+
+def head(xs: Sequence[Any], share: float = 0.1) -> Sequence[Any]:
+    """The first ``share`` of ``xs`` (at least one item)."""
+    return xs[:max(1, math.ceil(share * len(xs)))]
+
+
+def length_bias(chosen: Sequence[float], rejected: Sequence[float],
+                margins: Sequence[float] | None = None) -> dict[str, Any]:
+    """How completion length relates to the label (and, given per-pair margins, to the margin).
+
+    Shares of pairs whose chosen is shorter / longer / equal, mean lengths, mean ratio chosen/rejected, and
+    Pearson r between (chosen − rejected) length and the margin (None when it is undefined).
+
+        length_bias([3, 5], [4, 5])   # {"pairs": 2, "chosen_shorter": 0.5, "equal": 0.5, ...}
+    """
+    n = len(chosen)
+    d = max(n, 1)
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    ratios = [c / r for c, r in zip(chosen, rejected) if r > 0]
+    out: dict[str, Any] = {
+        "pairs": n,
+        "chosen_shorter": sum(x < 0 for x in diffs) / d,
+        "chosen_longer": sum(x > 0 for x in diffs) / d,
+        "equal": sum(x == 0 for x in diffs) / d,
+        "mean_chosen_len": sum(chosen) / d,
+        "mean_rejected_len": sum(rejected) / d,
+        "mean_len_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
+    }
+    if margins is not None:
+        ok = all(math.isfinite(m) for m in margins) and len(set(diffs)) > 1 and len(set(margins)) > 1
+        out["margin_length_corr"] = pearson(diffs, margins) if ok else None
+    return out

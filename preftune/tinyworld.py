@@ -106,6 +106,32 @@ def _wrong_order(digits: list[int], good: list[int], rng: random.Random) -> list
     return bad
 
 
+def judge(prompt: str, completion: str) -> float:
+    """Ground-truth score of a completion to a sorting prompt, in [0, 1]: ``--judge python:preftune.tinyworld:judge``.
+
+    The answer is the completion's leading run of single-digit words (a filler phrase after it is neutral,
+    as in the data). Score = positions matching the sorted digits / max(expected, given) digits, so a wrong
+    order loses the misplaced positions and a missing or extra digit costs one position:
+    ``judge("sort: 7 3 9 1 =", " 1 3 7 9 ok") == 1.0``, ``" 1 3 9 7"`` -> 0.5, ``" 1 3 7"`` -> 0.75.
+    A prompt with no ``sort: ... =`` part raises ValueError (a judge failure, reported as bad input).
+    """
+    start = prompt.rfind("sort:")
+    end = prompt.find("=", start)
+    if start < 0 or end < 0:
+        raise ValueError(f"not a tiny-world sorting prompt: {prompt[:40]!r}")
+    words = prompt[start + len("sort:"):end].split()
+    if not words or not all(w.isdigit() and len(w) == 1 for w in words):
+        raise ValueError(f"not a tiny-world sorting prompt: {prompt[:40]!r}")
+    want = sorted(int(w) for w in words)
+    got = []
+    for w in completion.split():
+        if not (w.isdigit() and len(w) == 1):
+            break
+        got.append(int(w))
+    right = sum(a == b for a, b in zip(got, want))
+    return right / max(len(want), len(got))
+
+
 def build_world(out_dir: str | Path, *, variant: str = "default", n_train: int = 256, n_eval: int = 64,
                 seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
                 intermediate: int | None = None) -> World:

@@ -17,10 +17,8 @@ import contextlib
 import functools
 import json
 import math
-import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import objectives
+from . import objectives, stats, trackers
+from .behaviour import check_gen_eval, run_gen_eval
 from .config import Config, dump_yaml
-from .data import DataStats, Pair, batch_order, length_bias, load_examples, split_by_prompt, tokenize_examples
+from .data import DataStats, Pair, batch_order, load_examples, split_by_prompt, tokenize_examples
 from .errors import InputError, TrainingDiverged
 from .evaluate import evaluate, summarize
 from .files import (
@@ -40,11 +39,13 @@ from .files import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    check_writable_dir,
     read_jsonl,
     write_jsonl,
 )
-from .logprobs import batch_logps, make_batch
-from .model import add_lora, fingerprint, is_peft, load_model, load_tokenizer
+from .logprobs import batch_logps, make_batch, prefix_sharing_blocker
+from .model import add_lora, fingerprint, is_peft, load_model, load_tokenizer, resolve_dtype
+from .progress import Progress, phase
 from .reference import cache_key, reference_logps
 
 
@@ -71,8 +72,9 @@ def prepare_data(cfg: Config, tokenizer: object) -> Prepared:
         examples = examples[:cfg.max_train_pairs]
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
               apply_chat_template=cfg.apply_chat_template)
-    train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
-    held, held_stats = tokenize_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
+    with phase("tokenize", total=len(examples) + len(heldout), quiet=cfg.quiet):
+        train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
+        held, held_stats = tokenize_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
     return Prepared(tokenizer, train, held, {"train": train_stats, "eval": held_stats})
 
 
@@ -135,10 +137,14 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     across cells; a LoRA run leaves ``base_model`` as it found it.
     """
     cfg.validate()
+    dtype = resolve_dtype(cfg)  # bf16 that the hardware would emulate stops here, before any loading
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
+    check_writable_dir(out, field="output")  # a file as --output: one line, exit 2, the file untouched
+    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
+    report_to = trackers.check(cfg.report_to)  # a missing extra stops here, before the output folder is touched
     params = cfg.objective_params()
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not cfg.resume:
@@ -150,19 +156,30 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     # 1. Everything that can reject the input happens before the output folder is touched.
     tok = prepared.tokenizer if prepared else load_tokenizer(cfg)
     data = prepared or prepare_data(cfg, tok)
+    gen_judge = check_gen_eval(cfg)  # a bad judge spec fails here, before the output folder is touched
     model = base_model if base_model is not None else load_model(cfg)
     cache_dir = cfg.resolved_cache_dir()
     model_fp = fingerprint(cfg.model, cache_dir)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout: same seed, same adapter at step 0 for every objective
     model = add_lora(model, cfg)
     pad_id = tok.pad_token_id
-    fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+    blocker = prefix_sharing_blocker(model) if cfg.share_prompt else None
+    share = cfg.share_prompt and blocker is None  # else the plain layout: same numbers, prompt run twice
+    fast = dict(share_prompt=share, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+    lm = model.get_base_model() if is_peft(model) else model
+    model_info = {"attn_implementation": lm.config._attn_implementation, "dtype": dtype,
+                  "share_prompt": share, "share_prompt_blocker": blocker}
 
     with contextlib.ExitStack() as stack:
         if base_model is not None and is_peft(model):
             stack.callback(model.unload)  # hand the shared base model back without adapters, even on error
+        if cfg.gradient_checkpointing:  # each layer keeps only its input and is recomputed in backward
+            lm.activation_checkpointing_enable()
+            stack.callback(lm.activation_checkpointing_disable)  # a shared base model goes back as it came
         stack.enter_context(FolderLock(out))
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        tracker = trackers.Trackers(report_to, cfg, out, resume_step=_checkpoint_step(checkpoint))
+        stack.callback(tracker.close)
         timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
                   "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
 
@@ -172,9 +189,10 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         t = time.perf_counter()
         refs, cached = {}, {"train": True, "eval": True}
         for name, (pairs, batch_size) in reference_requests(cfg, data, schedule).items():
-            refs[name], cached[name] = reference_logps(
-                model, pairs, key=cache_key(model_fp, pairs, cfg.dtype, cfg.autocast_bf16), cache_dir=cache_dir,
-                pad_id=pad_id, batch_size=batch_size, **fast)
+            with phase(f"reference pass ({name})", total=len(pairs), quiet=cfg.quiet):
+                refs[name], cached[name] = reference_logps(
+                    model, pairs, key=cache_key(model_fp, pairs, dtype, cfg.autocast_bf16), cache_dir=cache_dir,
+                    pad_id=pad_id, batch_size=batch_size, **fast)
             if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                   for p in pairs)
@@ -193,23 +211,29 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
 
         def run_eval(step: int) -> tuple[dict, list[dict]]:
             t = time.perf_counter()
-            m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
+            with phase(f"eval @ step {step}", total=len(data.eval), quiet=cfg.quiet):
+                m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
             timing["eval_s"] += time.perf_counter() - t
             timing["eval_tokens"] += processed
             m = {"step": step, "epoch": step / steps_per_epoch, **m}
             append_jsonl(metrics_path, m)
+            tracker.log(m)
             return m, rows
 
         start = 0
         if checkpoint is not None:
             start = load_checkpoint(checkpoint, trainable, opt)
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
-            step0 = next((r for r in read_jsonl(metrics_path) if r["step"] == 0 and "eval_loss" in r), None)
+            last_eval = next((r for r in reversed(read_jsonl(metrics_path)) if "eval_loss" in r), None)
         else:
             metrics_path.unlink(missing_ok=True)
             step0, _ = run_eval(0)
         progress = Progress(total, quiet=cfg.quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
-        progress.eval(step0 or {})
+        stack.callback(progress.close)
+        if checkpoint is not None:  # not the step-0 line: it would read as a restart from scratch
+            progress.resumed(start, checkpoint, last_eval)
+        else:
+            progress.eval(step0)
 
         # 4. The loop.
         model.train()
@@ -226,7 +250,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 mb = idx[j:j + cfg.batch_size]
                 sub = [data.train[k] for k in mb]
                 batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
-                                   [p.rejected_ids for p in sub], pad_id, cfg.share_prompt)
+                                   [p.rejected_ids for p in sub], pad_id, share)
                 s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
                 k = len(mb)
                 ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
@@ -246,7 +270,8 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             res = _cat_outputs([p[2] for p in parts])
             loss = res.loss.detach()
             if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
-                return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start)
+                return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start,
+                                 model_info)
             opt.step()
             dt = time.perf_counter() - t
             timing["train_s"] += dt
@@ -257,6 +282,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             last = step + 1 == total
             if (step + 1) % cfg.log_every == 0 or last:
                 append_jsonl(metrics_path, row)
+                tracker.log(row)
             progress.step(step + 1, row)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
                 progress.eval(run_eval(step + 1)[0])
@@ -268,7 +294,12 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         progress.eval(final)
         write_jsonl(out / "eval_pairs.jsonl", rows)
         save_weights(out, model, tok)
-        summary = _summary(cfg, out, total, "finished", data, timing, t_start)
+        # behaviour: a judge failure raises before summary.json exists, so a matrix records this cell as failed
+        gen_eval = run_gen_eval(cfg, model, tok, data.eval, out, gen_judge) if gen_judge else None
+        summary = _summary(cfg, out, total, "finished", data, timing, t_start, model_info)
+        if gen_eval is not None:
+            summary["gen_eval"] = gen_eval
+            atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
         progress.done(summary, out)
         return summary
@@ -283,11 +314,11 @@ def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
 
 
 def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | None, timing: dict,
-             t_start: float) -> dict:
+             t_start: float, model_info: dict | None = None) -> dict:
     rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     evals = [r for r in rows if "eval_loss" in r]
     trains = [r for r in rows if "loss" in r]
-    tail = trains[-max(1, len(trains) // 10):]
+    tail = stats.tail(trains)  # the same "last 10% of training" that review and decide read
     train_last = {k: sum(r[k] for r in tail) / len(tail) for k in (tail[0] if tail else {})
                   if k not in ("step", "epoch")}
     loop_s = timing["train_s"] + timing["reference_s"]  # reference work counts against throughput
@@ -303,15 +334,17 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
         "final_eval": evals[-1] if evals else None, "step0_eval": evals[0] if evals else None,
         "train_last": train_last,
         "data": {k: v.to_dict() for k, v in data.stats.items()} if data else None,
-        "length_bias": length_bias(data.eval) if data else None,
+        "length_bias": stats.length_bias([len(p.chosen_ids) for p in data.eval],
+                                         [len(p.rejected_ids) for p in data.eval]) if data else None,
         "timing": timing,
+        "model": model_info,
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
-def _diverged(out, cfg, step, loss, grad_norm, timing, t_start):
-    _summary(cfg, out, step, "diverged", None, timing, t_start)
+def _diverged(out, cfg, step, loss, grad_norm, timing, t_start, model_info=None):
+    _summary(cfg, out, step, "diverged", None, timing, t_start, model_info)
     last = latest_checkpoint(out)
     keep = f"; the last good checkpoint is {last}" if last else ""
     raise TrainingDiverged(f"loss or gradient became non-finite at step {step} (loss={loss}, grad_norm={grad_norm})"
@@ -353,6 +386,10 @@ def save_checkpoint(out: Path, step: int, trainable: list[tuple[str, Tensor]], o
     return folder
 
 
+def _checkpoint_step(folder: Path | None) -> int | None:
+    return None if folder is None else int(json.loads((folder / "state.json").read_text())["step"])
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").exists())
     return done[-1] if done else None
@@ -375,44 +412,3 @@ def load_checkpoint(folder: Path, trainable: list[tuple[str, Tensor]], opt: torc
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line bar on a terminal; plain log lines (about ten per run) when not a terminal or under CI."""
-
-    def __init__(self, total: int, *, quiet: bool, name: str, start: int = 0) -> None:
-        self.total, self.quiet, self.name = total, quiet, name
-        self.tty = sys.stderr.isatty() and not os.environ.get("CI")
-        self.every = max(1, total // 10)
-        self.acc = float("nan")
-        self.t0 = time.perf_counter()
-        self.start = start
-
-    def _print(self, text: str, end: str = "\n") -> None:
-        if not self.quiet:
-            print(text, end=end, file=sys.stderr, flush=True)
-
-    def step(self, step: int, row: dict) -> None:
-        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
-        line = (f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} "
-                f"margin {row['rewards/margins']:+.4f} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
-        if self.tty:
-            self._print("\r" + line, end="")
-        elif step % self.every == 0 or step == self.total:
-            self._print(line)
-
-    def eval(self, m: dict) -> None:
-        if "eval_accuracy" not in m:
-            return
-        self.acc = m["eval_accuracy"]
-        if self.tty and m["step"] > 0:
-            self._print("")
-        self._print(f"[{self.name}] eval @ step {m['step']}: held-out acc {m['eval_accuracy']:.3f} "
-                    f"margin {m['eval_rewards/margins']:+.4f} (refrel acc {m['eval_refrel/accuracy']:.3f}, "
-                    f"lennorm acc {m['eval_lennorm/accuracy']:.3f}, {m['eval_pairs']} pairs)")
-
-    def done(self, summary: dict, out: Path) -> None:
-        t = summary["timing"]
-        self._print(f"[{self.name}] done in {t['total_s']:.1f}s ({t['pairs_per_second']:.2f} pairs/s): {out}")

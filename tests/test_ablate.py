@@ -3,6 +3,7 @@ a killed cell, a failing cell, the lock, --grid parsing, the CLI and the paralle
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -18,13 +19,14 @@ from safetensors.torch import load_file
 import preftune.model as M
 import preftune.objectives as O
 import preftune.reference as R
-import preftune.train as T
-from preftune.ablate import DEFAULT_GRID, OBJECTIVE_PARAMS, parse_grid, plan, run_fallback, run_matrix
+from preftune.ablate import DEFAULT_GRID, parse_grid, plan, run_fallback, run_matrix
 from preftune.cli import main
 from preftune.config import Config
 from preftune.errors import InputError
 from preftune.files import read_jsonl
 from preftune.model import is_peft
+
+T = importlib.import_module("preftune.train")  # the module; `import preftune.train` names the function
 
 NAMES = ["objective=dpo,lora_rank=16", "objective=dpo,lora_rank=8", "objective=simpo,lora_rank=16",
          "objective=simpo,lora_rank=8"]
@@ -33,8 +35,8 @@ SIMPO = {"beta": 2.0, "gamma_beta_ratio": 0.5}
 
 def base_cfg(world, root: Path, name: str, **kw) -> Config:
     d = dict(model=str(world.model_dir), data=str(world.train_path), eval_data=str(world.eval_path), lr=2e-3,
-             batch_size=4, max_steps=4, eval_every=0, save_every=2, warmup_ratio=0.0, lora_dropout=0.1, beta=0.3,
-             objectives={"simpo": dict(SIMPO)}, output=str(root / name), cache_dir=str(root / "cache"), quiet=True,
+             batch_size=4, max_steps=4, eval_every=0, save_every=2, warmup_ratio=0.0, lora_dropout=0.1,
+             objectives={"dpo": {"beta": 0.3}, "simpo": dict(SIMPO)}, output=str(root / name), cache_dir=str(root / "cache"), quiet=True,
              max_train_pairs=32)
     return Config(**{**d, **kw})
 
@@ -113,18 +115,17 @@ def test_default_grid_layout(matrix):
 
 def test_cells_differ_only_in_their_factors(matrix):
     base = matrix.base.to_dict()
-    free = {"objective", "lora_rank", "output", "resume", "objectives", *OBJECTIVE_PARAMS}
+    free = {"objective", "lora_rank", "output", "resume", "objectives"}
     for name in NAMES:
         cfg = yaml.safe_load((matrix.out / "cells" / name / "config.yaml").read_text())
         assert cfg.keys() == base.keys() and {k for k in base if cfg[k] != base[k]} <= free
         assert cfg["output"] == str(matrix.out / "cells" / name) and cfg["resume"] is True
-        assert cfg["objective"] not in cfg["objectives"]  # already applied at the top level
         params = cell(matrix.out, name, "summary.json")["params"]
-        if "simpo" in name:  # its own `objectives:` entry, not the DPO cells' top-level beta
-            assert (cfg["beta"], cfg["gamma_beta_ratio"]) == (2.0, 0.5)
-            assert params["beta"] == 2.0 and params["gamma"] == pytest.approx(1.0)
+        if "simpo" in name:  # its own `objectives:` entry, not the DPO cells' beta
+            assert cfg["objectives"]["simpo"] == {"beta": 2.0, "gamma_beta_ratio": 0.5}
+            assert params == {"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
         else:
-            assert (cfg["beta"], cfg["gamma_beta_ratio"]) == (0.3, None) and params["beta"] == 0.3
+            assert cfg["objectives"]["dpo"] == {"beta": 0.3} and params["beta"] == 0.3
     # Same batches in the same order for every cell.
     assert list(matrix.batches) == NAMES and len(matrix.batches[NAMES[0]]) == 4
     assert all(b == matrix.batches[NAMES[0]] for b in matrix.batches.values())
@@ -253,7 +254,7 @@ def test_cli_ablate_and_fallback(tiny_world, tmp_path, capsys):
     assert main(args) == 0
     assert "2 finished, 0 failed" in capsys.readouterr().out
     betas = [yaml.safe_load((tmp_path / "M" / "cells" / f"objective={o},lora_rank=4" / "config.yaml").read_text())
-             ["beta"] for o in ("dpo", "simpo")]
+             ["objectives"][o]["beta"] for o in ("dpo", "simpo")]
     assert betas == [0.2, 2.0]  # the command line wins over the base objective's entry; simpo keeps its own
     assert main(args[:3] + ["--grid", "lora_rnak=4", "--output", str(tmp_path / "N")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -264,9 +265,10 @@ def test_cli_ablate_and_fallback(tiny_world, tmp_path, capsys):
     assert meta["factors"] == {"objective": ["dpo", "simpo", "orpo"], "lora_rank": [4]}
     assert [c["name"] for c in meta["cells"]] == [f"objective={o},lora_rank=4" for o in ("dpo", "simpo", "orpo")]
     assert all(c["status"] == "finished" for c in meta["cells"])
-    assert yaml.safe_load((tmp_path / "M" / "cells" / "objective=dpo,lora_rank=4" / "config.yaml").read_text()) == \
-        yaml.safe_load((tmp_path / "M" / "cells" / "objective=orpo,lora_rank=4" / "config.yaml").read_text()) | \
-        {"objective": "dpo", "beta": 0.2, "output": str(tmp_path / "M" / "cells" / "objective=dpo,lora_rank=4")}
+    dpo, orpo = (yaml.safe_load((tmp_path / "M" / "cells" / f"objective={o},lora_rank=4" / "config.yaml").read_text())
+                 for o in ("dpo", "orpo"))
+    assert dpo | {"objective": "orpo", "output": orpo["output"], "objectives": orpo["objectives"]} == orpo
+    assert orpo["objectives"] == dpo["objectives"] | {"orpo": {"beta": 0.1}}  # its own default, not DPO's beta
 
 
 def test_parallel_cells_in_subprocesses(matrix, tmp_path, monkeypatch):

@@ -18,9 +18,40 @@ def test_precedence(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("objective: simpo\nlora_rank: 16\nbeta: 0.5\nobjectives:\n  simpo: {beta: 2.5}\n")
     cfg = C.from_file(f, lora_rank="4")
-    assert cfg.objective == "simpo" and cfg.lora_rank == 4 and cfg.beta == 2.5  # per-objective beats top level
+    assert cfg.objective == "simpo" and cfg.lora_rank == 4
+    assert cfg.objective_params()["beta"] == 2.5  # the objectives entry beats the top-level shorthand
     cfg = C.from_file(f, beta="3.0")
-    assert cfg.beta == 3.0  # the command line beats both
+    assert cfg.objective_params()["beta"] == 3.0  # the command line beats both
+
+
+def test_objective_fields_live_per_objective():
+    assert not {"beta", "gamma", "gamma_beta_ratio", "label_smoothing"} & set(C.FIELDS)
+    cfg = C.build({"objective": "simpo", "model": "m", "data": "d"}, {"gamma_beta_ratio": "0.3", "beta": "4"}).validate()
+    assert cfg.objectives == {"simpo": {"gamma_beta_ratio": 0.3, "beta": 4.0}}
+    assert cfg.objective_params() == {"beta": 4.0, "gamma_beta_ratio": 0.3, "nll_weight": 0.0}
+
+
+def test_old_saved_config_still_loads(tmp_path):
+    """A config.yaml saved by the previous version: shorthands at the top level, null when unset."""
+    f = tmp_path / "old.yaml"
+    f.write_text("objective: simpo\nbeta: 2.5\ngamma: null\ngamma_beta_ratio: 0.4\nlabel_smoothing: null\n"
+                 "objectives:\n  dpo: {beta: 0.1}\nmodel: m\ndata: d\n")
+    cfg = C.from_file(f).validate()
+    assert cfg.objective_params() == {"beta": 2.5, "gamma_beta_ratio": 0.4, "nll_weight": 0.0}
+    assert cfg.objectives["dpo"] == {"beta": 0.1}
+
+
+@pytest.mark.parametrize("yaml_text,field", [
+    ("objectives:\n  simpo: {gama: 1.0}\n", "objectives.simpo.gama"),
+    ("objectives:\n  dpx: {beta: 1.0}\n", "objective"),
+    ("objectives:\n  dpo: {beta: -1}\n", "objectives.dpo.beta"),
+])
+def test_bad_objectives_entry_is_one_line(tmp_path, yaml_text, field):
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml_text + "model: m\ndata: d\n")
+    with pytest.raises(InputError) as e:
+        C.from_file(f).validate()
+    assert e.value.field == field and "\n" not in str(e.value)
 
 
 def test_unknown_key_suggests(tmp_path):
@@ -43,7 +74,8 @@ def test_validate_rejects_nonsense():
     with pytest.raises(InputError, match="objective"):
         C.Config(model="m", data="d", objective="dpx").validate()
     with pytest.raises(InputError, match="gamma"):
-        C.Config(model="m", data="d", objective="simpo", gamma=1.0, gamma_beta_ratio=0.5).validate()
+        C.Config(model="m", data="d", objective="simpo",
+                 objectives={"simpo": {"gamma": 1.0, "gamma_beta_ratio": 0.5}}).validate()
     with pytest.raises(InputError, match="max_prompt_length"):
         C.Config(model="m", data="d", max_length=64, max_prompt_length=64).validate()
 
@@ -61,7 +93,7 @@ def test_dump_round_trips(tmp_path):
 def test_shipped_configs_parse(path):
     cfg = C.from_file(path, model="some/model", data="train.jsonl")
     cfg.validate()
-    assert set(yaml.safe_load(path.read_text())) <= set(C.FIELDS)
+    assert set(yaml.safe_load(path.read_text())) <= set(C.FIELDS) | set(C.SHORTHANDS)
 
 
 def test_cli_bad_flag_is_one_line_exit_2(capsys):
@@ -83,12 +115,12 @@ def test_cli_bad_config_exit_2(tmp_path, capsys):
 def test_saved_config_reproduces_a_cli_override(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("objective: dpo\nobjectives:\n  dpo: {beta: 0.1}\n  simpo: {beta: 2.0}\n")
-    cfg = C.from_file(f, beta="0.3")
-    assert cfg.beta == 0.3
+    cfg = C.from_file(f, beta="0.3", model="m", data="d").validate()
+    assert cfg.objective_params()["beta"] == 0.3
     saved = tmp_path / "saved.yaml"
     saved.write_text(C.dump_yaml(cfg))
-    again = C.from_file(saved)
-    assert again.beta == 0.3 and again.objectives == {"simpo": {"beta": 2.0}}
+    again = C.from_file(saved).validate()
+    assert again.objective_params() == cfg.objective_params() and again.objectives["simpo"] == {"beta": 2.0}
 
 
 def test_python_config_uses_its_objectives_entry():

@@ -7,8 +7,9 @@ import random
 import pytest
 
 from preftune import data
-from preftune.data import Example, batch_order, length_bias, load_examples, split_by_prompt, tokenize_examples
+from preftune.data import Example, batch_order, load_examples, split_by_prompt, tokenize_examples
 from preftune.errors import InputError
+from preftune.stats import length_bias
 
 ROW = {"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}
 USER = {"role": "user", "content": "What is 2+2?"}
@@ -213,19 +214,17 @@ def test_world_data_round_trip(tiny_world, tok):
     pairs, stats = _tokenize(load_examples(str(tiny_world.train_path)), tok)
     assert stats.to_dict() == {"rows": 256, "kept": 256, "truncated": 0, "dropped": 0}
     assert all(p.chosen_ids[-1] == p.rejected_ids[-1] == tok.eos_token_id for p in pairs)
-    bias = length_bias(pairs)
+    bias = length_bias([len(p.chosen_ids) for p in pairs], [len(p.rejected_ids) for p in pairs])
     assert bias["pairs"] == 256 and bias["chosen_shorter"] > 0.15 and bias["chosen_longer"] > 0.15
     assert math.isclose(bias["chosen_shorter"] + bias["chosen_longer"] + bias["equal"], 1.0)
 
 
 def test_length_bias_numbers():
-    def pair(c, r):
-        return data.Pair("x", [1], [5] * c, [6] * r, "p", "c", "r")
-
-    bias = length_bias([pair(1, 2), pair(3, 3), pair(4, 2), pair(2, 4)])
+    bias = length_bias([1, 3, 4, 2], [2, 3, 2, 4], [-1.0, 0.0, 2.0, -2.0])
     assert (bias["chosen_shorter"], bias["chosen_longer"], bias["equal"]) == (0.5, 0.25, 0.25)
     assert (bias["mean_chosen_len"], bias["mean_rejected_len"], bias["mean_len_ratio"]) == (2.5, 2.75, 1.0)
-    assert length_bias([])["pairs"] == 0
+    assert bias["margin_length_corr"] == pytest.approx(1.0)  # the margin follows the length difference exactly
+    assert length_bias([], [])["pairs"] == 0
 
 
 # --- split and batches -------------------------------------------------------------------------------------
@@ -275,3 +274,17 @@ def test_grouping_by_length_reduces_padding():
     # batches are shuffled after grouping: the longest batch is not always first
     firsts = {max(lengths[i] for i in batch_order(lengths, 8, seed=s, epoch=0)[0]) for s in range(5)}
     assert len(firsts) > 1
+
+
+def test_invalid_utf8_names_line_and_byte_offset(tmp_path):
+    good = json.dumps(ROW).encode() + b"\n"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(good + good + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(InputError) as err:
+        load_examples(str(path))
+    column = len(b'{"prompt": "caf')
+    assert str(err.value) == (f"{path}:3: not UTF-8 text: byte 0xe9 at byte offset {2 * len(good) + column} "
+                              f"(byte {column} of the line)")
+    (tmp_path / "first.json").write_bytes(b"\xff\xfe[]")
+    with pytest.raises(InputError, match=r"first.json:1: not UTF-8 text: byte 0xff at byte offset 0 "):
+        load_examples(str(tmp_path / "first.json"))

@@ -59,6 +59,11 @@ def switch_matrix(root: Path) -> Path:
     ])
 
 
+def why(d: dict, code: str) -> list[dict]:
+    """The reasons of ``d`` with ``code`` (decision.json's machine-readable reasons)."""
+    return [r for r in d["reasons"] if r["code"] == code]
+
+
 def comparison(d: dict, a: str, b: str, yardstick: str = "own") -> dict:
     return next(c for c in d["comparisons"] if c["a"] == a and c["b"] == b and c["yardstick"] == yardstick)
 
@@ -74,8 +79,12 @@ def test_switch(tmp_path):
     assert c["diff"] == pytest.approx(0.175) and c["ci"][0] < 0.175 < c["ci"][1] and c["ci"][0] > 0.1
     assert c["mcnemar_p"] < 1e-10 and c["pairs_needed"] < 400
     assert {x["yardstick"] for x in d["comparisons"]} == {"own", "refrel", "lennorm"}
-    assert any("prefer the lower rank 8" in r for r in d["reasons"])
-    assert d["summary"].startswith("Switch from dpo to simpo (rank 8): it ranks 70 more of 400")
+    [lower] = why(d, "lower_rank_equivalent")
+    assert (lower["objective"], lower["lora_rank"], lower["best_rank"]) == ("simpo", 8, 16) and lower["mcnemar_p"] > 0.05
+    basis = d["basis"]
+    assert (basis["code"], basis["from"], basis["to"], basis["lora_rank"]) == ("switch", "dpo", "simpo", 8)
+    assert (basis["a_only"] - basis["b_only"], basis["n"]) == (70, 400) and basis["yardstick"] in ("refrel", "lennorm")
+    assert len(d["explanation"]) == len(d["reasons"]) and d["summary"].startswith("Switch from dpo to simpo")
     assert len(d["cells"]) == 4 and all(c["findings"] for c in d["cells"])
     cell16 = next(c for c in d["cells"] if c["name"] == "objective=dpo,lora_rank=16")
     assert cell16["accuracy"] == pytest.approx(0.575) and cell16["ci"][0] < 0.575 < cell16["ci"][1]
@@ -88,7 +97,9 @@ def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
                                          cell("simpo", 8, simpo, train_top=5.0, held=0.2)])
     d = decide(root, n_boot=500)
     assert d["verdict"] == "not_decisive"
-    assert any("margins are not cleaner" in r for r in d["reasons"])
+    [r] = why(d, "margins_not_cleaner")
+    assert r["gap_share"] > r["baseline_gap_share"] and r["gap_share"] > 0.25
+    assert d["basis"]["blocked"] == [r]
 
 
 def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
@@ -99,15 +110,17 @@ def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
             row["refrel_margin"], row["lennorm_margin"] = 1.0, 0.1
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=500)
     assert d["verdict"] == "not_decisive", d["reasons"]
-    assert any("not on a common yardstick (best: refrel +0.000" in r and "comes from how its own reward" in r
-               for r in d["reasons"])
+    [r] = why(d, "own_reward_only")
+    assert r["own"]["mcnemar_p"] < 0.05 and r["own"]["diff"] > 0
+    assert (r["best"]["yardstick"], r["best"]["diff"], r["best"]["mcnemar_p"]) == ("refrel", 0.0, 1.0)
 
 
 def test_keep_when_baseline_significantly_better(tmp_path):
     dpo, simpo = split(400, 220, 80, 10)
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo)]), n_boot=500)
     assert d["verdict"] == "keep" and d["objective"] == "dpo", d["reasons"]
-    assert any("significantly better than objective=simpo" in r for r in d["reasons"])
+    [r] = why(d, "baseline_better")
+    assert r["a"] == "objective=simpo,lora_rank=8" and r["diff"] < 0 and r["mcnemar_p"] < 0.05
 
 
 def test_keep_when_equal_and_enough_pairs(tmp_path):
@@ -115,7 +128,8 @@ def test_keep_when_equal_and_enough_pairs(tmp_path):
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=1.0, held=0.8),
                                              cell("simpo", 8, simpo, train_top=2.0, held=0.5)]), n_boot=500)
     assert d["verdict"] == "keep", d["reasons"]
-    assert any("were enough to detect a 5-point difference" in r for r in d["reasons"])
+    [r] = why(d, "no_difference")
+    assert r["mcnemar_p"] == 1.0 and r["n"] == 1000 and r["pairs_to_detect"] <= 1000
 
 
 def test_not_decisive_on_a_small_heldout_set(tmp_path):
@@ -125,8 +139,9 @@ def test_not_decisive_on_a_small_heldout_set(tmp_path):
     assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
     c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
     assert c["mcnemar_p"] > 0.05 and c["pairs_needed"] > 40
-    assert f"about {c['pairs_needed']} held-out pairs" in " ".join(d["reasons"])
-    assert "seeds" in " ".join(d["reasons"]) and "would settle it" in d["summary"]
+    [r] = why(d, "not_significant")
+    assert (r["pairs_needed"], r["seeds"], r["powered"]) == (c["pairs_needed"], 1, False)
+    assert d["basis"]["pairs_needed"] == c["pairs_needed"]
 
 
 def test_fallback_orpo(tmp_path):
@@ -143,9 +158,13 @@ def test_fallback_orpo(tmp_path):
     d = decide(root, n_boot=500)
     assert d["verdict"] == "fallback_orpo", d["reasons"]
     assert (d["objective"], d["lora_rank"]) == ("orpo", 4)
-    assert any("cell objective=ipo,lora_rank=8 failed" in r for r in d["reasons"])
-    assert any("every DPO-family and SimPO cell is unstable" in r and "non-finite" in r and "chance" in r
-               for r in d["reasons"])
+    assert why(d, "cell_not_finished") == [{"code": "cell_not_finished", "cell": "objective=ipo,lora_rank=8",
+                                            "status": "failed", "error": "TrainingDiverged: loss is nan at step 12"}]
+    [r] = why(d, "all_unstable")
+    assert {c["cell"]: c["problems"] for c in r["cells"]} == {"objective=dpo,lora_rank=8": ["nonfinite"],
+                                                            "objective=simpo,lora_rank=8": ["at_chance"]}
+    assert r["failed"] == [{"cell": "objective=ipo,lora_rank=8", "error": "TrainingDiverged: loss is nan at step 12"}]
+    assert d["basis"] == {"code": "fallback", "objective": "orpo", "lora_rank": 4, "accuracy": 0.7}
     failed = next(c for c in d["cells"] if c["status"] == "failed")
     assert failed["error"].startswith("TrainingDiverged") and "accuracy" not in failed
 
@@ -154,7 +173,8 @@ def test_everything_unstable_is_not_decisive(tmp_path):
     chance = [i % 2 == 0 for i in range(200)]
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, chance), cell("orpo", 8, chance)]), n_boot=200)
     assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
-    assert "no objective learned a held-out preference" in d["summary"]
+    assert d["basis"]["code"] == "all_at_chance" and [c["cell"] for c in d["basis"]["cells"]] == \
+        ["objective=dpo,lora_rank=8"]  # the fallback objective is not judged
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -175,7 +195,8 @@ def test_winner_must_beat_chance(tmp_path):
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.5)]),
                n_boot=200)
     assert d["verdict"] == "not_decisive", d["reasons"]
-    assert any("not above chance" in r for r in d["reasons"])
+    [r] = why(d, "not_above_chance")
+    assert r["acc_a"] == pytest.approx(0.54) and r["ci_low"] < 0.5
 
 
 def test_pairs_are_joined_by_id(tmp_path):
@@ -221,7 +242,8 @@ def test_baseline_argument_and_failed_baseline(tmp_path):
     failed = write_matrix(tmp_path / "f", [cell("dpo", 8, dpo, status="failed", error="OOM"),
                                            cell("simpo", 8, simpo)])
     d = decide(failed, n_boot=200)
-    assert d["verdict"] == "not_decisive" and "baseline cell did not finish" in d["summary"]
+    assert d["verdict"] == "not_decisive" and d["basis"] == {"code": "baseline_missing", "objective": "dpo",
+                                                             "lora_rank": 8}
     assert (d["objective"], d["lora_rank"]) == ("dpo", 8)
 
 
@@ -243,3 +265,103 @@ def test_bad_matrix(tmp_path):
     (tmp_path / "matrix.json").write_text('{"cells": [{"name": "x", "status": "finished"}]}')
     with pytest.raises(InputError, match="config.yaml"):
         decide(tmp_path)
+
+
+def with_yardsticks(c: dict, refrel: list[bool], lennorm: list[bool]) -> dict:
+    """Set the cell's per-pair yardstick margins: positive exactly where the list says the pair is ranked right."""
+    for row, r, n in zip(c["rows"], refrel, lennorm):
+        row["refrel_margin"], row["lennorm_margin"] = (1.0 if r else -1.0), (0.1 if n else -0.1)
+    return c
+
+
+def test_significantly_worse_on_the_other_yardstick_is_not_a_switch(tmp_path):
+    dpo, simpo = split(400, 220, 10, 80)
+    worse_len, base_len = split(400, 220, 0, 60)  # simpo right on 220 pairs under lennorm, dpo on 280
+    cells = [with_yardsticks(cell("dpo", 8, dpo), dpo, base_len),
+             with_yardsticks(cell("simpo", 8, simpo, train_top=0.9, held=1.0), simpo, worse_len)]
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=300)
+    assert d["verdict"] == "not_decisive"
+    [r] = why(d, "worse_other_yardstick")
+    assert r["yardstick"] == "refrel" and [(w["yardstick"], w["a_only"], w["b_only"]) for w in r["worse"]] == \
+        [("lennorm", 0, 60)]
+
+
+def test_stand_in_rank_and_single_objective(tmp_path):
+    dpo, simpo = split(200, 120, 5, 10)
+    d = decide(write_matrix(tmp_path / "a", [cell("dpo", 16, dpo), cell("simpo", 8, simpo)]), n_boot=200)
+    assert why(d, "stand_in") == [{"code": "stand_in", "objective": "simpo", "lora_rank": 16,
+                                   "cell": "objective=simpo,lora_rank=8"}]
+    d = decide(write_matrix(tmp_path / "b", [cell("dpo", 16, simpo), cell("dpo", 8, dpo)]), n_boot=200)
+    assert d["verdict"] == "not_decisive" and why(d, "single_objective") == [{"code": "single_objective",
+                                                                              "objective": "dpo"}]
+    assert d["basis"] == {"code": "single_objective", "objective": "dpo", "lora_rank": 8}
+    [r] = why(d, "lower_rank_equivalent")  # 5 more of 200 at rank 8 is no difference: the lower rank
+    assert (r["lora_rank"], r["best_rank"]) == (8, 16)
+
+
+def _nan_lines() -> list[dict]:
+    lines = metrics(ramp(0.0, 1.0, 40), [0.0, 0.1], [0.5, 0.6])
+    lines[20]["loss"] = float("nan")
+    return lines
+
+
+def test_fallback_without_orpo_cells_and_orpo_unstable_too(tmp_path):
+    good, chance = split(200, 140, 0, 0)[0], [i % 2 == 0 for i in range(200)]
+    d = decide(write_matrix(tmp_path / "a", [cell("dpo", 8, good, lines=_nan_lines()), cell("ipo", 8, chance)]),
+               n_boot=200)
+    assert d["verdict"] == "fallback_orpo" and d["objective"] == "orpo"
+    assert d["basis"] == {"code": "fallback_not_run", "objective": "orpo"}
+    assert why(d, "family_not_tried") == [{"code": "family_not_tried", "family": "reference-free"}]
+    d = decide(write_matrix(tmp_path / "b", [cell("dpo", 8, good, lines=_nan_lines()), cell("orpo", 8, chance)]),
+               n_boot=200)
+    assert d["verdict"] == "not_decisive" and d["basis"]["code"] == "fallback_unstable"
+    assert d["basis"]["cells"] == [{"cell": "objective=orpo,lora_rank=8", "problems": ["at_chance"]}]
+
+
+def test_identical_cells_are_equal_not_cleaner_and_never_print_none(tmp_path):
+    """dpo vs cdpo with label_smoothing 0 are the same run; both at accuracy 1.0 leave no room for a difference."""
+    perfect = [True] * 200
+    d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, perfect), cell("cdpo", 8, perfect)]), n_boot=200)
+    [r] = why(d, "not_significant")
+    assert (r["margins"], r["power_unknown"], r["pairs_to_detect"]) == ("equal", "ceiling", None)
+    text = " ".join(d["explanation"]) + d["summary"]
+    assert "None" not in text and "nan" not in text and "cleaner (" not in text
+
+
+def test_learning_is_judged_on_yardsticks_against_step_0(tmp_path):
+    """A SimPO cell whose length prior ranks 90% of pairs at step 0 and still does at the end learned nothing,
+    however high its own-reward accuracy; a DPO cell that rose from the exact tie learned."""
+    n = 200
+    right = [i < 180 for i in range(n)]
+
+    def lines(step0: dict, final: dict) -> list[dict]:
+        out = metrics(ramp(0.0, 1.0, 40), [0.0, 0.5], [0.9, 0.9])
+        out[0].update(step0)   # the first line is the step-0 eval
+        out[-1].update(final)
+        return out
+
+    simpo = cell("simpo", 8, right, lines=lines({"eval_refrel/accuracy": 0.5, "eval_lennorm/accuracy": 0.9},
+                                                {"eval_refrel/accuracy": 0.5, "eval_lennorm/accuracy": 0.9}))
+    with_yardsticks(simpo, [i % 2 == 0 for i in range(n)], right)    # refrel 0.5, lennorm 0.9: as at step 0
+    dpo = cell("dpo", 8, right, lines=lines({"eval_refrel/accuracy": 0.5, "eval_lennorm/accuracy": 0.6},
+                                            {"eval_refrel/accuracy": 0.9, "eval_lennorm/accuracy": 0.9}))
+    d = decide(write_matrix(tmp_path / "m", [dpo, simpo]), n_boot=200)
+    found = {c["name"]: {f["code"]: f["data"] for f in c["findings"]} for c in d["cells"]}
+    gains = found["objective=simpo,lora_rank=8"]["not_learned"]["yardsticks"]
+    assert gains["lennorm"]["step0"] == 0.9 and gains["lennorm"]["final"] == 0.9 and not gains["lennorm"]["learned"]
+    assert gains["refrel"]["final"] == 0.5 and not gains["refrel"]["learned"]
+    assert "not_learned" not in found["objective=dpo,lora_rank=8"]
+    [r] = why(d, "challenger_unstable")
+    assert r["cell"] == "objective=simpo,lora_rank=8" and r["problems"] == ["not_learned"]
+
+
+def test_significant_alone_but_not_over_two_challengers(tmp_path):
+    """4 vs 15 discordant pairs: adjusted p 0.038 < 0.05, but not below 0.05 / 2 challengers."""
+    dpo, simpo = split(300, 200, 4, 15)
+    ipo = split(300, 200, 4, 4)[1]
+    cells = [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.9, held=1.0), cell("ipo", 8, ipo)]
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
+    [r] = why(d, "not_significant_adjusted")
+    assert r["cell"] == "objective=simpo,lora_rank=8" and r["challengers"] == 2 and r["level"] == 0.025
+    assert r["mcnemar_p"] == pytest.approx(2 * 0.019210815429688, rel=1e-6)  # two yardsticks, raw p 0.0192
+    assert d["verdict"] == "not_decisive" and d["basis"]["blocked"] == [r]

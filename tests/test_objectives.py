@@ -86,7 +86,8 @@ def test_simpo_hand_computation_and_gamma_forms():
     out = run("simpo", batch([(-6.0, -9.0, 2, 3, 0.0, 0.0)]), beta=b, gamma=g)
     close(out.loss, [-logsig(-g)])
     close(out.chosen_rewards, [b * -3.0])
-    assert O.resolve_params("simpo", {}) == {"beta": 2.0, "gamma": 1.0, "nll_weight": 0.0}
+    assert O.resolve_params("simpo", {}) == {"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
+    assert O.resolve_params("simpo", {"gamma": 1.0}) == {"beta": 2.0, "gamma": 1.0, "nll_weight": 0.0}
 
 
 def test_reference_free_objectives_run_without_reference():
@@ -132,7 +133,7 @@ def test_sft_is_mean_token_nll_of_chosen():
     out = run("sft")
     close(out.loss, [-c / nc for c, _, nc, _, _, _ in ROWS])
     close(out.rejected_rewards, [r / nr for _, r, _, nr, _, _ in ROWS])
-    assert O.resolve_params("sft", {"beta": 3.0}) == {"nll_weight": 0.0}
+    assert O.resolve_params("sft", {}) == {"nll_weight": 0.0}
 
 
 @pytest.mark.parametrize("name", sorted(O.REGISTRY))
@@ -155,13 +156,55 @@ def test_needs_reference_flags():
     assert all(o.summary and o.fn.__doc__ for o in O.REGISTRY.values())
 
 
-def test_resolve_params_filters_and_fills_defaults():
-    given = {"beta": None, "gamma": 3.0, "gamma_beta_ratio": None, "label_smoothing": 0.05, "nll_weight": 0.0}
-    assert O.resolve_params("dpo", given) == {"beta": 0.1, "nll_weight": 0.0}
-    assert O.resolve_params("robust", given) == {"beta": 0.1, "label_smoothing": 0.05, "nll_weight": 0.0}
-    assert O.resolve_params("simpo", given) == {"beta": 2.0, "gamma": 3.0, "nll_weight": 0.0}
-    assert O.resolve_params("simpo", {"beta": 4.0, "gamma_beta_ratio": 0.3})["gamma"] == pytest.approx(1.2)
+def test_resolve_params_fills_defaults_from_the_schema():
+    assert O.resolve_params("dpo", {"beta": None, "nll_weight": 0.0}) == {"beta": 0.1, "nll_weight": 0.0}
+    assert O.resolve_params("robust", {"label_smoothing": "0.05"}) == {"beta": 0.1, "label_smoothing": 0.05,
+                                                                      "nll_weight": 0.0}
+    assert O.resolve_params("simpo", {"gamma": 3.0}) == {"beta": 2.0, "gamma": 3.0, "nll_weight": 0.0}
     assert O.resolve_params("cdpo", {})["label_smoothing"] == 0.1
+    # the ratio form is the absolute form with gamma = ratio * beta
+    close(run("simpo", beta=4.0, gamma_beta_ratio=0.3).loss, run("simpo", beta=4.0, gamma=1.2).loss.tolist())
+
+
+@pytest.mark.parametrize("name,given,close_name", [("dpo", {"betta": 0.1}, "beta"), ("simpo", {"gama": 1.0}, "gamma"),
+                                                   ("sft", {"beta": 3.0}, None)])
+def test_unknown_hyperparameter_is_one_line_with_a_suggestion(name, given, close_name):
+    with pytest.raises(InputError) as e:
+        O.resolve_params(name, given)
+    key = next(iter(given))
+    assert e.value.field == f"objectives.{name}.{key}" and "\n" not in str(e.value)
+    assert (f"did you mean '{close_name}'" in str(e.value)) == (close_name is not None)
+
+
+def test_every_objective_declares_family_and_schema():
+    assert {o.family for o in O.REGISTRY.values()} <= set(O.FAMILIES)
+    assert O.fallback() == "orpo" and [o.name for o in O.REGISTRY.values() if o.fallback] == ["orpo"]
+    assert {n for n, o in O.REGISTRY.items() if o.judged} == {"dpo", "cdpo", "robust", "ipo", "hinge", "simpo"}
+    for o in O.REGISTRY.values():
+        for key, p in o.params.items():
+            assert p.default is None or p.check(p.default), (o.name, key)
+
+
+def test_user_objective_from_a_module(tmp_path, monkeypatch):
+    (tmp_path / "mylosses_t.py").write_text(
+        "import torch, preftune\n"
+        "@preftune.objective('slic_t', needs_reference=False, family='reference-free', params={'beta': 1.0, 'delta': 1.0})\n"
+        "def slic(lp, beta, delta):\n"
+        "    loss = torch.relu(delta - beta * (lp.chosen - lp.rejected))\n"
+        "    return preftune.ObjectiveOutput(loss, beta * lp.chosen.detach(), beta * lp.rejected.detach())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    obj = O.get("mylosses_t:slic_t")
+    assert obj.name == "slic_t" and obj.family == "reference-free" and obj.defaults == {"beta": 1.0, "delta": 1.0}
+    out = run("slic_t", delta=2.0)
+    close(out.loss, [max(0.0, 2.0 - (c - r)) for c, r, *_ in ROWS])
+    with pytest.raises(InputError, match="did you mean 'delta'"):
+        O.resolve_params("slic_t", {"detla": 1.0})
+    with pytest.raises(InputError, match="registers no objective 'nope'"):
+        O.get("mylosses_t:nope")
+    with pytest.raises(InputError, match="cannot import objective module 'no_such_module_t'"):
+        O.get("no_such_module_t:x")
+    O.REGISTRY.pop("slic_t")
 
 
 @pytest.mark.parametrize("name,given,field", [
@@ -175,7 +218,7 @@ def test_resolve_params_filters_and_fills_defaults():
     ("dpo", {"nll_weight": -1.0}, "nll_weight"),
 ])
 def test_resolve_params_rejects_nonsense(name, given, field):
-    with pytest.raises(InputError, match=f"field '{field}'"):
+    with pytest.raises(InputError, match=f"field 'objectives.{name}.{field}'"):
         O.resolve_params(name, given)
 
 
@@ -238,7 +281,8 @@ def _trl_dpo(dpo_trainer, loss_type: str, row, beta: float, eps: float) -> tuple
                                          ("hinge", "hinge")])
 def test_reference_objectives_match_trl(trl_code, ours, theirs):
     beta, eps = 0.3, 0.2
-    out = run(ours, batch(dtype=torch.float64), beta=beta, label_smoothing=eps)
+    given = {"beta": beta, "label_smoothing": eps}  # TRL's sigmoid/ipo/hinge ignore label_smoothing; ours reject it
+    out = run(ours, batch(dtype=torch.float64), **{k: v for k, v in given.items() if k in O.get(ours).params})
     for i, row in enumerate(ROWS):
         loss, rc, rr = _trl_dpo(trl_code[0], theirs, row, beta, eps)
         assert (out.loss[i].item(), out.chosen_rewards[i].item(), out.rejected_rewards[i].item()) == \

@@ -192,7 +192,7 @@ def test_margin_tracks_length_difference(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"step": 1, "loss": 0.5}\nnot json\n{"step": 3}\n', "log.jsonl:2: not valid JSON"),
+    ('{"step": 1, "loss": 0.5}\nnot json\n{"step": 3}\n', "log.jsonl:2: invalid JSON"),
     ('{"step": 1, "loss": "high"}\n', "log.jsonl:1: field 'loss': 'high' is not a number"),
     ('[1, 2]\n', "log.jsonl:1: a log line must be a JSON object"),
     ('{"step": 1, "foo": 2}\n', "no log lines with known keys"),

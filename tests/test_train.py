@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import replace
 
@@ -11,7 +12,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import preftune.train as T
+from preftune import config
+from preftune import model as model_mod
 from preftune.cli import main
 from preftune.config import Config
 from preftune.data import load_examples, tokenize_examples
@@ -19,6 +21,8 @@ from preftune.errors import TrainingDiverged
 from preftune.files import read_jsonl
 from preftune.logprobs import score_pairs
 from preftune.model import add_lora, load_model, load_tokenizer
+
+T = importlib.import_module("preftune.train")  # the module; `import preftune.train` names the function
 
 TIMING_KEYS = {"pairs_per_second", "tokens_per_second"}
 
@@ -29,7 +33,7 @@ def cfg_for(world, tmp_path, name, **kw) -> Config:
                 lora_rank=8, output=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), quiet=True,
                 max_train_pairs=128)
     base.update(kw)
-    return Config(**base)
+    return config.build(base)  # takes the shorthands (beta=...) for the objective's entry, as the CLI does
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo", "orpo", "ipo", "robust", "cdpo", "hinge"])
@@ -206,7 +210,8 @@ def test_short_run_scores_only_the_pairs_it_visits(tiny_world, tmp_path):
     assert 0 < train_ref_tokens < 40 * 16  # 16 visited pairs of at most ~40 tokens, not 128
 
 
-def test_bf16_mode_trains_and_keeps_its_own_reference(tiny_world, tmp_path):
+def test_bf16_mode_trains_and_keeps_its_own_reference(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)  # bf16 asked for on any CPU: just slower
     f32 = T.train(cfg_for(tiny_world, tmp_path, "f32", max_steps=12, eval_every=0))
     b16 = T.train(cfg_for(tiny_world, tmp_path, "b16", max_steps=12, eval_every=0, dtype="bfloat16"))
     assert b16["timing"]["reference_cached"] == {"train": False, "eval": False}  # bf16 never reuses fp32 numbers

@@ -1,0 +1,214 @@
+"""Verdict reasons as data, and the one renderer that turns them into sentences.
+
+The rules in preftune/decide.py return ``Reason(code, data)`` records with the numbers behind each step;
+``decision.json`` stores them under ``reasons`` (and the sentences under ``explanation``). Tests assert codes
+and numbers; only this module writes English. A number that can't be computed is never printed as None or
+nan: its reason carries a code that says why (``power_unknown: ceiling``), and the sentence says that.
+
+    preftune decide matrix/       # prints the summary and one sentence per reason
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, **self.data}
+
+
+def _n(x: Any) -> str:
+    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.3g}"
+
+
+def _p(x: float) -> str:
+    return f"{x:.2g}" if x < 0.01 else f"{x:.2f}"
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x * 100:.3g}%"
+
+
+def _cmp(d: dict) -> str:
+    return (f"accuracy {_n(d['acc_a'])} vs {_n(d['acc_b'])} on {d['n']} pairs ({d['yardstick']} yardstick, "
+            f"p={_p(d['mcnemar_p'])})")
+
+
+def _margins(d: dict) -> str:
+    return (f"train-held-out gap {_n(d['gap'])} ({_pct(d['gap_share'])} of its training margin) vs "
+            f"{_n(d['baseline_gap'])} ({_pct(d['baseline_gap_share'])}), held-out margin std/|mean| "
+            f"{_n(d['spread'])} vs {_n(d['baseline_spread'])}")
+
+
+_PROBLEMS = {"nonfinite": "non-finite values (NaN/inf)", "divergence": "a diverging loss",
+             "not_learned": "no yardstick rose above its step-0 accuracy",
+             "at_chance": "held-out accuracy at or below chance"}
+
+
+def _problems(codes: list[str]) -> str:
+    return ", ".join(_PROBLEMS.get(c, c) for c in codes) or "unstable"
+
+
+def _not_significant(d: dict) -> str:
+    parts = [f"{d['a']} vs {d['b']}: not significantly different ({_cmp(d)})"]
+    if d["margins"] == "cleaner":
+        parts.append(f"its margins are cleaner ({_margins(d)})")
+    elif d["margins"] == "equal":
+        parts.append("their margins are equal")
+    if d.get("power_unknown") == "ceiling":
+        parts.append(f"the baseline is too close to 100% for a {d['meaningful'] * 100:.0f}-point difference to exist")
+    elif d.get("power_unknown") == "zero_variance":
+        parts.append("the two never disagree on a pair, so no number of pairs would separate them")
+    elif not d["powered"]:
+        parts.append(f"{d['n']} pairs cannot detect a {d['meaningful'] * 100:.0f}-point difference "
+                     f"(needs {d['pairs_to_detect']})")
+    text = ", ".join(parts)
+    if d["pairs_needed"]:
+        text += (f"; the observed difference {d['diff']:+.3f} would need about {d['pairs_needed']} held-out pairs "
+                 f"to reach significance")
+    else:
+        text += "; the two rank the held-out pairs identically on balance"
+    if d["seeds"] < 2:
+        return text + "; run >= 3 seeds per cell to see the seed-to-seed spread"
+    if d.get("seeds_needed"):
+        return text + f"; with seed std {_n(d['seed_sd'])}, about {d['seeds_needed']} seeds per cell would " \
+                      f"separate the means"
+    return text + "; the seed means are identical or do not vary"
+
+
+# A significant lift that failed one switch condition: (the clause, its numbers).
+NO_SWITCH: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "not_significant_adjusted": ("its p is not below alpha", lambda d: f"p is not below alpha/{d['challengers']} = "
+                                 f"{_p(d['level'])}, {d['challengers']} challengers tested"),
+    "challenger_unstable": ("it is unstable", lambda d: _problems(d["problems"])),
+    "not_above_chance": ("it is not above chance", lambda d: f"its accuracy interval on the {d['yardstick']} "
+                         f"yardstick starts at {_n(d['ci_low'])}"),
+    "margins_not_cleaner": ("its margins are not cleaner", lambda d: _margins(d)),
+    "margins_equal": ("its margins are equal, not cleaner", lambda d: _margins(d)),
+    "worse_other_yardstick": ("it is significantly worse on the other yardstick", lambda d: ", ".join(
+        f"{w['yardstick']} {w['diff']:+.3f}, p={_p(w['mcnemar_p'])}" for w in d["worse"])),
+}
+
+TEMPLATES: dict[str, Callable[[dict], str]] = {
+    "cell_not_finished": lambda d: f"cell {d['cell']} {d['status']}" + (f": {d['error']}" if d["error"] else "")
+    + "; reported, not compared",
+    "all_at_chance": lambda d: "every preference-objective cell learned nothing on the held-out pairs and none "
+    "diverged: " + "; ".join(f"{c['cell']} {_n(c['accuracy'])} (95% CI {_n(c['ci'][0])}-{_n(c['ci'][1])}: "
+                             f"{_problems(c['problems'])})" for c in d["cells"])
+    + ". No objective learned a held-out preference, so switching objective (ORPO included) would not help: "
+      "check that chosen/rejected labels are meaningful (not random or flipped), or train longer",
+    "all_unstable": lambda d: "every preference-objective cell is unstable: "
+    + "; ".join(f"{c['cell']} ({_problems(c['problems'])})" for c in d["cells"])
+    + "".join(f"; {c['cell']} failed: {c['error']}" for c in d["failed"]),
+    "family_not_tried": lambda d: f"no {d['family']} objective was in the matrix; it was not tried",
+    "fallback_unstable": lambda d: f"the {d['objective']} cells are unstable too: "
+    + "; ".join(f"{c['cell']} ({_problems(c['problems'])})" for c in d["cells"]),
+    "fallback_not_run": lambda d: f"{d['objective']} was not in the matrix: run it to confirm it trains stably",
+    "baseline_missing": lambda d: f"the baseline cell ({d['objective']}, rank {d['lora_rank']}) did not finish: "
+    "nothing to compare against",
+    "single_objective": lambda d: f"no other objective finished beside {d['objective']}: the objective cannot be "
+    "judged (only the rank)",
+    "stand_in": lambda d: f"{d['objective']} has no finished cell at rank {d['lora_rank']}; its best cell "
+    f"{d['cell']} stands in (objective and rank are confounded there)",
+    "no_shared_pairs": lambda d: f"{d['a']} shares no held-out pair ids with {d['b']}: not compared",
+    "comparison": lambda d: f"{d['a']} vs {d['b']} on {d['n']} held-out pairs: accuracy {_n(d['acc_a'])} vs "
+    f"{_n(d['acc_b'])} (diff {d['diff']:+.3f}, 95% CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}), {d['a_only']} pairs "
+    f"only the first gets right, {d['b_only']} only the second, McNemar p={_p(d['mcnemar_p'])}"
+    + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})" for y in d["yardsticks"]),
+    "own_reward_only": lambda d: f"no switch to {d['cell']}: {d['objective']} ranks more held-out pairs correctly "
+    f"on its own reward ({_n(d['own']['acc_a'])} vs {_n(d['own']['acc_b'])}, p={_p(d['own']['mcnemar_p'])}) but "
+    f"not on a common yardstick (best: {d['best']['yardstick']} {d['best']['diff']:+.3f}, adjusted "
+    f"p={_p(d['best']['mcnemar_p'])}): the lift comes from how its own reward scores pairs, not from a policy "
+    f"that ranks them better",
+    **{code: (lambda d, c=code: f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch: {NO_SWITCH[c][0]} "
+              f"({NO_SWITCH[c][1](d)})") for code in ("not_significant_adjusted", "not_above_chance",
+                                                     "margins_not_cleaner", "margins_equal", "worse_other_yardstick")},
+    "challenger_unstable": lambda d: f"{d['cell']} is unstable ({_problems(d['problems'])})"
+    + (": favours the baseline" if d.get("favours") else ": no switch"),
+    "switch_rule_met": lambda d: f"switch: {d['cell']} ranks {d['a_only'] - d['b_only']} more pairs correctly on "
+    f"the {d['yardstick']} yardstick, adjusted p={_p(d['mcnemar_p'])} < {_p(d['level'])} (alpha {d['alpha']} over "
+    f"{d['challengers']} challenger(s)), accuracy interval {_n(d['ci_low'])}-{_n(d['ci_high'])} above chance, "
+    f"cleaner margins: {_margins(d)}",
+    "direct_vs_baseline": lambda d: f"{d['a']} vs the baseline {d['b']} directly: {_cmp(d)}",
+    "baseline_unstable": lambda d: f"the baseline {d['cell']} is unstable ({_problems(d['problems'])}): not a "
+    "position to keep",
+    "baseline_not_above_chance": lambda d: f"the baseline {d['cell']}'s held-out accuracy {_n(d['accuracy'])} has a "
+    f"95% interval {_n(d['ci'][0])}-{_n(d['ci'][1])} that includes chance: no evidence it learned the preference, "
+    "nothing to keep",
+    "baseline_better": lambda d: f"{d['b']} is significantly better than {d['a']} (p={_p(d['mcnemar_p'])}): "
+    "favours the baseline",
+    "no_difference": lambda d: f"{d['a']} is not significantly different (p={_p(d['mcnemar_p'])}), its margins "
+    f"are not cleaner, and {d['n']} pairs were enough to detect a {d['meaningful'] * 100:.0f}-point difference "
+    f"(needs {d['pairs_to_detect']}): favours the baseline",
+    "not_significant": _not_significant,
+    "lower_rank_equivalent": lambda d: f"rank {d['lora_rank']} is not significantly different from rank "
+    f"{d['best_rank']} for {d['objective']} (accuracy {_n(d['acc_a'])} vs {_n(d['acc_b'])}, p={_p(d['mcnemar_p'])}"
+    f"; training margin {_n(d['train_margin'])} vs {_n(d['best_train_margin'])}): prefer the lower rank "
+    f"{d['lora_rank']}",
+    "best_rank": lambda d: f"rank {d['lora_rank']} is the best rank for {d['objective']} (held-out accuracy "
+    f"{_n(d['accuracy'])}), " + ("lower ranks are significantly worse" if d["lower_ranks_worse"]
+                                 else "also the lowest"),
+}
+
+
+def render(reason: Reason | dict) -> str:
+    """One sentence for a reason (a Reason or its ``to_dict()`` form)."""
+    d = reason.to_dict() if isinstance(reason, Reason) else reason
+    return TEMPLATES[d["code"]](d)
+
+
+def render_summary(basis: Reason | dict) -> str:
+    """The verdict's one-line summary from the reason that decided it."""
+    d = basis.to_dict() if isinstance(basis, Reason) else basis
+    code = d["code"]
+    if code == "switch":
+        return (f"Switch from {d['from']} to {d['to']} (rank {d['lora_rank']}): it ranks {d['a_only'] - d['b_only']} "
+                f"more of {d['n']} held-out pairs correctly on the {d['yardstick']} yardstick (McNemar "
+                f"p={_p(d['mcnemar_p'])}, adjusted) with cleaner margins.")
+    if code == "keep":
+        return (f"Keep {d['objective']} (rank {d['lora_rank']}): on {d['pairs']} held-out pairs every other "
+                f"objective was significantly worse, unstable, or no different where a "
+                f"{d['meaningful'] * 100:.0f}-point difference would have shown.")
+    if code == "fallback":
+        return (f"Fall back to {d['objective'].upper()} (rank {d['lora_rank']}): every preference-objective cell "
+                f"was unstable; it reached held-out accuracy {_n(d['accuracy'])}.")
+    if code == "fallback_not_run":
+        return f"Fall back to {d['objective'].upper()}: every preference-objective cell was unstable."
+    if code == "fallback_unstable":
+        return ("Not decisive: every cell, the fallback included, is unstable or learned nothing; check the data "
+                "(are labels meaningful?) and the learning rate.")
+    if code == "all_at_chance":
+        return ("Not decisive: no objective learned a held-out preference (no cell rose above its step-0 accuracy "
+                "and none diverged); check the labels or train longer.")
+    if code == "baseline_missing":
+        return "Not decisive: the baseline cell did not finish."
+    if code == "single_objective":
+        return (f"Not decisive: only {d['objective']} finished, so the objective was not tested; rank "
+                f"{d['lora_rank']} is recommended.")
+    if code == "not_decisive":
+        if not d["baseline_learned"]:
+            why = f"the baseline {d['baseline']} shows no reliable held-out learning"
+        elif d["blocked"]:
+            why = "; ".join(_blocked(b) for b in d["blocked"])
+        else:
+            why = f"the held-out evidence does not separate {d['baseline']} from {', '.join(d['others'])}"
+        settle = f"; about {d['pairs_needed']} held-out pairs (or more seeds) would settle it" \
+            if d["pairs_needed"] else ""
+        return f"Not decisive: {why}{settle}."
+    raise KeyError(code)
+
+
+def _blocked(d: dict) -> str:
+    """A significant lift that failed a switch condition, as a clause of the summary."""
+    if d["code"] == "own_reward_only":
+        return render(d).split(": ", 1)[1]
+    return (f"{d['objective']} ranks more held-out pairs correctly on the {d['yardstick']} yardstick "
+            f"(p={_p(d['mcnemar_p'])}) but {NO_SWITCH[d['code']][0]}")

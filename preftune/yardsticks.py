@@ -1,0 +1,52 @@
+"""Yardsticks: objective-free per-pair margins on which runs of different objectives can be compared.
+
+Each objective's own reward lives on its own scale (SimPO's is a length-normalized log-prob that ranks pairs
+before any training, DPO's starts at an exact tie), so ``decide`` judges objectives only here. A yardstick is a
+registry entry: its name, whether it needs reference log-probs, and a per-pair margin (> 0: chosen ranked
+above rejected), computed from the same helpers as the objectives. ``evaluate``, ``decide`` and ``report``
+iterate :data:`REGISTRY`.
+
+    preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl   # eval_refrel/accuracy, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .objectives import SeqLogps, logratios, mean_logps
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    name: str
+    needs_reference: bool
+    margin: Callable[[SeqLogps], Tensor]     # (B,) per-pair margin
+    help: str
+
+
+REGISTRY: dict[str, Yardstick] = {}
+
+
+def yardstick(name: str, *, needs_reference: bool, help: str) -> Callable[[Callable], Callable]:
+    def add(fn: Callable[[SeqLogps], Tensor]) -> Callable[[SeqLogps], Tensor]:
+        REGISTRY[name] = Yardstick(name, needs_reference, fn, help)
+        return fn
+    return add
+
+
+@yardstick("refrel", needs_reference=True, help="reference-relative log-ratio margin > 0 (DPO's reward, β = 1)")
+def refrel(lp: SeqLogps) -> Tensor:
+    """(πc − refc) − (πr − refr): exactly 0 at step 0, where the policy is the reference."""
+    c, r = logratios(lp)
+    return c - r
+
+
+@yardstick("lennorm", needs_reference=False,
+           help="length-normalized log-prob margin > 0 (SimPO's reward, β = 1, γ = 0)")
+def lennorm(lp: SeqLogps) -> Tensor:
+    """πc/|c| − πr/|r|, token counts clamped to at least 1 as the objectives do."""
+    mc, mr = mean_logps(lp)
+    return mc - mr

@@ -1,0 +1,168 @@
+"""preftune plan: hand-counted parameters, LoRA sizes and activation bytes of a tiny Llama config (no weights on
+disk), the reference term, fixes, --json, bad input; and the --gradient-checkpointing it suggests trains the
+same adapter.
+
+    .venv/bin/pytest -q tests/test_plan.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+
+from preftune import cli, config
+from preftune.plan import Setting, estimate, parse_size, read_arch
+from preftune.train import train
+
+# hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v project to 16), vocab 100, 2 layers, untied head
+TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64)
+
+
+@pytest.fixture()
+def cfg_dir(tmp_path):
+    LlamaConfig(**TINY).save_pretrained(tmp_path / "m")  # config.json only: plan never reads weights
+    return tmp_path / "m"
+
+
+def _plan(capsys, *argv):
+    assert cli.main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_parameter_and_lora_counts_by_hand(cfg_dir):
+    a = read_arch(str(cfg_dir))
+    # embed 100*32 + per layer [q 32*32 + k 32*16 + v 32*16 + o 32*32 + gate/up/down 3 * 32*64 + 2 norms * 32]
+    # + final norm 32 + lm_head 100*32
+    assert a.params == 3200 + 2 * (1024 + 512 + 512 + 1024 + 3 * 2048 + 64) + 32 + 3200 == 24992
+    # r * (d_in + d_out) per linear: q 4*64, k 4*48, v 4*48, o 4*64, gate 4*96, up 4*96, down 4*96; x 2 layers
+    assert a.lora_params(4, ["all-linear"]) == 2 * (256 + 192 + 192 + 256 + 384 + 384 + 384) == 4096
+    assert a.lora_params(8, ["q_proj", "v_proj"]) == 2 * (8 * 64 + 8 * 48) == 1792
+    assert (a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab) == (2, 32, 64, 4, 2, 100)
+
+
+def test_cell_terms_by_hand(cfg_dir, capsys):
+    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "4", "--batch-size", "2",
+                "--max-length", "5", "--max-prompt-length", "3", "--gpu-memory", "1GiB")
+    c = out["cells"][0]
+    assert out["prompt_tokens"] == 3 and out["completion_tokens"] == 2 and c["row_tokens"] == 3 + 2 * 2
+    assert c["frozen_weights_bytes"] == 24992 * 4
+    assert c["trainable_params"] == 4096 and c["trainable_state_bytes"] == 4096 * 16
+    # per token and layer (fp32): saved 6h + 3i = 384 values, the three LoRA input groups 32 + 32 + 64, seven
+    # r=4 LoRA outputs in fp32, 4 heads of log-sum-exp -> 384*4 + 128*4 + 7*4*4 + 4*4 = 2176 bytes;
+    # 2 rows of 7 tokens = 14 tokens; the float mask 2 * 7 * 7 * 4 = 392; 2 layers; final norm 2 * 32 * 14 * 4
+    assert c["activations_bytes"] == 2 * (2176 * 14 + 392) + 2 * 32 * 14 * 4 == 65296
+    # 2 pairs x 2 completions x 2 tokens = 8 LM-head rows, vocab 100, fp32: every logit kept + one chunk's
+    # exp and gradient
+    assert c["lm_head_bytes"] == 8 * 100 * 4 + 2 * 8 * 100 * 4
+    assert c["baseline_bytes"] == 0 and c["allocator_slack_bytes"] == 0  # a GPU: no process RSS terms
+    assert c["fits"] is True and c["fixes"] == []
+    assert c["peak_bytes"] > c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
+
+
+def test_reference_free_objective_has_no_reference_term(cfg_dir, capsys):
+    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo,orpo", "--lora-rank", "8",
+                "--gpu-memory", "1GiB")
+    by = {c["objective"]: c for c in out["cells"]}
+    assert by["dpo"]["reference"]["needed"] is True and by["dpo"]["reference"]["forward_bytes"] > 0
+    assert by["dpo"]["compute"]["forwards_per_pair"] == 3.0  # forward + input-gradient backward + reference
+    for name in ("simpo", "orpo"):
+        ref = by[name]["reference"]
+        assert (ref["needed"], ref["kind"], ref["forward_bytes"], ref["cache_disk_bytes_per_pair"]) == \
+            (False, "none", 0, 0)
+        assert by[name]["compute"] == {**by[name]["compute"], "forwards_per_pair": 2.0, "reference_forwards": 0.0}
+    cached = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "8",
+                   "--gpu-memory", "1GiB", "--reference-cached")["cells"][0]
+    assert cached["reference"]["kind"] == "cache" and cached["compute"]["forwards_per_pair"] == 2.0
+
+
+def test_fixes_listed_when_it_does_not_fit(cfg_dir, capsys):
+    args = ["--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8", "--batch-size", "64",
+            "--max-length", "64", "--max-prompt-length", "32"]
+    full = _plan(capsys, *args, "--gpu-memory", "1GiB")["cells"][0]
+    a = read_arch(str(cfg_dir))
+    base = Setting(objective="simpo", lora_rank=8, batch_size=64, grad_accum=1, prompt_len=32, completion_len=32,
+                   dtype="float32", device="cuda", gradient_checkpointing=False)
+    assert full["peak_bytes"] == estimate(a, base)["peak_bytes"]
+    ckpt = estimate(a, Setting(**{**base.__dict__, "gradient_checkpointing": True}))["peak_bytes"]
+    half = estimate(a, Setting(**{**base.__dict__, "batch_size": 32, "grad_accum": 2}))["peak_bytes"]
+    budget = (max(ckpt, half) + full["peak_bytes"]) // 2  # both fixes fit, the plan as given does not
+    cell = _plan(capsys, *args, "--gpu-memory", str(budget))["cells"][0]
+    assert cell["fits"] is False
+    fixes = {f["fix"]: f for f in cell["fixes"]}
+    assert fixes["gradient checkpointing"] == {"fix": "gradient checkpointing", "flags": "--gradient-checkpointing",
+                                               "peak_bytes": ckpt, "fits": True}
+    assert fixes["smaller batch + accumulation"]["flags"] == "--batch-size 32 --grad-accum 2"
+    assert fixes["smaller batch + accumulation"]["peak_bytes"] == half
+    assert fixes["bf16 weights"]["flags"] == "--dtype bfloat16"
+    assert all(f["fits"] == (f["peak_bytes"] <= budget) for f in cell["fixes"])
+
+
+def test_json_shape(cfg_dir, capsys):
+    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo", "--lora-rank", "16,8",
+                "--gpu-memory", "24GiB")
+    assert out["budget_bytes"] == 24 * 2**30 and out["device"] == "cuda"
+    assert [(c["objective"], c["lora_rank"]) for c in out["cells"]] == [("dpo", 16), ("dpo", 8), ("simpo", 16),
+                                                                         ("simpo", 8)]
+    for c in out["cells"]:
+        assert isinstance(c["peak_bytes"], int) and isinstance(c["fits"], bool)
+        for key in ("frozen_weights_bytes", "trainable_state_bytes", "activations_bytes", "lm_head_bytes",
+                    "reference", "compute", "fixes"):
+            assert key in c
+
+
+def test_cpu_plan_counts_the_process_baseline(cfg_dir, capsys):
+    c = _plan(capsys, "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8", "--device", "cpu",
+              "--memory", "4GiB", "--baseline-mb", "300")["cells"][0]
+    assert c["baseline_bytes"] == 300 * 2**20
+    terms = (c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
+             + c["lm_head_bytes"] + c["allocator_slack_bytes"] + c["temporaries_bytes"])
+    assert c["peak_bytes"] == max(terms, c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"]
+                                  + c["eval_pass_bytes"])
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    assert parse_size("800MiB") == 800 * 2**20
+    assert parse_size("1024") == 1024
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--gpu-memory", "lots"], "field 'gpu_memory'"),
+    (["--lora-rank", "8,x"], "field 'lora_rank'"),
+    (["--objective", "dpoo"], "did you mean 'dpo'"),
+])
+def test_bad_flags_are_one_line_exit_2(cfg_dir, capsys, argv, where):
+    assert cli.main(["plan", "--model", str(cfg_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and where in err
+
+
+def test_folder_without_config_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["plan", "--model", str(tmp_path / "empty"), "--gpu-memory", "24GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"preftune: error: {tmp_path / 'empty'}: field 'model': no config.json in the model folder\n"
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_world, tmp_path):
+    def run(name, **kw):
+        cfg = config.build(dict(model=str(tiny_world.model_dir), data=str(tiny_world.train_path),
+                                eval_data=str(tiny_world.eval_path), objective="simpo", lr=1e-2, batch_size=8,
+                                max_steps=2, eval_every=0, save_every=0, lora_rank=4, max_train_pairs=16,
+                                eval_batch_size=32, output=str(tmp_path / name), cache_dir=str(tmp_path / "c"),
+                                quiet=True, **kw))
+        train(cfg)
+        return load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+    plain, ckpt = run("plain"), run("ckpt", gradient_checkpointing=True)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=0, atol=1e-6)
+    assert max((v.abs().max().item() for k, v in plain.items() if "lora_B" in k)) > 0  # it did train
