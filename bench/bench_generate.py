@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--settings", default="standard,long", help=f"comma-separated, of {sorted(SETTINGS)}")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)

@@ -4,7 +4,8 @@
     .venv/bin/python bench/bench_plan.py --probe     # the plan's per-layer terms against autograd and glibc
 
 Configurations: 2 models (the demo-size tiny world, ``preftune world DIR --hidden 128 --layers 4``, and the
-29.5M-parameter benchmark Llama that bench/bench.py builds) x DPO and SimPO. Each run is a real
+29.5M-parameter benchmark Llama that bench/bench.py builds) x DPO and SimPO, plus SimPO on the benchmark model
+with --gradient-checkpointing. Each run is a real
 ``preftune train`` in its own process, with truncation settings that every pair reaches (so the row length the
 plan assumes, max_prompt_length + 2 x (max_length - max_prompt_length), is the one trained), and its peak
 RSS is read from summary.json (timing.peak_rss_mb). The plan's estimate comes from the model config alone,
@@ -47,14 +48,14 @@ def assets(out: Path) -> dict[str, dict[str, str]]:
 
 
 def measure(paths: dict[str, str], objective: str, batch: int, max_len: int, max_prompt: int, steps: int,
-            run_dir: Path) -> dict:
+            run_dir: Path, checkpointing: bool = False) -> dict:
     """One real ``preftune train`` in a fresh process; its own peak RSS from summary.json and from wait4."""
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "preftune.cli", "train", "--model", paths["model"], "--data", paths["data"],
            "--eval-data", paths["eval"], "--objective", objective, "--batch-size", str(batch),
            "--max-length", str(max_len), "--max-prompt-length", str(max_prompt), "--max-steps", str(steps),
            "--eval-every", "0", "--save-every", "0", "--quiet", "--output", str(run_dir / "run"),
-           "--cache-dir", str(run_dir / "cache")]
+           "--cache-dir", str(run_dir / "cache")] + (["--gradient-checkpointing"] if checkpointing else [])
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
@@ -148,20 +149,22 @@ def main() -> int:
         if args.only and name != args.only:
             continue
         batch, max_len, max_prompt = SETTINGS[name]
-        cells = {c["objective"]: c for c in plan_cells(paths["model"], objective="dpo,simpo", lora_rank="8",
-                                                        batch_size=batch, max_length=max_len,
-                                                        max_prompt_length=max_prompt, device="cpu",
-                                                        memory="1TiB")}
-        for objective, cell in cells.items():
-            m = measure(paths, objective, batch, max_len, max_prompt, args.steps, out / "runs" / f"{name}-{objective}")
+        # the four required configurations, and the benchmark model with the checkpointing the plan suggests
+        for objective, ckpt in [("dpo", False), ("simpo", False)] + ([("simpo", True)] if name == "bench" else []):
+            cell = plan_cells(paths["model"], objective=objective, lora_rank="8", batch_size=batch,
+                              max_length=max_len, max_prompt_length=max_prompt, device="cpu", memory="1TiB",
+                              gradient_checkpointing=ckpt)[0]
+            label = objective + (" +ckpt" if ckpt else "")
+            m = measure(paths, objective, batch, max_len, max_prompt, args.steps,
+                        out / "runs" / f"{name}-{label.replace(' +', '-')}", checkpointing=ckpt)
             expected_tokens = args.steps * batch * cell["row_tokens"]
             est = cell["peak_bytes"] / MIB
-            rows.append({"model": name, "objective": objective, "batch": batch, "row_tokens": cell["row_tokens"],
+            rows.append({"model": name, "objective": label, "batch": batch, "row_tokens": cell["row_tokens"],
                          "layout_matches": m["train_tokens"] == expected_tokens, "estimate_mb": est, **m,
                          "ratio": est / m["measured_mb"],
                          "terms_mb": {k: v / MIB for k, v in cell.items() if k.endswith("_bytes") and k != "peak_bytes"}})
             r = rows[-1]
-            print(f"{name:6s} {objective:6s} estimate {est:7.0f} MiB  measured {r['measured_mb']:7.0f} MiB  "
+            print(f"{name:6s} {label:12s} estimate {est:7.0f} MiB  measured {r['measured_mb']:7.0f} MiB  "
                   f"ratio {r['ratio']:.2f}  ({r['wall_s']:.0f} s)", flush=True)
     ok = all(0.75 <= r["ratio"] <= 1.25 for r in rows)
     lines = ["| model | objective | batch x row tokens | estimate MiB | measured peak RSS MiB | ratio |",

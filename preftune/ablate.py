@@ -34,10 +34,10 @@ from typing import Any
 import yaml
 
 from . import config as config_mod
-from . import objectives
+from . import objectives, trackers
 from .config import Config, dump_yaml
 from .errors import InputError
-from .files import FolderLock, atomic_write_json, atomic_write_text
+from .files import FolderLock, atomic_write_json, atomic_write_text, check_writable_dir
 
 DEFAULT_GRID: dict[str, list[Any]] = {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}
 # Fields that change the tokenized data; cells that agree on them share one Prepared.
@@ -45,7 +45,7 @@ DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_sp
                "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs")
 NOT_A_FACTOR = ("output", "resume", "objectives", "cache_dir", "quiet")
 # Settings a re-run may change without invalidating a cell's results (the parallel path sets some of them).
-RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir")
+RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir", "report_to")
 _CHILD = "import sys; from preftune.ablate import _cell_main; sys.exit(_cell_main(sys.argv[1]))"
 
 
@@ -130,6 +130,9 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     for name in grid.get("objective", []):  # a module:name objective registers itself (and its entry's schema)
         objectives.get(name)
     base.validate()
+    check_writable_dir(base.output, field="output")  # the Python API gets the CLI's early checks too
+    check_writable_dir(base.resolved_cache_dir(), field="cache_dir")
+    trackers.check(base.report_to)  # once, before the matrix folder is written, not once per failing cell
     cells = plan(base, grid)              # every cell's config is valid before anything is written
     out = Path(base.output)
     toks: dict[tuple, Any] = {}

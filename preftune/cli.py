@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from dataclasses import MISSING
 from typing import Any
 
 from . import config as config_mod
-from . import trackers
 from .config import Config
 from .errors import InputError, TrainingDiverged
 from .files import check_writable_dir
@@ -49,25 +49,34 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Config fields `preftune eval` ignores (it trains nothing): its --help lists only the flags it uses.
+EVAL_SKIP = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "split_seed",
+             "max_train_pairs", "lr", "batch_size", "grad_accum", "max_steps", "epochs", "scheduler", "warmup_ratio",
+             "weight_decay", "max_grad_norm", "seed", "eval_every", "log_every", "save_every", "resume", "report_to",
+             "group_by_length", "gradient_checkpointing")
+
+
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per Config field (``lora_rank`` -> ``--lora-rank``); only flags given on the line count."""
-    for name, f in config_mod.FIELDS.items():
+    """One flag per Config field (``lora_rank`` -> ``--lora-rank``), grouped and helped as config.py declares
+    them (``config.field_docs``); only flags given on the line count. The objective group adds the shorthands."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (group, text) in config_mod.field_docs().items():
         if name in skip or name == "objectives":
             continue
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        f = config_mod.FIELDS[name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, bool):
-            p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default {default})")
+            g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{text} (default {default})")
         else:
-            p.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
-                           help=f"(default {default})")
-
-
-def _add_shorthand_flags(p: argparse.ArgumentParser) -> None:
-    """``--beta`` etc.: a hyperparameter of the objective being run (its ``objectives`` entry)."""
-    for name in config_mod.SHORTHANDS:
-        p.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
-                       help=f"shorthand for objectives.<objective>.{name} (see `preftune objectives`)")
+            shown = ",".join(default) if isinstance(default, list) else default
+            g.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=f"{text} (default {shown})")
+        if name == "objective":
+            for short in config_mod.SHORTHANDS:
+                g.add_argument(_flag(short), default=argparse.SUPPRESS, metavar=short.upper(),
+                               help=f"sets objectives.<objective>.{short} (see `preftune objectives`)")
 
 
 def _config_from(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> Config:
@@ -78,21 +87,27 @@ def _config_from(args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> Con
     return config_mod.build({}, given)
 
 
+EXAMPLE = """example:
+  preftune ablate --model M --data train.jsonl --eval-data heldout.jsonl --output matrix   # DPO/SimPO x r16/r8
+  preftune decide matrix                        # which objective and rank won, how sure, and why
+  preftune report matrix                        # matrix/report.html to show your lead"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="preftune", description="Preference optimization that decides: train DPO/SimPO/ORPO/... "
-                "with LoRA, compare them on held-out pairs, and say which objective and rank won.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+                "with LoRA, compare them on held-out pairs, and say which objective and rank won.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                           title="commands (preftune COMMAND --help for its flags)")
 
     t = sub.add_parser("train", help="train one run")
     t.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
     _add_config_flags(t)
-    _add_shorthand_flags(t)
 
     e = sub.add_parser("eval", help="held-out evaluation of a model (and adapter) alone")
-    e.add_argument("--config")
+    e.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
     e.add_argument("--adapter", help="a peft adapter folder (e.g. runs/x/adapter)")
-    _add_config_flags(e)
-    _add_shorthand_flags(e)
+    _add_config_flags(e, skip=EVAL_SKIP)
 
     a = sub.add_parser("ablate", help="run an objective x rank (x seed x ...) matrix")
     a.add_argument("--config", help="base config (YAML); may hold `objectives:` per-objective overrides")
@@ -100,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a factor and its values (repeatable); default objective=dpo,simpo and lora_rank=16,8")
     a.add_argument("--parallel", type=int, default=1, help="cells run at once on this machine")
     _add_config_flags(a)
-    _add_shorthand_flags(a)
 
     r = sub.add_parser("review", help="diagnose one run folder, TRL trainer_state.json or JSONL log")
     r.add_argument("run")
@@ -147,12 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_dirs(cfg: Config) -> None:
-    """--output and --cache-dir are folders this process can write: checked before any loading or writing."""
-    check_writable_dir(cfg.output, field="output")
-    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
-
-
 def _parse_baseline(text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except InputError as e:
-        print(f"preftune: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits the same error: say it once
+            print(f"preftune: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"preftune: training diverged: {e}", file=sys.stderr)
@@ -190,15 +199,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = train(cfg)
         before = (summary.get("step0_eval") or {}).get("eval_accuracy", float("nan"))
         after = (summary.get("final_eval") or {}).get("eval_accuracy", float("nan"))
-        print(f"{cfg.objective} r={cfg.lora_rank}: held-out accuracy {before:.3f} -> {after:.3f}; "
-              f"results in {cfg.output}")
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for the run
+            print(f"{cfg.objective} r={cfg.lora_rank}: held-out accuracy {before:.3f} -> {after:.3f}; "
+                  f"results in {cfg.output}")
         return 0
     if cmd == "eval":
         from .evaluate import evaluate_model
         from .progress import phase
 
         cfg = _config_from(args)
-        _check_dirs(cfg)
         with phase("scoring held-out pairs (reference, then model)", quiet=cfg.quiet):  # a bar in a terminal
             metrics = evaluate_model(cfg, adapter=args.adapter)
         print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
@@ -209,8 +218,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = _config_from(args)
         grid = parse_grid(args.grid)
-        _check_dirs(cfg)
-        trackers.check(cfg.report_to)  # before the matrix folder is written, not once per failing cell
         result = run_matrix(cfg, grid, parallel=args.parallel)
         print(f"matrix: {result['finished']} finished, {result['failed']} failed -> {cfg.output}")
         return 0 if result["failed"] == 0 else 1

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -36,65 +38,70 @@ from .errors import InputError
 class Config:
     # --- model -----------------------------------------------------------------------------------
     model: str = ""                      # folder or hub id, loaded with AutoModelForCausalLM.from_pretrained
-    tokenizer: str | None = None         # defaults to `model`
+    tokenizer: str | None = None         # tokenizer folder or hub id; defaults to `model`
     dtype: str = "float32"               # float32 | bfloat16 | auto (bf16 where the hardware has it natively); log-probs and loss stay fp32
     device: str = "auto"                 # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
-    trust_remote_code: bool = False      # off unless the user asks
+    trust_remote_code: bool = False      # run the model repo's own Python code; off unless you ask
     attn_implementation: str | None = None  # None = auto: sdpa where the model supports it, else its own (eager)
     # --- LoRA (lora_rank 0 = full fine-tuning) ---------------------------------------------------
-    lora_rank: int = 8
-    lora_alpha: float | None = None      # None = 2 * rank
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_rank: int = 8                   # adapter rank r; 0 = full fine-tuning
+    lora_alpha: float | None = None      # LoRA scale numerator; None = 2 * rank
+    lora_dropout: float = 0.0            # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names to adapt, comma-separated
     # --- data ------------------------------------------------------------------------------------
-    data: str = ""                       # JSONL / JSON / Parquet file, or anything datasets.load_dataset takes
-    data_split: str = "train"
+    data: str = ""                       # training pairs: JSONL / JSON / Parquet file, or anything datasets.load_dataset takes
+    data_split: str = "train"            # split of `data` for a datasets source
     eval_data: str | None = None         # held-out pairs; if absent, `eval_fraction` of prompts are held out
-    eval_split: str = "test"
-    eval_fraction: float = 0.1
-    split_seed: int = 0                  # held-out split by prompt; separate from `seed` so a seed grid keeps one held-out set
-    max_length: int = 512                # prompt + completion, per side
-    max_prompt_length: int = 256         # prompt is cut from the left
+    eval_split: str = "test"             # split of `eval_data` for a datasets source
+    eval_fraction: float = 0.1           # share of distinct prompts held out when no `eval_data` is given
+    split_seed: int = 0                  # seed of the held-out split; separate from `seed` so a seed grid keeps one held-out set
+    max_length: int = 512                # tokens of prompt + completion, per side
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None = half of max_length
     apply_chat_template: bool = False    # wrap plain-string pairs as user/assistant turns
     max_train_pairs: int | None = None   # take the first N training pairs (after the split)
     # --- objective -------------------------------------------------------------------------------
-    objective: str = "dpo"
+    objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`) or module:name for your own
     nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
     objectives: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {name: {param: value}}
     # --- optimisation ----------------------------------------------------------------------------
-    lr: float = 5e-6
-    batch_size: int = 8                  # pairs per optimizer step = batch_size * grad_accum
-    grad_accum: int = 1
-    max_steps: int | None = None         # wins over `epochs` when set
-    epochs: float = 1.0
-    scheduler: str = "linear"            # linear | cosine | constant
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    # --- evaluation, logging, checkpoints --------------------------------------------------------
-    eval_every: int = 50                 # steps; held-out eval also at step 0 and at the end
-    eval_batch_size: int = 16
-    log_every: int = 1
-    save_every: int = 50                 # checkpoint every N steps (0 = only at the end)
-    output: str = "runs/run"
-    cache_dir: str | None = None         # reference log-prob cache; default $PREFTUNE_CACHE or ~/.cache/preftune
-    resume: bool = False
-    quiet: bool = False
-    report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers: tensorboard, mlflow, wandb, trackio or none
+    lr: float = 5e-6                     # peak learning rate (AdamW)
+    batch_size: int = 8                  # pairs per forward; pairs per optimizer step = batch_size * grad_accum
+    grad_accum: int = 1                  # micro-batches accumulated per optimizer step
+    max_steps: int | None = None         # optimizer steps; wins over `epochs` when set
+    epochs: float = 1.0                  # passes over the training pairs when `max_steps` is unset
+    scheduler: str = "linear"            # linear | cosine | constant, after warmup
+    warmup_ratio: float = 0.1            # share of steps with a linear warmup from 0
+    weight_decay: float = 0.0            # AdamW weight decay
+    max_grad_norm: float = 1.0           # gradient clipping norm; 0 = measure only
+    seed: int = 42                       # LoRA init, dropout and data order
+    # --- evaluation ------------------------------------------------------------------------------
+    eval_every: int = 50                 # held-out eval every N steps, also at step 0 and at the end; 0 = only those
+    eval_batch_size: int = 16            # pairs per held-out forward
     judge: str | None = None             # behavioural eval judge: reward-model:PATH | python:mod:fn | openai:MODEL@URL
     gen_eval_prompts: int = 0            # held-out prompts generated by policy and reference at the end (0 = off)
     gen_max_new_tokens: int = 32         # behavioural eval: tokens generated per completion
     gen_temperature: float = 0.0         # behavioural eval: 0 = greedy
-    # --- speed levers (each exact, each can be turned off) --------------------------------------
+    # --- output ----------------------------------------------------------------------------------
+    output: str = "runs/run"             # run folder (must be new or empty unless --resume)
+    log_every: int = 1                   # write a training line to metrics.jsonl every N steps
+    save_every: int = 50                 # checkpoint every N steps (0 = only at the end)
+    resume: bool = False                 # continue the run in `output` from its last checkpoint
+    cache_dir: str | None = None         # reference log-prob cache; default $PREFTUNE_CACHE or ~/.cache/preftune
+    quiet: bool = False                  # no progress lines
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers: tensorboard, mlflow, wandb, trackio or none
+    # --- speed (each lever exact, each can be turned off) ---------------------------------------
     share_prompt: bool = True            # one sequence prompt+chosen+rejected per pair, prompt processed once
     group_by_length: bool = True         # batches of similar lengths: less padding
-    logit_chunk: int = 1024              # positions per LM-head chunk (no full-vocab log-softmax kept)
+    logit_chunk: int = 1024              # completion positions per LM-head chunk (no full-vocab log-softmax kept)
     autocast_bf16: bool = False          # bf16 matmuls (AMX / tensor cores) with fp32 weights, log-probs and loss
     threads: int | None = None           # torch intra-op threads; None = torch's default
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
 
     # ---------------------------------------------------------------------------------------------
+    def prompt_length(self) -> int:
+        """Prompt tokens kept: ``max_prompt_length``, or half of ``max_length`` when unset (so it follows it)."""
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
+
     def resolved_alpha(self) -> float:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
@@ -116,20 +123,33 @@ class Config:
         _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
         if not (self.device in ("auto", "cpu", "mps") or self.device.split(":")[0] == "cuda"):
             raise InputError(f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps", field="device")
-        checks = [
-            ("lora_rank", self.lora_rank >= 0), ("batch_size", self.batch_size >= 1),
-            ("grad_accum", self.grad_accum >= 1), ("lr", self.lr > 0),
-            ("eval_fraction", 0 <= self.eval_fraction < 1), ("max_length", self.max_length >= 2),
-            ("max_prompt_length", 1 <= self.max_prompt_length < self.max_length),
-            ("warmup_ratio", 0 <= self.warmup_ratio <= 1),
-            ("eval_every", self.eval_every >= 0), ("save_every", self.save_every >= 0),
-            ("epochs", self.epochs > 0), ("logit_chunk", self.logit_chunk >= 1),
+        opt = lambda v, ok: v is None or ok(v)  # noqa: E731  (unset optional values are fine)
+        checks = [  # (field, holds, the rule in words)
+            ("lora_rank", self.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+            ("lora_alpha", opt(self.lora_alpha, lambda v: v > 0), "> 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("split_seed", self.split_seed >= 0, ">= 0"), ("max_length", self.max_length >= 2, ">= 2"),
+            ("max_train_pairs", opt(self.max_train_pairs, lambda v: v >= 1), ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("max_steps", opt(self.max_steps, lambda v: v >= 1), ">= 1"),
+            ("epochs", self.epochs > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"), ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("seed", self.seed >= 0, ">= 0"), ("eval_every", self.eval_every >= 0, ">= 0 (0 = start and end only)"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("gen_eval_prompts", self.gen_eval_prompts >= 0, ">= 0 (0 = off)"),
+            ("gen_max_new_tokens", self.gen_max_new_tokens >= 1, ">= 1"),
+            ("gen_temperature", self.gen_temperature >= 0, ">= 0 (0 = greedy)"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 0, ">= 0 (0 = end only)"),
+            ("logit_chunk", self.logit_chunk >= 1, ">= 1"), ("threads", opt(self.threads, lambda v: v >= 1), ">= 1"),
         ]
-        for name, ok in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise InputError(f"invalid value {getattr(self, name)!r}", field=name)
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InputError(f"invalid value {self.max_steps!r}", field="max_steps")
+                raise InputError(f"invalid value {getattr(self, name)!r}: must be {rule}", field=name)
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
+            raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "
+                             f"{given}); leave it unset to use half of max_length", field="max_prompt_length")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +178,21 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """(group, one line of help) per field, read from the class source above: the ``# --- group`` rule over the
+    field and its trailing comment. One source for the flags' help, the docs and the code."""
+    docs, group = {}, ""
+    for line in inspect.getsource(Config).splitlines():
+        rule = re.match(r"\s*# --- ([^-(]+?)\s*(\(.*)?-+$", line)
+        if rule:
+            group = rule.group(1)
+            continue
+        f = re.match(r"\s{4}(\w+): .*?=.*?(?:  # (.*))?$", line)
+        if f and f.group(1) in FIELDS:
+            docs[f.group(1)] = (group, (f.group(2) or "").strip())
+    return docs
 # Flags and top-level YAML keys that set a hyperparameter of the objective being run.
 SHORTHANDS = ("beta", "gamma", "gamma_beta_ratio", "label_smoothing")
 _HINTS = get_type_hints(Config)

@@ -58,8 +58,10 @@ RULES = (
 )
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
 NO_INFLATION = 0.25                   # a train-held-out gap of at most this share of the training margin is fine
-COMMON = tuple(yardsticks.REGISTRY)   # objective-free yardsticks: the only fair ground between objectives
+LENGTH_SHIFT = 0.2                    # a behaviour win with generations 20% longer or shorter is suspect
+COMMON = tuple(y.name for y in yardsticks.logprob_yardsticks())  # objective-free: the fair ground between objectives
 YARDSTICKS = {"own": "margin", **{y: f"{y}_margin" for y in COMMON}}
+BEHAVIOUR = yardsticks.BEHAVIOUR     # what the model writes, judged against the reference (cells with gen_eval)
 DIVERGED_WORDS = ("nan", "inf", "diverg")
 
 
@@ -97,6 +99,11 @@ class Group:
     @property
     def spec(self) -> objectives.Objective:
         return objectives.get(self.objective)
+
+    def gen(self, key: str) -> float | None:
+        """A behavioural number (gen_eval) averaged over the seeds, None without a behavioural evaluation."""
+        xs = [c["gen_eval"][key] for c in self.cells if c.get("gen_eval") and c["gen_eval"].get(key) is not None]
+        return statistics.fmean(xs) if xs and len(xs) == len(self.cells) else None
 
     def problems(self) -> list[str]:
         """The finding codes that make it unstable (nonfinite, divergence, not_learned, at_chance)."""
@@ -188,6 +195,11 @@ def load_cell(matrix_dir: Path, entry: dict) -> tuple[dict, Log | None]:
                margin_gap=gap[2] if gap else None, train_margin=gap[0] if gap else None,
                margin_std=statistics.stdev(margins) if len(margins) > 1 else None,
                unstable=rev.unstable, findings=[f.to_dict() for f in rev.findings])
+    if log.gen_eval:  # what the cell's policy writes, against the shared reference generations
+        g = log.gen_eval
+        out["gen_eval"] = {**{k: g.get(k) for k in ("prompts", "win_rate", "win_rate_ci", "tie_rate", "lc_win_rate",
+                                                     "lc_win_rate_se", "len_ratio")},
+                           "policy_len": g["policy"]["mean_len"], "reference_len": g["reference"]["mean_len"]}
     return out, log
 
 
@@ -204,7 +216,7 @@ def _group(cells: list[tuple[dict, Log]]) -> list[Group]:
     for cell, log in cells:
         key = (cell["objective"], cell["lora_rank"])
         g = groups.setdefault(key, Group(cell["name"], *key))
-        g.cells.append(cell | {"_pairs": log.pairs})
+        g.cells.append(cell | {"_pairs": log.pairs, "_gen": log.generations})
     for g in groups.values():
         if len(g.cells) > 1:
             g.name = f"objective={g.objective},lora_rank={g.lora_rank}"
@@ -214,8 +226,12 @@ def _group(cells: list[tuple[dict, Log]]) -> list[Group]:
                 continue
             ids = set.intersection(*(set(p) for p in per_seed))
             g.correct[ys] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
+        if all(c["_gen"] for c in g.cells):  # behaviour: the judge's preference over the reference, per prompt
+            per_seed = [{str(r["id"]): float(r["preference"]) for r in c["_gen"]} for c in g.cells]
+            ids = set.intersection(*(set(p) for p in per_seed))
+            g.correct[BEHAVIOUR] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
         for c in g.cells:
-            del c["_pairs"]
+            del c["_pairs"], c["_gen"]
     return list(groups.values())
 
 
@@ -319,6 +335,7 @@ class _Rules:
         self.st, self.alpha, self.baseline = st, st.alpha, baseline
         self.reasons: list[Reason] = []
         self.blocked: list[Reason] = []      # significant lifts that failed another switch condition
+        self.basis_notes: list[Reason] = []  # where behaviour disagrees with the pairs: the summary says so
 
     def add(self, code: str, **data: Any) -> Reason:
         r = Reason(code, data)
@@ -330,6 +347,7 @@ class _Rules:
         st = self.st
         fallback = objectives.fallback() if verdict == "fallback_orpo" else self.baseline["objective"]
         reasons = [r.to_dict() for r in self.reasons]
+        basis = Reason(basis.code, {**basis.data, "behaviour": [r.to_dict() for r in self.basis_notes]})
         return {"verdict": verdict, "objective": chosen.objective if chosen else fallback,
                 "lora_rank": chosen.lora_rank if chosen else self.baseline["lora_rank"],
                 "baseline": self.baseline, "summary": render_summary(basis), "basis": basis.to_dict(),
@@ -425,7 +443,31 @@ class _Rules:
                 {"yardstick": y["yardstick"], "diff": y["diff"], "mcnemar_p": y["mcnemar_p"]}
                 for y in st.common(c, base)])
             out.append((c, st.primary(c, base)))
+            self._behaviour(c, base, out[-1][1])
         return out
+
+    def _behaviour(self, c: Group, base: Group, primary: dict) -> None:
+        """When both cells generated: their paired behaviour comparison, and what it says that pairs don't."""
+        b = self.st.compare(c, base, BEHAVIOUR)
+        if b is None:
+            return
+        keys = ("win_rate", "lc_win_rate", "policy_len")
+        nums = {f"{k}_{s}": g.gen(k) for k in keys for s, g in (("a", c), ("b", base))}
+        self.add("behaviour_comparison", **_short(b), **nums)
+        sig = [x for x in (primary, b) if x["mcnemar_p"] < self.alpha]
+        if sig and (primary["diff"] > 0) != (b["diff"] > 0) and primary["diff"] != 0 and b["diff"] != 0:
+            self.basis_notes.append(self.add("pairs_behaviour_disagree", cell=c.name, pairs=_short(primary),
+                                             behaviour=_short(b)))
+        raw, lc, la, lb = (nums["win_rate_a"], nums["win_rate_b"]), (nums["lc_win_rate_a"], nums["lc_win_rate_b"]), \
+            nums["policy_len_a"], nums["policy_len_b"]
+        if None in raw + lc or raw[0] - raw[1] < MEANINGFUL:
+            return
+        if lc[0] - lc[1] < (raw[0] - raw[1]) / 2:  # more than half of the raw gain disappears once length is held
+            self.basis_notes.append(self.add("lc_erases_win", cell=c.name, win_rate_a=raw[0], win_rate_b=raw[1],
+                                             lc_win_rate_a=lc[0], lc_win_rate_b=lc[1]))
+        if la and lb and abs(la / lb - 1) >= LENGTH_SHIFT:
+            self.basis_notes.append(self.add("win_with_length_shift", cell=c.name, policy_len_a=la, policy_len_b=lb,
+                                             len_change=la / lb - 1))
 
     def _switch(self, c: Group, base: Group, cmp: dict, k: int) -> bool:
         st, level = self.st, self.alpha / k
@@ -437,7 +479,8 @@ class _Rules:
                              best=_short(cmp))
                 self.blocked.append(r)
             return False
-        worse = [y for y in st.common(c, base)
+        behaviour = [b] if (b := st.compare(c, base, BEHAVIOUR)) else []
+        worse = [y for y in st.common(c, base) + behaviour
                  if y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < self.alpha]
         lo = stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])[0]
         margins = cleaner(c, base)

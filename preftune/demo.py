@@ -2,7 +2,9 @@
 
 1. build the tiny world (tokenizer, random Llama, sorting preference task with a ground truth);
 2. SFT the model briefly on chosen answers, so it is a real language model of that world;
-3. run the default matrix, DPO/SimPO x LoRA r=16/8, cells differing only in those factors;
+3. run the default matrix, DPO/SimPO x LoRA r=16/8, cells differing only in those factors; each cell ends with
+   a behavioural evaluation: policy and reference generate on held-out prompts, and the world's ground-truth
+   judge (``python:preftune.tinyworld:judge``) says which sorted better;
 4. decide (statistics and verdict) and write the report; print the verdict and where everything is.
 
     preftune demo --output demo_out
@@ -40,6 +42,8 @@ def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     base = Config(model=str(out / "sft" / "model"), objective="dpo", lr=1e-3 if quick else 5e-4,
                   max_steps=20 if quick else 96, eval_every=6 if quick else 12, save_every=24, warmup_ratio=0.1,
                   objectives={"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
+                  judge="python:preftune.tinyworld:judge", gen_eval_prompts=32 if quick else 100,
+                  gen_max_new_tokens=16,
                   output=str(out / "matrix"), **common)
     run_matrix(base, dict(DEFAULT_GRID))
     decision = decide(out / "matrix")
@@ -49,6 +53,12 @@ def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     print(f"[demo] {decision.get('summary', '')}")
     for reason in decision["explanation"]:
         print(f"  - {reason}")
+    for c in decision["cells"]:
+        g = c.get("gen_eval")
+        if g:
+            print(f"[demo] behaviour of {c['name']}: win rate {g['win_rate']:.3f} against the reference "
+                  f"(length-controlled {g['lc_win_rate']:.3f}) on {g['prompts']} held-out prompts, judged by the "
+                  f"ground truth; generated length {g['policy_len']:.1f} vs {g['reference_len']:.1f} tokens")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s\n[demo] report: {html}\n[demo] markdown: {md}\n"
           f"[demo] cells: {out / 'matrix' / 'cells'}")
     return decision

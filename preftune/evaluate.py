@@ -19,10 +19,11 @@ from . import objectives, yardsticks
 from .config import Config, dump_yaml
 from .data import load_examples, tokenize_examples
 from .errors import InputError
-from .files import atomic_write_json, atomic_write_text, write_jsonl
+from .files import atomic_write_json, atomic_write_text, check_writable_dir, write_jsonl
 from .logprobs import score_pairs
 from .model import fingerprint, load_model, load_tokenizer, resolve_dtype
 from .reference import cache_key, reference_logps
+from .runtime import Runtime, current
 
 
 def summarize(logps: Tensor, counts: Tensor, out: objectives.Output, loss: Tensor, prefix: str = "") -> dict:
@@ -53,7 +54,7 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
                              rejected_tokens=counts[:, 1], ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
     out = objectives.compute(objective, lp, params)
     margin = out.chosen_rewards - out.rejected_rewards                      # (N,)
-    sticks = {y.name: y.margin(lp) for y in yardsticks.REGISTRY.values()}   # name -> (N,)
+    sticks = {y.name: y.margin(lp) for y in yardsticks.logprob_yardsticks()}  # name -> (N,)
     metrics = summarize(logps, counts, out, out.loss, prefix="eval_")
     metrics["eval_accuracy"] = _accuracy(margin)
     for name, m in sticks.items():
@@ -78,10 +79,21 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
 
 def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: str, params: dict, *,
              pad_id: int, batch_size: int = 16, share_prompt: bool = True, chunk: int = 1024,
-             autocast_bf16: bool = False) -> tuple[dict, list[dict], int]:
-    """Score ``pairs`` with the current policy. Returns (eval metrics, per-pair rows, tokens processed)."""
-    logps, counts, processed = score_pairs(model, pairs, pad_id=pad_id, batch_size=batch_size,
+             autocast_bf16: bool = False, rt: Runtime | None = None) -> tuple[dict, list[dict], int]:
+    """Score ``pairs`` with the current policy. Returns (eval metrics, per-pair rows, tokens processed).
+
+    Under torchrun each rank scores its contiguous shard (``rt.shard``: no pair twice, none padded in) and
+    the shards are gathered in order, so every rank returns the same metrics and rows over all pairs.
+    """
+    rt = rt or current()
+    lo, hi = rt.shard(len(pairs))
+    logps, counts, processed = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
                                            share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16)
+    if rt.distributed:
+        parts = rt.gather((logps, counts, processed))
+        logps = torch.cat([p[0] for p in parts])                                                   # (N, 2)
+        counts = torch.cat([p[1] for p in parts])                                                  # (N, 2)
+        processed = sum(p[2] for p in parts)
     metrics, rows = heldout(logps, counts, ref, objective, params, [p.id for p in pairs])
     return metrics, rows, processed
 
@@ -96,9 +108,11 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     if not source:
         raise InputError("no held-out data given (--eval-data FILE)", field="eval_data")
     cfg.validate()
+    check_writable_dir(cfg.output, field="output")
+    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
     tok = load_tokenizer(cfg)
     examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split)
-    pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+    pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
                                  apply_chat_template=cfg.apply_chat_template, source=source)
     model = load_model(cfg)
     if adapter:

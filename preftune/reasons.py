@@ -149,6 +149,20 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     f"are not cleaner, and {d['n']} pairs were enough to detect a {d['meaningful'] * 100:.0f}-point difference "
     f"(needs {d['pairs_to_detect']}): favours the baseline",
     "not_significant": _not_significant,
+    "behaviour_comparison": lambda d: f"what they write: {d['a']} wins {_n(d['win_rate_a'])} (length-controlled "
+    f"{_n(d['lc_win_rate_a'])}) against the reference vs {_n(d['win_rate_b'])} ({_n(d['lc_win_rate_b'])}) for "
+    f"{d['b']}; per prompt, {d['a_only']} prompts favour the first, {d['b_only']} the second (p={_p(d['mcnemar_p'])}"
+    f", {d['n']} prompts); generated length {_n(d['policy_len_a'])} vs {_n(d['policy_len_b'])} tokens",
+    "pairs_behaviour_disagree": lambda d: f"{d['cell']}: pairs and behaviour disagree: "
+    + ("it ranks more held-out pairs correctly" if d["pairs"]["diff"] > 0 else "it ranks fewer held-out pairs "
+       "correctly") + f" ({d['pairs']['yardstick']} {d['pairs']['diff']:+.3f}, p={_p(d['pairs']['mcnemar_p'])}) but "
+    + ("wins less often" if d["behaviour"]["diff"] < 0 else "wins more often")
+    + f" against the reference ({d['behaviour']['diff']:+.3f}, p={_p(d['behaviour']['mcnemar_p'])})",
+    "lc_erases_win": lambda d: f"{d['cell']}'s behaviour win is mostly length: win rate {_n(d['win_rate_a'])} vs "
+    f"{_n(d['win_rate_b'])}, but length-controlled {_n(d['lc_win_rate_a'])} vs {_n(d['lc_win_rate_b'])}",
+    "win_with_length_shift": lambda d: f"{d['cell']} wins with answers {abs(d['len_change']):.0%} "
+    f"{'longer' if d['len_change'] > 0 else 'shorter'} ({_n(d['policy_len_a'])} vs {_n(d['policy_len_b'])} tokens): "
+    "check for length exploitation",
     "lower_rank_equivalent": lambda d: f"rank {d['lora_rank']} is not significantly different from rank "
     f"{d['best_rank']} for {d['objective']} (accuracy {_n(d['acc_a'])} vs {_n(d['acc_b'])}, p={_p(d['mcnemar_p'])}"
     f"; training margin {_n(d['train_margin'])} vs {_n(d['best_train_margin'])}): prefer the lower rank "
@@ -166,8 +180,13 @@ def render(reason: Reason | dict) -> str:
 
 
 def render_summary(basis: Reason | dict) -> str:
-    """The verdict's one-line summary from the reason that decided it."""
+    """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
+    notes = d.get("behaviour") or []
+    return _verdict_sentence(d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+
+
+def _verdict_sentence(d: dict) -> str:
     code = d["code"]
     if code == "switch":
         return (f"Switch from {d['from']} to {d['to']} (rank {d['lora_rank']}): it ranks {d['a_only'] - d['b_only']} "

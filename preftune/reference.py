@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .logprobs import prefix_sharing_blocker, score_pairs
 from .model import is_peft
+from .runtime import Runtime, current
 
 
 def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16: bool) -> str:
@@ -37,27 +38,39 @@ def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16
 
 def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_dir: Path, pad_id: int,
                     batch_size: int = 32, share_prompt: bool = True, chunk: int = 1024,
-                    autocast_bf16: bool = False) -> tuple[torch.Tensor, bool]:
+                    autocast_bf16: bool = False, rt: Runtime | None = None) -> tuple[torch.Tensor, bool]:
     """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache.
 
     The file name adds the batch layout (shared or plain rows, batch size) to ``key``: the layouts agree to
     1e-6, but the held-out exact tie at step 0 needs the reference in evaluation's own layout, bit for bit,
     also when a cache is shared by runs with and without ``--no-share-prompt``.
+
+    Under torchrun (``rt`` of world size W > 1) each rank scores its contiguous shard (``rt.shard``, the same
+    one evaluation uses, so the step-0 tie stays exact) and the shards are gathered in order; rank 0 writes
+    the file, whose name adds ``-wW`` since its batches differ from a single process's. Every rank reads the
+    cache, so ``cache_dir`` must be on a filesystem all ranks see.
     """
+    rt = rt or current()
     shared = share_prompt and prefix_sharing_blocker(model) is None
-    layout = f"{'shared' if shared else 'plain'}-b{batch_size}"
+    layout = f"{'shared' if shared else 'plain'}-b{batch_size}" + (f"-w{rt.world_size}" if rt.distributed else "")
     path = Path(cache_dir) / "reference" / f"{key}.{layout}.safetensors"
+    logps = None
     if path.exists():
         try:
             logps = load_file(path)["logps"]
-            if logps.shape == (len(pairs), 2):
-                return logps, True
+            logps = logps if logps.shape == (len(pairs), 2) else None
         except Exception:  # a damaged cache file is recomputed, never trusted
-            pass
+            logps = None
+    if all(rt.gather(logps is not None)):  # every rank agrees, or all compute: a collective needs them all
+        return logps, True
+    lo, hi = rt.shard(len(pairs))
     ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
     with ctx:
-        logps, _, _ = score_pairs(model, pairs, pad_id=pad_id, batch_size=batch_size, share_prompt=share_prompt,
-                                  chunk=chunk, autocast_bf16=autocast_bf16)
+        logps, _, _ = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
+                                  share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16)  # (hi-lo, 2)
+    logps = torch.cat(rt.gather(logps))                                                                 # (N, 2)
+    if not rt.is_main:
+        return logps, False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel cells may race: rename is atomic
     save_file({"logps": logps.contiguous()}, str(tmp))

@@ -124,6 +124,15 @@ def _matrix_md(d: dict, title: str, logs: dict[str, Log] | None = None) -> str:
             ("ok" if c["status"] == "finished" else _md(c.get("error") or ""))
         out.append(f"| {_md(c['name'])} | {_md(c['status'])} | {_ci(c)} | {_num(c.get('pairs'))} | "
                    f"{_num(c.get('margin'))} | {_num(c.get('margin_gap'))} | {_num(c.get('margin_std'))} | {flags} |")
+    gens = [c for c in d["cells"] if c.get("gen_eval")]
+    if gens:
+        out += ["", "## Behaviour", "", "What each cell's policy writes, judged against the reference's generation on "
+                "the same held-out prompts.", "", "| cell | win rate [95% CI] | ties | LC win rate ± 95% | "
+                "generated length policy / reference |", "|---|---|---|---|---|"]
+        for c in gens:
+            g = c["gen_eval"]
+            out.append(f"| {_md(c['name'])} | {_win(g)} | {_num(g['tie_rate'], '.2f')} | {_lc(g)} | "
+                       f"{_num(g['policy_len'])} / {_num(g['reference_len'])} |")
     out += ["", "## Comparisons", "", "| a | b | yardstick | acc a | acc b | diff [95% CI] | McNemar p | only a | "
             "only b | pairs needed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in d["comparisons"]:
@@ -195,6 +204,7 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
                      "</p><div class='grid'>" + _length_bars(logs[with_len[0]["name"]]) + "".join(
                          f"<div class='card'><h3>{_e(c['name'])}</h3>{_scatter(logs[c['name']], c['name'])}</div>"
                          for c in with_len) + "</div>")
+    parts.append(_behaviour_html(d, logs))
     parts.append(_comparisons_html(d["comparisons"]))
     parts.append(_examples(d, logs))
     parts.append("<h2>Verdict rules</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in RULES) + "</ol>")
@@ -528,6 +538,62 @@ def _length_bars(log: Log, w: int = 260, h: int = 210) -> str:
                    f"text-anchor='middle'>{label}</text>")
     out.append(f"<text x='50' y='14'>chosen shorter {shorter:.0%}, longer {longer:.0%}</text>")
     return "<div class='card'>" + "".join(out) + "</svg></div>"
+
+
+def _win(g: dict) -> str:
+    return f"{_num(g['win_rate'], '.3f')} [{_num(g['win_rate_ci'][0], '.3f')}, {_num(g['win_rate_ci'][1], '.3f')}]"
+
+
+def _lc(g: dict) -> str:
+    return f"{_num(g['lc_win_rate'], '.3f')} ± {_num(1.96 * g['lc_win_rate_se'], '.3f')}"
+
+
+def _behaviour_html(d: dict, logs: dict[str, Log]) -> str:
+    """Win rate and LC win rate per cell, generated lengths against the reference, prompts side by side."""
+    cells = [c for c in d["cells"] if c.get("gen_eval") and logs.get(c["name"]) and logs[c["name"]].generations]
+    if not cells:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(c['name'])}</td><td class='num'>{_win(c['gen_eval'])}</td>"
+        f"<td class='num'>{_num(c['gen_eval']['tie_rate'], '.2f')}</td><td class='num'>{_lc(c['gen_eval'])}</td>"
+        f"<td class='num'>{_num(c['gen_eval']['policy_len'])} / {_num(c['gen_eval']['reference_len'])}</td></tr>"
+        for c in cells)
+    hists = "".join(f"<div class='card'><h3>{_e(c['name'])}</h3>{_length_hist(logs[c['name']].generations)}</div>"
+                    for c in cells)
+    first = logs[cells[0]["name"]].generations[:3]
+    by_cell = {c["name"]: {r["id"]: r for r in logs[c["name"]].generations} for c in cells}
+    examples = "".join(
+        f"<div class='card' style='flex:1 1 100%'><h3>{_e(r['id'])}</h3><b>prompt</b><pre>{_e(str(r['prompt'])[:400])}"
+        f"</pre><b>reference</b><pre>{_e(r['reference'][:400])}</pre>"
+        + "".join(f"<b>{_e(name)}</b> <span class='meta'>preference {_num(rows_[r['id']]['preference'])}</span>"
+                  f"<pre>{_e(rows_[r['id']]['policy'][:400])}</pre>"
+                  for name, rows_ in by_cell.items() if r["id"] in rows_) + "</div>"
+        for r in first)
+    return ("<h2>Behaviour</h2><p class='meta'>What each cell's policy writes, judged against the reference's "
+            "generation on the same held-out prompts (1 win, ½ tie, 0 loss). LC: AlpacaEval's length-controlled "
+            "win rate, the win rate at equal length; a raw win far above LC is length, not quality.</p>"
+            "<table><tr><th>cell</th><th>win rate [95% CI]</th><th>ties</th><th>LC win rate ± 95%</th>"
+            f"<th>generated length policy / reference (tokens)</th></tr>{rows}</table>"
+            f"<h3>Generated lengths</h3><div class='grid'>{hists}</div>"
+            f"<h3>Held-out prompts, side by side</h3><div class='grid'>{examples}</div>")
+
+
+def _length_hist(rows: list[dict], w: int = 300, h: int = 170, bins: int = 10) -> str:
+    """Histogram of generated token counts: the policy's bars over the reference's outline."""
+    pol, ref = [r["policy_tokens"] for r in rows], [r["reference_tokens"] for r in rows]
+    lo, hi = min(pol + ref), max(pol + ref) + 1
+    width = max(1, math.ceil((hi - lo) / bins))
+    count = lambda xs: [sum(lo + i * width <= x < lo + (i + 1) * width for x in xs) for i in range(bins)]  # noqa: E731
+    cp, cr = count(pol), count(ref)
+    out, sx, sy = _axes(w, h, (lo, lo + bins * width), (0, max(cp + cr) * 1.15), "generated lengths", "tokens",
+                        "prompts")
+    for i, (a, b) in enumerate(zip(cp, cr)):
+        x0, x1 = sx(lo + i * width), sx(lo + (i + 1) * width)
+        out.append(f"<rect x='{x0:.1f}' y='{sy(a):.1f}' width='{x1 - x0 - 1:.1f}' height='{sy(0) - sy(a):.1f}' "
+                   f"fill='{TRAIN_COLOR}' fill-opacity='0.6'/><rect x='{x0:.1f}' y='{sy(b):.1f}' "
+                   f"width='{x1 - x0 - 1:.1f}' height='{sy(0) - sy(b):.1f}' fill='none' stroke='{HELD_COLOR}'/>")
+    out.append(_legend([("policy", TRAIN_COLOR), ("reference", HELD_COLOR)], 50))
+    return "".join(out) + "</svg>"
 
 
 def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:

@@ -22,12 +22,12 @@ from typing import Any
 from . import stats
 from .errors import InputError
 from .files import atomic_write_json, parse_jsonl
-from .yardsticks import REGISTRY as YARDSTICKS
+from .yardsticks import logprob_yardsticks
 
 TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
               "logps/chosen", "logps/rejected")
 EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS) + ("eval_accuracy",) + \
-    tuple(f"eval_{y}/accuracy" for y in YARDSTICKS)
+    tuple(f"eval_{y.name}/accuracy" for y in logprob_yardsticks())
 CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance" (logs without yardsticks)
 UNSTABLE = ("nonfinite", "divergence", "at_chance", "not_learned")
 NUMERIC = ("nonfinite", "divergence")
@@ -54,6 +54,8 @@ class Log:
     train: list[dict]
     eval: list[dict]
     pairs: list[dict] | None = None   # eval_pairs.jsonl rows (run folders only)
+    gen_eval: dict | None = None      # summary.json -> gen_eval (runs with a behavioural evaluation)
+    generations: list[dict] | None = None  # gen_eval.jsonl rows: per prompt, both completions and the judgement
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(steps, values) of the lines holding ``key``, non-finite values left out."""
@@ -125,7 +127,14 @@ def load(path: str | Path) -> Log:
         if (path / "metrics.jsonl").is_file():
             pairs_path = path / "eval_pairs.jsonl"
             pairs = read_pairs(pairs_path) if pairs_path.is_file() else None
-            return _build(str(path), "run", _read_jsonl_lines(path / "metrics.jsonl"), pairs)
+            log = _build(str(path), "run", _read_jsonl_lines(path / "metrics.jsonl"), pairs)
+            if (path / "gen_eval.jsonl").is_file():
+                log.generations = [r for _, r in _read_jsonl_lines(path / "gen_eval.jsonl")]
+                try:
+                    log.gen_eval = json.loads((path / "summary.json").read_text()).get("gen_eval")
+                except (OSError, ValueError):
+                    log.gen_eval = None
+            return log
         if (path / "trainer_state.json").is_file():
             path = path / "trainer_state.json"
         else:
@@ -225,7 +234,7 @@ def _build(source: str, kind: str, rows: list[tuple[int, Any]], pairs: list[dict
 def diagnose(log: Log) -> list[Finding]:
     """All findings for a loaded log; a single info finding 'healthy' when nothing warns."""
     findings = (_instability(log) + _overoptimization(log) + _margin_gap(log) + _displacement(log)
-                + _noise(log) + _length_bias(log))
+                + _noise(log) + _length_bias(log) + _behaviour(log))
     if not any(f.severity != "info" for f in findings):
         findings.insert(0, _healthy(log))
     return findings
@@ -304,7 +313,7 @@ def learning(log: Log) -> dict[str, dict[str, Any]]:
     no step-0 yardstick accuracies (a TRL log)."""
     first = next((r for r in log.eval if r["step"] == 0), None)
     out: dict[str, dict[str, Any]] = {}
-    for y in YARDSTICKS:
+    for y in (s.name for s in logprob_yardsticks()):
         key = f"eval_{y}/accuracy"
         if first is None or key not in first:
             continue
@@ -438,6 +447,41 @@ def _length_bias(log: Log) -> list[Finding]:
     return [Finding("length_bias", "warn" if biased else "info", sentence,
                     {"pairs": n, "chosen_shorter": shorter, "chosen_longer": longer, "equal": equal,
                      "mean_length_ratio": ratio, "margin_length_corr": r})]
+
+
+LENGTH_GAP = 0.1        # raw win rate minus LC win rate beyond which a win is mostly length
+LENGTH_MOVE = 0.2       # generated length more than 20% off the reference's
+REPEAT_RISE = 0.1       # repeated-3-gram share up by 10 points over the reference's
+HIT_MAX_RISE = 0.25     # share of completions cut at max_new_tokens up by 25 points
+
+
+def _behaviour(log: Log) -> list[Finding]:
+    """What the policy writes, against the reference's generations on the same prompts (gen_eval)."""
+    g = log.gen_eval
+    if not g:
+        return []
+    out = []
+    raw, lc, ratio = g["win_rate"], g["lc_win_rate"], g.get("len_ratio")
+    if lc is not None and ratio is not None and raw - lc >= LENGTH_GAP and abs(ratio - 1) >= LENGTH_MOVE:
+        out.append(Finding("length_exploitation", "warn",
+                           f"win rate {_n(raw)} against the reference but length-controlled {_n(lc)}, with "
+                           f"generations {abs(ratio - 1):.0%} {'longer' if ratio > 1 else 'shorter'} than the "
+                           f"reference's: the win is mostly length", {"win_rate": raw, "lc_win_rate": lc,
+                                                                     "len_ratio": ratio}))
+    pol, ref = g["policy"], g["reference"]
+    rep = pol["repeated_3gram_share"] - ref["repeated_3gram_share"]
+    hit = pol["hit_max_share"] - ref["hit_max_share"]
+    if rep >= REPEAT_RISE or hit >= HIT_MAX_RISE:
+        out.append(Finding("degenerate_generations", "warn",
+                           f"repeated 3-grams {_n(ref['repeated_3gram_share'])} -> {_n(pol['repeated_3gram_share'])}, "
+                           f"completions cut at max_new_tokens {_n(ref['hit_max_share'])} -> {_n(pol['hit_max_share'])}"
+                           f" (reference -> policy): spiky, repetitive answers", {"repeat_rise": rep, "hit_max_rise": hit}))
+    out.append(Finding("behaviour", "info",
+                       f"win rate {_n(raw)} (95% CI {_n(g['win_rate_ci'][0])}-{_n(g['win_rate_ci'][1])}, ties "
+                       f"{_n(g['tie_rate'])}) against the reference on {g['prompts']} prompts, length-controlled "
+                       f"{_n(lc)}; generated length {_n(pol['mean_len'])} vs {_n(ref['mean_len'])} tokens",
+                       {k: g[k] for k in ("win_rate", "win_rate_ci", "tie_rate", "lc_win_rate", "prompts")}))
+    return out
 
 
 def _healthy(log: Log) -> Finding:

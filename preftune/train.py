@@ -17,8 +17,10 @@ import contextlib
 import functools
 import json
 import math
+import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import objectives, stats, trackers
+from . import objectives, runtime, stats, trackers
 from .behaviour import check_gen_eval, run_gen_eval
 from .config import Config, dump_yaml
 from .data import DataStats, Pair, batch_order, load_examples, split_by_prompt, tokenize_examples
@@ -70,7 +72,7 @@ def prepare_data(cfg: Config, tokenizer: object) -> Prepared:
         raise InputError("no held-out pairs: give --eval-data FILE or --eval-fraction > 0", field="eval_data")
     if cfg.max_train_pairs:
         examples = examples[:cfg.max_train_pairs]
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
               apply_chat_template=cfg.apply_chat_template)
     with phase("tokenize", total=len(examples) + len(heldout), quiet=cfg.quiet):
         train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
@@ -83,8 +85,9 @@ class Schedule:
     objective gets the same data order, a resumed run the same batches, and the reference pass knows in
     advance which pairs it must score."""
 
-    def __init__(self, cfg: Config, pairs: list[Pair]) -> None:
-        self.cfg, self.step_pairs = cfg, cfg.batch_size * cfg.grad_accum
+    def __init__(self, cfg: Config, pairs: list[Pair], world_size: int = 1) -> None:
+        # the global batch: under torchrun each of the world_size ranks takes its slice (see rank_slice)
+        self.cfg, self.step_pairs = cfg, cfg.batch_size * cfg.grad_accum * world_size
         self.steps_per_epoch = math.ceil(len(pairs) / self.step_pairs)
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
@@ -96,6 +99,32 @@ class Schedule:
             self._epoch = (epoch, batch_order(self.lengths, self.step_pairs, seed=self.cfg.seed, epoch=epoch,
                                               group_by_length=self.cfg.group_by_length))
         return self._epoch[1][i]
+
+    def check_world(self, world_size: int) -> None:
+        """InputError unless every step's pairs split evenly over ``world_size`` ranks.
+
+        Equal shards keep the ranks in lockstep (the same number of micro-steps, so the same collectives) and
+        the global batch the same as one process's. Only a short last batch of an epoch can break it: the
+        message names the world sizes and batch sizes that work for this data.
+        """
+        if world_size <= 1:
+            return
+        bad = next((s for s in range(self.total) if len(self.batch(s)) % world_size), None)
+        if bad is None:
+            return
+        n, per = len(self.lengths), self.cfg.batch_size * self.cfg.grad_accum
+
+        def fits(w: int, b: int) -> bool:  # the epoch's remainder batch is the only one that can be uneven
+            return n % (b * self.cfg.grad_accum * w) % w == 0
+
+        worlds = [w for w in range(1, 17) if fits(w, self.cfg.batch_size)]
+        sizes = [b for b in range(1, 65) if fits(world_size, b)][:8]
+        raise InputError(f"world size {world_size} doesn't divide the global batch: step {bad + 1} has "
+                         f"{len(self.batch(bad))} pairs ({n} train pairs in global batches of {per} x "
+                         f"{world_size}); world sizes that work with --batch-size {self.cfg.batch_size}: "
+                         f"{', '.join(map(str, worlds))}; batch sizes that work with {world_size} processes: "
+                         f"{', '.join(map(str, sizes)) or 'none'} (or change --max-train-pairs)",
+                         field="batch_size")
 
     @functools.cached_property
     def visited(self) -> list[int]:
@@ -137,6 +166,8 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     across cells; a LoRA run leaves ``base_model`` as it found it.
     """
     cfg.validate()
+    rt = runtime.init()  # under torchrun: this rank; else world size 1 and every collective below is a no-op
+    main = rt.is_main    # rank 0 alone writes files, holds the folder lock, logs and prints
     dtype = resolve_dtype(cfg)  # bf16 that the hardware would emulate stops here, before any loading
     t_start = time.perf_counter()
     if cfg.threads:
@@ -146,22 +177,33 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
     report_to = trackers.check(cfg.report_to)  # a missing extra stops here, before the output folder is touched
     params = cfg.objective_params()
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not cfg.resume:
+    # rank 0 looks at the folder and every rank acts on what it saw: all resume from the same checkpoint, and
+    # none mistakes a folder that rank 0 has started writing for someone else's
+    checkpoint, nonempty, finished = rt.broadcast((
+        latest_checkpoint(out) if cfg.resume else None,
+        out.exists() and any(p.name != ".lock" for p in out.iterdir()),
+        cfg.resume and (out / "summary.json").exists() and _status(out) == "finished") if main else None)
+    if nonempty and not cfg.resume:
         raise InputError("output folder is not empty: pass --resume to continue it, or choose another --output",
                          path=str(out))
-    if cfg.resume and (out / "summary.json").exists() and _status(out) == "finished":
+    if finished:
         return json.loads((out / "summary.json").read_text())
 
     # 1. Everything that can reject the input happens before the output folder is touched.
     tok = prepared.tokenizer if prepared else load_tokenizer(cfg)
     data = prepared or prepare_data(cfg, tok)
     gen_judge = check_gen_eval(cfg)  # a bad judge spec fails here, before the output folder is touched
+    schedule = Schedule(cfg, data.train, rt.world_size)
+    schedule.check_world(rt.world_size)  # a world size that can't split the global batch: before any writing
     model = base_model if base_model is not None else load_model(cfg)
     cache_dir = cfg.resolved_cache_dir()
     model_fp = fingerprint(cfg.model, cache_dir)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout: same seed, same adapter at step 0 for every objective
-    model = add_lora(model, cfg)
+    model = add_lora(model, cfg)  # every rank seeds alike, so every rank starts from the same adapter
+    fsdp = _maybe_fsdp(model, cfg, rt)
+    if fsdp and gen_judge:  # generation on rank 0 alone would wait forever for the other ranks' shards
+        raise InputError("the behavioural evaluation does not run under FSDP yet: set gen_eval_prompts 0",
+                         field="gen_eval_prompts")
     pad_id = tok.pad_token_id
     blocker = prefix_sharing_blocker(model) if cfg.share_prompt else None
     share = cfg.share_prompt and blocker is None  # else the plain layout: same numbers, prompt run twice
@@ -176,23 +218,24 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         if cfg.gradient_checkpointing:  # each layer keeps only its input and is recomputed in backward
             lm.activation_checkpointing_enable()
             stack.callback(lm.activation_checkpointing_disable)  # a shared base model goes back as it came
-        stack.enter_context(FolderLock(out))
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-        tracker = trackers.Trackers(report_to, cfg, out, resume_step=_checkpoint_step(checkpoint))
+        quiet = cfg.quiet or not main
+        if main:
+            stack.enter_context(FolderLock(out))
+            atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        tracker = trackers.Trackers(report_to if main else [], cfg, out, resume_step=_checkpoint_step(checkpoint))
         stack.callback(tracker.close)
         timing = {"reference_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "train_pairs": 0, "train_tokens": 0,
                   "real_train_tokens": 0, "reference_tokens": 0, "eval_tokens": 0}
 
         # 2. Reference log-probs, once, before any update (which sets, and how: see reference_requests).
-        schedule = Schedule(cfg, data.train)
         total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
         t = time.perf_counter()
         refs, cached = {}, {"train": True, "eval": True}
         for name, (pairs, batch_size) in reference_requests(cfg, data, schedule).items():
-            with phase(f"reference pass ({name})", total=len(pairs), quiet=cfg.quiet):
+            with phase(f"reference pass ({name})", total=len(pairs), quiet=quiet):
                 refs[name], cached[name] = reference_logps(
                     model, pairs, key=cache_key(model_fp, pairs, dtype, cfg.autocast_bf16), cache_dir=cache_dir,
-                    pad_id=pad_id, batch_size=batch_size, **fast)
+                    pad_id=pad_id, batch_size=batch_size, rt=rt, **fast)
             if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                   for p in pairs)
@@ -207,28 +250,32 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         metrics_path = out / "metrics.jsonl"
-        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, **fast)
+        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, rt=rt, **fast)
 
         def run_eval(step: int) -> tuple[dict, list[dict]]:
             t = time.perf_counter()
-            with phase(f"eval @ step {step}", total=len(data.eval), quiet=cfg.quiet):
+            with phase(f"eval @ step {step}", total=len(data.eval), quiet=quiet):
                 m, rows, processed = evaluate(model, data.eval, ref_eval, cfg.objective, params, **eval_kw)
             timing["eval_s"] += time.perf_counter() - t
             timing["eval_tokens"] += processed
             m = {"step": step, "epoch": step / steps_per_epoch, **m}
-            append_jsonl(metrics_path, m)
-            tracker.log(m)
+            if main:
+                append_jsonl(metrics_path, m)
+                tracker.log(m)
             return m, rows
 
         start = 0
         if checkpoint is not None:
             start = load_checkpoint(checkpoint, trainable, opt)
-            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
-            last_eval = next((r for r in reversed(read_jsonl(metrics_path)) if "eval_loss" in r), None)
+            last_eval = None
+            if main:
+                write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
+                last_eval = next((r for r in reversed(read_jsonl(metrics_path)) if "eval_loss" in r), None)
         else:
-            metrics_path.unlink(missing_ok=True)
+            if main:
+                metrics_path.unlink(missing_ok=True)
             step0, _ = run_eval(0)
-        progress = Progress(total, quiet=cfg.quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
+        progress = Progress(total, quiet=quiet, name=f"{cfg.objective} r={cfg.lora_rank}", start=start)
         stack.callback(progress.close)
         if checkpoint is not None:  # not the step-0 line: it would read as a restart from scratch
             progress.resumed(start, checkpoint, last_eval)
@@ -239,15 +286,16 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         model.train()
         for step in range(start, total):
             t = time.perf_counter()
-            idx = schedule.batch(step)
+            idx = schedule.batch(step)     # the global batch, the same on every rank
+            lo, hi = rt.shard(len(idx))    # this rank's contiguous slice of it (equal sizes: check_world)
             lr = lr_at(step, cfg, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             parts = []
             step_tokens = 0
-            for j in range(0, len(idx), cfg.batch_size):
-                mb = idx[j:j + cfg.batch_size]
+            for j in range(lo, hi, cfg.batch_size):
+                mb = idx[j:min(j + cfg.batch_size, hi)]
                 sub = [data.train[k] for k in mb]
                 batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
                                    [p.rejected_ids for p in sub], pad_id, share)
@@ -258,20 +306,26 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                                          ref_chosen=None if ref is None else ref[:, 0],
                                          ref_rejected=None if ref is None else ref[:, 1])
                 res = objectives.compute(cfg.objective, lp, params)
-                (res.loss.sum() / len(idx)).backward()  # mean over the step's pairs, however it is split
+                # mean over the step's global pairs, however it is split into micro-batches and ranks: the
+                # all-reduced SUM below then is exactly the one-process gradient (FSDP averages: undo it)
+                (res.loss.sum() / len(idx) * (rt.world_size if fsdp else 1)).backward()
                 parts.append((torch.stack([s[:k], s[k:]], 1).detach(), torch.stack([c[:k], c[k:]], 1), res))
                 timing["train_tokens"] += batch.padded_tokens
                 timing["real_train_tokens"] += batch.real_tokens
                 step_tokens += batch.real_tokens
+            if rt.distributed and not fsdp:
+                _all_reduce_grads(rt, [p for _, p in trainable])
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, don't clip
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], clip)  # global: grads agree
+            if rt.distributed:  # metrics and the divergence check see the whole global batch, in its order
+                parts, step_tokens = _gather_parts(rt, parts, step_tokens)
             logps = torch.cat([p[0] for p in parts])
             counts = torch.cat([p[1] for p in parts])
             res = _cat_outputs([p[2] for p in parts])
             loss = res.loss.detach()
             if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
                 return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start,
-                                 model_info)
+                                 model_info, write=main)
             opt.step()
             dt = time.perf_counter() - t
             timing["train_s"] += dt
@@ -280,20 +334,26 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                    **summarize(logps, counts, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
                    "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}
             last = step + 1 == total
-            if (step + 1) % cfg.log_every == 0 or last:
+            if main and ((step + 1) % cfg.log_every == 0 or last):
                 append_jsonl(metrics_path, row)
                 tracker.log(row)
             progress.step(step + 1, row)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
                 progress.eval(run_eval(step + 1)[0])
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                save_checkpoint(out, step + 1, trainable, opt)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and main and not fsdp:
+                save_checkpoint(out, step + 1, trainable, opt)  # every rank holds the same state: one copy
+                _crash_hook()
 
         # 5. Final eval, per-pair rows, weights, summary.
         final, rows = run_eval(total)
         progress.eval(final)
+        if fsdp:  # a collective: every rank hands in its shard, rank 0 writes the full model
+            _save_fsdp(out, model, tok, main)
+        if not main:  # the other ranks end here with rank 0's summary, once it has written everything
+            return rt.broadcast(None)
         write_jsonl(out / "eval_pairs.jsonl", rows)
-        save_weights(out, model, tok)
+        if not fsdp:
+            save_weights(out, model, tok)
         # behaviour: a judge failure raises before summary.json exists, so a matrix records this cell as failed
         gen_eval = run_gen_eval(cfg, model, tok, data.eval, out, gen_judge) if gen_judge else None
         summary = _summary(cfg, out, total, "finished", data, timing, t_start, model_info)
@@ -302,7 +362,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
         progress.done(summary, out)
-        return summary
+        return rt.broadcast(summary)
 
 
 def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
@@ -343,12 +403,90 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
     return summary
 
 
-def _diverged(out, cfg, step, loss, grad_norm, timing, t_start, model_info=None):
-    _summary(cfg, out, step, "diverged", None, timing, t_start, model_info)
+def _diverged(out, cfg, step, loss, grad_norm, timing, t_start, model_info=None, write=True):
+    if write:
+        _summary(cfg, out, step, "diverged", None, timing, t_start, model_info)
     last = latest_checkpoint(out)
     keep = f"; the last good checkpoint is {last}" if last else ""
     raise TrainingDiverged(f"loss or gradient became non-finite at step {step} (loss={loss}, grad_norm={grad_norm})"
                            f"{keep}. Lower --lr or --beta, or try --objective orpo.")
+
+
+def _crash_hook() -> None:
+    """Tests of kill -9 + resume (torchrun, Ray retries) need a death right after a checkpoint, every time:
+    PREFTUNE_TEST_KILL_AFTER_CHECKPOINT=MARKER makes the first process that gets here (the one that creates
+    MARKER) SIGKILL itself. Unset, this does nothing."""
+    marker = os.environ.get("PREFTUNE_TEST_KILL_AFTER_CHECKPOINT")
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _all_reduce_grads(rt: runtime.Runtime, params: list[Tensor]) -> None:
+    """Sum every trainable gradient over ranks, in one flat all-reduce.
+
+    Not DDP: the prefix-shared forward calls the decoder and the LM head itself (logprobs.batch_logps), so a
+    DDP wrapper's forward, which arms its gradient hooks, would never run. One SUM after the last micro-step
+    is what DDP with ``no_sync`` on the others does, and exact: each rank's loss is already divided by the
+    global batch, so the sum is the one-process gradient. For LoRA it is a few MB per step.
+    """
+    for p in params:  # a rank whose slice gave a parameter no gradient still takes part in the collective
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])                   # (sum of numels,)
+    rt.all_reduce(flat)
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
+        i += p.numel()
+
+
+def _gather_parts(rt: runtime.Runtime, parts: list, tokens: int) -> tuple[list, int]:
+    """Every rank's (logps (k, 2), counts (k, 2), Output) micro-batch results in rank order (= the global
+    batch's order, since each rank holds a contiguous slice), and the real tokens summed over ranks."""
+    mine = [(lp.cpu(), c.cpu(), objectives.Output(
+        loss=o.loss.detach().cpu(), chosen_rewards=o.chosen_rewards.detach().cpu(),
+        rejected_rewards=o.rejected_rewards.detach().cpu(),
+        extras={k: v.detach().cpu() for k, v in o.extras.items()})) for lp, c, o in parts]
+    everyone = rt.gather((mine, tokens))
+    return [part for rank_parts, _ in everyone for part in rank_parts], sum(t for _, t in everyone)
+
+
+def _maybe_fsdp(model: torch.nn.Module, cfg: Config, rt: runtime.Runtime) -> bool:
+    """Full fine-tuning over several GPUs: shard weights, grads and Adam state with torch FSDP2.
+
+    Untested here (the suite has no GPU). Each decoder layer, the decoder, the LM head and the root get their
+    own ``fully_shard``: batch_logps calls the decoder and the head directly, and FSDP2 gathers a module's
+    weights in that module's own forward hook, so each one that is called must be a unit. LoRA runs keep
+    the manual all-reduce: their trainable weights are small and the frozen ones need no sharding.
+    """
+    if not (rt.distributed and cfg.lora_rank == 0 and torch.cuda.is_available()):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    for layer in getattr(decoder, "layers", []):
+        fully_shard(layer)
+    fully_shard(decoder)
+    if head.weight is not decoder.get_input_embeddings().weight:  # a tied head is gathered with the decoder
+        fully_shard(head)
+    fully_shard(model)
+    return True
+
+
+def _save_fsdp(out: Path, model: torch.nn.Module, tok: object, main: bool) -> None:
+    """The full state dict gathered to rank 0's CPU, saved as ``model/`` like a one-process run."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if main:
+        with atomic_dir(out / "model") as d:
+            model.save_pretrained(d, state_dict=sd, safe_serialization=True)
+            tok.save_pretrained(d)
 
 
 def _status(out: Path) -> str | None:

@@ -4,7 +4,10 @@ Each objective's own reward lives on its own scale (SimPO's is a length-normaliz
 before any training, DPO's starts at an exact tie), so ``decide`` judges objectives only here. A yardstick is a
 registry entry: its name, whether it needs reference log-probs, and a per-pair margin (> 0: chosen ranked
 above rejected), computed from the same helpers as the objectives. ``evaluate``, ``decide`` and ``report``
-iterate :data:`REGISTRY`.
+iterate :data:`REGISTRY`. One yardstick reads what the model *writes* instead: ``behaviour``, the judge's
+preference (1 win, 0.5 tie, 0 loss) of the policy's generation over the reference's on the same held-out
+prompt (gen_eval.jsonl, when a run has a behavioural evaluation); every cell shares the reference's
+generations, so cells are compared on it prompt by prompt.
 
     preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl   # eval_refrel/accuracy, ...
 """
@@ -23,8 +26,13 @@ from .objectives import SeqLogps, logratios, mean_logps
 class Yardstick:
     name: str
     needs_reference: bool
-    margin: Callable[[SeqLogps], Tensor]     # (B,) per-pair margin
+    margin: Callable[[SeqLogps], Tensor] | None  # (B,) per-pair margin; None for ``behaviour`` (generations)
     help: str
+
+
+def logprob_yardsticks() -> list[Yardstick]:
+    """The yardsticks computed from held-out log-probs (eval_pairs.jsonl ``<name>_margin``)."""
+    return [y for y in REGISTRY.values() if y.margin is not None]
 
 
 REGISTRY: dict[str, Yardstick] = {}
@@ -50,3 +58,9 @@ def lennorm(lp: SeqLogps) -> Tensor:
     """πc/|c| − πr/|r|, token counts clamped to at least 1 as the objectives do."""
     mc, mr = mean_logps(lp)
     return mc - mr
+
+
+BEHAVIOUR = "behaviour"
+REGISTRY[BEHAVIOUR] = Yardstick(BEHAVIOUR, needs_reference=True, margin=None,
+                                help="judge's preference of the policy's generation over the reference's on the "
+                                     "same prompt (gen_eval.jsonl)")

@@ -133,3 +133,47 @@ def test_device_choices():
     C.Config(model="m", data="d", device="cuda:1").validate()
     with pytest.raises(InputError, match="field 'device'"):
         C.Config(model="m", data="d", device="gpu").validate()
+
+
+NUMERIC = [k for k, f in C.FIELDS.items() if C._HINTS[k] in (int, float, int | None, float | None)]
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_flag_alone_works_or_names_its_rule(key):
+    """A single numeric flag changed from the defaults, at user-plausible values: it validates, or the one-line
+    error names the flag and the rule it broke (max_prompt_length also names max_length and where it came from)."""
+    for value in (0, 1, 2, 8, 64, 256, 1024, 0.5, -1):
+        if C._HINTS[key] in (int, int | None) and isinstance(value, float):
+            continue
+        try:
+            C.build({}, {"model": "m", "data": "d", key: str(value)}).validate()
+        except InputError as e:
+            assert e.field == key and "\n" not in str(e), str(e)
+            assert "must be" in str(e) or "below max_length (512, its default)" in str(e), str(e)
+
+
+def test_max_length_alone_moves_the_prompt_limit():
+    cfg = C.build({}, {"model": "m", "data": "d", "max_length": "256"}).validate()
+    assert cfg.max_prompt_length is None and cfg.prompt_length() == 128
+    assert C.build({}, {"model": "m", "data": "d"}).validate().prompt_length() == 256  # as before: 512 / 2
+    with pytest.raises(InputError) as e:
+        C.build({}, {"model": "m", "data": "d", "max_length": "128", "max_prompt_length": "200"}).validate()
+    assert e.value.field == "max_prompt_length" and "below max_length (128, given)" in str(e.value)
+
+
+def test_every_flag_has_help_and_each_command_only_its_flags(capsys):
+    docs = C.field_docs()
+    assert all(docs[k][1] for k in C.FIELDS), [k for k in C.FIELDS if not docs[k][1]]
+    assert {g for g, _ in docs.values()} == {"model", "LoRA", "data", "objective", "optimisation", "evaluation",
+                                             "output", "speed"}
+    for cmd in ("train", "eval", "ablate"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert "(default" in text and "--beta" in text and "--max-length" in text
+        assert ("--lr " in text) == (cmd != "eval") and ("--lora-rank" in text) == (cmd != "eval")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"    {c} " in text or f"    {c}\n" in text for c in ("train", "eval", "ablate", "decide", "report"))
+    assert "example:" in text and "preftune decide matrix" in text

@@ -164,7 +164,7 @@ def test_fallback_orpo(tmp_path):
     assert {c["cell"]: c["problems"] for c in r["cells"]} == {"objective=dpo,lora_rank=8": ["nonfinite"],
                                                             "objective=simpo,lora_rank=8": ["at_chance"]}
     assert r["failed"] == [{"cell": "objective=ipo,lora_rank=8", "error": "TrainingDiverged: loss is nan at step 12"}]
-    assert d["basis"] == {"code": "fallback", "objective": "orpo", "lora_rank": 4, "accuracy": 0.7}
+    assert d["basis"] == {"code": "fallback", "objective": "orpo", "lora_rank": 4, "accuracy": 0.7, "behaviour": []}
     failed = next(c for c in d["cells"] if c["status"] == "failed")
     assert failed["error"].startswith("TrainingDiverged") and "accuracy" not in failed
 
@@ -243,7 +243,7 @@ def test_baseline_argument_and_failed_baseline(tmp_path):
                                            cell("simpo", 8, simpo)])
     d = decide(failed, n_boot=200)
     assert d["verdict"] == "not_decisive" and d["basis"] == {"code": "baseline_missing", "objective": "dpo",
-                                                             "lora_rank": 8}
+                                                             "lora_rank": 8, "behaviour": []}
     assert (d["objective"], d["lora_rank"]) == ("dpo", 8)
 
 
@@ -294,7 +294,7 @@ def test_stand_in_rank_and_single_objective(tmp_path):
     d = decide(write_matrix(tmp_path / "b", [cell("dpo", 16, simpo), cell("dpo", 8, dpo)]), n_boot=200)
     assert d["verdict"] == "not_decisive" and why(d, "single_objective") == [{"code": "single_objective",
                                                                               "objective": "dpo"}]
-    assert d["basis"] == {"code": "single_objective", "objective": "dpo", "lora_rank": 8}
+    assert d["basis"] == {"code": "single_objective", "objective": "dpo", "lora_rank": 8, "behaviour": []}
     [r] = why(d, "lower_rank_equivalent")  # 5 more of 200 at rank 8 is no difference: the lower rank
     assert (r["lora_rank"], r["best_rank"]) == (8, 16)
 
@@ -310,7 +310,7 @@ def test_fallback_without_orpo_cells_and_orpo_unstable_too(tmp_path):
     d = decide(write_matrix(tmp_path / "a", [cell("dpo", 8, good, lines=_nan_lines()), cell("ipo", 8, chance)]),
                n_boot=200)
     assert d["verdict"] == "fallback_orpo" and d["objective"] == "orpo"
-    assert d["basis"] == {"code": "fallback_not_run", "objective": "orpo"}
+    assert d["basis"] == {"code": "fallback_not_run", "objective": "orpo", "behaviour": []}
     assert why(d, "family_not_tried") == [{"code": "family_not_tried", "family": "reference-free"}]
     d = decide(write_matrix(tmp_path / "b", [cell("dpo", 8, good, lines=_nan_lines()), cell("orpo", 8, chance)]),
                n_boot=200)
@@ -365,3 +365,72 @@ def test_significant_alone_but_not_over_two_challengers(tmp_path):
     assert r["cell"] == "objective=simpo,lora_rank=8" and r["challengers"] == 2 and r["level"] == 0.025
     assert r["mcnemar_p"] == pytest.approx(2 * 0.019210815429688, rel=1e-6)  # two yardsticks, raw p 0.0192
     assert d["verdict"] == "not_decisive" and d["basis"]["blocked"] == [r]
+
+
+def with_generations(root: Path, name: str, prefs: list[float], policy_len: list[int], ref_len: list[int],
+                     repeat: bool = False) -> None:
+    """Give a written cell a behavioural evaluation: gen_eval.jsonl rows and summary.json -> gen_eval."""
+    from preftune.behaviour import summarize
+
+    folder = root / "cells" / name
+    rows = [{"id": f"heldout.jsonl:{i + 1}", "prompt": f"p{i}",
+             "policy": " ".join(["a b c"] * (n // 3) if repeat else [f"w{j}" for j in range(n)]),
+             "reference": " ".join(f"w{j}" for j in range(m)), "policy_tokens": n, "reference_tokens": m,
+             "policy_finish": "length" if repeat else "eos", "reference_finish": "eos", "policy_score": None,
+             "reference_score": None, "preference": p} for i, (p, n, m) in enumerate(zip(prefs, policy_len, ref_len))]
+    (folder / "gen_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["gen_eval"] = summarize(rows, judge="python:t:j", max_new_tokens=32, temperature=0.0, seed=0)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_pairs_up_behaviour_down_blocks_the_switch(tmp_path):
+    dpo, simpo = split(400, 220, 10, 80)
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.9, held=1.0)])
+    n = 100
+    lens = [20] * n
+    with_generations(root, "objective=dpo,lora_rank=8", [1.0] * 70 + [0.0] * 30, lens, lens)
+    with_generations(root, "objective=simpo,lora_rank=8", [1.0] * 30 + [0.0] * 70, lens, lens)
+    d = decide(root, n_boot=300)
+    assert d["verdict"] == "not_decisive"
+    [b] = why(d, "behaviour_comparison")
+    assert (b["yardstick"], b["n"], b["a_only"], b["b_only"]) == ("behaviour", 100, 0, 40)
+    assert (b["win_rate_a"], b["win_rate_b"]) == (0.3, 0.7)
+    [dis] = why(d, "pairs_behaviour_disagree")
+    assert dis["pairs"]["diff"] > 0 and dis["behaviour"]["diff"] == pytest.approx(-0.4)
+    [w] = why(d, "worse_other_yardstick")
+    assert [x["yardstick"] for x in w["worse"]] == ["behaviour"]
+    assert d["basis"]["behaviour"] == [dis] and "Behaviour:" in d["summary"]
+
+
+def test_a_behaviour_win_that_is_only_length(tmp_path):
+    """The challenger wins exactly where its answer is longer than the reference's: LC erases the win."""
+    same = split(300, 200, 0, 0)[0]
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, same), cell("simpo", 8, same)])
+    n = 120
+    ref = [20] * n
+    longer = [40 if i % 5 else 10 for i in range(n)]           # 4 of 5 answers twice as long, the rest half
+    prefs = [1.0 if n_ > 20 else 0.0 for n_ in longer]          # wins exactly where it is longer
+    with_generations(root, "objective=dpo,lora_rank=8", [1.0 if i % 2 else 0.0 for i in range(n)],
+                     [20 + (i % 3) for i in range(n)], ref)
+    with_generations(root, "objective=simpo,lora_rank=8", prefs, longer, ref)
+    d = decide(root, n_boot=300)
+    [lc] = why(d, "lc_erases_win")
+    assert lc["win_rate_a"] == pytest.approx(0.8) and lc["win_rate_b"] == pytest.approx(0.5)
+    assert lc["lc_win_rate_a"] - lc["lc_win_rate_b"] < 0.15
+    [shift] = why(d, "win_with_length_shift")
+    assert shift["len_change"] == pytest.approx(34 / 21 - 1)
+    found = {c["name"]: {f["code"] for f in c["findings"]} for c in d["cells"]}
+    assert "length_exploitation" in found["objective=simpo,lora_rank=8"]
+    assert "length_exploitation" not in found["objective=dpo,lora_rank=8"]
+
+
+def test_degenerate_generations_are_a_finding(tmp_path):
+    from preftune.review import review
+
+    same = split(100, 60, 0, 0)[0]
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, same)])
+    with_generations(root, "objective=dpo,lora_rank=8", [0.5] * 50, [30] * 50, [30] * 50, repeat=True)
+    f = {x.code: x.data for x in review(root / "cells" / "objective=dpo,lora_rank=8").findings}
+    assert f["degenerate_generations"]["hit_max_rise"] == 1.0 and f["degenerate_generations"]["repeat_rise"] > 0.8
+    assert f["behaviour"]["win_rate"] == 0.5 and f["behaviour"]["tie_rate"] == 1.0

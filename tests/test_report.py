@@ -78,3 +78,24 @@ def test_run_report(tmp_path):
     run = write_run(tmp_path / "run", healthy_lines(), pairs([i % 4 != 0 for i in range(400)]))
     md, page = write_run_report(run)
     assert page.read_text().count("<svg") == 3 and "healthy" in md.read_text()
+
+
+def test_behaviour_section(tmp_path):
+    from test_decide import cell, split, with_generations, write_matrix
+
+    from preftune.report import write_report
+
+    same = split(100, 60, 0, 0)[0]
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, same), cell("simpo", 8, same)])
+    with_generations(root, "objective=dpo,lora_rank=8", [1.0, 0.0] * 20, [20] * 40, [20] * 40)
+    with_generations(root, "objective=simpo,lora_rank=8", [1.0] * 30 + [0.5] * 10, [30] * 40, [20] * 40)
+    md, page = write_report(root)
+    text, html = md.read_text(), page.read_text()
+    assert "## Behaviour" in text and "| objective=simpo,lora_rank=8 | 0.875 [" in text
+    assert "<h2>Behaviour</h2>" in html and html.count("generated lengths") >= 2  # one histogram per cell
+    assert "<b>reference</b>" in html and "<pre>p0</pre>" in html  # prompt and completions side by side
+    rows = (root / "cells" / "objective=simpo,lora_rank=8" / "gen_eval.jsonl").read_text().replace(
+        '"policy": "w0', '"policy": "<script>alert(1)</script> w0')
+    (root / "cells" / "objective=simpo,lora_rank=8" / "gen_eval.jsonl").write_text(rows)
+    html = write_report(root)[1].read_text()
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; w0" in html

@@ -218,3 +218,16 @@ def test_bf16_mode_trains_and_keeps_its_own_reference(tiny_world, tmp_path, monk
     assert b16["final_eval"]["eval_lennorm/accuracy"] > b16["step0_eval"]["eval_lennorm/accuracy"] + 0.05
     # Same data, same steps: bf16 lands within a few held-out pairs of fp32 (64 pairs).
     assert abs(b16["final_eval"]["eval_accuracy"] - f32["final_eval"]["eval_accuracy"]) * 64 <= 6
+
+
+def test_a_newcomers_first_command_with_only_max_length(tiny_world, tmp_path, capsys):
+    """`preftune train --model M --data D --eval-data E --max-length 256 --output runs/x`: every other value a
+    default (max_prompt_length follows max_length), and it trains to the end."""
+    out = tmp_path / "runs" / "x"
+    assert main(["train", "--model", str(tiny_world.model_dir), "--data", str(tiny_world.train_path), "--eval-data",
+                 str(tiny_world.eval_path), "--max-length", "256", "--output", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    saved = config.from_file(out / "config.yaml")
+    assert summary["status"] == "finished" and summary["steps"] == 32  # one epoch of 256 pairs, 8 per step
+    assert (saved.max_length, saved.max_prompt_length, saved.prompt_length()) == (256, None, 128)
