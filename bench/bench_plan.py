@@ -1,16 +1,17 @@
 """Validate ``preftune plan`` on the CPU: its estimate against the measured peak RSS of real short runs.
 
-    .venv/bin/python bench/bench_plan.py [--out bench_out/plan] [--steps 3] [--only tiny|bench]
+    .venv/bin/python bench/bench_plan.py [--out bench_out/plan] [--steps 3] [--only tiny|bench] [--with-checkpointing]
     .venv/bin/python bench/bench_plan.py --probe     # the plan's per-layer terms against autograd and glibc
 
 Configurations: 2 models (the demo-size tiny world, ``preftune world DIR --hidden 128 --layers 4``, and the
-29.5M-parameter benchmark Llama that bench/bench.py builds) x DPO and SimPO, plus SimPO on the benchmark model
-with --gradient-checkpointing. Each run is a real
+29.5M-parameter benchmark Llama that bench/bench.py builds) x DPO and SimPO; ``--with-checkpointing`` adds SimPO
+on the benchmark model with --gradient-checkpointing. Each run is a real
 ``preftune train`` in its own process, with truncation settings that every pair reaches (so the row length the
 plan assumes, max_prompt_length + 2 x (max_length - max_prompt_length), is the one trained), and its peak
 RSS is read from summary.json (timing.peak_rss_mb). The plan's estimate comes from the model config alone,
 with the interpreter + import baseline measured in a subprocess as ``preftune plan`` does. Target: the ratio
-estimate / measured within 0.75-1.25. Writes <out>/plan_validation.json and .md. About 3 minutes on 2 cores.
+estimate / measured within 0.75-1.25. Writes <out>/plan_validation.json and .md. About 4 minutes of
+CPU time on 2 cores (more wall time on a shared machine).
 """
 
 from __future__ import annotations
@@ -68,17 +69,21 @@ def measure(paths: dict[str, str], objective: str, batch: int, max_len: int, max
             "train_tokens": summary["timing"]["train_tokens"], "wall_s": time.perf_counter() - t}
 
 
-def probe(model: str, batch: int, max_len: int, max_prompt: int) -> None:
-    """The plan's per-layer terms against this process: autograd's saved tensors (saved-tensor hooks, by
-    storage) and glibc's heap (mallinfo2: bytes in use, free bytes kept resident) around one forward."""
+def probe(paths: dict[str, str], batch: int, max_len: int, max_prompt: int, steps: int, out: Path) -> None:
+    """The plan's CPU terms against this process. 1) A real ``train`` of ``steps`` steps in this fresh process,
+    sampling RSS and glibc's heap (mallinfo2: bytes in use, freed bytes kept resident) every 0.2 s: at the peak,
+    the free heap against the plan's allocator-slack term. 2) One more forward: autograd's saved tensors per layer
+    (saved-tensor hooks, by storage) against the plan's saved bytes."""
     import ctypes
+    import threading
 
     import torch
 
-    from preftune.config import Config
+    from preftune import config
     from preftune.logprobs import batch_logps, make_batch
     from preftune.model import add_lora, load_model
     from preftune.plan import MIB, Setting, _layer_tensors, estimate, read_arch
+    from preftune.train import train
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in
@@ -86,13 +91,41 @@ def probe(model: str, batch: int, max_len: int, max_prompt: int) -> None:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = Mallinfo2
-    cfg = Config(model=model, data="unused", lora_rank=8, device="cpu")
-    lm = add_lora(load_model(cfg), cfg)
+    model = paths["model"]
     prompt, completion = max_prompt, max_len - max_prompt
+    arch = read_arch(model)
+    s = Setting(objective="simpo", lora_rank=8, batch_size=batch, grad_accum=1, prompt_len=prompt,
+                completion_len=completion, dtype="float32", device="cpu", gradient_checkpointing=False)
+
+    samples: list[tuple[float, float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            m = libc.mallinfo2()
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            samples.append((rss, m.uordblks, m.fordblks))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    run = out / "probe_run"
+    shutil.rmtree(run, ignore_errors=True)
+    train(config.build(dict(model=model, data=paths["data"], eval_data=paths["eval"], objective="simpo",
+                            batch_size=batch, max_length=max_len, max_prompt_length=max_prompt, max_steps=steps,
+                            eval_every=0, save_every=0, quiet=True, output=str(run / "run"),
+                            cache_dir=str(run / "cache"))))
+    done.set()
+    th.join()
+    rss, inuse, free = max(samples)
+    plan = estimate(arch, s)
+    print(f"at the peak RSS of a {steps}-step run ({rss / MIB:.0f} MiB): heap in use {inuse / MIB:.0f} MiB, "
+          f"freed but resident {free / MIB:.0f} MiB; plan: activations {plan['activations_bytes'] / MIB:.0f} MiB, "
+          f"allocator slack {plan['allocator_slack_bytes'] / MIB:.0f} MiB")
+    cfg = config.build(dict(model=model, data="unused", lora_rank=8, device="cpu"))
+    lm = add_lora(load_model(cfg), cfg)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, lm.config.vocab_size, (n,), generator=g).tolist()
            for _ in range(batch) for n in (prompt, completion, completion)]
-    b = make_batch(ids[0::3], ids[1::3], ids[2::3], 0)
     layers = lm.get_base_model().get_decoder().layers
     seen: dict[int, tuple[int, int | None]] = {}
     current: list[int | None] = [None]
@@ -104,29 +137,19 @@ def probe(model: str, batch: int, max_len: int, max_prompt: int) -> None:
             seen[st.data_ptr()] = (st.nbytes(), current[0])
         return t
 
-    heap = []
-
-    def after(module: torch.nn.Module, args: object, output: object) -> None:
-        current[0] = None
-        heap.append(libc.mallinfo2())
-
+    hooks = []
     for k, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda m, a, k=k: current.__setitem__(0, k))
-        layer.register_forward_hook(after)
-    start = libc.mallinfo2()
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, k=k: current.__setitem__(0, k)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        batch_logps(lm, b)
-    arch = read_arch(model)
-    s = Setting(objective="simpo", lora_rank=8, batch_size=batch, grad_accum=1, prompt_len=prompt,
-                completion_len=completion, dtype="float32", device="cpu", gradient_checkpointing=False)
-    saved_plan = _layer_tensors(arch, s, batch, grad=True)[0]
+        batch_logps(lm, make_batch(ids[0::3], ids[1::3], ids[2::3], 0))
+    for h in hooks:
+        h.remove()
+    del lm
     saved_real = [sum(n for n, k in seen.values() if k == i) for i in range(len(layers))]
-    free = [h.fordblks for h in heap]
-    slack_plan = estimate(arch, s)["allocator_slack_bytes"] / len(layers)
-    print(f"saved per layer: plan {saved_plan / MIB:.2f} MiB, autograd "
-          + ", ".join(f"{x / MIB:.2f}" for x in saved_real))
-    print(f"heap free bytes kept per layer: plan {slack_plan / MIB:.1f} MiB, mallinfo2 "
-          + ", ".join(f"{(f - p) / MIB:.1f}" for f, p in zip(free, [start.fordblks] + free[:-1])))
+    print(f"saved per layer: plan {_layer_tensors(arch, s, batch, grad=True)[0] / MIB:.2f} MiB, autograd "
+          + ", ".join(f"{x / MIB:.2f}" for x in saved_real) + " (layer 0: the embedding output needs no gradient)")
+
 
 
 def main() -> int:
@@ -134,13 +157,15 @@ def main() -> int:
     ap.add_argument("--out", default="bench_out/plan")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", choices=sorted(SETTINGS), help="one model only")
+    ap.add_argument("--with-checkpointing", action="store_true",
+                    help="also SimPO on the benchmark model with --gradient-checkpointing (about 1.5 min more)")
     ap.add_argument("--probe", action="store_true",
-                    help="instead: the per-layer saved bytes and heap growth of one forward of the bench model")
+                    help="instead: saved bytes per layer and the heap at the peak of a run, against the plan's terms")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.probe:
-        probe(assets(out)["bench"]["model"], *SETTINGS["bench"])
+        probe(assets(out)["bench"], *SETTINGS["bench"], args.steps, out)
         return 0
     from preftune.plan import MIB, plan_cells
 
@@ -150,7 +175,7 @@ def main() -> int:
             continue
         batch, max_len, max_prompt = SETTINGS[name]
         # the four required configurations, and the benchmark model with the checkpointing the plan suggests
-        for objective, ckpt in [("dpo", False), ("simpo", False)] + ([("simpo", True)] if name == "bench" else []):
+        for objective, ckpt in [("dpo", False), ("simpo", False)] + ([("simpo", True)] if name == "bench" and args.with_checkpointing else []):
             cell = plan_cells(paths["model"], objective=objective, lora_rank="8", batch_size=batch,
                               max_length=max_len, max_prompt_length=max_prompt, device="cpu", memory="1TiB",
                               gradient_checkpointing=ckpt)[0]

@@ -12,9 +12,12 @@ must take it. Any other factor in ``--grid`` applies to every cell as a config k
 Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
 is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one
 matrix. ``--parallel N`` runs cells in child processes (configs and stderr under ``matrix/.cells/``) after
-computing every reference log-prob set they need once, in this process.
+computing every reference log-prob set they need once, in this process; on a machine with several GPUs each
+child gets its own (``CUDA_VISIBLE_DEVICES``). ``--backend ray`` makes each cell a Ray task instead (see
+``_run_ray``): same child configs, same folders, so ``decide`` and ``report`` can't tell the difference.
 
     preftune ablate --config base.yaml --grid objective=dpo,simpo --grid lora_rank=16,8 --output matrix
+    preftune ablate ... --backend ray --address auto --cpus-per-cell 4 --gpus-per-cell 1
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +117,31 @@ def plan(base: Config, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, 
     return cells
 
 
-def run_matrix(base: Config, grid: dict[str, list[Any]], *, parallel: int = 1) -> dict[str, int]:
+@dataclass(frozen=True)
+class RayOptions:
+    """``--backend ray``: where the cluster is (None: a local instance on this machine) and each cell's share."""
+
+    address: str | None = None
+    cpus_per_cell: float = 1
+    gpus_per_cell: float = 0
+    max_retries: int = 3  # a cell whose worker dies is run again, resuming from its last checkpoint
+
+
+def run_matrix(base: Config, grid: dict[str, list[Any]], *, parallel: int = 1, backend: str = "local",
+               ray: RayOptions | None = None) -> dict[str, int]:
     """Run (or finish) every cell. Returns counts of finished and failed cells.
 
-    A KeyboardInterrupt propagates: the cell it hit stays "running" in matrix.json and resumes on the next call.
+    ``backend="ray"`` runs each cell as a Ray task with ``ray``'s resources (``parallel`` is then Ray's to
+    decide). A KeyboardInterrupt propagates: the cell it hit stays "running" in matrix.json and resumes on the
+    next call.
     """
-    return _matrix(base, grid, parallel)
+    if backend not in ("local", "ray"):
+        raise InputError(f"{backend!r} is not one of local, ray", field="backend")
+    return _matrix(base, grid, parallel, ray=(ray or RayOptions()) if backend == "ray" else None)
 
 
 def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
-            keep: tuple[dict, list[dict]] | None = None) -> dict[str, int]:
+            keep: tuple[dict, list[dict]] | None = None, ray: RayOptions | None = None) -> dict[str, int]:
     """run_matrix; ``keep`` = (factors, cells) listed in matrix.json beside the planned ones (the fallback)."""
     from .model import load_tokenizer
     from .train import prepare_data
@@ -134,6 +153,7 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     check_writable_dir(base.resolved_cache_dir(), field="cache_dir")
     trackers.check(base.report_to)  # once, before the matrix folder is written, not once per failing cell
     cells = plan(base, grid)              # every cell's config is valid before anything is written
+    started_ray = _connect_ray(ray) if ray else False  # no Ray, or no cluster there: one line, nothing written
     out = Path(base.output)
     toks: dict[tuple, Any] = {}
     prepared: dict[tuple, Any] = {}
@@ -156,10 +176,18 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
 
         write()
         todo = [c for c in cells if status[c[0]]["status"] != "finished"]
-        if parallel > 1 and len(todo) > 1:
-            _run_parallel(out, todo, prepared, status, write, parallel)
-        else:
-            _run_serial(todo, prepared, status, write)
+        try:
+            if ray and todo:
+                _run_ray(out, todo, prepared, status, write, ray)
+            elif parallel > 1 and len(todo) > 1:
+                _run_parallel(out, todo, prepared, status, write, parallel)
+            else:
+                _run_serial(todo, prepared, status, write)
+        finally:
+            if started_ray:  # a local instance we started goes with us; a cluster we joined stays
+                import ray as ray_mod
+
+                ray_mod.shutdown()
     finished = sum(s["status"] == "finished" for s in status.values())
     return {"finished": finished, "failed": len(status) - finished}
 
@@ -172,7 +200,11 @@ def _model_key(cfg: Config) -> tuple:
 
 
 def _data_key(cfg: Config) -> tuple:
-    return tuple(json.dumps(getattr(cfg, f)) for f in DATA_FIELDS)
+    """Cells that agree on this share one Prepared: the data fields, and for an unpaired objective (KTO) the
+    unpaired view, whose shuffle and KL rotation follow the seed and the batch size."""
+    kind = objectives.get(cfg.objective).data
+    view = (kind, cfg.batch_size, cfg.seed) if kind == "unpaired" else (kind,)
+    return tuple(json.dumps(getattr(cfg, f)) for f in DATA_FIELDS) + view
 
 
 def _check_settings(out: Path, cells: list) -> None:
@@ -230,18 +262,21 @@ def _run_parallel(out: Path, todo: list, prepared: dict, status: dict, write: Ca
     threads = max(1, cpus // parallel)
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen, Path]] = []
+    gpus = _visible_gpus() if any(c[2].resolved_device() == "cuda" for c in todo) else []
+    held: dict[str, str] = {}  # cell -> the GPU its child was given
     try:
         while pending or running:
             while pending and len(running) < parallel:
                 name, _, cfg = pending.pop(0)
-                cfg_path = out / ".cells" / f"{name}.yaml"
-                child = replace(cfg, threads=cfg.threads or threads, quiet=True,
-                                cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
-                atomic_write_text(cfg_path, dump_yaml(child))
+                cfg_path = _child_config(out, name, cfg, threads)
                 err = cfg_path.with_name(f"{name}.err")
+                env = None
+                if gpus and cfg.resolved_device() == "cuda":  # several GPUs: one per child, the least busy
+                    held[name] = pick_gpu(gpus, list(held.values()))
+                    env = {**os.environ, "CUDA_VISIBLE_DEVICES": held[name]}
                 with open(err, "w") as fh:
                     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_path)],
-                                            stdout=subprocess.DEVNULL, stderr=fh)
+                                            stdout=subprocess.DEVNULL, stderr=fh, env=env)
                 status[name].update(status="running", error=None)
                 running.append((name, proc, err))
                 write()
@@ -249,6 +284,7 @@ def _run_parallel(out: Path, todo: list, prepared: dict, status: dict, write: Ca
             for item in [r for r in running if r[1].poll() is not None]:
                 running.remove(item)
                 name, proc, err = item
+                held.pop(name, None)
                 lines = [line for line in err.read_text().splitlines() if line.strip()]
                 ok = proc.returncode == 0
                 status[name].update(status="finished" if ok else "failed",
@@ -263,6 +299,126 @@ def _run_parallel(out: Path, todo: list, prepared: dict, status: dict, write: Ca
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _child_config(out: Path, name: str, cfg: Config, threads: int) -> Path:
+    """The exact config a cell runs in another process (a ``--parallel`` child or a Ray task), written to
+    ``matrix/.cells/<name>.yaml``: the cell's own, with threads, no progress bars and the parent's cache."""
+    cfg_path = out / ".cells" / f"{name}.yaml"
+    child = replace(cfg, threads=cfg.threads or threads, quiet=True,
+                    cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
+    atomic_write_text(cfg_path, dump_yaml(child))
+    return cfg_path
+
+
+def _visible_gpus() -> list[str]:
+    """The GPU ids children may be given: CUDA_VISIBLE_DEVICES' entries if set, else 0..count-1; [] for <2."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:
+        count = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(count)]
+    ids = ids[:count]
+    return ids if len(ids) > 1 else []  # one GPU: every child shares it, as before
+
+
+def pick_gpu(gpus: list[str], busy: list[str]) -> str:
+    """The GPU for the next ``--parallel`` child: the one running the fewest cells, lowest first.
+
+    >>> pick_gpu(["0", "1"], ["0"])
+    '1'
+    """
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
+
+
+def _connect_ray(opts: RayOptions) -> bool:
+    """Join the cluster at ``opts.address``, or start a local instance; True when we started it.
+
+    One InputError line (exit code 2) when Ray isn't installed or the address can't be reached, before the
+    matrix folder is touched. A host:port is probed with a plain TCP connect first: ray.init itself waits
+    minutes on an address where nothing listens.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--backend ray needs Ray: pip install preftune[ray]", field="backend") from None
+    for name, value, low in (("cpus_per_cell", opts.cpus_per_cell, 0), ("gpus_per_cell", opts.gpus_per_cell, -1)):
+        if not value > low:
+            raise InputError(f"must be {'> 0' if low == 0 else '>= 0'}, got {value}", field=name)
+    host, sep, port = (opts.address or "").split("://", 1)[-1].rpartition(":")
+    if opts.address and opts.address != "auto" and sep and port.isdigit():
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except OSError as e:
+            raise InputError(f"cannot reach the Ray cluster at {opts.address}: {e.strerror or e}",
+                             field="address") from None
+    if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
+        return False
+    if opts.address is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        return True
+    try:
+        ray.init(address=opts.address, log_to_driver=False)
+    except Exception as e:
+        raise InputError(f"cannot reach the Ray cluster at {opts.address}: {_one_line(e)}", field="address") from None
+    return False
+
+
+def _run_ray(out: Path, todo: list, prepared: dict, status: dict, write: Callable[[], None],
+             opts: RayOptions) -> None:
+    """Each cell a Ray task of ``cpus_per_cell``/``gpus_per_cell``, running its exact child config.
+
+    The reference log-probs are computed first, here, into the cache the cells read: with workers on other
+    machines, the matrix folder and the cache directory must be on a filesystem every node sees (the same
+    paths). A task whose worker dies (killed, out of memory, node lost) is retried up to ``max_retries``
+    times and resumes from the cell's last checkpoint, since the child config has ``resume: true``.
+    """
+    import ray
+
+    _warm_reference_cache(todo, prepared)
+    threads = max(1, int(opts.cpus_per_cell))
+    task = ray.remote(_ray_cell).options(num_cpus=opts.cpus_per_cell, num_gpus=opts.gpus_per_cell,
+                                         max_retries=opts.max_retries)
+    cwd = os.getcwd()  # relative matrix paths resolve on the worker as they do here
+    refs: dict[Any, str] = {}
+    for name, _, cfg in todo:
+        cfg_path = _child_config(out, name, cfg, threads)
+        refs[task.remote(str(cfg_path.absolute()), cwd)] = name
+        status[name].update(status="running", error=None)
+    write()
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            name = refs.pop(ready[0])
+            try:
+                error = ray.get(ready[0])
+            except Exception as e:  # retries used up, or the task could not run at all
+                error = _one_line(e)
+            status[name].update(status="finished" if error is None else "failed", error=error)
+            if error is not None:
+                print(f"preftune ablate: cell {name} failed: {error}", file=sys.stderr)
+            write()
+    finally:  # interrupted: stop the cells still queued or running; each keeps its last checkpoint
+        for ref in refs:
+            ray.cancel(ref, force=True)
+
+
+def _ray_cell(cfg_path: str, cwd: str) -> str | None:
+    """One cell inside a Ray worker: the error line, or None when it finished. In-process, so a killed
+    worker is a dead task that Ray retries, not a child's exit code."""
+    from .train import train
+
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    try:
+        train(config_mod.from_file(cfg_path))
+    except Exception as e:  # a failing cell is recorded, not retried: it would fail again
+        return _one_line(e)
+    return None
 
 
 def _cell_main(path: str) -> int:

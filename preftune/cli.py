@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a factor and its values (repeatable); default objective=dpo,simpo and lora_rank=16,8")
     a.add_argument("--parallel", type=int, default=1, help="cells run at once on this machine")
+    a.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: this machine (serial or --parallel); ray: each cell a Ray task")
+    a.add_argument("--address", help="Ray cluster to join (host:port or auto); default: a local instance")
+    a.add_argument("--cpus-per-cell", type=float, default=1, help="Ray: CPUs each cell reserves (default 1)")
+    a.add_argument("--gpus-per-cell", type=float, default=0, help="Ray: GPUs each cell reserves (default 0)")
     _add_config_flags(a)
 
     r = sub.add_parser("review", help="diagnose one run folder, TRL trainer_state.json or JSONL log")
@@ -214,11 +219,12 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"(refrel {metrics['eval_refrel/accuracy']:.3f}, lennorm {metrics['eval_lennorm/accuracy']:.3f})")
         return 0
     if cmd == "ablate":
-        from .ablate import parse_grid, run_matrix
+        from .ablate import RayOptions, parse_grid, run_matrix
 
         cfg = _config_from(args)
         grid = parse_grid(args.grid)
-        result = run_matrix(cfg, grid, parallel=args.parallel)
+        ray = RayOptions(address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
+        result = run_matrix(cfg, grid, parallel=args.parallel, backend=args.backend, ray=ray)
         print(f"matrix: {result['finished']} finished, {result['failed']} failed -> {cfg.output}")
         return 0 if result["failed"] == 0 else 1
     if cmd == "review":

@@ -112,7 +112,11 @@ class Config:
             raise InputError("no model given (--model PATH_OR_HUB_ID)", field="model")
         if not self.data and self.eval_data is None:
             raise InputError("no data given (--data FILE)", field="data")
-        objectives.get(self.objective)  # raises InputError with a suggestion (imports a module:name objective)
+        obj = objectives.get(self.objective)  # InputError with a suggestion (imports a module:name objective)
+        if self.batch_size < obj.min_batch_size:
+            raise InputError(f"{self.batch_size}: '{obj.name}' needs micro-batches of at least {obj.min_batch_size} "
+                             f"rows (its reference point is estimated from the other rows of the batch)",
+                             field="batch_size")
         checked: dict[str, dict[str, Any]] = {}
         for key, entry in self.objectives.items():  # every entry against its objective's schema, as numbers
             obj = objectives.get(key)

@@ -39,6 +39,7 @@ class Example:
     prompt: Content
     chosen: Content
     rejected: Content
+    label: bool | None = None  # unpaired rows: chosen is the completion, True = thumbs up (see unpaired_view)
 
     def prompt_key(self) -> str:
         """Canonical text of the prompt: pairs sharing it land on the same side of a split."""
@@ -56,6 +57,7 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    label: bool | None = None  # unpaired rows: chosen_ids is the completion, rejected_ids the KL completion
 
 
 @dataclass
@@ -78,9 +80,16 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
         name, rows = path.name, _read_file(path, source, split)
     else:
         name, rows = source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
-    examples = [_example(row, f"{name}:{line}", source, line) for line, row in rows]
+    examples, lines = [], []
+    for line, row in rows:
+        examples.append(_example(row, f"{name}:{line}", source, line))
+        lines.append(line)
     if not examples:
         raise InputError("no rows", path=source)
+    odd = next((i for i, ex in enumerate(examples) if (ex.label is None) != (examples[0].label is None)), None)
+    if odd is not None:
+        raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per file",
+                         path=source, line=lines[odd])
     return examples
 
 
@@ -146,6 +155,8 @@ def _one_line(e: BaseException) -> str:
 def _example(row: Any, id: str, source: str, line: int) -> Example:
     if not isinstance(row, dict):
         raise InputError(f"row must be an object, got {type(row).__name__}", path=source, line=line)
+    if "completion" in row or "label" in row:
+        return _unpaired(row, id, source, line)
     for field in ("chosen", "rejected"):
         if field not in row:
             raise InputError("missing", path=source, line=line, field=field)
@@ -171,6 +182,60 @@ def _example(row: Any, id: str, source: str, line: int) -> Example:
             kind = "a list of messages" if conversational else "a string"
             raise InputError(f"must be {kind}, like chosen and rejected", path=source, line=line, field="prompt")
     return Example(id, prompt, chosen, rejected)
+
+
+def _unpaired(row: dict, id: str, source: str, line: int) -> Example:
+    """A thumbs-up/down row: ``{"prompt", "completion", "label": true|false}`` (text or messages), as TRL's KTO."""
+    for field in ("prompt", "completion"):
+        if row.get(field) is None:
+            raise InputError("missing (an unpaired row has prompt, completion and label)", path=source, line=line,
+                             field=field)
+        _check(row[field], field, source, line)
+    if not isinstance(row.get("label"), bool):
+        got = "missing" if "label" not in row else f"{row['label']!r} is not true/false"
+        raise InputError(f"{got}: an unpaired row's label says thumbs up (true) or down (false)", path=source,
+                         line=line, field="label")
+    if isinstance(row["prompt"], list) != isinstance(row["completion"], list):
+        raise InputError("prompt and completion must both be strings or both message lists", path=source,
+                         line=line, field="completion")
+    return Example(id, row["prompt"], row["completion"], row["completion"], row["label"])
+
+
+def unpaired_view(examples: Sequence[Example], batch_size: int, seed: int) -> list[Example]:
+    """Training rows of an unpaired objective (KTO): each with its KL completion in ``rejected``.
+
+    Pairs are unpaired first, as ``trl.data_utils.unpair_preference_dataset``: chosen -> True, rejected -> False,
+    then shuffled (seeded), since unpairing puts every chosen row first. The KL completion of a row is the
+    completion of the row before it inside its chunk of ``batch_size`` rows (the first takes the last), as
+    TRL's KTOTrainer builds ``KL_completion_ids`` when it prepares the data.
+    """
+    rows = list(examples)
+    if rows and rows[0].label is None:
+        rows = [Example(f"{ex.id}/{side}", ex.prompt, text, text, side == "chosen")
+                for ex in rows for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected))]
+        random.Random(seed).shuffle(rows)
+    out = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        kl = [chunk[-1].chosen] + [ex.chosen for ex in chunk[:-1]]
+        out += [Example(ex.id, ex.prompt, ex.chosen, k, ex.label) for ex, k in zip(chunk, kl)]
+    return out
+
+
+def heldout_pairs(examples: Sequence[Example], source: str) -> list[Example]:
+    """Held-out pairs from unpaired rows: per prompt, its first thumbs-up completion against its first thumbs-down
+    one (every objective is judged on pairs). Pairs pass through unchanged."""
+    if not examples or examples[0].label is None:
+        return list(examples)
+    first: dict[str, dict[bool, Example]] = {}
+    for ex in examples:
+        first.setdefault(ex.prompt_key(), {}).setdefault(bool(ex.label), ex)
+    pairs = [Example(sides[True].id, sides[True].prompt, sides[True].chosen, sides[False].chosen)
+             for sides in first.values() if len(sides) == 2 and sides[True].chosen != sides[False].chosen]
+    if not pairs:
+        raise InputError("no held-out pairs: no held-out prompt has both a thumbs-up and a thumbs-down completion; "
+                         "give --eval-data with prompt/chosen/rejected rows", path=source)
+    return pairs
 
 
 def _check(value: Any, field: str, source: str, line: int) -> None:
@@ -222,11 +287,12 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length
         cut_p = p[-max_prompt_length:] if len(p) > max_prompt_length else p
         budget = max(max_length - len(cut_p), 0)  # a negative slice bound would count from the end
         cut_c, cut_r = c[:budget], r[:budget]
-        if not cut_c or not cut_r or cut_c == cut_r:
+        if not cut_c or not cut_r or (cut_c == cut_r and ex.label is None):  # a KL completion may equal it
             stats.dropped += 1
             continue
         stats.truncated += (len(cut_p), len(cut_c), len(cut_r)) != (len(p), len(c), len(r))
-        pairs.append(Pair(ex.id, cut_p, cut_c, cut_r, ex.prompt_key(), _text(ex.chosen), _text(ex.rejected)))
+        pairs.append(Pair(ex.id, cut_p, cut_c, cut_r, ex.prompt_key(), _text(ex.chosen), _text(ex.rejected),
+                          ex.label))
     stats.kept = len(pairs)
     if not pairs:
         raise InputError(f"no pairs left after truncation to max_length={max_length}, "

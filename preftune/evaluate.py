@@ -23,23 +23,30 @@ from .files import atomic_write_json, atomic_write_text, check_writable_dir, wri
 from .logprobs import score_pairs
 from .model import fingerprint, load_model, load_tokenizer, resolve_dtype
 from .reference import cache_key, reference_logps
-from .runtime import Runtime, current
+from .runtime import Runtime, current, init
 
 
 def summarize(logps: Tensor, counts: Tensor, out: objectives.Output, loss: Tensor, prefix: str = "") -> dict:
-    """TRL's metric names, averaged over pairs. logps, counts: (B, 2) with chosen in column 0."""
-    margins = out.chosen_rewards - out.rejected_rewards
+    """TRL's metric names, averaged over pairs. logps, counts: (B, 2) with chosen in column 0.
+
+    A NaN reward or extra means "not this row's kind" (KTO rows are desirable or undesirable) and is left out of
+    its mean; the margin is then mean chosen reward − mean rejected reward, as TRL's KTOTrainer logs it, and the
+    accuracy only exists over rows that have both. An objective's extras override the default of the same name.
+    """
+    def mean(v: Tensor) -> Tensor | None:  # None: no row of this kind in the batch, so no metric (as TRL)
+        return None if v.isnan().all() else v.nanmean()
+
+    both = ~(out.chosen_rewards.isnan() | out.rejected_rewards.isnan())                      # (B,)
+    c, r = mean(out.chosen_rewards), mean(out.rejected_rewards)
     m = {
-        "loss": loss.mean(),
-        "rewards/chosen": out.chosen_rewards.mean(),
-        "rewards/rejected": out.rejected_rewards.mean(),
-        "rewards/margins": margins.mean(),
-        "rewards/accuracies": (margins > 0).float().mean(),
-        "logps/chosen": logps[:, 0].mean(),
-        "logps/rejected": logps[:, 1].mean(),
+        "loss": loss.mean(), "rewards/chosen": c, "rewards/rejected": r,
+        "rewards/margins": c - r if c is not None and r is not None else None,
+        "rewards/accuracies": (out.chosen_rewards[both] > out.rejected_rewards[both]).float().mean()
+        if both.any() else None,
+        "logps/chosen": logps[:, 0].mean(), "logps/rejected": logps[:, 1].mean(),
+        **{k: mean(v) for k, v in out.extras.items()},
     }
-    m.update({k: v.mean() for k, v in out.extras.items()})
-    return {prefix + k: float(v) for k, v in m.items()}
+    return {prefix + k: float(v) for k, v in m.items() if v is not None}
 
 
 def _accuracy(margin: Tensor) -> float:
@@ -125,10 +132,13 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
     cache_dir = cfg.resolved_cache_dir()
     key = cache_key(fingerprint(cfg.model, cache_dir), pairs, resolve_dtype(cfg), cfg.autocast_bf16)
+    rt = init()  # under torchrun the pairs are split across ranks; rank 0 writes
     ref, _ = reference_logps(model, pairs, key=key, cache_dir=cache_dir, pad_id=tok.pad_token_id,
-                             batch_size=cfg.eval_batch_size, **fast)
+                             batch_size=cfg.eval_batch_size, rt=rt, **fast)
     metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,
-                                batch_size=cfg.eval_batch_size, **fast)
+                                batch_size=cfg.eval_batch_size, rt=rt, **fast)
+    if not rt.is_main:
+        return metrics
     out = Path(cfg.output)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     atomic_write_json(out / "metrics.json", metrics)

@@ -37,7 +37,12 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class SeqLogps:
-    """One batch of pairs; every field is a (B,) float tensor."""
+    """One batch of pairs; every field is a (B,) tensor.
+
+    For an unpaired objective (``data="unpaired"``, KTO) each row is one completion with its ``label`` (True =
+    desirable): ``chosen`` is the completion and ``rejected`` the mismatched KL completion (another row's
+    completion under this row's prompt). Held-out evaluation always hands pairs, with ``label`` None.
+    """
 
     chosen: Tensor
     rejected: Tensor
@@ -45,6 +50,7 @@ class SeqLogps:
     rejected_tokens: Tensor
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
+    label: Tensor | None = None
 
 
 @dataclass
@@ -77,7 +83,9 @@ class Objective:
     family: ``reference-relative`` (judged against a frozen reference), ``reference-free``, or ``likelihood``
     (SFT-like, not a preference objective). ``fallback``: the objective ``decide`` recommends when every judged
     objective is numerically unstable (ORPO). ``exclusive``: groups of parameters of which a run may give one.
-    ``data``: ``paired`` (prompt/chosen/rejected rows).
+    ``data``: ``paired`` (prompt/chosen/rejected rows) or ``unpaired`` (prompt/completion/label rows; paired data
+    is unpaired for it). ``min_batch_size``: the smallest micro-batch it can train on. ``advice``: warnings about
+    the training data, from its counts (``{"desirable": n, "undesirable": n}``) and the hyperparameters.
     """
 
     name: str
@@ -89,6 +97,8 @@ class Objective:
     fallback: bool = False
     exclusive: tuple[tuple[str, ...], ...] = ()
     data: str = "paired"
+    min_batch_size: int = 1
+    advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None
 
     @property
     def defaults(self) -> dict[str, float | None]:
@@ -109,6 +119,7 @@ class Objective:
 
 
 FAMILIES = ("reference-relative", "reference-free", "likelihood")
+DATA_KINDS = ("paired", "unpaired")
 PREFERENCE_FAMILIES = ("reference-relative", "reference-free")
 REGISTRY: dict[str, Objective] = {}
 ObjectiveOutput = Output  # the public name (``preftune.ObjectiveOutput``)
@@ -116,7 +127,9 @@ ObjectiveOutput = Output  # the public name (``preftune.ObjectiveOutput``)
 
 def objective(name: str, *, needs_reference: bool, family: str, params: dict[str, float | Param] | None = None,
               summary: str = "", fallback: bool = False, exclusive: tuple[tuple[str, ...], ...] = (),
-              data: str = "paired") -> Callable[[Callable[..., Output]], Callable[..., Output]]:
+              data: str = "paired", min_batch_size: int = 1,
+              advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None,
+              ) -> Callable[[Callable[..., Output]], Callable[..., Output]]:
     """Register an objective; public as ``preftune.objective``. ``params`` maps each hyperparameter to its
     default (a number) or a :class:`Param`. The function gets a :class:`SeqLogps` and the hyperparameters as
     keywords, and returns an :class:`Output` (``preftune.ObjectiveOutput``)::
@@ -128,14 +141,14 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if data != "paired":
-        raise ValueError(f"data must be 'paired', got {data!r}")
+    if data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     schema = {k: v if isinstance(v, Param) else Param(float(v)) for k, v in (params or {}).items()}
 
     def add(fn: Callable[..., Output]) -> Callable[..., Output]:
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = Objective(name, fn, needs_reference, family, schema, summary or (doc[0] if doc else name),
-                                   fallback, exclusive, data)
+                                   fallback, exclusive, data, min_batch_size, advice)
         return fn
     return add
 
@@ -307,6 +320,57 @@ def sft(lp: SeqLogps) -> Output:
     """
     mc, mr = mean_logps(lp)
     return Output(-mc, mc.detach(), mr.detach(), {"nll_loss": (-mc).detach()})
+
+
+def _kto_balance(counts: dict[str, int], params: dict[str, float]) -> list[str]:
+    """TRL's advice: λD·nD / (λU·nU) in [1, 1.33] (the KTO paper's recommended range)."""
+    nd, nu = max(counts["desirable"], 1), max(counts["undesirable"], 1)
+    ratio = params["desirable_weight"] * nd / (params["undesirable_weight"] * nu)
+    if 1 <= ratio <= 1.33:
+        return []
+    return [f"KTO: desirable_weight x {nd} desirable / (undesirable_weight x {nu} undesirable) = {ratio:.2f}, "
+            f"outside [1, 1.33]: set desirable_weight in [{nu * params['undesirable_weight'] / nd:.2f}, "
+            f"{1.33 * nu * params['undesirable_weight'] / nd:.2f}] (Ethayarajh et al. 2024, as TRL advises)"]
+
+
+@objective("kto", needs_reference=True, family="reference-relative", data="unpaired", min_batch_size=2,
+           advice=_kto_balance,
+           params={"beta": _beta,
+                   "desirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λD of desirable rows"),
+                   "undesirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λU of undesirable rows")},
+           summary="KTO (Ethayarajh 2024): unpaired thumbs up/down against a batch KL reference point")
+def kto(lp: SeqLogps, *, beta: float, desirable_weight: float, undesirable_weight: float) -> Output:
+    """KTO, Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 7 (TRL 1.16's
+    KTOTrainer, ``loss_type="kto"``), on unpaired rows (prompt, completion, label).
+
+    r = π(y|x) − ref(y|x);  z = max(0, mean over the micro-batch of π(y'|x) − ref(y'|x)), detached, where y' is
+    another row's completion (the KL completion, in ``rejected``) and the mean is averaged over processes;
+    loss = λD·(1 − σ(β·(r − z))) for desirable rows,  λU·(1 − σ(β·(z − r))) for undesirable rows;
+    rewards β·r (TRL logs them per label: ``rewards/chosen`` over desirable rows, ``rewards/rejected`` over
+    undesirable ones; NaN marks the other label here). Extras: ``kl`` (= z), ``logps/chosen``, ``logps/rejected``.
+
+    β as DPO (default 0.1). λD, λU: ``desirable_weight``, ``undesirable_weight`` (default 1), chosen so that
+    λD·nD / (λU·nU) lies in [1, 1.33]. On held-out *pairs* (label None) the chosen side is the desirable row and
+    the rejected side the undesirable one, z = 0 (pairs carry no mismatched completions), and the loss is their
+    mean; the margin β·(rc − rr) then ranks pairs like DPO's reward.
+    """
+    c, r = logratios(lp)
+    if lp.label is None:  # held-out pairs
+        loss = (desirable_weight * (1 - torch.sigmoid(beta * c)) + undesirable_weight * (1 - torch.sigmoid(-beta * r))) / 2
+        return _ref_output(loss, beta, lp)
+    z = r.mean().detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(z)  # TRL: gathered across processes and averaged
+        z = z / torch.distributed.get_world_size()
+    z = z.clamp(min=0)
+    good = lp.label.bool()
+    loss = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (c - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - c))))
+    reward = (beta * c).detach()
+    nan = torch.full_like(reward, math.nan)
+    return Output(loss, torch.where(good, reward, nan), torch.where(good, nan, reward),
+                  {"kl": z.expand_as(reward), "logps/chosen": torch.where(good, lp.chosen.detach(), nan),
+                   "logps/rejected": torch.where(good, nan, lp.chosen.detach())})
 
 
 # --- lookup, parameters, the one entry point -----------------------------------------------------------------

@@ -185,9 +185,13 @@ def _layer_tensors(a: Arch, s: Setting, pairs: int, *, grad: bool) -> tuple[int,
     temp_sizes = [h] * 4 + [o for o in outs for _ in range(3)] + [h] * 4 + [h] * 7
     if a.kv_heads != a.heads:  # k after RoPE and v before repeat_kv's copy
         temp_sizes += [a.kv_heads * a.head_dim] * 2
-    if not grad:  # no-grad: nothing saved, LoRA disabled for the reference; the whole layer is temporary
-        temp_sizes = [h] * 4 + [o for _, _, _, o in a.linears] + [h] * 4 + [h] * 7 + [h] * 4 + [i] * 3
-        return 0, mask + sum(temp_sizes) * tokens * b, [x * tokens * b for x in temp_sizes] + [mask]
+    if not grad:
+        # No-grad: each tensor dies with its last use. Alive at once: the residual stream (h) and either the
+        # attention block (norm output, q, k and v repeated to every head, output: 5h, + k, v before the repeat
+        # under GQA) with the float mask, or the MLP (norm output h, SiLU output, up output and product: 3i).
+        kv = 2 * a.kv_heads * a.head_dim if a.kv_heads != a.heads else 0
+        live = h + max(5 * h + kv, h + 3 * i)
+        return 0, live * tokens * b + mask, [live * tokens * b + mask]
     temps = [x * tokens * b for x in temp_sizes]
     return saved_per_token * tokens + mask, sum(temps), temps
 
@@ -236,7 +240,7 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0) -> dict[str, Any]:
     # On the CPU, glibc serves every block below its 32 MiB mmap threshold from the heap and keeps freed ones
     # resident; saved tensors allocated between the temporaries pin the holes, so reuse is partial. The heap's
     # free bytes (mallinfo2, sampled through real runs) reach about the forward's temporaries within a few steps
-    # (1.1 GiB of 1.35 GiB after 3 steps of the 29.5M model): the term is that bound, every layer's temporaries.
+    # (0.8-1.1 GiB of 1.35 GiB after 3 steps of the 29.5M model): the term is that bound, every layer's temporaries.
     # With checkpointing nothing saved sits between one layer's blocks and the next's, so they are reused from
     # layer to layer: the heap keeps about one layer's whole allocation (saved + temporaries) from the forward
     # and one from the recomputation in backward (measured: 0.55 GiB free after 3 steps against 0.48 here).
@@ -302,10 +306,17 @@ def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, 
             break
         r //= 2
     if len(out) > 1 and not any(f["fits"] for f in out):
-        new = replace(s, gradient_checkpointing=True, batch_size=1, grad_accum=s.grad_accum * s.batch_size,
-                      dtype="bfloat16")
-        add("all of: checkpointing, batch 1 + accumulation, bf16",
-            f"--gradient-checkpointing --batch-size 1 --grad-accum {new.grad_accum} --dtype bfloat16", new)
+        # Together: checkpointing and bf16, then the largest batch (same pairs per step) that fits with them.
+        both = replace(s, gradient_checkpointing=True, dtype="bfloat16")
+        b = s.batch_size
+        while b > 1 and estimate(a, replace(both, batch_size=b), baseline=baseline)["peak_bytes"] > budget:
+            b //= 2
+        new = replace(both, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
+        parts = ["checkpointing"] + (["bf16"] if s.dtype == "float32" else []) + \
+            ([f"batch {b} + accumulation"] if b != s.batch_size else [])
+        flags = "--gradient-checkpointing" + (" --dtype bfloat16" if s.dtype == "float32" else "") + \
+            (f" --batch-size {b} --grad-accum {new.grad_accum}" if b != s.batch_size else "")
+        add("together: " + ", ".join(parts), flags, new)
     return out
 
 

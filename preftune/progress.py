@@ -97,13 +97,13 @@ class Progress:
     def step(self, step: int, row: dict) -> None:
         pairs_s = row.get("pairs_per_second", float("nan"))
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {row['loss']:.4f} margin {row['rewards/margins']:+.4f} held-out acc "
+            self.bar.set_postfix_str(f"loss {row['loss']:.4f} margin {row.get('rewards/margins', math.nan):+.4f} held-out acc "
                                      f"{self.acc:.3f} {pairs_s:.1f} pairs/s", refresh=False)
             self.bar.update(step - self.bar.n)
             return
         rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
         line = (f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} "
-                f"margin {row['rewards/margins']:+.4f} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
+                f"margin {row.get('rewards/margins', math.nan):+.4f} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
         if step % self.every == 0 or step == self.total:
             self._print(line)
 

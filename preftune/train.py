@@ -21,6 +21,8 @@ import os
 import resource
 import shutil
 import signal
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,16 @@ from torch import Tensor
 from . import objectives, runtime, stats, trackers
 from .behaviour import check_gen_eval, run_gen_eval
 from .config import Config, dump_yaml
-from .data import DataStats, Pair, batch_order, load_examples, split_by_prompt, tokenize_examples
+from .data import (
+    DataStats,
+    Pair,
+    batch_order,
+    heldout_pairs,
+    load_examples,
+    split_by_prompt,
+    tokenize_examples,
+    unpaired_view,
+)
 from .errors import InputError, TrainingDiverged
 from .evaluate import evaluate, summarize
 from .files import (
@@ -72,11 +83,23 @@ def prepare_data(cfg: Config, tokenizer: object) -> Prepared:
         raise InputError("no held-out pairs: give --eval-data FILE or --eval-fraction > 0", field="eval_data")
     if cfg.max_train_pairs:
         examples = examples[:cfg.max_train_pairs]
+    obj = objectives.get(cfg.objective)
+    if examples[0].label is not None and obj.data == "paired":
+        takes = ", ".join(o.name for o in objectives.REGISTRY.values() if o.data == "unpaired")
+        raise InputError(f"unpaired rows (prompt/completion/label) need an objective that takes them ({takes}); "
+                         f"'{obj.name}' trains on pairs", path=cfg.data, field="objective")
+    heldout = heldout_pairs(heldout, cfg.eval_data or cfg.data)  # every objective is judged on pairs
+    if obj.data == "unpaired":
+        examples = unpaired_view(examples, cfg.batch_size, cfg.seed)
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
               apply_chat_template=cfg.apply_chat_template)
     with phase("tokenize", total=len(examples) + len(heldout), quiet=cfg.quiet):
         train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
         held, held_stats = tokenize_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
+    if obj.advice and not cfg.quiet:
+        counts = {"desirable": sum(p.label is True for p in train), "undesirable": sum(p.label is False for p in train)}
+        for line in obj.advice(counts, cfg.objective_params()):
+            print(f"preftune: warning: {line}", file=sys.stderr)
     return Prepared(tokenizer, train, held, {"train": train_stats, "eval": held_stats})
 
 
@@ -201,6 +224,9 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     torch.manual_seed(cfg.seed)  # LoRA init and dropout: same seed, same adapter at step 0 for every objective
     model = add_lora(model, cfg)  # every rank seeds alike, so every rank starts from the same adapter
     fsdp = _maybe_fsdp(model, cfg, rt)
+    # reference pass and evaluation split the pairs over ranks; under FSDP every forward is a collective that
+    # needs all ranks in step, and shards of unequal batch counts would hang, so each rank scores them all
+    score_rt = runtime.Runtime() if fsdp else rt
     if fsdp and gen_judge:  # generation on rank 0 alone would wait forever for the other ranks' shards
         raise InputError("the behavioural evaluation does not run under FSDP yet: set gen_eval_prompts 0",
                          field="gen_eval_prompts")
@@ -235,7 +261,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             with phase(f"reference pass ({name})", total=len(pairs), quiet=quiet):
                 refs[name], cached[name] = reference_logps(
                     model, pairs, key=cache_key(model_fp, pairs, dtype, cfg.autocast_bf16), cache_dir=cache_dir,
-                    pad_id=pad_id, batch_size=batch_size, rt=rt, **fast)
+                    pad_id=pad_id, batch_size=batch_size, rt=score_rt, **fast)
             if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                   for p in pairs)
@@ -250,7 +276,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         metrics_path = out / "metrics.jsonl"
-        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, rt=rt, **fast)
+        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, rt=score_rt, **fast)
 
         def run_eval(step: int) -> tuple[dict, list[dict]]:
             t = time.perf_counter()
@@ -302,9 +328,10 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
                 k = len(mb)
                 ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
+                labels = None if sub[0].label is None else torch.tensor([p.label for p in sub], device=s.device)
                 lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
                                          ref_chosen=None if ref is None else ref[:, 0],
-                                         ref_rejected=None if ref is None else ref[:, 1])
+                                         ref_rejected=None if ref is None else ref[:, 1], label=labels)
                 res = objectives.compute(cfg.objective, lp, params)
                 # mean over the step's global pairs, however it is split into micro-batches and ranks: the
                 # all-reduced SUM below then is exactly the one-process gradient (FSDP averages: undo it)
@@ -317,6 +344,8 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 _all_reduce_grads(rt, [p for _, p in trainable])
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, don't clip
             grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], clip)  # global: grads agree
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
             if rt.distributed:  # metrics and the divergence check see the whole global batch, in its order
                 parts, step_tokens = _gather_parts(rt, parts, step_tokens)
             logps = torch.cat([p[0] for p in parts])
@@ -347,6 +376,9 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         # 5. Final eval, per-pair rows, weights, summary.
         final, rows = run_eval(total)
         progress.eval(final)
+        if rt.distributed:  # throughput in summary.json counts every rank's tokens
+            for k in ("train_tokens", "real_train_tokens"):
+                timing[k] = sum(rt.gather(timing[k]))
         if fsdp:  # a collective: every rank hands in its shard, rank 0 writes the full model
             _save_fsdp(out, model, tok, main)
         if not main:  # the other ranks end here with rank 0's summary, once it has written everything
@@ -379,8 +411,8 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
     evals = [r for r in rows if "eval_loss" in r]
     trains = [r for r in rows if "loss" in r]
     tail = stats.tail(trains)  # the same "last 10% of training" that review and decide read
-    train_last = {k: sum(r[k] for r in tail) / len(tail) for k in (tail[0] if tail else {})
-                  if k not in ("step", "epoch")}
+    keys = dict.fromkeys(k for r in tail for k in r if k not in ("step", "epoch"))  # a KTO row may lack a label's
+    train_last = {k: statistics.fmean(r[k] for r in tail if k in r) for k in keys}
     loop_s = timing["train_s"] + timing["reference_s"]  # reference work counts against throughput
     timing = {**timing, "total_s": time.perf_counter() - t_start,
               "pairs_per_second": timing["train_pairs"] / loop_s if loop_s else 0.0,

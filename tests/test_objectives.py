@@ -307,3 +307,81 @@ def test_simpo_and_orpo_match_trl(trl_code):
     assert torch.allclose(out.chosen_rewards, rc.double()) and torch.allclose(out.rejected_rewards, rr.double())
     assert out.extras["log_odds_chosen"].mean().item() == pytest.approx(mean_odds.item())
     assert out.extras["log_odds_ratio"].mean().item() == pytest.approx(mean_ratio.item())
+
+
+# --- KTO: unpaired rows (chosen = completion, rejected = the KL completion), against TRL's KTOTrainer -----------
+
+KTO_ROWS = [  # (completion logp, KL logp, ref completion, ref KL, label)
+    (-10.0, -12.0, -11.0, -11.5, True), (-4.0, -3.0, -4.5, -3.5, False), (-20.0, -18.0, -19.0, -19.5, True),
+    (-7.0, -9.0, -6.0, -9.5, False)]
+
+
+def kto_batch(rows=KTO_ROWS) -> O.SeqLogps:
+    c, k, rc, rk, lab = (torch.tensor(col, dtype=torch.float64) for col in zip(*rows))
+    return O.SeqLogps(c, k, torch.ones_like(c), torch.ones_like(c), rc, rk, label=lab.bool())
+
+
+def test_kto_hand_computation():
+    beta, wd, wu = 0.5, 1.0, 1.3
+    out = run("kto", kto_batch(), beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    z = max(0.0, sum(k - rk for _, k, _, rk, _ in KTO_ROWS) / 4)   # (-0.5 + 0.5 + 1.5 + 0.5) / 4 = 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [wd * (1 - sig(beta * ((c - rc) - z))) if lab else wu * (1 - sig(beta * (z - (c - rc))))
+                for c, _, rc, _, lab in KTO_ROWS]
+    close(out.loss, expected)
+    close(out.extras["kl"], [0.5] * 4)
+    assert out.chosen_rewards[1].isnan() and out.rejected_rewards[0].isnan()
+    close(out.chosen_rewards[[0, 2]], [beta * 1.0, beta * -1.0])
+    # a batch whose KL estimate is negative is clamped at 0
+    neg = [(c, k - 5, rc, rk, lab) for c, k, rc, rk, lab in KTO_ROWS]
+    close(run("kto", kto_batch(neg), beta=beta).extras["kl"], [0.0] * 4)
+
+
+def test_kto_on_heldout_pairs_ranks_like_dpo():
+    lp = batch(dtype=torch.float64)
+    out, dpo = run("kto", lp, beta=0.3), run("dpo", lp, beta=0.3)
+    close(out.chosen_rewards - out.rejected_rewards, (dpo.chosen_rewards - dpo.rejected_rewards).tolist())
+
+
+def _trl_kto(kto_trainer, rows, beta: float, wd: float, wu: float) -> tuple[float, dict]:
+    """KTOTrainer._compute_loss on one batch, with a stand-in model whose per-token log-probs sum to the rows'."""
+    n = len(rows)
+    main = torch.tensor([[c] for c, *_ in rows], dtype=torch.float64)       # (n, 1): one completion position
+    kl = torch.tensor([[k] for _, k, *_ in rows], dtype=torch.float64)
+    zeros = torch.zeros(n, 1, dtype=torch.float64)
+
+    def model(**kw):
+        logp = kl if int(kw["input_ids"][0, 0]) == 1 else main   # KL sequences are marked by token id 1
+        return SimpleNamespace(log_probs=logp, entropy=zeros, mean_logits=zeros)
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=False), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+        beta=beta, desirable_weight=wd, undesirable_weight=wu, aux_loss_enabled=False, _tp_size=1,
+        _total_train_tokens=0, _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t))
+    trainer._compute_kl_logps = lambda m, b: kto_trainer._compute_kl_logps(trainer, m, b)
+    mask = torch.tensor([[0, 1]] * n)
+    inputs = {"input_ids": torch.zeros(n, 2, dtype=torch.long), "attention_mask": torch.ones(n, 2, dtype=torch.long),
+              "completion_mask": mask, "KL_input_ids": torch.ones(n, 2, dtype=torch.long),
+              "KL_attention_mask": torch.ones(n, 2, dtype=torch.long), "KL_completion_mask": mask,
+              "label": torch.tensor([lab for *_, lab in rows]),
+              "ref_logps": torch.tensor([rc for _, _, rc, _, _ in rows], dtype=torch.float64),
+              "ref_KL_logps": torch.tensor([rk for *_, rk, _ in rows], dtype=torch.float64)}
+    loss = kto_trainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return loss.item(), {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+def test_kto_matches_trl():
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    from preftune.evaluate import summarize
+
+    beta, wd, wu = 0.3, 1.0, 1.25
+    lp = kto_batch()
+    out = run("kto", lp, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    loss, metrics = _trl_kto(KTOTrainer, KTO_ROWS, beta, wd, wu)
+    ours = summarize(torch.stack([lp.chosen, lp.rejected], 1), torch.ones(4, 2), out, out.loss)
+    assert ours["loss"] == pytest.approx(loss, rel=1e-6, abs=1e-9)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert ours[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+    assert "rewards/accuracies" not in ours  # KTO rows have one label each: TRL logs no accuracy either
