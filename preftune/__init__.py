@@ -49,11 +49,14 @@ def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: i
 
 
 def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
-    """Statistics and the verdict over a matrix folder; writes decision.json."""
-    from .decide import decide as _decide
-    from .decide import write_decision
+    """Statistics and the verdict over a matrix folder (or ``preftune iterate``'s rounds); writes decision.json."""
+    from pathlib import Path
 
-    decision = _decide(matrix_dir, **kw)
+    from .decide import decide as _decide
+    from .decide import decide_rounds, write_decision
+
+    rounds = (Path(matrix_dir) / "iterate.json").exists()
+    decision = decide_rounds(matrix_dir, **kw) if rounds else _decide(matrix_dir, **kw)
     write_decision(matrix_dir, decision)
     return decision
 
@@ -62,9 +65,11 @@ def report(matrix_dir: str) -> tuple[Any, Any]:
     """Write report.md and report.html for a matrix folder (decided if needed) or a single run folder."""
     from pathlib import Path
 
-    from .report import write_report, write_run_report
+    from .report import write_iterate_report, write_report, write_run_report
 
     folder = Path(matrix_dir)
+    if (folder / "iterate.json").exists():
+        return write_iterate_report(folder)
     return write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``preftune train | eval | ablate | review | decide | report | demo | world | generate | objectives``.
+"""Command line: ``preftune train | eval | ablate | review | decide | report | demo | world | generate | plan | export | objectives``.
 
 Bad input is one line on stderr and exit code 2; a diverged run exits 1; no tracebacks for either.
 
@@ -54,6 +54,11 @@ EVAL_SKIP = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "
              "max_train_pairs", "lr", "batch_size", "grad_accum", "max_steps", "epochs", "scheduler", "warmup_ratio",
              "weight_decay", "max_grad_norm", "seed", "eval_every", "log_every", "save_every", "resume", "report_to",
              "group_by_length", "gradient_checkpointing")
+
+
+# iterate sets these itself (its --judge and --gen-eval-prompts, each round's data and resume).
+ITERATE_SKIP = ("judge", "gen_eval_prompts", "gen_max_new_tokens", "gen_temperature", "data", "data_split",
+                "eval_fraction", "resume", "init_adapter")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -152,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _generate_arguments(g)
 
+    it = sub.add_parser("iterate", help="on-policy rounds: generate, judge, pair, train, evaluate; decide says "
+                        "whether a round helped")
+    it.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
+    from .iterate import add_arguments as _iterate_arguments
+
+    _iterate_arguments(it)
+    _add_config_flags(it, skip=ITERATE_SKIP)
+
     pl = sub.add_parser("plan", help="will it fit? memory and compute per objective x rank, from the config alone")
     from .plan import add_arguments as _plan_arguments
 
@@ -240,8 +253,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"review: {path}")
         return 0
     if cmd == "decide":
-        from .decide import decide, write_decision
+        from pathlib import Path
 
+        from .decide import decide, decide_rounds, write_decision
+
+        if (Path(args.matrix) / "iterate.json").exists():
+            decision = decide_rounds(args.matrix, alpha=args.alpha)
+            check_writable_dir(args.matrix)
+            write_decision(args.matrix, decision)
+            print(f"verdict: {decision['verdict']} (last round beats the first: {decision['last_beats_first']}; best "
+                  f"{decision['best_round']})\n{decision['summary']}")
+            for reason in decision["explanation"]:
+                print(f"  - {reason}")
+            return 0
         decision = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
         check_writable_dir(args.matrix)
         write_decision(args.matrix, decision)
@@ -257,14 +281,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "report":
         from pathlib import Path
 
-        from .report import write_report, write_run_report
+        from .report import write_iterate_report, write_report, write_run_report
 
         folder = Path(args.matrix)
         if not folder.is_dir():
             raise InputError("not a folder: give a matrix folder or a run folder" if folder.exists()
                              else "no such folder", path=str(folder))
         check_writable_dir(folder)
-        md, html = write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
+        kind = next((k for k in ("iterate.json", "matrix.json") if (folder / k).exists()), None)
+        write = {"iterate.json": write_iterate_report, "matrix.json": write_report}.get(kind, write_run_report)
+        md, html = write(folder)
         print(f"report: {html}\n        {md}")
         return 0
     if cmd == "demo":
@@ -283,6 +309,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .generate import main as generate_main
 
         return generate_main(args)
+    if cmd == "iterate":
+        from .iterate import iterate
+
+        cfg = _config_from(args, skip=ITERATE_SKIP)
+        result = iterate(cfg, prompts=args.prompts, judge=args.judge, rounds=args.rounds,
+                         num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, pair_rule=args.pair_rule, min_gap=args.min_gap,
+                         reference=args.reference, gen_eval_prompts=args.gen_eval_prompts,
+                         prompts_split=args.prompts_split)
+        for r in result["rounds"]:
+            print(f"round {r['round']}: {r['pairs']} pairs (judge {r['chosen_score']:.3g} vs {r['rejected_score']:.3g}); "
+                  f"held-out accuracy {r['eval_accuracy']:.3f}; win rate {r['win_rate']:.3f} (LC {r['lc_win_rate']:.3f}) "
+                  f"against the original reference")
+        print(f"rounds in {cfg.output}; preftune decide {cfg.output} says whether they helped")
+        return 0
     if cmd == "plan":
         from .plan import main as plan_main
 

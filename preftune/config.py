@@ -48,6 +48,7 @@ class Config:
     lora_alpha: float | None = None      # LoRA scale numerator; None = 2 * rank
     lora_dropout: float = 0.0            # dropout on the adapter input
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names to adapt, comma-separated
+    init_adapter: str | None = None      # start the LoRA from this peft adapter's weights (iterate continues a round)
     # --- data ------------------------------------------------------------------------------------
     data: str = ""                       # training pairs: JSONL / JSON / Parquet file, or anything datasets.load_dataset takes
     data_split: str = "train"            # split of `data` for a datasets source

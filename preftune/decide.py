@@ -167,8 +167,9 @@ def read_matrix(matrix_dir: Path) -> tuple[dict, list[dict]]:
     return factors, cells
 
 
-def load_cell(matrix_dir: Path, entry: dict) -> tuple[dict, Log | None]:
-    """A decision.json cell entry (statistics filled in when finished) and the cell's loaded log."""
+def load_cell(matrix_dir: Path, entry: dict, folder: Path | None = None) -> tuple[dict, Log | None]:
+    """A decision.json cell entry (statistics filled in when finished) and the cell's loaded log (the run
+    folder ``matrix/cells/<name>``, or ``folder``)."""
     values = entry.get("values") or {}
     status = entry.get("status", "finished")
     out: dict[str, Any] = {"name": entry["name"], "status": status, "error": entry.get("error"),
@@ -176,7 +177,7 @@ def load_cell(matrix_dir: Path, entry: dict) -> tuple[dict, Log | None]:
                            "seed": values.get("seed")}
     if status != "finished":
         return out, None
-    folder = matrix_dir / "cells" / entry["name"]
+    folder = folder or matrix_dir / "cells" / entry["name"]
     cfg = load_yaml(folder / "config.yaml")
     for key in ("objective", "lora_rank", "seed"):
         if out[key] is None:
@@ -211,11 +212,11 @@ def _correct(rows: list[dict], key: str) -> dict[str, float] | None:
     return {str(r["id"]): float(r[key] > 0) for r in rows}
 
 
-def _group(cells: list[tuple[dict, Log]]) -> list[Group]:
-    groups: dict[tuple[str, int], Group] = {}
+def _group(cells: list[tuple[dict, Log]], by: tuple[str, ...] = ("objective", "lora_rank")) -> list[Group]:
+    groups: dict[tuple, Group] = {}
     for cell, log in cells:
-        key = (cell["objective"], cell["lora_rank"])
-        g = groups.setdefault(key, Group(cell["name"], *key))
+        key = tuple(cell[k] for k in by)
+        g = groups.setdefault(key, Group(cell["name"], cell["objective"], cell["lora_rank"]))
         g.cells.append(cell | {"_pairs": log.pairs, "_gen": log.generations})
     for g in groups.values():
         if len(g.cells) > 1:
@@ -240,12 +241,15 @@ def _group(cells: list[tuple[dict, Log]]) -> list[Group]:
 class Stats:
     """The matrix's cells, grouped per (objective, rank), and paired comparison records between groups."""
 
-    def __init__(self, matrix_dir: Path, alpha: float, n_boot: int) -> None:
-        self.dir, self.alpha, self.n_boot = matrix_dir, alpha, n_boot
-        self.factors, entries = read_matrix(matrix_dir)
-        loaded = [load_cell(matrix_dir, e) for e in entries]
+    def __init__(self, matrix_dir: Path, alpha: float, n_boot: int, loaded: list | None = None,
+                 by: tuple[str, ...] = ("objective", "lora_rank")) -> None:
+        """The matrix's cells from matrix.json, or ``loaded`` (cell, log) pairs grouped ``by`` (iterate's rounds)."""
+        self.dir, self.alpha, self.n_boot, self.factors = matrix_dir, alpha, n_boot, {}
+        if loaded is None:
+            self.factors, entries = read_matrix(matrix_dir)
+            loaded = [load_cell(matrix_dir, e) for e in entries]
         self.cells = [c for c, _ in loaded]
-        self.groups = _group([(c, log) for c, log in loaded if log is not None])
+        self.groups = _group([(c, log) for c, log in loaded if log is not None], by)
         self.comparisons: dict[tuple[str, str, str], dict] = {}
 
     def baseline(self, given: dict | None) -> dict:
@@ -574,3 +578,68 @@ def _why_unknown(cmp: dict) -> str:
     """Why the pairs a 5-point difference needs can't be computed: the baseline is at the ceiling, or the two
     runs never disagree (no discordant pairs, zero variance of the difference)."""
     return "ceiling" if cmp["acc_b"] + MEANINGFUL > 1 else "zero_variance"
+
+
+# --- rounds of preftune iterate ----------------------------------------------------------------------------------
+
+def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10000) -> dict:
+    """Did the last round beat the first, and should iterating go on? (``preftune decide iter/``)
+
+    Rounds are compared with the same paired tests as matrix cells, on the same held-out pairs and prompts:
+    behaviour (against the original reference, shared by every round) and the yardsticks whose reference every
+    round shares (``--reference initial``: all of them; ``round``: the reference-free ones). Verdict ``continue``
+    when the last round gained significantly over the one before on one of them, and the gain is not only length;
+    else ``stop``.
+    """
+    root = Path(iter_dir)
+    try:
+        meta = json.loads((root / "iterate.json").read_text())
+    except (OSError, ValueError):
+        raise InputError("not an iterate folder (no iterate.json)", path=str(root)) from None
+    folders = sorted((p for p in root.glob("round-*") if (p / "summary.json").exists()
+                      and json.loads((p / "summary.json").read_text()).get("status") == "finished"),
+                     key=lambda p: int(p.name.split("-")[1]))
+    if not folders:
+        raise InputError("no finished round", path=str(root))
+    loaded = [load_cell(root, {"name": p.name, "values": {"round": int(p.name.split("-")[1])}}, p) for p in folders]
+    for cell, _ in loaded:
+        cell["round"] = int(cell["name"].split("-")[1])
+    st = Stats(root, alpha, n_boot, loaded, by=("round",))  # a matrix's statistics, over rounds
+    same_ref = meta["settings"]["reference"] == "initial"
+    sticks = [BEHAVIOUR] + [y.name for y in yardsticks.logprob_yardsticks() if same_ref or not y.needs_reference]
+    reasons: list[Reason] = []
+
+    def gain(a: Group, b: Group) -> tuple[list[dict], Reason]:
+        cmps = [c for c in (st.compare(a, b, y) for y in sticks) if c]
+        up = [c for c in cmps if c["diff"] > 0 and c["mcnemar_p"] < alpha]
+        down = [c for c in cmps if c["diff"] < 0 and c["mcnemar_p"] < alpha]
+        r = Reason("round_comparison", {"a": a.name, "b": b.name, "gains": [_short(c) for c in up],
+                                        "losses": [_short(c) for c in down], "compared": [c["yardstick"] for c in cmps]})
+        reasons.append(r)
+        return up, r
+
+    first, last = st.groups[0], st.groups[-1]
+    beats = False
+    basis: Reason
+    if last is first:
+        basis = Reason("single_round", {"round": last.name})
+    else:
+        up = gain(last, first)[0]
+        beats, prev = bool(up), st.groups[-2]
+        if prev is not first:
+            up = gain(last, prev)[0]
+        raw = (last.gen("win_rate"), prev.gen("win_rate"))
+        lc = (last.gen("lc_win_rate"), prev.gen("lc_win_rate"))
+        length_only = (None not in raw + lc and raw[0] - raw[1] > 0 and lc[0] - lc[1] < (raw[0] - raw[1]) / 2
+                       and all(c["yardstick"] == BEHAVIOUR for c in up))
+        if length_only:
+            reasons.append(Reason("round_length_only", {"round": last.name, "win_rate_a": raw[0], "win_rate_b": raw[1],
+                                                        "lc_win_rate_a": lc[0], "lc_win_rate_b": lc[1]}))
+        basis = Reason("round_gain" if up and not length_only else "round_no_gain",
+                       {"round": last.name, "previous": prev.name, "last_beats_first": beats, "length_only": length_only,
+                        "yardsticks": [c["yardstick"] for c in up]})
+    best = max(st.groups, key=lambda g: (g.gen("win_rate") or 0.0, g.accuracy))
+    return {"verdict": "continue" if basis.code == "round_gain" else "stop", "last_beats_first": beats,
+            "best_round": best.name, "summary": render_summary(basis), "basis": basis.to_dict(),
+            "reasons": [r.to_dict() for r in reasons], "explanation": [render(r) for r in reasons],
+            "comparisons": list(st.comparisons.values()), "rounds": st.cells}

@@ -70,6 +70,12 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
     if kind != "full" and not base:
         raise InputError("config.yaml names no base model", path=str(run / "config.yaml"), field="model")
 
+    for key in ("model", "tokenizer"):  # a relative path in config.yaml is relative to where training ran
+        name = str(cfg.get(key) or "")
+        if kind != "full" and name and not Path(name).is_absolute() and not Path(name).exists() and \
+                (name.startswith(".") or name.count("/") > 1):
+            raise InputError(f"config.yaml's {key} {name!r} is a relative path that does not exist from here; "
+                             "run export from the folder training ran in", path=str(run), field=key)
     card = model_card(run, cfg, summary, kind=kind, dtype=dtype or "float32")
     if kind == "merged":
         model, tok = _merged(cfg, adapter, dtype or "float32")
@@ -151,6 +157,8 @@ def model_card(run: Path, cfg: dict, summary: dict, *, kind: str, dtype: str) ->
                 "dtype"):
         if key in cfg:
             hyper[key] = cfg[key]
+    if hyper.get("lora_alpha") is None and rank:
+        hyper["lora_alpha"] = 2 * rank  # Config: None means 2 x rank
     if summary.get("steps") is not None:
         hyper["steps_done"] = summary["steps"]
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -278,22 +279,37 @@ def check_engine(engine: str, device: str) -> None:
 
 # --- pairs -------------------------------------------------------------------------------------------------
 
-def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0) -> tuple[list[dict], dict]:
-    """Best vs worst completion by score per prompt, SimPO's on-policy recipe.
+# (chosen index, rejected index) among one prompt's usable completions, from their scores
+PAIR_RULES: dict[str, Callable[[list[float], random.Random], tuple[int, int]]] = {
+    "max_min": lambda s, rng: (max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)),
+    "max_random": lambda s, rng: (max(range(len(s)), key=s.__getitem__), rng.randrange(len(s))),
+    "best_vs_second": lambda s, rng: tuple(sorted(range(len(s)), key=lambda i: -s[i])[:2]),  # type: ignore[dict-item]
+}
 
-    Dropped: prompts whose completions are all identical ("identical"), and prompts whose score gap is zero or
-    below ``min_gap`` ("gap"). Returns (pairs, stats).
+
+def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0, rule: str = "max_min",
+               seed: int = 0) -> tuple[list[dict], dict]:
+    """Preference pairs from scored samples: ``max_min`` (best vs worst, SimPO's on-policy recipe and the
+    default), ``max_random`` or ``best_vs_second`` (RLHFlow's rules). Returns (pairs, stats).
+
+    Dropped, and counted: prompts whose completions are all identical ("identical"), prompts with fewer than
+    two non-blank completions ("empty": an immediate EOS can't be a training completion), and prompts whose
+    picked completions tie, are the same text, or differ by less than ``min_gap`` ("gap").
     """
-    pairs, dropped = [], {"identical": 0, "gap": 0}
+    rng = random.Random(seed)
+    pairs, dropped = [], {"identical": 0, "empty": 0, "gap": 0}
     for r in rows:
-        comps, scores = r["completions"], r["scores"]
-        if len(set(comps)) <= 1:
+        if len(set(r["completions"])) <= 1:
             dropped["identical"] += 1
             continue
-        best = max(range(len(comps)), key=lambda i: scores[i])   # first of equal scores: stable
-        worst = min(range(len(comps)), key=lambda i: scores[i])
+        usable = [(c, s) for c, s in zip(r["completions"], r["scores"]) if c.strip()]
+        if len(usable) < 2:
+            dropped["empty"] += 1
+            continue
+        comps, scores = [c for c, _ in usable], [s for _, s in usable]
+        best, worst = PAIR_RULES[rule](scores, rng)  # first of equal scores: stable
         gap = scores[best] - scores[worst]
-        if gap <= 0 or gap < min_gap:
+        if gap <= 0 or gap < min_gap or comps[best] == comps[worst]:
             dropped["gap"] += 1
             continue
         chosen, rejected = comps[best], comps[worst]
@@ -302,7 +318,7 @@ def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0) -> tuple[list[dict
             rejected = [{"role": "assistant", "content": rejected}]
         pairs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
                       "chosen_score": scores[best], "rejected_score": scores[worst]})
-    stats = {"prompts": len(rows), "pairs": len(pairs), "dropped": dropped, "min_gap": min_gap}
+    stats = {"prompts": len(rows), "pairs": len(pairs), "dropped": dropped, "min_gap": min_gap, "rule": rule}
     return pairs, stats
 
 

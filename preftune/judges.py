@@ -23,6 +23,7 @@ InputError: one line, exit code 2 from the CLI.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib
 import json
 import math
@@ -289,7 +290,8 @@ class OpenAIJudge:
                 return self._ask_once(content)
             except _Fatal as e:
                 raise InputError(f"judge {self.spec}: {e}", field="judge") from None
-            except (RuntimeError, OSError, TimeoutError) as e:  # 5xx, 429, garbage, timeouts, refused connections
+            # 5xx, 429, garbage, timeouts, refused connections, torn responses: worth another try
+            except (RuntimeError, OSError, http.client.HTTPException) as e:
                 last = _one_line(e)
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2**attempt)

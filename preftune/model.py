@@ -160,9 +160,26 @@ def add_lora(model: PreTrainedModel, cfg: Config) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise in every run log
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lora)
+            wrapped = get_peft_model(model, lora)
     except ValueError as e:
         raise InputError(_first_line(e), field="lora_target_modules") from None
+    if cfg.init_adapter:
+        _load_adapter_weights(wrapped, cfg.init_adapter)
+    return wrapped
+
+
+def _load_adapter_weights(model: torch.nn.Module, folder: str) -> None:
+    """Copy a saved adapter's weights into the fresh LoRA of the same shape (``init_adapter``)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    except (OSError, RuntimeError) as e:  # missing file; a rank or target set that doesn't match
+        raise InputError(f"cannot start from this adapter: {_first_line(e)}", path=folder, field="init_adapter") from None
+    if result.unexpected_keys:
+        raise InputError(f"adapter weights this LoRA doesn't have ({result.unexpected_keys[0]}, ...): use its rank and "
+                         "target modules", path=folder, field="init_adapter")
 
 
 def is_peft(model: torch.nn.Module) -> bool:

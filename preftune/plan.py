@@ -80,6 +80,8 @@ def read_arch(model: str, *, trust_remote_code: bool = False) -> Arch:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not os.path.exists(model) and (os.path.isabs(model) or model.startswith(".") or model.count("/") > 1):
+        raise InputError("no such model folder", path=model, field="model")  # not a hub id either
     if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
         raise InputError("no config.json in the model folder", path=model, field="model")
     try:
@@ -179,10 +181,10 @@ def _layer_tensors(a: Arch, s: Setting, pairs: int, *, grad: bool) -> tuple[int,
     if s.device == "cpu" and b < 4:  # preftune's SDPA_FP32: on CPU, bf16 q/k/v are upcast and those copies saved
         saved_per_token += 3 * h * (4 - b)
     mask = pairs * s.row_len ** 2 * b  # SDPA's float copy of the bool mask, one per layer
-    # Temporaries: RMSNorm pow and x_hat (2 x 2h); each wrapped linear's base output, B output and scaled copy;
+    # Temporaries: RMSNorm pow and x_hat (2 x 2h); each LoRA-wrapped linear's base output, B output and scaled copy;
     # the q, k, o and down sums that nothing saves (4h); RoPE's q*cos, -x2, cat and *sin for q and k (7h).
-    outs = [d_out for _, _, _, d_out in wrapped]
-    temp_sizes = [h] * 4 + [o for o in outs for _ in range(3)] + [h] * 4 + [h] * 7
+    per_linear = 3 if s.lora_rank else 0  # full fine-tuning: a linear's output is the tensor itself
+    temp_sizes = [h] * 4 + [o for _, _, _, o in wrapped for _ in range(per_linear)] + [h] * 4 + [h] * 7
     if a.kv_heads != a.heads:  # k after RoPE and v before repeat_kv's copy
         temp_sizes += [a.kv_heads * a.head_dim] * 2
     if not grad:
@@ -213,8 +215,13 @@ def _lm_head(a: Arch, s: Setting, pairs: int, *, grad: bool) -> int:
     return m * a.vocab * 4 + 2 * chunk
 
 
-def estimate(a: Arch, s: Setting, *, baseline: int = 0) -> dict[str, Any]:
-    """Every term of one cell's peak, in bytes, plus relative compute per pair."""
+def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) -> dict[str, Any]:
+    """Every term of one cell's peak, in bytes, plus relative compute per pair.
+
+    ``baseline``: on the CPU, the RSS an interpreter holds after importing what training imports;
+    ``import_peak``: its peak while importing. Memory the imports freed is reused by what comes after, so the
+    process peaks at the larger of the two: the import peak, or the resident baseline plus training.
+    """
     from . import objectives
 
     needs_ref = objectives.get(s.objective).needs_reference
@@ -257,7 +264,7 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0) -> dict[str, Any]:
     ref_forward = 0
     if needs_ref and not s.reference_cached:
         ref_forward = _layer_tensors(a, s, REF_BATCH, grad=False)[1] + _lm_head(a, s, REF_BATCH, grad=False)
-    peak = baseline + weights + train_state + max(train_peak, eval_peak, ref_forward)
+    peak = max(import_peak, baseline + weights + train_state + max(train_peak, eval_peak, ref_forward))
     # Compute per pair in forwards of one row: a forward is 2 FLOPs per weight per token; backward through a
     # frozen weight computes only the input gradient (one more), a trainable weight also its own (two more).
     fwd_flops = 2 * a.matmul_params * s.row_len
@@ -267,7 +274,7 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0) -> dict[str, Any]:
         "objective": s.objective, "lora_rank": s.lora_rank, "batch_size": s.batch_size,
         "grad_accum": s.grad_accum, "dtype": s.dtype, "gradient_checkpointing": s.gradient_checkpointing,
         "row_tokens": s.row_len, "peak_bytes": int(peak),
-        "baseline_bytes": int(baseline), "frozen_weights_bytes": int(weights),
+        "baseline_bytes": int(baseline), "import_peak_bytes": int(import_peak), "frozen_weights_bytes": int(weights),
         "trainable_params": int(trainable), "trainable_state_bytes": int(train_state),
         "activations_bytes": int(activations), "lm_head_bytes": int(lm_head),
         "temporaries_bytes": int(transient), "allocator_slack_bytes": int(slack),
@@ -279,12 +286,12 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0) -> dict[str, Any]:
     }
 
 
-def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, Any]]:
+def fixes(a: Arch, s: Setting, budget: int, **base: int) -> list[dict[str, Any]]:
     """Each single change that lowers the peak, with its estimate; plus all of them together."""
     out = []
 
     def add(name: str, flags: str, new: Setting) -> None:
-        peak = estimate(a, new, baseline=baseline)["peak_bytes"]
+        peak = estimate(a, new, **base)["peak_bytes"]
         out.append({"fix": name, "flags": flags, "peak_bytes": peak, "fits": peak <= budget})
 
     if not s.gradient_checkpointing:
@@ -292,7 +299,7 @@ def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, 
     b = s.batch_size // 2
     while b >= 1:  # the largest smaller batch that fits, same pairs per step through accumulation
         new = replace(s, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
-        if estimate(a, new, baseline=baseline)["peak_bytes"] <= budget or b == 1:
+        if estimate(a, new, **base)["peak_bytes"] <= budget or b == 1:
             add("smaller batch + accumulation", f"--batch-size {b} --grad-accum {new.grad_accum}", new)
             break
         b //= 2
@@ -301,7 +308,7 @@ def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, 
     r = s.lora_rank // 2
     while r >= 1:
         new = replace(s, lora_rank=r)
-        if estimate(a, new, baseline=baseline)["peak_bytes"] <= budget or r == 1:
+        if estimate(a, new, **base)["peak_bytes"] <= budget or r == 1:
             add("lower rank", f"--lora-rank {r}", new)
             break
         r //= 2
@@ -309,7 +316,7 @@ def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, 
         # Together: checkpointing and bf16, then the largest batch (same pairs per step) that fits with them.
         both = replace(s, gradient_checkpointing=True, dtype="bfloat16")
         b = s.batch_size
-        while b > 1 and estimate(a, replace(both, batch_size=b), baseline=baseline)["peak_bytes"] > budget:
+        while b > 1 and estimate(a, replace(both, batch_size=b), **base)["peak_bytes"] > budget:
             b //= 2
         new = replace(both, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
         parts = ["checkpointing"] + (["bf16"] if s.dtype == "float32" else []) + \
@@ -321,22 +328,25 @@ def fixes(a: Arch, s: Setting, budget: int, *, baseline: int) -> list[dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ the CPU baseline
-def measure_baseline(model: str) -> int:
-    """Peak RSS of a fresh interpreter that imports what ``preftune train`` imports and builds the model class
-    on the meta device: the part of a run's RSS that does not depend on the model's size (about 340 MiB with
-    torch 2.13 + transformers 5 on Linux)."""
-    code = ("import resource, torch, peft, preftune.train, preftune.cli\n"
+def measure_baseline(model: str) -> tuple[int, int]:
+    """(resident, peak) RSS of a fresh interpreter that imports what ``preftune train`` imports and builds the
+    model class on the meta device: the part of a run's RSS that does not depend on the model's size (about
+    350 MiB with torch 2.13 + transformers 5 on Linux). Resident is read after a garbage collection."""
+    code = ("import gc, resource, torch, peft, preftune.train, preftune.cli\n"
             "from transformers import AutoConfig, AutoModelForCausalLM\n"
             f"c = AutoConfig.from_pretrained({model!r})\n"
             "with torch.device('meta'):\n    AutoModelForCausalLM.from_config(c)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "gc.collect()\n"
+            "print(int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize(),"
+            " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")  # ru_maxrss: KiB on Linux
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                              check=True).stdout
-        return int(out.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+        resident, peak = (int(x) for x in out.strip().splitlines()[-1].split())
+        return resident, peak
     except (subprocess.SubprocessError, ValueError, IndexError):
-        return 340 * MIB  # the measured value above, when the probe cannot run
+        return 350 * MIB, 350 * MIB  # the measured value above, when the probe cannot run
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -414,9 +424,12 @@ def main(args: argparse.Namespace) -> int:
         budget, budget_src = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
     else:
         raise InputError("give the GPU's memory, e.g. --gpu-memory 24GiB", field="gpu_memory")
-    baseline = 0
+    baseline = import_peak = 0
     if device == "cpu":
-        baseline = int(args.baseline_mb * MIB) if args.baseline_mb is not None else measure_baseline(args.model)
+        if args.baseline_mb is not None:
+            baseline = import_peak = int(args.baseline_mb * MIB)
+        else:
+            baseline, import_peak = measure_baseline(args.model)
     targets = tuple(t.strip() for t in args.lora_target_modules.split(",") if t.strip())
     cells = []
     for o in objs:
@@ -425,9 +438,10 @@ def main(args: argparse.Namespace) -> int:
                         prompt_len=prompt, completion_len=completion, dtype=args.dtype, device=device,
                         gradient_checkpointing=args.gradient_checkpointing, logit_chunk=args.logit_chunk,
                         lora_targets=targets, reference_cached=args.reference_cached)
-            cell = estimate(arch, s, baseline=baseline)
+            cell = estimate(arch, s, baseline=baseline, import_peak=import_peak)
             cell["fits"] = cell["peak_bytes"] <= budget
-            cell["fixes"] = [] if cell["fits"] else fixes(arch, s, budget, baseline=baseline)
+            cell["fixes"] = [] if cell["fits"] else fixes(arch, s, budget, baseline=baseline,
+                                                          import_peak=import_peak)
             cells.append(cell)
     if not any(c["trainable_params"] for c in cells if c["lora_rank"]) and any(c["lora_rank"] for c in cells):
         raise InputError("no linear layer matches --lora-target-modules", field="lora_target_modules")
@@ -445,7 +459,8 @@ def main(args: argparse.Namespace) -> int:
           + ("; gradient checkpointing" if args.gradient_checkpointing else ""))
     if device == "cpu":
         how = "given" if args.baseline_mb is not None else "measured in a fresh interpreter"
-        print(f"CPU: peak RSS of the process, incl. {_fmt(baseline)} interpreter + imports ({how})")
+        print(f"CPU: peak RSS of the process, incl. {_fmt(baseline)} interpreter + imports ({how}; "
+              f"{_fmt(import_peak)} at their peak)")
     cheapest = min(c["compute"]["forwards_per_pair"] for c in cells)
     for c in cells:
         ref = c["reference"]
@@ -469,8 +484,7 @@ def main(args: argparse.Namespace) -> int:
               f"({comp['forwards_per_pair'] / cheapest:.2f}x the cheapest cell; {comp['flops_per_pair'] / 1e9:.2f} GFLOP)")
         fitting = [f for f in c["fixes"] if f["fits"]]
         for f in c["fixes"]:
-            print(f"  fix: {f['fix']:30s} {f['flags']:40s} {_fmt(f['peak_bytes'])}"
-                  + (" fits" if f["fits"] else ""))
+            print(f"  fix: {f['fix']} ({f['flags']}): {_fmt(f['peak_bytes'])}" + (", fits" if f["fits"] else ""))
         if c["fixes"] and not fitting:
             print("  no listed fix makes it fit")
     return 0

@@ -163,6 +163,12 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     "win_with_length_shift": lambda d: f"{d['cell']} wins with answers {abs(d['len_change']):.0%} "
     f"{'longer' if d['len_change'] > 0 else 'shorter'} ({_n(d['policy_len_a'])} vs {_n(d['policy_len_b'])} tokens): "
     "check for length exploitation",
+    "round_comparison": lambda d: f"{d['a']} vs {d['b']} on the same held-out pairs and prompts ("
+    f"{', '.join(d['compared'])}): " + ("; ".join(
+        f"{'better' if c['diff'] > 0 else 'worse'} on {c['yardstick']} ({c['acc_a']:.3f} vs {c['acc_b']:.3f}, "
+        f"p={_p(c['mcnemar_p'])})" for c in d["gains"] + d["losses"]) or "no significant difference"),
+    "round_length_only": lambda d: f"{d['round']}'s behaviour gain is length: win rate {_n(d['win_rate_a'])} vs "
+    f"{_n(d['win_rate_b'])}, length-controlled {_n(d['lc_win_rate_a'])} vs {_n(d['lc_win_rate_b'])}",
     "lower_rank_equivalent": lambda d: f"rank {d['lora_rank']} is not significantly different from rank "
     f"{d['best_rank']} for {d['objective']} (accuracy {_n(d['acc_a'])} vs {_n(d['acc_b'])}, p={_p(d['mcnemar_p'])}"
     f"; training margin {_n(d['train_margin'])} vs {_n(d['best_train_margin'])}): prefer the lower rank "
@@ -207,6 +213,15 @@ def _verdict_sentence(d: dict) -> str:
     if code == "all_at_chance":
         return ("Not decisive: no objective learned a held-out preference (no cell rose above its step-0 accuracy "
                 "and none diverged); check the labels or train longer.")
+    if code in ("round_gain", "round_no_gain"):
+        first = "the last round beats the first" if d["last_beats_first"] else "the last round does not beat the first"
+        if code == "round_gain":
+            return (f"Continue iterating: {d['round']} gained significantly over {d['previous']} on "
+                    f"{', '.join(d['yardsticks'])}; {first}.")
+        why = "only length" if d["length_only"] else "no significant gain"
+        return f"Stop iterating: {d['round']} brought {why} over {d['previous']}; {first}."
+    if code == "single_round":
+        return f"Stop: only {d['round']} finished, nothing to compare it with."
     if code == "baseline_missing":
         return "Not decisive: the baseline cell did not finish."
     if code == "single_objective":

@@ -620,3 +620,34 @@ def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
                    f"<circle cx='{sx(acc):.1f}' cy='{y}' r='5' fill='{color}'/>"
                    f"<text x='{sx(1) + 14:.1f}' y='{y + 4}'>{acc:.3f} [{a:.3f}, {b:.3f}]</text>")
     return "".join(out) + "</svg>"
+
+
+def write_iterate_report(iter_dir: str | Path) -> tuple[Path, Path]:
+    """report.md and report.html for ``preftune iterate``'s folder: one row per round, and the rounds' verdict.
+
+        md, page = write_iterate_report("iter/")      # preftune report iter/
+    """
+    from .decide import decide_rounds
+
+    root = Path(iter_dir)
+    d = decide_rounds(root)
+    rounds = json.loads((root / "summary.json").read_text())["rounds"]
+    head = ["round", "pairs (dropped)", "judge: chosen / rejected", "held-out accuracy", "win rate [95% CI]",
+            "LC win rate ± 95%", "generated length policy / reference"]
+    rows = [[f"{r['round']}", f"{r['pairs']} ({sum(r['dropped'].values())})",
+             f"{_num(r['chosen_score'])} / {_num(r['rejected_score'])}", _num(r["eval_accuracy"], ".3f"),
+             _win(r), _lc(r), f"{_num(r['policy_len'])} / {_num(r['reference_len'])}"] for r in rounds]
+    md = "\n".join([f"# preftune iterate: {_md(root.name)}", "", f"**{_md(d['summary'])}**", "",
+                     "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                    + ["| " + " | ".join(_md(x) for x in row) + " |" for row in rows]
+                    + ["", "## Why", ""] + [f"- {_md(t)}" for t in d["explanation"]]) + "\n"
+    color = VERDICT_COLORS["switch" if d["verdict"] == "continue" else "not_decisive"]
+    body = (f"<h1>preftune iterate: {_e(root.name)}</h1><p class='verdict' id='verdict' style='--c:{color}'>"
+            f"{_e(d['summary'])}</p><p class='meta'>Win rates are against the original reference, on the same held-out"
+            " prompts every round, so rounds compare.</p><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
+            + "</tr>" + "".join("<tr>" + "".join(f"<td class='num'>{_e(x)}</td>" for x in row) + "</tr>" for row in rows)
+            + "</table><h2>Why</h2><ol>" + "".join(f"<li>{_e(t)}</li>" for t in d["explanation"]) + "</ol>")
+    paths = root / "report.md", root / "report.html"
+    atomic_write_text(paths[0], md)
+    atomic_write_text(paths[1], _page(f"preftune: {root.name}", body))
+    return paths

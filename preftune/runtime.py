@@ -12,6 +12,7 @@ world-size-1 runtime, whose collectives are no-ops, so train, reference and eval
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,20 @@ def init() -> Runtime:
         if cuda:  # before any CUDA work: "cuda" then means this rank's GPU, for load_model and nccl alike
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # gloo's threads must be joined before interpreter shutdown, or C++ aborts the process at exit
+        # ("terminate called without an active exception") after a run that otherwise finished
+        atexit.register(_shutdown)
     return Runtime(rank=rank, world_size=world, local_rank=local)
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()  # leave together: a peer closing its sockets mid-teardown aborts the other one
+        finally:
+            dist.destroy_process_group()
 
 
 def current() -> Runtime:

@@ -491,12 +491,15 @@ def _gather_parts(rt: runtime.Runtime, parts: list, tokens: int) -> tuple[list, 
 def _maybe_fsdp(model: torch.nn.Module, cfg: Config, rt: runtime.Runtime) -> bool:
     """Full fine-tuning over several GPUs: shard weights, grads and Adam state with torch FSDP2.
 
-    Untested here (the suite has no GPU). Each decoder layer, the decoder, the LM head and the root get their
-    own ``fully_shard``: batch_logps calls the decoder and the head directly, and FSDP2 gathers a module's
-    weights in that module's own forward hook, so each one that is called must be a unit. LoRA runs keep
-    the manual all-reduce: their trainable weights are small and the frozen ones need no sharding.
+    On CPUs full fine-tuning uses the manual all-reduce unless PREFTUNE_FSDP=1, which is how the suite (no
+    GPU) checks this path with gloo; with nccl on GPUs it is untested. Each decoder layer, the decoder, the
+    LM head and the root get their own ``fully_shard``: batch_logps calls the decoder and the head directly,
+    and FSDP2 gathers a module's weights in that module's own forward hook, so each one that is called must
+    be a unit. LoRA runs keep the manual all-reduce: their trainable weights are small and the frozen ones
+    need no sharding.
     """
-    if not (rt.distributed and cfg.lora_rank == 0 and torch.cuda.is_available()):
+    wanted = torch.cuda.is_available() or os.environ.get("PREFTUNE_FSDP") == "1"
+    if not (rt.distributed and cfg.lora_rank == 0 and wanted):
         return False
     from torch.distributed.fsdp import fully_shard
 

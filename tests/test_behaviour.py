@@ -147,3 +147,24 @@ def test_train_writes_gen_eval_and_rejects_bad_judges_early(tiny_world, tmp_path
     with pytest.raises(InputError, match="raised KeyError"):
         train(_cfg(tiny_world, tmp_path, "fails", judge="python:failing_judge_mod:j"))
     assert not (tmp_path / "fails" / "summary.json").exists()
+
+
+def test_pairwise_judge_is_asked_policy_first(tiny_world, policy, tmp_path):
+    model, tok = policy
+    asked = []
+
+    class LongerWins:
+        kind, spec = "pairwise", "test:longer"
+
+        def compare(self, prompts, a, b):
+            asked.extend(zip(prompts, a, b))
+            return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
+
+    gen = behaviour_eval(model, tok, load_prompts(str(tiny_world.eval_path)), LongerWins(), n_prompts=6,
+                         max_new_tokens=6, seed=0, out_dir=tmp_path)
+    rows = read_jsonl(tmp_path / "gen_eval.jsonl")
+    assert asked == [(r["prompt"], r["policy"], r["reference"]) for r in rows]
+    assert all(r["policy_score"] is None and r["reference_score"] is None for r in rows)
+    want = [1.0 if len(r["policy"]) > len(r["reference"]) else 0.0 if len(r["policy"]) < len(r["reference"]) else 0.5
+            for r in rows]
+    assert [r["preference"] for r in rows] == want and gen["win_rate"] == sum(want) / 6

@@ -45,6 +45,10 @@ def one_process(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
+def rows(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "eval_pairs.jsonl").read_text().splitlines()]
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     wa, wb = load_file(str(a / "adapter" / "adapter_model.safetensors")), \
         load_file(str(b / "adapter" / "adapter_model.safetensors"))
@@ -93,6 +97,24 @@ def test_torchrun_kill_9_then_resume(tiny_world, one_process, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(one_process, out)
     assert not (out / "checkpoints").exists()
+
+
+def test_torchrun_full_fine_tuning_with_fsdp_equals_one_process(tiny_world, tmp_path):
+    """--lora-rank 0 over two ranks with FSDP2 (forced on CPU by PREFTUNE_FSDP=1; on GPUs it is the default)."""
+    full = ["--lora-rank", "0", "--lr", "1e-4", "--save-every", "0", "--max-steps", "3"]
+    one = tmp_path / "one"
+    assert main(flags(tiny_world, one, 8, *full)) == 0
+    out = tmp_path / "fsdp"
+    res = torchrun(flags(tiny_world, out, 4, *full), PREFTUNE_FSDP="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:  # the full state dict gathered from the shards: the one-process weights
+        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
+    assert (out / "model" / "tokenizer.json").exists() and not (out / "adapter").exists()
+    ra, rb = rows(one), rows(out)
+    assert [r["id"] for r in ra] == [r["id"] for r in rb]
+    assert max(abs(x["margin"] - y["margin"]) for x, y in zip(ra, rb)) < 1e-5
 
 
 def test_world_size_that_does_not_divide_the_batch(tiny_world, tmp_path):

@@ -135,7 +135,8 @@ def test_make_pairs_best_vs_worst_and_drops_with_counts():
         {"prompt": [{"role": "user", "content": "q"}], "completions": ["u", "v"], "scores": [1.0, 0.0]},
     ]
     pairs, stats = make_pairs(rows, min_gap=0.1)
-    assert stats == {"prompts": 5, "pairs": 2, "dropped": {"identical": 1, "gap": 2}, "min_gap": 0.1}
+    assert stats == {"prompts": 5, "pairs": 2, "dropped": {"identical": 1, "empty": 0, "gap": 2}, "min_gap": 0.1,
+                     "rule": "max_min"}
     assert pairs[0] == {"prompt": "p1", "chosen": "b", "rejected": "c", "chosen_score": 0.9, "rejected_score": 0.1}
     assert pairs[1]["chosen"] == [{"role": "assistant", "content": "u"}]
     assert pairs[1]["rejected"] == [{"role": "assistant", "content": "v"}]
@@ -224,3 +225,28 @@ def test_cli_generate_with_an_adapter_uses_it(tiny_world, tmp_path, lm):
                  "--prompts", str(_prompts_file(tmp_path)), "--output", str(tmp_path / "x.jsonl"),
                  "--device", "cpu"]) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(monkeypatch, capsys):
+    import io
+
+    from preftune.generate import progress_printer
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    update, close = progress_printer(20)
+    for done in (1, 2, 3, 20):  # a line every 2 prompts (10% of 20) and at the end
+        update(done, 20)
+    close()
+    assert capsys.readouterr().out.splitlines() == ["[generate] 2/20 prompts", "[generate] 20/20 prompts"]
+    tty = io.StringIO()
+    tty.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr("sys.stderr", tty)
+    update, close = progress_printer(4)
+    update(4, 4)
+    close()
+    assert "4/4" in tty.getvalue() and capsys.readouterr().out == ""
+    monkeypatch.setenv("CI", "1")  # CI: plain lines even on a terminal
+    update, close = progress_printer(1)
+    update(1, 1)
+    assert capsys.readouterr().out == "[generate] 1/1 prompts\n"

@@ -64,6 +64,14 @@ def test_cell_terms_by_hand(cfg_dir, capsys):
     assert c["peak_bytes"] > c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
 
 
+def test_full_finetuning_cell(cfg_dir, capsys):
+    c = _plan(capsys, "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "0",
+              "--gpu-memory", "1GiB")["cells"][0]
+    # every weight trains: gradient + Adam m and v in fp32 beside the weights (4 x N x 4 bytes in all)
+    assert c["trainable_params"] == 24992 and c["trainable_state_bytes"] == 3 * 24992 * 4
+    assert c["compute"]["policy_forwards"] == 3.0  # backward computes weight gradients too
+
+
 def test_reference_free_objective_has_no_reference_term(cfg_dir, capsys):
     out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo,orpo", "--lora-rank", "8",
                 "--gpu-memory", "1GiB")
@@ -118,7 +126,7 @@ def test_json_shape(cfg_dir, capsys):
 def test_cpu_plan_counts_the_process_baseline(cfg_dir, capsys):
     c = _plan(capsys, "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8", "--device", "cpu",
               "--memory", "4GiB", "--baseline-mb", "300")["cells"][0]
-    assert c["baseline_bytes"] == 300 * 2**20
+    assert c["baseline_bytes"] == c["import_peak_bytes"] == 300 * 2**20
     terms = (c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
              + c["lm_head_bytes"] + c["allocator_slack_bytes"] + c["temporaries_bytes"])
     assert c["peak_bytes"] == max(terms, c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"]

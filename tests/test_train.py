@@ -75,7 +75,7 @@ def test_outputs_and_metric_names(tiny_world, tmp_path):
     model = PeftModel.from_pretrained(base, out / "adapter")
     tok = load_tokenizer(cfg)
     held, _ = tokenize_examples(load_examples(str(tiny_world.eval_path)), tok, max_length=cfg.max_length,
-                                max_prompt_length=cfg.max_prompt_length)
+                                max_prompt_length=cfg.prompt_length())
     logps, _, _ = score_pairs(model, held, pad_id=tok.pad_token_id)
     assert logps[0, 0].item() == pytest.approx(pairs[0]["chosen_logps"], abs=1e-4)
     assert not (out / "checkpoints").exists()  # nothing left to resume once finished
