@@ -41,11 +41,16 @@ def evaluate(config: Config, adapter: str | None = None) -> dict[str, Any]:
     return evaluate_model(config, adapter=adapter)
 
 
-def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: int = 1) -> dict[str, int]:
-    """Run the objective x rank matrix (default dpo,simpo x 16,8) into ``config.output``."""
-    from .ablate import DEFAULT_GRID, run_matrix
+def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: int = 1, *, backend: str = "local",
+           address: str | None = None, cpus_per_cell: float = 1, gpus_per_cell: float = 0) -> dict[str, int]:
+    """Run the objective x rank matrix (default dpo,simpo x 16,8) into ``config.output``.
 
-    return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel)
+    ``backend="ray"`` runs each cell as a Ray task (``address``: a cluster to join; default a local instance).
+    """
+    from .ablate import DEFAULT_GRID, RayOptions, run_matrix
+
+    ray = RayOptions(address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
+    return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel, backend=backend, ray=ray)
 
 
 def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:

@@ -228,8 +228,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _config_from(args)
         with phase("scoring held-out pairs (reference, then model)", quiet=cfg.quiet):  # a bar in a terminal
             metrics = evaluate_model(cfg, adapter=args.adapter)
-        print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
-              f"(refrel {metrics['eval_refrel/accuracy']:.3f}, lennorm {metrics['eval_lennorm/accuracy']:.3f})")
+        if os.environ.get("RANK", "0") == "0":  # torchrun: the ranks split the pairs, rank 0 reports
+            print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
+                  f"(refrel {metrics['eval_refrel/accuracy']:.3f}, lennorm {metrics['eval_lennorm/accuracy']:.3f})")
         return 0
     if cmd == "ablate":
         from .ablate import RayOptions, parse_grid, run_matrix

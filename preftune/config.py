@@ -114,10 +114,6 @@ class Config:
         if not self.data and self.eval_data is None:
             raise InputError("no data given (--data FILE)", field="data")
         obj = objectives.get(self.objective)  # InputError with a suggestion (imports a module:name objective)
-        if self.batch_size < obj.min_batch_size:
-            raise InputError(f"{self.batch_size}: '{obj.name}' needs micro-batches of at least {obj.min_batch_size} "
-                             f"rows (its reference point is estimated from the other rows of the batch)",
-                             field="batch_size")
         checked: dict[str, dict[str, Any]] = {}
         for key, entry in self.objectives.items():  # every entry against its objective's schema, as numbers
             obj = objectives.get(key)
@@ -151,6 +147,9 @@ class Config:
         for name, ok, rule in checks:
             if not ok:
                 raise InputError(f"invalid value {getattr(self, name)!r}: must be {rule}", field=name)
+        if self.batch_size < obj.min_batch_size:
+            raise InputError(f"{self.batch_size}: must be at least {obj.min_batch_size} for '{obj.name}' (its reference "
+                             f"point is estimated from the other rows of a micro-batch)", field="batch_size")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
             raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "

@@ -245,15 +245,21 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
     lm_head = _lm_head(a, s, s.batch_size, grad=True)
     # Temporaries: on a GPU the caching allocator reuses freed blocks, so one layer's worth is alive at most.
     # On the CPU, glibc serves every block below its 32 MiB mmap threshold from the heap and keeps freed ones
-    # resident; saved tensors allocated between the temporaries pin the holes, so reuse is partial. The heap's
-    # free bytes (mallinfo2, sampled through real runs) reach about the forward's temporaries within a few steps
-    # (0.8-1.1 GiB of 1.35 GiB after 3 steps of the 29.5M model): the term is that bound, every layer's temporaries.
+    # resident; saved tensors allocated between the temporaries pin the holes, and the smaller blocks that
+    # follow split them (malloc_info: ~2,500 free pieces of 0.4 MiB on average after 3 steps), so a later
+    # hidden-sized temporary rarely finds a hole it fits. Measured (mallinfo2, bench/bench_plan.py --probe):
+    # the free heap grows by about the hidden-sized temporaries of every layer (30 x h per token for
+    # all-linear LoRA; 0.83-1.1 GiB at the peak of 3-step runs of the 29.5M model against 0.88 GiB here).
     # With checkpointing nothing saved sits between one layer's blocks and the next's, so they are reused from
     # layer to layer: the heap keeps about one layer's whole allocation (saved + temporaries) from the forward
     # and one from the recomputation in backward (measured: 0.55 GiB free after 3 steps against 0.48 here).
     if s.device == "cpu":
-        per_layer = sum(t for t in temp_sizes if t < GLIBC_MMAP_MAX)
-        slack = 2 * (saved + per_layer) if s.gradient_checkpointing else per_layer * a.layers
+        hidden_temp = a.hidden * tokens * _act_bytes(s)
+        small = [t for t in temp_sizes if t < GLIBC_MMAP_MAX]
+        if s.gradient_checkpointing:
+            slack = 2 * (saved + sum(small))
+        else:
+            slack = a.layers * sum(t for t in small if t == hidden_temp)
         transient = max(temp_sizes)
     else:
         slack, transient = 0, temps

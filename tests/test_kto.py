@@ -80,7 +80,7 @@ def test_mixed_kinds_unpaired_to_a_paired_objective_and_batch_size_1(tmp_path, t
     assert main(["train", "--data", str(thumbs), "--objective", "kto", "--batch-size", "1", "--output",
                  str(tmp_path / "b"), *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "field 'batch_size'" in err[0] and "at least 2" in err[0]
+    assert len(err) == 1 and "field 'batch_size'" in err[0] and "at least 2 for 'kto'" in err[0]
 
 
 def test_kto_learns_from_thumbs_and_warns_on_imbalance(tmp_path, tiny_world, capsys):
