@@ -96,10 +96,16 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
 
 def _merged(cfg: dict, adapter: Path, dtype: str) -> tuple[Any, Any]:
     """Base model in fp32 + adapter, merged; then cast. Loading errors become one line."""
+    import os
+    import sys
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty() or os.environ.get("CI"):
+        hf_logging.disable_progress_bar()  # as model.load_model: a bar redrawn per shard is noise in a log
     base = str(cfg["model"])
     remote = bool(cfg.get("trust_remote_code", False))
     try:
@@ -189,7 +195,9 @@ def model_card(run: Path, cfg: dict, summary: dict, *, kind: str, dtype: str) ->
                   f" ({'this cell' if chosen else 'another cell'}).", ""]
         if decision.get("summary"):
             lines += [str(decision["summary"]), ""]
-        lines += [f"- {r}" for r in decision.get("reasons", [])]
+        # decision.json: "explanation" holds the rendered sentences ("reasons" the same as data records)
+        sentences = decision.get("explanation") or [r for r in decision.get("reasons", []) if isinstance(r, str)]
+        lines += [f"- {r}" for r in sentences]
     elif run.parent.name == "cells":
         lines += ["", "## Matrix verdict", "", f"Cell `{run.name}` of `{run.parent.parent}`; no decision.json yet "
                   "(run `preftune decide` on the matrix)."]

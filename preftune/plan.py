@@ -385,7 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=512, help="prompt + completion, per side")
-    p.add_argument("--max-prompt-length", type=int, help="default min(256, max_length / 2)")
+    p.add_argument("--max-prompt-length", type=int, help="default max_length / 2, as in train")
     p.add_argument("--prompt-length", type=int, help="prompt tokens to plan for (default: max-prompt-length)")
     p.add_argument("--completion-length", type=int,
                    help="tokens per completion (default: max-length - prompt length)")
@@ -413,7 +413,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("batch_size", "grad_accum", "max_length", "logit_chunk"):
         if getattr(args, name) < 1:
             raise InputError(f"invalid value {getattr(args, name)!r}", field=name)
-    max_prompt = args.max_prompt_length or min(256, args.max_length // 2)
+    max_prompt = args.max_prompt_length or max(1, args.max_length // 2)  # as Config.prompt_length()
     if not 1 <= max_prompt < args.max_length:
         raise InputError(f"must be in [1, max_length): {max_prompt}", field="max_prompt_length")
     prompt = args.prompt_length if args.prompt_length is not None else max_prompt

@@ -466,8 +466,8 @@ def _behaviour(log: Log) -> list[Finding]:
         out.append(Finding("length_exploitation", "warn",
                            f"win rate {_n(raw)} against the reference but length-controlled {_n(lc)}, with "
                            f"generations {abs(ratio - 1):.0%} {'longer' if ratio > 1 else 'shorter'} than the "
-                           f"reference's: the win is mostly length", {"win_rate": raw, "lc_win_rate": lc,
-                                                                     "len_ratio": ratio}))
+                           f"reference's: length, not quality, moved the win rate by {raw - lc:+.2f}",
+                           {"win_rate": raw, "lc_win_rate": lc, "len_ratio": ratio}))
     pol, ref = g["policy"], g["reference"]
     rep = pol["repeated_3gram_share"] - ref["repeated_3gram_share"]
     hit = pol["hit_max_share"] - ref["hit_max_share"]

@@ -94,7 +94,7 @@ def test_matrix_cell_card_carries_the_verdict(lora_run, tmp_path):
     cell = tmp_path / "matrix" / "cells" / "objective=simpo,lora_rank=4"
     shutil.copytree(lora_run, cell)
     decision = {"verdict": "switch", "objective": "simpo", "lora_rank": 4, "summary": "simpo ranks more pairs.",
-                "reasons": ["first reason", "second reason"]}
+                "reasons": [{"code": "x", "data": {}}], "explanation": ["first reason", "second reason"]}
     (tmp_path / "matrix" / "decision.json").write_text(json.dumps(decision))
     export(cell, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()

@@ -151,7 +151,7 @@ def test_gradients_flow(name, rows):
 
 
 def test_needs_reference_flags():
-    assert {n for n, o in O.REGISTRY.items() if o.needs_reference} == {"dpo", "cdpo", "robust", "ipo", "hinge"}
+    assert {n for n, o in O.REGISTRY.items() if o.needs_reference} == {"dpo", "cdpo", "robust", "ipo", "hinge", "kto"}
     assert {n for n, o in O.REGISTRY.items() if not o.needs_reference} == {"simpo", "orpo", "sft"}
     assert all(o.summary and o.fn.__doc__ for o in O.REGISTRY.values())
 
@@ -179,7 +179,8 @@ def test_unknown_hyperparameter_is_one_line_with_a_suggestion(name, given, close
 def test_every_objective_declares_family_and_schema():
     assert {o.family for o in O.REGISTRY.values()} <= set(O.FAMILIES)
     assert O.fallback() == "orpo" and [o.name for o in O.REGISTRY.values() if o.fallback] == ["orpo"]
-    assert {n for n, o in O.REGISTRY.items() if o.judged} == {"dpo", "cdpo", "robust", "ipo", "hinge", "simpo"}
+    assert {n for n, o in O.REGISTRY.items() if o.judged} == {"dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "kto"}
+    assert [o.name for o in O.REGISTRY.values() if o.data == "unpaired"] == ["kto"]
     for o in O.REGISTRY.values():
         for key, p in o.params.items():
             assert p.default is None or p.check(p.default), (o.name, key)
@@ -228,7 +229,7 @@ def test_unknown_objective_suggests():
     msg = str(e.value)
     assert "field 'objective'" in msg and "unknown objective 'dpx' (did you mean 'dpo'?)" in msg
     assert "choose from dpo, cdpo" in msg
-    with pytest.raises(InputError, match="simpo, orpo, sft$"):
+    with pytest.raises(InputError, match="simpo, orpo, sft, kto$"):
         O.get("zzzzzz")
 
 
