@@ -108,27 +108,29 @@ def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: st
 def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     """``preftune eval``: score a model (plus an optional peft adapter) on held-out pairs, write to cfg.output.
 
-    The reference is the base model (the adapter disabled), so both yardsticks are available.
+    The reference is the base model (the adapter disabled), so both yardsticks are available. With
+    ``gen_eval_prompts`` and a ``judge``, the adapter's generations are judged against the base model's too
+    (``metrics["gen_eval"]``, ``gen_eval.jsonl``), as at the end of a run.
     Writes ``config.yaml``, ``metrics.json`` and ``eval_pairs.jsonl``; returns the metrics.
     """
+    from .behaviour import check_gen_eval, run_gen_eval
+
     source = cfg.eval_data or cfg.data
     if not source:
         raise InputError("no held-out data given (--eval-data FILE)", field="eval_data")
     cfg.validate()
     check_writable_dir(cfg.output, field="output")
     check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
+    judge = check_gen_eval(cfg)  # a bad judge spec fails here, before anything is loaded or written
     tok = load_tokenizer(cfg)
     examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split)
     pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
                                  apply_chat_template=cfg.apply_chat_template, source=source)
     model = load_model(cfg)
     if adapter:
-        from peft import PeftModel
+        from .generate import load_adapter
 
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except Exception as e:
-            raise InputError(f"cannot load adapter: {str(e).splitlines()[0]}", path=adapter, field="adapter") from None
+        model = load_adapter(model, adapter)
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
     cache_dir = cfg.resolved_cache_dir()
     key = cache_key(fingerprint(cfg.model, cache_dir), pairs, resolve_dtype(cfg), cfg.autocast_bf16)
@@ -140,6 +142,8 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     if not rt.is_main:
         return metrics
     out = Path(cfg.output)
+    if judge is not None:  # what the adapter writes, against what the base model writes
+        metrics["gen_eval"] = run_gen_eval(cfg, model, tok, pairs, out, judge)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     atomic_write_json(out / "metrics.json", metrics)
     write_jsonl(out / "eval_pairs.jsonl", rows)

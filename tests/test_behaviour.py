@@ -168,3 +168,22 @@ def test_pairwise_judge_is_asked_policy_first(tiny_world, policy, tmp_path):
     want = [1.0 if len(r["policy"]) > len(r["reference"]) else 0.0 if len(r["policy"]) < len(r["reference"]) else 0.5
             for r in rows]
     assert [r["preference"] for r in rows] == want and gen["win_rate"] == sum(want) / 6
+
+
+def test_preftune_eval_judges_behaviour_like_the_run(tiny_world, tmp_path):
+    """`preftune eval --adapter A --judge ... --gen-eval-prompts N` gives the run's own gen_eval (greedy, same seed)."""
+    from preftune.cli import main
+    from preftune.train import train
+
+    gen = {"judge": "python:preftune.tinyworld:judge", "gen_eval_prompts": 6, "gen_max_new_tokens": 8}
+    run = train(config.build({}, dict(model=str(tiny_world.model_dir), data=str(tiny_world.train_path),
+                                      eval_data=str(tiny_world.eval_path), lr=2e-3, max_steps=3, batch_size=8,
+                                      eval_every=0, save_every=0, max_train_pairs=24, quiet=True,
+                                      output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), **gen)))
+    assert main(["eval", "--model", str(tiny_world.model_dir), "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--eval-data", str(tiny_world.eval_path), "--output", str(tmp_path / "ev"), "--cache-dir",
+                 str(tmp_path / "cache"), "--judge", gen["judge"], "--gen-eval-prompts", "6",
+                 "--gen-max-new-tokens", "8", "--quiet"]) == 0
+    got = json.loads((tmp_path / "ev" / "metrics.json").read_text())["gen_eval"]
+    assert got == run["gen_eval"]
+    assert read_jsonl(tmp_path / "ev" / "gen_eval.jsonl") == read_jsonl(tmp_path / "run" / "gen_eval.jsonl")
