@@ -170,7 +170,6 @@ def test_tokenize_without_chat_template(tok):
 
 
 def test_tokenize_matches_trl(tok, tiny_world):
-    pytest.importorskip("trl")
     from types import SimpleNamespace
 
     from datasets import Dataset

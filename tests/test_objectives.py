@@ -245,7 +245,6 @@ def test_nll_weight_adds_chosen_nll():
 
 @pytest.fixture(scope="module")
 def trl_code():
-    pytest.importorskip("trl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from trl.experimental.cpo.cpo_trainer import CPOTrainer
