@@ -448,7 +448,7 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
         data = prepared[_data_key(cfg)]
         cache_dir = cfg.resolved_cache_dir()
         fp = fingerprint(cfg.model, cache_dir)
-        for pairs, batch_size in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
+        for pairs, batch_size, ref_tokens in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
             key = cache_key(fp, pairs, resolve_dtype(cfg), cfg.autocast_bf16)
             if (key, str(cache_dir)) in done:
                 continue
@@ -457,7 +457,8 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
             if mkey not in models:
                 models = {mkey: load_model(cfg)}
             reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
-                            batch_size=batch_size, share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk,
+                            batch_size=batch_size, tokens=ref_tokens, share_prompt=cfg.share_prompt,
+                            chunk=cfg.logit_chunk,
                             autocast_bf16=cfg.autocast_bf16)
 
 

@@ -150,11 +150,13 @@ def check_gen_eval(cfg: Any) -> Any:
     return parse_judge(cfg.judge, device=cfg.resolved_device())
 
 
-def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out: str | Path, judge: Any) -> dict:
+def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out: str | Path, judge: Any,
+                 reference_model: Any = None) -> dict:
     """``behaviour_eval`` on the first ``cfg.gen_eval_prompts`` distinct prompts of the tokenized held-out pairs.
 
     Prompts go in as the ids training scored, so chat templates and truncation match the log-prob yardsticks.
-    Full fine-tuning (no adapter to disable) loads the base model again as the reference.
+    The reference is ``reference_model`` (iterate's original model), else the adapter disabled; full fine-tuning
+    (no adapter to disable) loads the base model again.
     """
     from .data import PromptRow
     from .model import is_peft, load_model
@@ -166,7 +168,7 @@ def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out
             seen.add(p.prompt)
             rows.append(PromptRow(p.id, p.prompt, p.id.rpartition(":")[0], 0))
             ids.append(p.prompt_ids)
-    reference = None if is_peft(model) else load_model(cfg)
+    reference = reference_model if reference_model is not None or is_peft(model) else load_model(cfg)
     return behaviour_eval(model, tokenizer, rows, judge, n_prompts=len(rows), max_new_tokens=cfg.gen_max_new_tokens,
                           temperature=cfg.gen_temperature, seed=cfg.seed, out_dir=out, batch_size=cfg.eval_batch_size,
                           reference_model=reference, prompt_ids=ids)

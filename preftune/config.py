@@ -94,6 +94,7 @@ class Config:
     share_prompt: bool = True            # one sequence prompt+chosen+rejected per pair, prompt processed once
     group_by_length: bool = True         # batches of similar lengths: less padding
     logit_chunk: int = 1024              # completion positions per LM-head chunk (no full-vocab log-softmax kept)
+    reference_tokens: int = 8192         # padded tokens per training-set reference forward (0 = 32 pairs each)
     autocast_bf16: bool = False          # bf16 matmuls (AMX / tensor cores) with fp32 weights, log-probs and loss
     threads: int | None = None           # torch intra-op threads; None = torch's default
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
@@ -142,7 +143,8 @@ class Config:
             ("gen_max_new_tokens", self.gen_max_new_tokens >= 1, ">= 1"),
             ("gen_temperature", self.gen_temperature >= 0, ">= 0 (0 = greedy)"),
             ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 0, ">= 0 (0 = end only)"),
-            ("logit_chunk", self.logit_chunk >= 1, ">= 1"), ("threads", opt(self.threads, lambda v: v >= 1), ">= 1"),
+            ("logit_chunk", self.logit_chunk >= 1, ">= 1"),
+            ("reference_tokens", self.reference_tokens >= 0, ">= 0"), ("threads", opt(self.threads, lambda v: v >= 1), ">= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -41,10 +41,12 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
             min_gap: float = 0.0, reference: str = "initial", gen_eval_prompts: int = 64,
             prompts_split: str = "train") -> dict:
     """Run (or finish) every round into ``base.output``; returns iter/summary.json's dict."""
-    from .behaviour import behaviour_eval
+    from .behaviour import run_gen_eval
     from .data import load_prompts
+    from .generate import load_adapter, score_rows
     from .judges import parse_judge
     from .model import load_model, load_tokenizer
+    from .train import prepare_data, train
 
     settings = {"rounds": rounds, "num_samples": num_samples, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "pair_rule": pair_rule, "min_gap": min_gap, "reference": reference,
@@ -61,14 +63,12 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
     for r in range(1, rounds + 1):
         folder = out / f"round-{r}"
         prev = out / f"round-{r - 1}" if r > 1 else None
-        start = str(_start_model(base, prev, folder, reference)) if prev and reference == "round" else base.model
+        start = str(_start_model(prev, folder)) if prev and reference == "round" else base.model
         init = str(prev / "adapter") if prev and reference == "initial" else None
         # 1. samples from the current policy, in seeded chunks appended as they finish
         samples = folder / "samples.jsonl"
         if not samples.exists():
             done = _generate(replace(base, model=start), tok, init, rows, folder, r, settings)
-            from .generate import score_rows
-
             score_rows(done, the_judge)  # a judge error is one line; the partial samples stay for the re-run
             write_jsonl(samples, done)
             (folder / "samples.partial.jsonl").unlink(missing_ok=True)
@@ -81,26 +81,17 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
             atomic_write_json(folder / "pairs.stats.json", stats)
             write_jsonl(folder / "pairs.jsonl", pairs)
         # 3. train the objective on them, continuing the previous round
-        from .train import prepare_data, train
-
         cfg = replace(base, model=start, data=str(folder / "pairs.jsonl"), output=str(folder), resume=True,
                       init_adapter=init, gen_eval_prompts=0, judge=None, eval_fraction=0.0)
         result = train(cfg)
         # 4. behaviour against the original reference, so rounds compare
         if "gen_eval" not in result:
-            from .generate import load_adapter
-
-            original = original or load_model(base)
+            if original is None:
+                original = load_model(base)
             policy = load_adapter(load_model(cfg), str(folder / "adapter"))
-            held = prepare_data(cfg, tok).eval
-            firsts = list({p.prompt: p for p in held}.values())[:gen_eval_prompts]
-            from .data import PromptRow
-
-            result["gen_eval"] = behaviour_eval(
-                policy, tok, [PromptRow(p.id, p.prompt, cfg.eval_data or "", 0) for p in firsts], the_judge,
-                n_prompts=len(firsts), max_new_tokens=max_new_tokens, temperature=0.0, seed=base.seed,
-                out_dir=folder, batch_size=base.eval_batch_size, reference_model=original,
-                prompt_ids=[p.prompt_ids for p in firsts])
+            gen = replace(cfg, gen_eval_prompts=gen_eval_prompts, gen_max_new_tokens=max_new_tokens, gen_temperature=0.0)
+            result["gen_eval"] = run_gen_eval(gen, policy, tok, prepare_data(cfg, tok).eval, folder, the_judge,
+                                              reference_model=original)
             atomic_write_json(folder / "summary.json", result)
         summary.append(_round_line(r, folder, result))
         atomic_write_json(out / "summary.json", {"settings": settings, "rounds": summary})
@@ -128,7 +119,7 @@ def _check(base: Config, s: dict) -> None:
     base.validate()  # the whole config before any round writes anything (data is the round's pairs.jsonl)
 
 
-def _start_model(base: Config, prev: Path, folder: Path, reference: str) -> Path:
+def _start_model(prev: Path, folder: Path) -> Path:
     """``--reference round``: the previous round's adapter merged into its own start, once."""
     from .export import export
 

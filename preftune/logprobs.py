@@ -263,14 +263,42 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
     return sums, counts
 
 
+def token_batches(pairs: Sequence, order: Sequence[int], tokens: int, share_prompt: bool) -> list[list[int]]:
+    """Split ``order`` (longest first) into consecutive batches of at most ``tokens`` padded tokens each.
+
+    The padded size is what ``make_batch`` allocates: rows x longest row (one row per pair when the prompt is
+    shared, two otherwise). A pair longer than the budget gets a batch of its own. Fixed-row batches leave
+    short pairs in matmuls of a few hundred rows; a token budget keeps every no-grad forward equally large.
+    Run: ``token_batches(pairs, range(len(pairs)), 8192, True)``.
+    """
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        p = pairs[i]
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        row, rows = (P + C + R, 1) if share_prompt else (P + max(C, R), 2)
+        L = max(longest, row)
+        if cur and (len(cur) + 1) * rows * L > tokens:
+            batches.append(cur)
+            cur, L = [], row
+        cur.append(i)
+        longest = L
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_size: int = 16,
                 share_prompt: bool = True, chunk: int = 1024, autocast_bf16: bool = False,
-                ) -> tuple[Tensor, Tensor, int]:
+                tokens: int | None = None) -> tuple[Tensor, Tensor, int]:
     """Policy log-probs of many pairs without gradients, batched by length to waste little padding.
 
     ``pairs`` have ``prompt_ids``, ``chosen_ids``, ``rejected_ids``. Returns (logps (N, 2), counts (N, 2),
-    padded tokens processed); column 0 is chosen, column 1 rejected, rows in the order given.
+    padded tokens processed); column 0 is chosen, column 1 rejected, rows in the order given. ``tokens``
+    sizes each batch by padded tokens instead of ``batch_size`` pairs (see ``token_batches``).
+    Run: ``score_pairs(model, pairs, pad_id=0, tokens=8192)``.
     """
     was_training = model.training
     model.eval()
@@ -281,8 +309,11 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
     order = sorted(range(n), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                                             + len(pairs[i].rejected_ids)))
     processed = 0
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+    if tokens is None:
+        batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    else:
+        batches = token_batches(pairs, order, tokens, share_prompt)
+    for idx in batches:
         sub = [pairs[i] for i in idx]
         batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
                            [p.rejected_ids for p in sub], pad_id, share_prompt)

@@ -38,8 +38,11 @@ def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16
 
 def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_dir: Path, pad_id: int,
                     batch_size: int = 32, share_prompt: bool = True, chunk: int = 1024,
-                    autocast_bf16: bool = False, rt: Runtime | None = None) -> tuple[torch.Tensor, bool]:
+                    autocast_bf16: bool = False, rt: Runtime | None = None,
+                    tokens: int | None = None) -> tuple[torch.Tensor, bool]:
     """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache.
+
+    ``tokens`` sizes the batches by padded tokens (``logprobs.token_batches``) instead of ``batch_size`` pairs.
 
     The file name adds the batch layout (shared or plain rows, batch size) to ``key``: the layouts agree to
     1e-6, but the held-out exact tie at step 0 needs the reference in evaluation's own layout, bit for bit,
@@ -52,7 +55,8 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_
     """
     rt = rt or current()
     shared = share_prompt and prefix_sharing_blocker(model) is None
-    layout = f"{'shared' if shared else 'plain'}-b{batch_size}" + (f"-w{rt.world_size}" if rt.distributed else "")
+    size = f"b{batch_size}" if tokens is None else f"t{tokens}"
+    layout = f"{'shared' if shared else 'plain'}-{size}" + (f"-w{rt.world_size}" if rt.distributed else "")
     path = Path(cache_dir) / "reference" / f"{key}.{layout}.safetensors"
     logps = None
     if path.exists():
@@ -67,7 +71,8 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_
     ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
     with ctx:
         logps, _, _ = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
-                                  share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16)  # (hi-lo, 2)
+                                  share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16,
+                                  tokens=tokens)                                                    # (hi-lo, 2)
     logps = torch.cat(rt.gather(logps))                                                                 # (N, 2)
     if not rt.is_main:
         return logps, False

@@ -155,17 +155,21 @@ class Schedule:
         return sorted({i for step in range(self.total) for i in self.batch(step)})
 
 
-def reference_requests(cfg: Config, data: Prepared, schedule: Schedule) -> dict[str, tuple[list[Pair], int]]:
-    """The reference log-prob sets a run asks for, each with the batch size it is computed in.
+def reference_requests(cfg: Config, data: Prepared,
+                       schedule: Schedule) -> dict[str, tuple[list[Pair], int, int | None]]:
+    """The reference log-prob sets a run asks for, each with its batch size in pairs and in tokens (or None).
 
     Held-out always (both yardsticks need it), in evaluation's own batch layout so that at step 0 policy and
     reference are bit-identical and every reference-relative margin is an exact tie. Training pairs only when
-    the objective needs them, and only those the schedule visits. The ablation matrix warms the cache from
-    this same list, so its keys are the ones each cell's run looks up.
+    the objective needs them, and only those the schedule visits, in batches of ``cfg.reference_tokens``
+    padded tokens: a no-grad forward's matmuls run closer to the peak with more rows, and a token budget
+    keeps short pairs from making small batches. The ablation matrix warms the cache from this same list, so
+    its keys are the ones each cell's run looks up.
     """
-    sets = {"eval": (data.eval, cfg.eval_batch_size)}
+    sets: dict[str, tuple[list[Pair], int, int | None]] = {"eval": (data.eval, cfg.eval_batch_size, None)}
     if objectives.get(cfg.objective).needs_reference:
-        sets["train"] = ([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size))
+        sets["train"] = ([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size),
+                         cfg.reference_tokens or None)
     return sets
 
 
@@ -257,11 +261,11 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
         t = time.perf_counter()
         refs, cached = {}, {"train": True, "eval": True}
-        for name, (pairs, batch_size) in reference_requests(cfg, data, schedule).items():
+        for name, (pairs, batch_size, ref_tokens) in reference_requests(cfg, data, schedule).items():
             with phase(f"reference pass ({name})", total=len(pairs), quiet=quiet):
                 refs[name], cached[name] = reference_logps(
                     model, pairs, key=cache_key(model_fp, pairs, dtype, cfg.autocast_bf16), cache_dir=cache_dir,
-                    pad_id=pad_id, batch_size=batch_size, rt=score_rt, **fast)
+                    pad_id=pad_id, batch_size=batch_size, tokens=ref_tokens, rt=score_rt, **fast)
             if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                   for p in pairs)
