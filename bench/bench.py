@@ -200,9 +200,12 @@ def derive(res: dict[str, Any], n_matmul: int, peaks: dict[str, float]) -> dict[
     timed = res["loop_s"] + res.get("ref_s", 0.0)
     flops = 4 * n_matmul * res["policy_tokens"] + 2 * n_matmul * res.get("ref_tokens", 0)
     peak = peaks["bf16" if res.get("bf16") else "fp32"]
+    # the physical limit: real (unpadded) policy tokens at 4N and reference tokens at 2N, at the matmul peak
+    real = res.get("policy_tokens_real")
+    limit = None if real is None else (4 * n_matmul * real + 2 * n_matmul * res.get("ref_tokens", 0)) / (peak * 1e9)
     return {**res, "timed_s": timed, "pairs_per_s": res["pairs"] / timed,
             "tokens_per_s": res["policy_tokens"] / timed,
-            "peak_share": flops / timed / (peak * 1e9)}
+            "peak_share": flops / timed / (peak * 1e9), "limit_share": None if limit is None else limit / timed}
 
 
 def base_spec(args: argparse.Namespace, setting: str, assets: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +235,9 @@ def case_specs(args: argparse.Namespace, setting: str, assets: dict[str, Any]) -
                     out["trl-dpo-bf16"] = ("trl_run.py", {**base, "trainer": "dpo", "bf16": True, **p})
         if not args.skip_preftune:
             out[f"preftune-{obj}"] = ("preftune_run.py", {**base, "objective": obj, **p})
-            if obj in args.bf16_rows:
+            if obj in args.compile_rows:
+                out[f"preftune-{obj}-compile"] = ("preftune_run.py", {**base, "objective": obj, "compile": True, **p})
+            if obj in args.bf16_rows and args.native_bf16:
                 out[f"preftune-{obj}-bf16"] = ("preftune_run.py", {**base, "objective": obj, "bf16": True, **p})
     return out
 
@@ -244,6 +249,8 @@ RATIOS = [  # (label, preftune case, TRL case)
     ("DPO bf16 vs preftune DPO fp32", "preftune-dpo-bf16", "preftune-dpo"),
     ("SimPO bf16 vs preftune SimPO fp32", "preftune-simpo-bf16", "preftune-simpo"),
     ("ORPO bf16 vs preftune ORPO fp32", "preftune-orpo-bf16", "preftune-orpo"),
+    ("DPO --compile vs eager (compile time included)", "preftune-dpo-compile", "preftune-dpo"),
+    ("SimPO --compile vs eager (compile time included)", "preftune-simpo-compile", "preftune-simpo"),
     ("SimPO vs CPOTrainer(loss_type=simpo)", "preftune-simpo", "trl-simpo"),
     ("ORPO vs ORPOTrainer", "preftune-orpo", "trl-orpo"),
 ]
@@ -289,20 +296,23 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-COLUMNS = ["case", "pairs/s", "tokens/s", "loop s", "ref s", "proc s", "peak RSS MB", "% matmul peak", "last loss",
-           "held-out right"]
+COLUMNS = ["case", "pairs/s", "tokens/s", "loop s", "ref s", "proc s", "peak RSS MB", "% matmul peak", "% limit",
+           "step s", "warm-up s", "last loss", "held-out right"]
 
 
 def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, r in cases.items():
         if not r.get("ok"):
-            rows.append([name, "FAILED", (r.get("error") or "")[:80], "", "", "", "", "", "", ""])
+            rows.append([name, "FAILED", (r.get("error") or "")[:80]] + [""] * (len(COLUMNS) - 3))
             continue
         share = _f(100 * r["peak_share"], "{:.1f}%") + (" bf16" if r.get("bf16") else " fp32")
         rows.append([name, _f(r["pairs_per_s"]), _f(r["tokens_per_s"], "{:.0f}"), _f(r["loop_s"], "{:.1f}"),
                      _f(r.get("ref_s") or None, "{:.1f}"), _f(r["process_wall_s"], "{:.1f}"),
-                     _f(r["peak_rss_mb"], "{:.0f}"), share, _f(r.get("last_loss"), "{:.4f}"),
+                     _f(r["peak_rss_mb"], "{:.0f}"), share,
+                     _f(None if r.get("limit_share") is None else 100 * r["limit_share"], "{:.1f}%"),
+                     _f(r.get("step_s_steady"), "{:.3f}"), _f(r.get("warmup_extra_s"), "{:.1f}"),
+                     _f(r.get("last_loss"), "{:.4f}"),
                      str(r.get("final_eval_pairs_right", ""))])
     return rows
 
@@ -329,6 +339,15 @@ def render(results: dict[str, Any], markdown: bool) -> str:
         for q in s["ratios"]:
             lines.append(f"{'- ' if markdown else '  '}{q['comparison']}: {q['speedup']:.2f}x pairs/s, "
                          f"peak RSS TRL/preftune {q['rss_ratio_trl_over_preftune']:.2f}x")
+        for name, r in s["cases"].items():  # --compile: steady-state step time apart from compile time
+            eager = s["cases"].get(name.removesuffix("-compile"), {})
+            if name.endswith("-compile") and r.get("ok") and eager.get("ok"):
+                lines.append(f"{'- ' if markdown else '  '}{name}: steady step {r['step_s_steady']:.3f} s vs eager "
+                             f"{eager['step_s_steady']:.3f} s -> {eager['step_s_steady'] / r['step_s_steady']:.2f}x; "
+                             f"compile (first steps beyond steady) {r['warmup_extra_s']:.1f} s vs eager warm-up "
+                             f"{eager['warmup_extra_s']:.1f} s")
+        if results["machine"].get("bf16_note"):
+            lines.append(f"{'- ' if markdown else '  '}bf16: {results['machine']['bf16_note']}")
         if s.get("matrix"):
             mx = s["matrix"]
             lines.append(f"{'- ' if markdown else '  '}2x2 ablate (dpo/simpo x r16/r8): preftune "
@@ -338,7 +357,9 @@ def render(results: dict[str, Any], markdown: bool) -> str:
     lines.append("pairs/s = pairs / (loop s + ref s); ref s = TRL's precompute_ref_log_probs pass or preftune's "
                  "reference_s (train + held-out reference; TRL's default DPO does its reference inside the loop). "
                  "tokens/s = policy tokens processed incl. padding. % matmul peak = (4N/policy token + 2N/reference token) / "
-                 "time / peak. proc s = whole subprocess wall (imports, load, setup).")
+                 "time / peak. % limit = the same with real (unpadded) policy tokens: the physical limit's share. "
+                 "step s = median step after 5; warm-up s = the steps' total beyond that median (compile time). "
+                 "proc s = whole subprocess wall (imports, load, setup).")
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--matrix", action="store_true", help="2x2 ablate wall time vs 4 TRL runs")
     ap.add_argument("--bf16-rows", default="dpo,simpo,orpo",
                     help="objectives with an extra preftune bf16 row (--dtype bfloat16), or none")
+    ap.add_argument("--compile-rows", default="dpo",
+                    help="objectives with an extra preftune --compile row (torch.compile, inductor), or none")
     ap.add_argument("--trl-bf16", action="store_true", help="add a TRL DPOTrainer bf16=True row")
     ap.add_argument("--trl-grad-ckpt", action="store_true",
                     help="TRL gradient_checkpointing=True (TRL's own default; off = TRL's faster setting)")
@@ -387,6 +410,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (2 if args.tiny else 30)
     args.only = [o.strip() for o in args.only.split(",") if o.strip()]
     args.bf16_rows = [] if args.bf16_rows == "none" else args.bf16_rows.split(",")
+    args.compile_rows = [] if args.compile_rows == "none" else args.compile_rows.split(",")
+    # bf16 rows only where bf16 is native (preftune refuses --dtype bfloat16 elsewhere: emulated, 100s x slower)
+    args.native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bf16_note = ("native (torch.ops.mkldnn._is_mkldnn_bf16_supported() = True)" if args.native_bf16
+                 else "not measured: no native bf16")
+    print(f"bf16: {bf16_note}", flush=True)
     bad = [o for o in args.only if o not in OBJECTIVE_PARAMS]
     if bad:
         ap.error(f"unknown objective(s) {bad}; choose from {list(OBJECTIVE_PARAMS)}")
@@ -399,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "trl": trl.__version__, "peak_gflops": peaks},
+                    "torch": torch.__version__, "trl": trl.__version__, "peak_gflops": peaks,
+                    "bf16_note": bf16_note},
         "steps": args.steps, "batch_size": BATCH, "model": assets["model"], "model_params": assets["params"],
         "matmul_weights": assets["matmul_weights"], "trl_gradient_checkpointing": args.trl_grad_ckpt,
         "settings": {}}

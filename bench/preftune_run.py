@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -42,7 +43,8 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], eval_every=0,
         eval_batch_size=16, log_every=1, save_every=0, output=str(tmp / "run"), cache_dir=str(tmp / "cache"),
         # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.model)
-        dtype="bfloat16" if spec.get("bf16") else "float32", threads=spec["threads"], quiet=True)
+        dtype="bfloat16" if spec.get("bf16") else "float32", threads=spec["threads"], quiet=True,
+        compile=bool(spec.get("compile")))
     values.update(over)
     return Config(**values).validate()
 
@@ -54,6 +56,11 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     summary = train(cfg)
     t = summary["timing"]
     steps = int(summary.get("steps") or spec["steps"])
+    # per-step wall times (log_every=1): the steady state is the median after 5 warm-up steps; what the first
+    # steps took beyond it is the warm-up (torch.compile's compilations, one per new shape, land there)
+    rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
+    step_s = [cfg.batch_size * cfg.grad_accum / r["pairs_per_second"] for r in rows if r.get("pairs_per_second")]
+    steady = statistics.median(step_s[5:] or step_s)
     # timing.processed_tokens = train_tokens (policy, padded) + reference_tokens (reference passes, train + eval)
     policy = t.get("train_tokens", t["processed_tokens"])
     ref_tokens = t.get("reference_tokens")
@@ -68,7 +75,8 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.dtype == "bfloat16",
             "final_eval_accuracy": (summary.get("final_eval") or {}).get("eval_accuracy"),
             "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
-            "reference_cached": t.get("reference_cached")}
+            "reference_cached": t.get("reference_cached"), "compile": cfg.compile, "step_s": step_s,
+            "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s)}
 
 
 # ==================================================================================================

@@ -94,9 +94,10 @@ class Config:
     share_prompt: bool = True            # one sequence prompt+chosen+rejected per pair, prompt processed once
     group_by_length: bool = True         # batches of similar lengths: less padding
     logit_chunk: int = 1024              # completion positions per LM-head chunk (no full-vocab log-softmax kept)
-    reference_tokens: int = 8192         # padded tokens per training-set reference forward (0 = 32 pairs each)
+    reference_tokens: int = 4096         # padded tokens per training-set reference forward (0 = 32 pairs each)
     autocast_bf16: bool = False          # bf16 matmuls (AMX / tensor cores) with fp32 weights, log-probs and loss
     threads: int | None = None           # torch intra-op threads; None = torch's default
+    compile: bool = False                # torch.compile the decoder for training steps (rows padded to multiples of 16)
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
 
     # ---------------------------------------------------------------------------------------------

@@ -65,15 +65,19 @@ class Batch:
 
 
 def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-               rejected: Sequence[Sequence[int]], pad_id: int, share_prompt: bool = True) -> Batch:
-    """Lay out n pairs as n shared rows (``share_prompt``) or 2n plain rows (prompt+chosen, prompt+rejected)."""
+               rejected: Sequence[Sequence[int]], pad_id: int, share_prompt: bool = True, pad_to: int = 1) -> Batch:
+    """Lay out n pairs as n shared rows (``share_prompt``) or 2n plain rows (prompt+chosen, prompt+rejected).
+
+    ``pad_to`` rounds the row length up to a multiple (``--compile``: shapes repeat, so compiled graphs are
+    reused); pad positions are masked, so the numbers do not change. Run: ``make_batch([[1]], [[2]], [[3]], 0)``.
+    """
     n = len(prompts)
     src: list[int] = []
     targets: list[int] = []
     seq: list[int] = []
     if share_prompt:
         rows = [list(p) + list(c) + list(r) for p, c, r in zip(prompts, chosen, rejected)]
-        L = max(len(x) for x in rows)
+        L = -(-max(len(x) for x in rows) // pad_to) * pad_to
         pos = torch.zeros(n, L, dtype=torch.long)
         block = torch.full((n, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
         for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
@@ -105,7 +109,7 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
 
     rows = [list(p) + list(c) for p, c in zip(prompts, chosen)] + [list(p) + list(r) for p, r in zip(prompts, rejected)]
     comps = list(chosen) + list(rejected)
-    L = max(len(x) for x in rows)
+    L = -(-max(len(x) for x in rows) // pad_to) * pad_to
     input_ids = torch.full((2 * n, L), pad_id, dtype=torch.long)
     attn = torch.zeros(2 * n, L, dtype=torch.long)
     for s, (x, c) in enumerate(zip(rows, comps)):
@@ -237,12 +241,30 @@ def _block_mask(mask: Tensor) -> object:
     return create_block_mask(lambda b, h, q, k: m[b, q, k], R, None, L, L, device=str(m.device))
 
 
+# Row lengths under --compile are rounded up to this multiple so that batches of similar pairs share a shape.
+COMPILE_BUCKET = 16
+
+
+def compiled_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(decoder, dynamic=False)``, made once per decoder and kept on it.
+
+    Stored in the instance ``__dict__``, not as a submodule: a registered child would enter ``state_dict``
+    and the saved adapter. Static shapes: inductor on CPU fuses best with them, and ``COMPILE_BUCKET``
+    keeps their number small. Run: ``compiled_decoder(model.get_decoder())``.
+    """
+    fn = decoder.__dict__.get("_preftune_compiled")
+    if fn is None:
+        fn = decoder.__dict__["_preftune_compiled"] = torch.compile(decoder, dynamic=False)
+    return fn
+
+
 def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
-                autocast_bf16: bool = False) -> tuple[Tensor, Tensor]:
+                autocast_bf16: bool = False, compile: bool = False) -> tuple[Tensor, Tensor]:
     """Summed completion log-probs and token counts of every sequence in ``batch``.
 
     ``model`` is a transformers causal LM, possibly wrapped by peft. Returns (logps (2n,), counts (2n,)),
     fp32, chosen first: ``logps[:n]`` are the chosen sequences, ``logps[n:]`` the rejected ones.
+    ``compile`` runs the decoder through ``compiled_decoder`` (equal to eager to 1e-5 in fp32).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -250,8 +272,9 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
     batch = batch.to(device)
     dtype = head.weight.dtype
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, dtype),
-                         position_ids=batch.position_ids, use_cache=False).last_hidden_state   # (R, L, H)
+        run = compiled_decoder(decoder) if compile else decoder
+        hidden = run(input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, dtype),
+                     position_ids=batch.position_ids, use_cache=False).last_hidden_state       # (R, L, H)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.src)               # (M, H)
         cfg = lm.config
         logp = token_logps(head, hidden, batch.targets, chunk,

@@ -43,8 +43,9 @@ GLIBC_MMAP_MAX = 32 * MIB
 # Adam with fp32 master weights: weight 4 + gradient 4 + exp_avg 4 + exp_avg_sq 4 bytes per trainable value.
 ADAM_BYTES = 16
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Batch sizes of the no-grad passes (train.reference_requests: max(32, eval_batch_size); Config.eval_batch_size).
-REF_BATCH = 32
+# Batch sizes of the no-grad passes: the reference over training pairs takes Config.reference_tokens padded
+# tokens per forward (train.reference_requests), held-out evaluation Config.eval_batch_size pairs.
+REF_TOKENS = 4096
 EVAL_BATCH = 16
 
 
@@ -269,7 +270,8 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
     eval_peak = _layer_tensors(a, s, EVAL_BATCH, grad=False)[1] + _lm_head(a, s, EVAL_BATCH, grad=False)
     ref_forward = 0
     if needs_ref and not s.reference_cached:
-        ref_forward = _layer_tensors(a, s, REF_BATCH, grad=False)[1] + _lm_head(a, s, REF_BATCH, grad=False)
+        ref_batch = max(1, REF_TOKENS // s.row_len)  # pairs of this length that fit the token budget
+        ref_forward = _layer_tensors(a, s, ref_batch, grad=False)[1] + _lm_head(a, s, ref_batch, grad=False)
     peak = max(import_peak, baseline + weights + train_state + max(train_peak, eval_peak, ref_forward))
     # Compute per pair in forwards of one row: a forward is 2 FLOPs per weight per token; backward through a
     # frozen weight computes only the input gradient (one more), a trainable weight also its own (two more).
@@ -472,7 +474,7 @@ def main(args: argparse.Namespace) -> int:
         ref = c["reference"]
         ref_txt = ("none (reference-free)" if not ref["needed"] else
                    f"cached on disk ({ref['cache_disk_bytes_per_pair']} B per pair)" if ref["kind"] == "cache" else
-                   f"extra no-grad forward ({_fmt(ref['forward_bytes'])} at batch {REF_BATCH}); then cached, "
+                   f"extra no-grad forward ({_fmt(ref['forward_bytes'])} at {REF_TOKENS} tokens); then cached, "
                    f"{ref['cache_disk_bytes_per_pair']} B per pair on disk")
         print(f"\n{c['objective']} r={c['lora_rank']}: peak {_fmt(c['peak_bytes'])} -> "
               + ("fits" if c["fits"] else "does NOT fit"))

@@ -56,7 +56,7 @@ from .files import (
     read_jsonl,
     write_jsonl,
 )
-from .logprobs import batch_logps, make_batch, prefix_sharing_blocker
+from .logprobs import COMPILE_BUCKET, batch_logps, make_batch, prefix_sharing_blocker
 from .model import add_lora, fingerprint, is_peft, load_model, load_tokenizer, resolve_dtype
 from .progress import Progress, phase
 from .reference import cache_key, reference_logps
@@ -328,8 +328,10 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 mb = idx[j:min(j + cfg.batch_size, hi)]
                 sub = [data.train[k] for k in mb]
                 batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
-                                   [p.rejected_ids for p in sub], pad_id, share)
-                s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)  # (2k,)
+                                   [p.rejected_ids for p in sub], pad_id, share,
+                                   pad_to=COMPILE_BUCKET if cfg.compile else 1)
+                s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16,
+                                   compile=cfg.compile)                                                  # (2k,)
                 k = len(mb)
                 ref = ref_train[mb].to(s.device) if ref_train is not None else None                      # (k, 2)
                 labels = None if sub[0].label is None else torch.tensor([p.label for p in sub], device=s.device)

@@ -19,7 +19,7 @@ from preftune.config import Config
 from preftune.data import load_examples, tokenize_examples
 from preftune.errors import TrainingDiverged
 from preftune.files import read_jsonl
-from preftune.logprobs import score_pairs
+from preftune.logprobs import make_batch, score_pairs
 from preftune.model import add_lora, load_model, load_tokenizer
 
 T = importlib.import_module("preftune.train")  # the module; `import preftune.train` names the function
@@ -231,3 +231,33 @@ def test_a_newcomers_first_command_with_only_max_length(tiny_world, tmp_path, ca
     saved = config.from_file(out / "config.yaml")
     assert summary["status"] == "finished" and summary["steps"] == 32  # one epoch of 256 pairs, 8 per step
     assert (saved.max_length, saved.max_prompt_length, saved.prompt_length()) == (256, None, 128)
+
+
+def test_reference_sized_by_tokens_equals_row_batches(tiny_world, tmp_path):
+    """Training-set reference batches sized by a token budget give the row-count layout's sums (fp32, 1e-5)."""
+    from preftune.logprobs import token_batches
+
+    cfg = cfg_for(tiny_world, tmp_path, "x", reference_tokens=600)
+    tok = load_tokenizer(cfg)
+    pairs, _ = tokenize_examples(load_examples(str(tiny_world.train_path))[:48], tok, max_length=128,
+                                 max_prompt_length=64)
+    model = load_model(cfg)
+    rows, _, _ = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=32)
+    for share in (True, False):
+        by_tokens, _, padded = score_pairs(model, pairs, pad_id=tok.pad_token_id, tokens=600, share_prompt=share)
+        assert torch.allclose(by_tokens, rows, rtol=0, atol=1e-5)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
+                                                          + len(pairs[i].rejected_ids)))
+        batches = token_batches(pairs, order, 600, share)
+        assert sorted(i for b in batches for i in b) == list(range(len(pairs))) and len(batches) > 2
+        for b in batches:  # every batch within budget (or a single pair), as make_batch pads it
+            sub = [pairs[i] for i in b]
+            shape = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
+                               [p.rejected_ids for p in sub], tok.pad_token_id, share).input_ids.shape
+            assert len(b) == 1 or shape[0] * shape[1] <= 600
+        assert padded == sum(
+            make_batch(*[[getattr(pairs[i], f) for i in b] for f in ("prompt_ids", "chosen_ids", "rejected_ids")],
+                       tok.pad_token_id, share).padded_tokens for b in batches)
+    data = T.prepare_data(cfg, tok)
+    req = T.reference_requests(cfg, data, T.Schedule(cfg, data.train))
+    assert req["eval"][1:] == (cfg.eval_batch_size, None) and req["train"][2] == 600  # held-out layout untouched
