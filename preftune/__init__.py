@@ -67,15 +67,10 @@ def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
 
 
 def report(matrix_dir: str) -> tuple[Any, Any]:
-    """Write report.md and report.html for a matrix folder (decided if needed) or a single run folder."""
-    from pathlib import Path
+    """Write report.md and report.html for a matrix folder (decided if needed), an iterate folder or a run."""
+    from .report import write_any
 
-    from .report import write_iterate_report, write_report, write_run_report
-
-    folder = Path(matrix_dir)
-    if (folder / "iterate.json").exists():
-        return write_iterate_report(folder)
-    return write_report(folder) if (folder / "matrix.json").exists() else write_run_report(folder)
+    return write_any(matrix_dir)
 
 
 def review(path: str) -> Any:

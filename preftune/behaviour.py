@@ -135,16 +135,13 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: An
 
 
 def check_gen_eval(cfg: Any) -> Any:
-    """Validate the behavioural-eval config fields and parse the judge, before a run writes anything.
+    """Parse the judge of a validated config (Config.validate checks the gen_* ranges), before a run writes
+    anything.
 
     Returns the judge, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
     """
     from .judges import parse_judge
 
-    for name, ok in (("gen_eval_prompts", cfg.gen_eval_prompts >= 0), ("gen_max_new_tokens", cfg.gen_max_new_tokens >= 1),
-                     ("gen_temperature", cfg.gen_temperature >= 0)):
-        if not ok:
-            raise InputError(f"invalid value {getattr(cfg, name)!r}", field=name)
     if cfg.gen_eval_prompts == 0 or not cfg.judge:
         return None
     return parse_judge(cfg.judge, device=cfg.resolved_device())

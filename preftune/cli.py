@@ -282,16 +282,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "report":
         from pathlib import Path
 
-        from .report import write_iterate_report, write_report, write_run_report
+        from .report import write_any
 
         folder = Path(args.matrix)
         if not folder.is_dir():
             raise InputError("not a folder: give a matrix folder or a run folder" if folder.exists()
                              else "no such folder", path=str(folder))
         check_writable_dir(folder)
-        kind = next((k for k in ("iterate.json", "matrix.json") if (folder / k).exists()), None)
-        write = {"iterate.json": write_iterate_report, "matrix.json": write_report}.get(kind, write_run_report)
-        md, html = write(folder)
+        md, html = write_any(folder)
         print(f"report: {html}\n        {md}")
         return 0
     if cmd == "demo":

@@ -87,15 +87,20 @@ def parse_jsonl(text: str, source: str, *, torn_last_line: str) -> list[tuple[in
     return rows
 
 
-def read_jsonl(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[Any]:
-    """The values of a JSONL file (see :func:`parse_jsonl` for the torn-last-line policy)."""
+def read_jsonl_lines(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[tuple[int, Any]]:
+    """(line number, value) of a JSONL file (see :func:`parse_jsonl` for the torn-last-line policy)."""
     from .errors import InputError
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read: {e}", path=str(path)) from None
-    return [row for _, row in parse_jsonl(text, str(path), torn_last_line=torn_last_line)]
+    return parse_jsonl(text, str(path), torn_last_line=torn_last_line)
+
+
+def read_jsonl(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[Any]:
+    """The values of a JSONL file."""
+    return [row for _, row in read_jsonl_lines(path, torn_last_line=torn_last_line)]
 
 
 def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> None:

@@ -651,3 +651,11 @@ def write_iterate_report(iter_dir: str | Path) -> tuple[Path, Path]:
     atomic_write_text(paths[0], md)
     atomic_write_text(paths[1], _page(f"preftune: {root.name}", body))
     return paths
+
+
+def write_any(folder: str | Path) -> tuple[Path, Path]:
+    """The report a folder calls for: an iterate folder's rounds, a matrix's verdict, or one run's findings."""
+    root = Path(folder)
+    if (root / "iterate.json").exists():
+        return write_iterate_report(root)
+    return write_report(root) if (root / "matrix.json").exists() else write_run_report(root)

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import stats
 from .errors import InputError
-from .files import atomic_write_json, parse_jsonl
+from .files import atomic_write_json, read_jsonl_lines  # default "skip": a crashed run's log may end torn
 from .yardsticks import logprob_yardsticks
 
 TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
@@ -127,9 +127,9 @@ def load(path: str | Path) -> Log:
         if (path / "metrics.jsonl").is_file():
             pairs_path = path / "eval_pairs.jsonl"
             pairs = read_pairs(pairs_path) if pairs_path.is_file() else None
-            log = _build(str(path), "run", _read_jsonl_lines(path / "metrics.jsonl"), pairs)
+            log = _build(str(path), "run", read_jsonl_lines(path / "metrics.jsonl"), pairs)
             if (path / "gen_eval.jsonl").is_file():
-                log.generations = [r for _, r in _read_jsonl_lines(path / "gen_eval.jsonl")]
+                log.generations = [r for _, r in read_jsonl_lines(path / "gen_eval.jsonl")]
                 try:
                     log.gen_eval = json.loads((path / "summary.json").read_text()).get("gen_eval")
                 except (OSError, ValueError):
@@ -156,22 +156,14 @@ def load(path: str | Path) -> Log:
                                  path=str(path))
             return _build(str(path), "trainer_state", [(i, r) for i, r in enumerate(history)], None,
                           where="log_history entry")
-    return _build(str(path), "jsonl", _read_jsonl_lines(path), None)
-
-
-def _read_jsonl_lines(path: Path) -> list[tuple[int, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read: {e}", path=str(path)) from None
-    return parse_jsonl(text, str(path), torn_last_line="skip")  # a crashed run's log may end torn
+    return _build(str(path), "jsonl", read_jsonl_lines(path), None)
 
 
 def read_pairs(path: str | Path) -> list[dict]:
     """Rows of an eval_pairs.jsonl; each needs ``id``, ``margin`` and ``correct``."""
     path = Path(path)
     rows = []
-    for i, row in _read_jsonl_lines(path):
+    for i, row in read_jsonl_lines(path):
         if not isinstance(row, dict):
             raise InputError("a line must be a JSON object", path=str(path), line=i)
         for key in ("id", "margin", "correct"):

@@ -394,10 +394,8 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             save_weights(out, model, tok)
         # behaviour: a judge failure raises before summary.json exists, so a matrix records this cell as failed
         gen_eval = run_gen_eval(cfg, model, tok, data.eval, out, gen_judge) if gen_judge else None
-        summary = _summary(cfg, out, total, "finished", data, timing, t_start, model_info)
-        if gen_eval is not None:
-            summary["gen_eval"] = gen_eval
-            atomic_write_json(out / "summary.json", summary)
+        summary = _summary(cfg, out, total, "finished", data, timing, t_start, model_info,
+                           {"gen_eval": gen_eval} if gen_eval is not None else None)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: optimizer state is dead weight
         progress.done(summary, out)
         return rt.broadcast(summary)
@@ -412,7 +410,7 @@ def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
 
 
 def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | None, timing: dict,
-             t_start: float, model_info: dict | None = None) -> dict:
+             t_start: float, model_info: dict | None = None, extra: dict | None = None) -> dict:
     rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     evals = [r for r in rows if "eval_loss" in r]
     trains = [r for r in rows if "loss" in r]
@@ -436,6 +434,7 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
                                          [len(p.rejected_ids) for p in data.eval]) if data else None,
         "timing": timing,
         "model": model_info,
+        **(extra or {}),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary
