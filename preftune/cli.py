@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         how = "re-run the same command" if args.command == "ablate" else "continue with --resume"
         print(f"preftune: interrupted; {how}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `preftune ... | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _dispatch(args: argparse.Namespace) -> int:
