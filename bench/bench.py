@@ -2,7 +2,7 @@
 its own subprocess (peak RSS per run) and prints/writes the comparison table.
 
     .venv/bin/python bench/bench.py [--steps 30] [--only dpo,simpo,orpo] [--skip-trl] [--skip-preftune]
-                                    [--long-prompt | --long-only] [--matrix] [--out bench_out] [--tiny]
+                                    [--long-prompt | --long-only] [--matrix] [--lr 5e-6] [--out bench_out] [--tiny]
 
 Development (seconds, tiny model): ``.venv/bin/python bench/bench.py --tiny --steps 2 --skip-preftune``.
 Children: bench/trl_run.py (TRL trainers) and bench/preftune_run.py (preftune.train / ablate).
@@ -180,7 +180,9 @@ def run_child(script: str, spec: dict[str, Any], run_dir: Path, threads: int) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     res_path = run_dir / "result.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
-    res.update(process_wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024, returncode=proc.returncode)
+    # a bf16 case's untimed fp32 re-scoring (preftune_run.fp32_scored) is no part of its process wall
+    res.update(process_wall_s=wall - res.get("fp32_score_s", 0.0), peak_rss_mb=usage.ru_maxrss / 1024,
+               returncode=proc.returncode)
     if proc.returncode != 0 or not res.get("ok"):
         tail = (run_dir / "log.txt").read_text().strip().splitlines()[-3:]
         res.update(ok=False, error=res.get("error") or " | ".join(tail))
@@ -213,7 +215,7 @@ def base_spec(args: argparse.Namespace, setting: str, assets: dict[str, Any]) ->
     _, _, max_len, max_prompt = SETTINGS[setting]
     n_train = args.steps * BATCH
     return {"model": assets["model"], "steps": args.steps, "batch_size": BATCH, "max_length": max_len,
-            "max_prompt_length": max_prompt, "threads": args.threads, "lr": 5e-6, "seed": 42,
+            "max_prompt_length": max_prompt, "threads": args.threads, "lr": args.lr, "seed": 42,
             "lora_rank": 8, "lora_alpha": 16, "lora_targets": LORA_TARGETS,
             "data": f"{assets['data']}/train_{setting}_{n_train}_v{DATA_VERSION}.jsonl",
             "eval_data": f"{assets['data']}/heldout_{setting}_{HELDOUT_PAIRS}_v{DATA_VERSION}.jsonl",
@@ -313,7 +315,9 @@ def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
                      _f(None if r.get("limit_share") is None else 100 * r["limit_share"], "{:.1f}%"),
                      _f(r.get("step_s_steady"), "{:.3f}"), _f(r.get("warmup_extra_s"), "{:.1f}"),
                      _f(r.get("last_loss"), "{:.4f}"),
-                     str(r.get("final_eval_pairs_right", ""))])
+                     str(r.get("final_eval_pairs_right", "")) + (
+                         f" (fp32-scored {r['final_eval_pairs_right_fp32_scored']})"
+                         if "final_eval_pairs_right_fp32_scored" in r else "")])
     return rows
 
 
@@ -322,7 +326,7 @@ def render(results: dict[str, Any], markdown: bool) -> str:
     lines = [f"preftune vs TRL -- {m['cpu']}, {m['threads']} threads, torch {m['torch']}, trl {m['trl']}; "
              f"matmul peak fp32 {m['peak_gflops']['fp32']:.1f} GFLOP/s, bf16 {m['peak_gflops']['bf16']:.1f} GFLOP/s; "
              f"model {results['model_params'] / 1e6:.1f}M params, N={results['matmul_weights'] / 1e6:.2f}M matmul "
-             f"weights; {results['steps']} steps x {BATCH} pairs", ""]
+             f"weights; {results['steps']} steps x {BATCH} pairs, lr {results.get('lr', 5e-6):g}", ""]
     for setting, s in results["settings"].items():
         rows = table_rows(s["cases"])
         lines.append(f"## {setting}: max_length {s['max_length']}" if markdown else f"[{setting}] max_length "
@@ -359,7 +363,8 @@ def render(results: dict[str, Any], markdown: bool) -> str:
                  "tokens/s = policy tokens processed incl. padding. % matmul peak = (4N/policy token + 2N/reference token) / "
                  "time / peak. % limit = the same with real (unpadded) policy tokens: the physical limit's share. "
                  "step s = median step after 5; warm-up s = the steps' total beyond that median (compile time). "
-                 "proc s = whole subprocess wall (imports, load, setup).")
+                 "proc s = whole subprocess wall (imports, load, setup). held-out right (fp32-scored N): a bf16 "
+                 "row's adapter scored again in fp32 after the run (untimed).")
     return "\n".join(lines) + "\n"
 
 
@@ -399,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--trl-bf16", action="store_true", help="add a TRL DPOTrainer bf16=True row")
     ap.add_argument("--trl-grad-ckpt", action="store_true",
                     help="TRL gradient_checkpointing=True (TRL's own default; off = TRL's faster setting)")
+    ap.add_argument("--lr", type=float, default=5e-6,
+                    help="learning rate of every case, TRL's too (5e-6: the TRL comparison's setting; typical LoRA "
+                         "DPO runs use 5e-5..5e-4, where held-out margins are large enough for bf16 to resolve)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--tiny", action="store_true", help="tiny model for development")
     ap.add_argument("--out", default="bench_out")
@@ -430,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__, "trl": trl.__version__, "peak_gflops": peaks,
                     "bf16_note": bf16_note},
-        "steps": args.steps, "batch_size": BATCH, "model": assets["model"], "model_params": assets["params"],
+        "steps": args.steps, "lr": args.lr, "batch_size": BATCH, "model": assets["model"], "model_params": assets["params"],
         "matmul_weights": assets["matmul_weights"], "trl_gradient_checkpointing": args.trl_grad_ckpt,
         "settings": {}}
     try:

@@ -91,6 +91,24 @@ def resolve_dtype(cfg: Config) -> str:
     return "bfloat16"
 
 
+def flex_backward(device: str) -> bool:
+    """Whether FlexAttention has a backward on ``device``; torch 2.13 raises NotImplementedError on CPU.
+
+    Probed (on 1x1x1x8 tensors) rather than assumed, so a torch that adds it is let through. On CPU flex
+    isn't faster anyway: see bench/bench_attention.py and bench/README.md.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 1, 8, device=device, requires_grad=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+            flex_attention(q, q, q).sum().backward()
+    except NotImplementedError:
+        return False
+    return True
+
+
 def supported_attention(model: PreTrainedModel) -> list[str]:
     """The attention implementations the model's class declares, eager first."""
     out = ["eager"]
@@ -130,6 +148,10 @@ def load_model(cfg: Config) -> PreTrainedModel:
         raise InputError(f"{type(model).__name__} does not support {want!r}; it supports "
                          f"{', '.join(supported_attention(model))} (leave it unset to pick one)",
                          path=cfg.model, field="attn_implementation")
+    if want == "flex_attention" and not flex_backward(device):
+        raise InputError(f"flex_attention cannot train on {device}: torch {torch.__version__} has no FlexAttention "
+                         "backward there; use sdpa (the default, same numbers)", path=cfg.model,
+                         field="attn_implementation")
     if want == "sdpa" and dtype == "bfloat16" and device == "cpu":
         want = SDPA_FP32  # GPU bf16 attention kernels are fast: keep them
     if want != model.config._attn_implementation:

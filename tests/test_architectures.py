@@ -301,6 +301,21 @@ def test_flex_attention_block_mask_is_the_sharing_mask():
     assert (got - want).abs().max().item() <= 1e-6
 
 
+def test_flex_attention_refused_where_it_has_no_backward(zoo, monkeypatch):
+    """torch 2.13 has no FlexAttention backward on CPU: asking for flex there is one InputError at load time,
+    not a NotImplementedError in the first training step. The probe decides, so a torch with one lets it through."""
+    from preftune import model as model_mod
+
+    assert model_mod.flex_backward("cpu") is False  # torch 2.13; when this fails, torch has added it
+    with pytest.raises(InputError) as e:
+        load_model(_cfg(zoo, "llama", attn_implementation="flex_attention"))
+    assert e.value.field == "attn_implementation"
+    assert f"flex_attention cannot train on cpu: torch {torch.__version__} has no FlexAttention backward" in str(e.value)
+    monkeypatch.setattr(model_mod, "flex_backward", lambda device: True)
+    assert load_model(_cfg(zoo, "llama", attn_implementation="flex_attention")).config._attn_implementation == \
+        "flex_attention"
+
+
 def test_layout_switch_keeps_the_step0_tie_with_a_shared_cache(zoo):
     """The reference cache is per layout: a --no-share-prompt run next to a shared one still ties exactly."""
     first = _trained(zoo, "llama")  # shared layout, same cache folder
