@@ -60,8 +60,7 @@ def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
     from .decide import decide as _decide
     from .decide import decide_rounds, write_decision
 
-    rounds = (Path(matrix_dir) / "iterate.json").exists()
-    decision = decide_rounds(matrix_dir, **kw) if rounds else _decide(matrix_dir, **kw)
+    decision = (decide_rounds if (Path(matrix_dir) / "iterate.json").exists() else _decide)(matrix_dir, **kw)
     write_decision(matrix_dir, decision)
     return decision
 

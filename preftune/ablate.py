@@ -76,18 +76,13 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise InputError("cannot be a factor of the matrix", field=key)
         if key in grid:
             raise InputError("given twice in --grid: list all its values in one KEY=V1,V2", field=key)
-        if key not in config_mod.FIELDS and is_hyperparameter(key):
-            owner = next(o for o in objectives.REGISTRY.values() if key in o.params)  # its rule checks the values
+        owner = next((o for o in objectives.REGISTRY.values() if key in o.params), None)
+        if key not in config_mod.FIELDS and owner:  # a hyperparameter factor: its objective's rule checks the values
             coerced: list[Any] = [objectives.resolve_params(owner.name, {key: v})[key] for v in values]
         else:
             coerced = [config_mod.coerce(key, v, "--grid") for v in values]
         grid[key] = list({json.dumps(v): v for v in coerced}.values())  # a repeated value would repeat a cell
     return grid or {k: list(v) for k, v in DEFAULT_GRID.items()}
-
-
-def is_hyperparameter(key: str) -> bool:
-    """Whether ``key`` is a hyperparameter of some registered objective (so a grid factor of its entry)."""
-    return any(key in o.params for o in objectives.REGISTRY.values())
 
 
 def cell_name(values: dict[str, Any]) -> str:
@@ -109,12 +104,8 @@ def cell_config(base: Config, values: dict[str, Any], out: Path) -> Config:
 
 
 def plan(base: Config, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any], Config]]:
-    out = Path(base.output)
-    cells = []
-    for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
-        cells.append((cell_name(values), values, cell_config(base, values, out)))
-    return cells
+    combos = (dict(zip(grid, combo)) for combo in itertools.product(*grid.values()))
+    return [(cell_name(values), values, cell_config(base, values, Path(base.output))) for values in combos]
 
 
 @dataclass(frozen=True)
@@ -192,11 +183,16 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     return {"finished": finished, "failed": len(status) - finished}
 
 
-def _model_key(cfg: Config) -> tuple:
-    """Cells that agree on this share one loaded base model."""
-    from .model import resolve_dtype
+def _base_model(loaded: dict, cfg: Config) -> Any:
+    """The base model ``cfg`` loads, kept in ``loaded`` for the next cells that agree on what loading depends on
+    (one model in memory at a time)."""
+    from .model import load_model, resolve_dtype
 
-    return cfg.model, resolve_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation, cfg.device
+    key = cfg.model, resolve_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation, cfg.device
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = load_model(cfg)
+    return loaded[key]
 
 
 def _data_key(cfg: Config) -> tuple:
@@ -232,7 +228,6 @@ def _load_status(cells: list) -> dict[str, dict]:
 
 
 def _run_serial(todo: list, prepared: dict, status: dict, write: Callable[[], None]) -> None:
-    from .model import load_model
     from .train import train
 
     base_models: dict[tuple, Any] = {}
@@ -240,12 +235,8 @@ def _run_serial(todo: list, prepared: dict, status: dict, write: Callable[[], No
         status[name].update(status="running", error=None)
         write()
         try:
-            shared = None
-            if cfg.lora_rank > 0:  # full fine-tuning changes the weights: it loads its own copy
-                mkey = _model_key(cfg)
-                if mkey not in base_models:
-                    base_models = {mkey: load_model(cfg)}
-                shared = base_models[mkey]
+            # full fine-tuning changes the weights: it loads its own copy
+            shared = _base_model(base_models, cfg) if cfg.lora_rank > 0 else None
             train(cfg, prepared=prepared[_data_key(cfg)], base_model=shared)
             status[name]["status"] = "finished"
         except Exception as e:  # one failing cell must not stop the matrix; KeyboardInterrupt does
@@ -320,8 +311,7 @@ def _visible_gpus() -> list[str]:
     except Exception:
         count = 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(count)]
-    ids = ids[:count]
+    ids = [g.strip() for g in visible.split(",") if g.strip()][:count] if visible else [str(i) for i in range(count)]
     return ids if len(ids) > 1 else []  # one GPU: every child shares it, as before
 
 
@@ -381,7 +371,7 @@ def _run_ray(out: Path, todo: list, prepared: dict, status: dict, write: Callabl
 
     _warm_reference_cache(todo, prepared)
     threads = max(1, int(opts.cpus_per_cell))
-    task = ray.remote(_ray_cell).options(num_cpus=opts.cpus_per_cell, num_gpus=opts.gpus_per_cell,
+    task = ray.remote(_run_cell).options(num_cpus=opts.cpus_per_cell, num_gpus=opts.gpus_per_cell,
                                          max_retries=opts.max_retries)
     cwd = os.getcwd()  # relative matrix paths resolve on the worker as they do here
     refs: dict[Any, str] = {}
@@ -407,9 +397,9 @@ def _run_ray(out: Path, todo: list, prepared: dict, status: dict, write: Callabl
             ray.cancel(ref, force=True)
 
 
-def _ray_cell(cfg_path: str, cwd: str) -> str | None:
-    """One cell inside a Ray worker: the error line, or None when it finished. In-process, so a killed
-    worker is a dead task that Ray retries, not a child's exit code."""
+def _run_cell(cfg_path: str, cwd: str) -> str | None:
+    """One cell in this process (a Ray worker, a ``--parallel`` child): the error line, or None when it
+    finished. In-process, so a killed Ray worker is a dead task that Ray retries, not a child's exit code."""
     from .train import train
 
     if os.path.isdir(cwd):
@@ -423,22 +413,19 @@ def _ray_cell(cfg_path: str, cwd: str) -> str | None:
 
 def _cell_main(path: str) -> int:
     """One cell in a child process (the parallel path): the exact config, one line on stderr if it fails."""
-    from .train import train
-
     try:
-        train(config_mod.from_file(path))
+        error = _run_cell(path, os.getcwd())
     except KeyboardInterrupt:
         print("KeyboardInterrupt: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        print(_one_line(e), file=sys.stderr)
-        return 1
-    return 0
+    if error is not None:
+        print(error, file=sys.stderr)
+    return 0 if error is None else 1
 
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
     """Every reference log-prob set the cells will need, computed here once (the base model, no adapter)."""
-    from .model import fingerprint, load_model, resolve_dtype
+    from .model import fingerprint, resolve_dtype
     from .reference import cache_key, reference_logps
     from .train import Schedule, reference_requests
 
@@ -453,13 +440,9 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
             if (key, str(cache_dir)) in done:
                 continue
             done.add((key, str(cache_dir)))
-            mkey = _model_key(cfg)
-            if mkey not in models:
-                models = {mkey: load_model(cfg)}
-            reference_logps(models[mkey], pairs, key=key, cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id,
-                            batch_size=batch_size, tokens=ref_tokens, share_prompt=cfg.share_prompt,
-                            chunk=cfg.logit_chunk,
-                            autocast_bf16=cfg.autocast_bf16)
+            reference_logps(_base_model(models, cfg), pairs, key=key, cache_dir=cache_dir,
+                            pad_id=data.tokenizer.pad_token_id, batch_size=batch_size, tokens=ref_tokens,
+                            share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
 
 
 def run_fallback(matrix_dir: str | Path) -> dict[str, int]:

@@ -10,7 +10,7 @@ Bad input is one line on stderr and exit code 2; a diverged run exits 1; no trac
 from __future__ import annotations
 
 import argparse
-import difflib
+import importlib
 import os
 import sys
 from dataclasses import MISSING
@@ -18,7 +18,7 @@ from typing import Any
 
 from . import config as config_mod
 from .config import Config
-from .errors import InputError, TrainingDiverged
+from .errors import InputError, TrainingDiverged, did_you_mean
 from .files import check_writable_dir
 
 
@@ -29,19 +29,15 @@ class _Parser(argparse.ArgumentParser):
         hint = ""
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()[0].split("=")[0]
-            close = difflib.get_close_matches(bad, self._all_flags(), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(bad, self._all_flags(), quote="")
         print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
         sys.exit(2)
 
     def _all_flags(self) -> list[str]:
-        flags = []
+        flags = [f for a in self._actions for f in a.option_strings]
         for a in self._actions:
-            flags += a.option_strings
-            choices = getattr(a, "choices", None)
-            for sub in (choices.values() if isinstance(choices, dict) else []):
-                if isinstance(sub, _Parser):
-                    flags += sub._all_flags()
+            if isinstance(a, argparse._SubParsersAction):  # every command's flags
+                flags += [f for sub in a.choices.values() for f in sub._all_flags()]
         return flags
 
 
@@ -71,13 +67,9 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
         g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
         f = config_mod.FIELDS[name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        if isinstance(default, bool):
-            g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{text} (default {default})")
-        else:
-            shown = ",".join(default) if isinstance(default, list) else default
-            g.add_argument(_flag(name), default=argparse.SUPPRESS, metavar=name.upper(),
-                           help=f"{text} (default {shown})")
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"metavar": name.upper()}
+        shown = ",".join(default) if isinstance(default, list) else default
+        g.add_argument(_flag(name), default=argparse.SUPPRESS, help=f"{text} (default {shown})", **kind)
         if name == "objective":
             for short in config_mod.SHORTHANDS:
                 g.add_argument(_flag(short), default=argparse.SUPPRESS, metavar=short.upper(),
@@ -152,28 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hidden", type=int, default=64, help="model width (the demo uses 128)")
     w.add_argument("--layers", type=int, default=2, help="decoder layers (the demo uses 4)")
 
-    g = sub.add_parser("generate", help="sample K completions per prompt; optionally judge them and write pairs")
-    from .generate import add_arguments as _generate_arguments
+    from . import export, generate, iterate, plan  # each declares its own flags
 
-    _generate_arguments(g)
-
+    generate.add_arguments(sub.add_parser("generate", help="sample K completions per prompt; optionally judge "
+                                          "them and write pairs"))
     it = sub.add_parser("iterate", help="on-policy rounds: generate, judge, pair, train, evaluate; decide says "
                         "whether a round helped")
     it.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
-    from .iterate import add_arguments as _iterate_arguments
-
-    _iterate_arguments(it)
+    iterate.add_arguments(it)
     _add_config_flags(it, skip=ITERATE_SKIP)
-
-    pl = sub.add_parser("plan", help="will it fit? memory and compute per objective x rank, from the config alone")
-    from .plan import add_arguments as _plan_arguments
-
-    _plan_arguments(pl)
-
-    ex = sub.add_parser("export", help="a run's adapter, or the model with it merged, plus a model card")
-    from .export import add_arguments as _export_arguments
-
-    _export_arguments(ex)
+    plan.add_arguments(sub.add_parser("plan", help="will it fit? memory and compute per objective x rank, from "
+                                      "the config alone"))
+    export.add_arguments(sub.add_parser("export", help="a run's adapter, or the model with it merged, plus a "
+                                        "model card"))
 
     sub.add_parser("objectives", help="list objectives, their hyperparameters and defaults")
     return p
@@ -250,7 +233,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         rev = review(args.run)
         if args.output:
             check_writable_dir(args.output, field="output")
-        path = write_review(rev, args.output) if args.output else write_review(rev, None)
+        path = write_review(rev, args.output or None)
         for f in rev.findings:
             print(f"[{f.severity}] {f.sentence}")
         if path:
@@ -261,20 +244,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .decide import decide, decide_rounds, write_decision
 
-        if (Path(args.matrix) / "iterate.json").exists():
-            decision = decide_rounds(args.matrix, alpha=args.alpha)
-            check_writable_dir(args.matrix)
-            write_decision(args.matrix, decision)
-            print(f"verdict: {decision['verdict']} (last round beats the first: {decision['last_beats_first']}; best "
-                  f"{decision['best_round']})\n{decision['summary']}")
-            for reason in decision["explanation"]:
-                print(f"  - {reason}")
-            return 0
-        decision = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
+        rounds = (Path(args.matrix) / "iterate.json").exists()
+        decision = decide_rounds(args.matrix, alpha=args.alpha) if rounds else \
+            decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
         check_writable_dir(args.matrix)
         write_decision(args.matrix, decision)
-        print(f"verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
-        print(decision.get("summary", ""))
+        print(f"verdict: {decision['verdict']} " + (f"(last round beats the first: {decision['last_beats_first']}; "
+              f"best {decision['best_round']})" if rounds else f"-> {decision['objective']} r={decision['lora_rank']}"))
+        print(decision["summary"])
         for reason in decision["explanation"]:
             print(f"  - {reason}")
         if args.fallback and decision["verdict"] == "fallback_orpo":
@@ -307,10 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                         hidden=args.hidden, layers=args.layers)
         print(f"model: {w.model_dir}\ntrain: {w.train_path}\nheld-out: {w.eval_path}")
         return 0
-    if cmd == "generate":
-        from .generate import main as generate_main
-
-        return generate_main(args)
+    if cmd in ("generate", "plan", "export"):  # each module runs its own command
+        return importlib.import_module(f".{cmd}", __package__).main(args)
     if cmd == "iterate":
         from .iterate import iterate
 
@@ -326,15 +301,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"against the original reference")
         print(f"rounds in {cfg.output}; preftune decide {cfg.output} says whether they helped")
         return 0
-    if cmd == "plan":
-        from .plan import main as plan_main
-
-        return plan_main(args)
-    if cmd == "export":
-        from .export import main as export_main
-
-        return export_main(args)
     if cmd == "objectives":
+
         from .objectives import REGISTRY
 
         for o in REGISTRY.values():

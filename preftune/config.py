@@ -20,7 +20,6 @@ line (``--beta`` beats both).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import os
 import re
@@ -31,7 +30,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, did_you_mean
 
 
 @dataclass
@@ -118,9 +117,8 @@ class Config:
         obj = objectives.get(self.objective)  # InputError with a suggestion (imports a module:name objective)
         checked: dict[str, dict[str, Any]] = {}
         for key, entry in self.objectives.items():  # every entry against its objective's schema, as numbers
-            obj = objectives.get(key)
-            resolved = objectives.resolve_params(obj.name, entry)
-            checked[obj.spec] = {k: resolved[k] for k in entry if k in resolved}
+            resolved = objectives.resolve_params(key, entry)
+            checked[objectives.get(key).spec] = {k: resolved[k] for k in entry if k in resolved}
         self.objectives = checked
         _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
         _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
@@ -200,9 +198,12 @@ def field_docs() -> dict[str, tuple[str, str]]:
         if f and f.group(1) in FIELDS:
             docs[f.group(1)] = (group, (f.group(2) or "").strip())
     return docs
+
+
 # Flags and top-level YAML keys that set a hyperparameter of the objective being run.
 SHORTHANDS = ("beta", "gamma", "gamma_beta_ratio", "label_smoothing")
 _HINTS = get_type_hints(Config)
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -210,15 +211,10 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise InputError(f"{value!r} is not one of {', '.join(allowed)}", field=name)
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELDS), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def coerce(key: str, value: Any, source: str = "config") -> Any:
     """Convert a YAML or command-line value to the field's type; InputError naming the key if it can't."""
     if key not in FIELDS:
-        raise InputError(f"unknown key{_suggest(key)}", path=source, field=key)
+        raise InputError(f"unknown key{did_you_mean(key, list(FIELDS))}", path=source, field=key)
     hint = _HINTS[key]
     types = list(get_args(hint)) if get_origin(hint) in (Union, UnionType) else [hint]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types):
@@ -229,13 +225,7 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     origin = get_origin(base)
     try:
         if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -262,7 +252,7 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
                     raise InputError("must map an objective name to {key: value}", path=source, field=f"{key}.{name}")
             # values are checked against each objective's schema in validate() (objectives.resolve_params)
             return {str(name): {str(k): v for k, v in over.items()} for name, over in value.items()}
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
         raise InputError(f"{value!r} is not a valid {getattr(base, '__name__', base)}", path=source,
                          field=key) from None
     return value
@@ -293,16 +283,15 @@ def build(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] |
     from . import objectives
 
     yaml_values, overrides = dict(yaml_values or {}), dict(overrides or {})
-    short_yaml = {k: yaml_values.pop(k) for k in SHORTHANDS if k in yaml_values}
+    # the saved config.yaml of older versions has `beta: null` etc. at the top level: None is no value
+    short_yaml = {k: v for k in SHORTHANDS if (v := yaml_values.pop(k, None)) is not None}
     short_cli = {k: overrides.pop(k) for k in SHORTHANDS if k in overrides}
     values = {k: coerce(k, v, source) for k, v in yaml_values.items()}
     values.update({k: coerce(k, v, "command line") for k, v in overrides.items()})
-    given = {**{k: v for k, v in short_yaml.items() if v is not None}, **short_cli}
-    if given:  # the saved config.yaml of older versions has `beta: null` etc. at the top level
+    if short_yaml or short_cli:
         name = objectives.get(values.get("objective", Config.objective)).spec
-        entry = {k: v for k, v in values.get("objectives", {}).items()}
-        merged = {**{k: v for k, v in short_yaml.items() if v is not None}, **entry.get(name, {}), **short_cli}
-        values["objectives"] = {**entry, name: merged}
+        entry = dict(values.get("objectives", {}))
+        values["objectives"] = {**entry, name: {**short_yaml, **entry.get(name, {}), **short_cli}}
     return Config(**values)
 
 

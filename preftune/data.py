@@ -75,22 +75,23 @@ class DataStats:
 
 def load_examples(source: str, split: str = "train") -> list[Example]:
     """Read and validate every row of a ``.jsonl``, ``.json`` or ``.parquet`` file, or a ``datasets`` source."""
-    path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        name, rows = path.name, _read_file(path, source, split)
-    else:
-        name, rows = source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
-    examples, lines = [], []
-    for line, row in rows:
-        examples.append(_example(row, f"{name}:{line}", source, line))
-        lines.append(line)
+    name, rows = _read(source, split)
+    examples = [(line, _example(row, f"{name}:{line}", source, line)) for line, row in rows]
     if not examples:
         raise InputError("no rows", path=source)
-    odd = next((i for i, ex in enumerate(examples) if (ex.label is None) != (examples[0].label is None)), None)
+    odd = next((line for line, ex in examples if (ex.label is None) != (examples[0][1].label is None)), None)
     if odd is not None:
         raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per file",
-                         path=source, line=lines[odd])
-    return examples
+                         path=source, line=odd)
+    return [ex for _, ex in examples]
+
+
+def _read(source: str, split: str) -> tuple[str, Iterable[tuple[int, Any]]]:
+    """(the name row ids start with, rows) of a data file or a ``datasets`` source."""
+    path = Path(source)
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        return path.name, _read_file(path, source, split)
+    return source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
 
 
 def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
@@ -115,7 +116,7 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
         raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
                          f"(byte {column} of the line)", path=source, line=line) from None
     if path.suffix.lower() == ".jsonl":
-        return parse_jsonl(text, source, torn_last_line="error")
+        return parse_jsonl(text, source, skip_torn=False)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -339,18 +340,19 @@ def _encode_chat(ex: Example, tok: Any, wrapped: bool, source: str) -> tuple[lis
     if not getattr(tok, "chat_template", None):
         raise InputError("the tokenizer has no chat template, which conversational data needs",
                          path=source or None, field="apply_chat_template" if wrapped else None)
+    name, _, line = ex.id.rpartition(":")
+    where = (source or name, int(line) if line.isdigit() else None)
+    return (_chat_ids(tok, prompt, True, *where), _chat_ids(tok, prompt + chosen, False, *where),
+            _chat_ids(tok, prompt + rejected, False, *where))
 
-    def enc(messages: list, generation_prompt: bool = False) -> list[int]:
-        try:
-            ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                          add_generation_prompt=generation_prompt)["input_ids"]
-        except Exception as e:  # jinja errors from the template itself, e.g. "roles must alternate"
-            name, _, line = ex.id.rpartition(":")
-            raise InputError(f"chat template failed: {_one_line(e)}", path=source or name,
-                             line=int(line) if line.isdigit() else None) from None
-        return list(ids)
 
-    return enc(prompt, True), enc(prompt + chosen), enc(prompt + rejected)
+def _chat_ids(tok: Any, messages: list, generation_prompt: bool, path: str, line: int | None) -> list[int]:
+    try:
+        ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                      add_generation_prompt=generation_prompt)["input_ids"]
+    except Exception as e:  # jinja errors from the template itself, e.g. "roles must alternate"
+        raise InputError(f"chat template failed: {_one_line(e)}", path=path, line=line) from None
+    return list(ids)
 
 
 @dataclass(frozen=True)
@@ -362,9 +364,6 @@ class PromptRow:
     source: str        # the file or dataset given
     line: int          # JSONL line (1-based) or row (0-based)
 
-    def text(self) -> str:
-        return _text(self.prompt)
-
 
 def load_prompts(source: str, split: str = "train") -> list[PromptRow]:
     """Prompts of any data file preftune reads: rows with a ``prompt`` (string or messages), or pairs.
@@ -373,11 +372,7 @@ def load_prompts(source: str, split: str = "train") -> list[PromptRow]:
 
         rows = load_prompts("heldout.jsonl")          # InputError "<file>:<line>: field 'prompt': missing"
     """
-    path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-        name, rows = path.name, _read_file(path, source, split)
-    else:
-        name, rows = source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
+    name, rows = _read(source, split)
     out = []
     for line, row in rows:
         if not isinstance(row, dict):
@@ -400,31 +395,19 @@ def encode_prompts(rows: Sequence[PromptRow], tokenizer: Any, *, apply_chat_temp
     message lists (or wrapped strings) through the chat template with ``add_generation_prompt=True``."""
     out: list[list[int]] = []
     for r in rows:
-        prompt = r.prompt
-        if isinstance(prompt, str) and not apply_chat_template:
-            out.append(list(tokenizer(text=prompt)["input_ids"]))
+        if isinstance(r.prompt, str) and not apply_chat_template:
+            out.append(list(tokenizer(text=r.prompt)["input_ids"]))
             continue
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
         if not getattr(tokenizer, "chat_template", None):
             raise InputError("the tokenizer has no chat template, which conversational prompts need",
                              path=r.source, line=r.line)
-        try:
-            ids = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True,
-                                                add_generation_prompt=True)["input_ids"]
-        except Exception as e:  # jinja errors from the template itself
-            raise InputError(f"chat template failed: {_one_line(e)}", path=r.source, line=r.line) from None
-        out.append(list(ids))
+        prompt = [{"role": "user", "content": r.prompt}] if isinstance(r.prompt, str) else r.prompt
+        out.append(_chat_ids(tokenizer, prompt, True, r.source, r.line))
     return out
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # --- split, batches, length bias ---------------------------------------------------------------------------

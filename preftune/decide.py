@@ -179,9 +179,7 @@ def load_cell(matrix_dir: Path, entry: dict, folder: Path | None = None) -> tupl
         return out, None
     folder = folder or matrix_dir / "cells" / entry["name"]
     cfg = load_yaml(folder / "config.yaml")
-    for key in ("objective", "lora_rank", "seed"):
-        if out[key] is None:
-            out[key] = cfg.get(key)
+    out.update({k: cfg.get(k) for k in ("objective", "lora_rank", "seed") if out[k] is None})
     if not isinstance(out["objective"], str) or not isinstance(out["lora_rank"], int):
         raise InputError("needs 'objective' (text) and 'lora_rank' (integer)", path=str(folder / "config.yaml"))
     log = load(folder)
@@ -196,8 +194,7 @@ def load_cell(matrix_dir: Path, entry: dict, folder: Path | None = None) -> tupl
                margin_gap=gap[2] if gap else None, train_margin=gap[0] if gap else None,
                margin_std=statistics.stdev(margins) if len(margins) > 1 else None,
                unstable=rev.unstable, findings=[f.to_dict() for f in rev.findings])
-    if log.gen_eval:  # what the cell's policy writes, against the shared reference generations
-        g = log.gen_eval
+    if g := log.gen_eval:  # what the cell's policy writes, against the shared reference generations
         out["gen_eval"] = {**{k: g.get(k) for k in ("prompts", "win_rate", "win_rate_ci", "tie_rate", "lc_win_rate",
                                                      "lc_win_rate_se", "len_ratio")},
                            "policy_len": g["policy"]["mean_len"], "reference_len": g["reference"]["mean_len"]}
@@ -221,16 +218,13 @@ def _group(cells: list[tuple[dict, Log]], by: tuple[str, ...] = ("objective", "l
     for g in groups.values():
         if len(g.cells) > 1:
             g.name = f"objective={g.objective},lora_rank={g.lora_rank}"
-        for ys, key in YARDSTICKS.items():
-            per_seed = [_correct(c["_pairs"], key) for c in g.cells]
-            if any(p is None for p in per_seed):
-                continue
-            ids = set.intersection(*(set(p) for p in per_seed))
-            g.correct[ys] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
-        if all(c["_gen"] for c in g.cells):  # behaviour: the judge's preference over the reference, per prompt
-            per_seed = [{str(r["id"]): float(r["preference"]) for r in c["_gen"]} for c in g.cells]
-            ids = set.intersection(*(set(p) for p in per_seed))
-            g.correct[BEHAVIOUR] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
+        sticks = {ys: [_correct(c["_pairs"], key) for c in g.cells] for ys, key in YARDSTICKS.items()}
+        # behaviour: the judge's preference over the reference, per prompt
+        sticks[BEHAVIOUR] = [c["_gen"] and {str(r["id"]): float(r["preference"]) for r in c["_gen"]} for c in g.cells]
+        for ys, per_seed in sticks.items():
+            if all(per_seed):
+                ids = set.intersection(*(set(p) for p in per_seed))
+                g.correct[ys] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
         for c in g.cells:
             del c["_pairs"], c["_gen"]
     return list(groups.values())
@@ -256,15 +250,12 @@ class Stats:
         if given:
             if "objective" not in given or "lora_rank" not in given:
                 raise InputError("baseline needs 'objective' and 'lora_rank'", field="baseline")
-            if not any(g.objective == given["objective"] and g.lora_rank == int(given["lora_rank"])
-                       for g in self.groups):
+            if self.find(given["objective"], int(given["lora_rank"])) is None:
                 raise InputError(f"no finished cell with objective {given['objective']} and lora_rank "
                                  f"{given['lora_rank']}", path=str(self.dir), field="baseline")
             return {"objective": given["objective"], "lora_rank": int(given["lora_rank"])}
         first = next((c for c in self.cells if c["objective"] is not None), None)
-        objective = (self.factors.get("objective") or [first and first["objective"]])[0]
-        rank = (self.factors.get("lora_rank") or [first and first["lora_rank"]])[0]
-        return {"objective": objective, "lora_rank": rank}
+        return {k: (self.factors.get(k) or [first and first[k]])[0] for k in ("objective", "lora_rank")}
 
     def find(self, objective: str, rank: int) -> Group | None:
         return next((g for g in self.groups if g.objective == objective and g.lora_rank == rank), None)
@@ -350,12 +341,11 @@ class _Rules:
         verdict, chosen, basis = self._verdict()
         st = self.st
         fallback = objectives.fallback() if verdict == "fallback_orpo" else self.baseline["objective"]
-        reasons = [r.to_dict() for r in self.reasons]
         basis = Reason(basis.code, {**basis.data, "behaviour": [r.to_dict() for r in self.basis_notes]})
         return {"verdict": verdict, "objective": chosen.objective if chosen else fallback,
                 "lora_rank": chosen.lora_rank if chosen else self.baseline["lora_rank"],
                 "baseline": self.baseline, "summary": render_summary(basis), "basis": basis.to_dict(),
-                "reasons": reasons, "explanation": [render(r) for r in self.reasons],
+                "reasons": [r.to_dict() for r in self.reasons], "explanation": [render(r) for r in self.reasons],
                 "comparisons": list(st.comparisons.values()), "cells": st.cells,
                 **({"groups": [g.to_dict() for g in st.groups]} if any(len(g.cells) > 1 for g in st.groups)
                    else {})}
@@ -370,8 +360,7 @@ class _Rules:
             return fallback
         base = st.find(self.baseline["objective"], self.baseline["lora_rank"])
         if base is None:
-            r = self.add("baseline_missing", **self.baseline)
-            return "not_decisive", None, r
+            return "not_decisive", None, self.add("baseline_missing", **self.baseline)
         challengers = self._challengers(base)
         if not challengers:
             self.add("single_objective", objective=base.objective)
@@ -384,8 +373,7 @@ class _Rules:
             cmp = st.primary(win, base)
             chosen = self._rank(win)
             if chosen is not win:
-                final = st.compare(chosen, base)
-                self.add("direct_vs_baseline", **_short(final))
+                self.add("direct_vs_baseline", **_short(st.compare(chosen, base)))
             return "switch", chosen, Reason("switch", {"from": base.objective, "to": win.objective,
                                                        "lora_rank": chosen.lora_rank, **_short(cmp)})
         keep, need = self._keep(base, challengers)
@@ -408,9 +396,8 @@ class _Rules:
             return None
         numeric = crashed or any(set(g.problems()) & set(NUMERIC) for g in judged)
         if not numeric:
-            r = self.add("all_at_chance", cells=[{"cell": g.name, "accuracy": g.accuracy, "ci": list(g.ci),
-                                                  "problems": g.problems()} for g in judged])
-            return "not_decisive", None, r
+            return "not_decisive", None, self.add("all_at_chance", cells=[
+                {"cell": g.name, "accuracy": g.accuracy, "ci": list(g.ci), "problems": g.problems()} for g in judged])
         self.add("all_unstable", cells=[{"cell": g.name, "problems": g.problems()} for g in judged],
                  failed=[{"cell": c["name"], "error": c["error"]} for c in crashed])
         families = {g.spec.family for g in judged} | {objectives.get(c["objective"]).family for c in crashed}
@@ -419,12 +406,10 @@ class _Rules:
         name = objectives.fallback()
         fb = [g for g in st.groups if g.spec.fallback]
         if fb and all(g.unstable for g in fb):
-            r = self.add("fallback_unstable", objective=name,
-                         cells=[{"cell": g.name, "problems": g.problems()} for g in fb])
-            return "not_decisive", None, r
+            return "not_decisive", None, self.add("fallback_unstable", objective=name,
+                                                  cells=[{"cell": g.name, "problems": g.problems()} for g in fb])
         if not fb:
-            r = self.add("fallback_not_run", objective=name)
-            return "fallback_orpo", None, r
+            return "fallback_orpo", None, self.add("fallback_not_run", objective=name)
         best = self._rank(max((g for g in fb if not g.unstable), key=lambda g: g.accuracy))
         return "fallback_orpo", best, Reason("fallback", {"objective": best.objective, "lora_rank": best.lora_rank,
                                                           "accuracy": best.accuracy})
@@ -462,8 +447,8 @@ class _Rules:
         if sig and (primary["diff"] > 0) != (b["diff"] > 0) and primary["diff"] != 0 and b["diff"] != 0:
             self.basis_notes.append(self.add("pairs_behaviour_disagree", cell=c.name, pairs=_short(primary),
                                              behaviour=_short(b)))
-        raw, lc, la, lb = (nums["win_rate_a"], nums["win_rate_b"]), (nums["lc_win_rate_a"], nums["lc_win_rate_b"]), \
-            nums["policy_len_a"], nums["policy_len_b"]
+        raw, lc = (nums["win_rate_a"], nums["win_rate_b"]), (nums["lc_win_rate_a"], nums["lc_win_rate_b"])
+        la, lb = nums["policy_len_a"], nums["policy_len_b"]
         if None in raw + lc or raw[0] - raw[1] < MEANINGFUL:
             return
         if lc[0] - lc[1] < (raw[0] - raw[1]) / 2:  # more than half of the raw gain disappears once length is held
@@ -479,14 +464,13 @@ class _Rules:
         if not more or cmp["mcnemar_p"] >= self.alpha:
             own = st.compare(c, base)
             if own and own["yardstick"] != cmp["yardstick"] and own["diff"] > 0 and own["mcnemar_p"] < self.alpha:
-                r = self.add("own_reward_only", cell=c.name, objective=c.objective, own=_short(own),
-                             best=_short(cmp))
-                self.blocked.append(r)
+                self.blocked.append(self.add("own_reward_only", cell=c.name, objective=c.objective, own=_short(own),
+                                             best=_short(cmp)))
             return False
         behaviour = [b] if (b := st.compare(c, base, BEHAVIOUR)) else []
         worse = [y for y in st.common(c, base) + behaviour
                  if y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < self.alpha]
-        lo = stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])[0]
+        lo, hi = stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])
         margins = cleaner(c, base)
         common = {"cell": c.name, "objective": c.objective, **_short(cmp)}
         if cmp["mcnemar_p"] >= level:
@@ -501,8 +485,8 @@ class _Rules:
         elif worse:
             r = Reason("worse_other_yardstick", {**common, "worse": [_short(y) for y in worse]})
         else:
-            self.add("switch_rule_met", **common, level=level, alpha=self.alpha, challengers=k, ci_low=lo,
-                     ci_high=stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"])[1], **_margins(c, base))
+            self.add("switch_rule_met", **common, level=level, alpha=self.alpha, challengers=k, ci_low=lo, ci_high=hi,
+                     **_margins(c, base))
             return True
         self.reasons.append(r)
         self.blocked.append(r)
@@ -510,12 +494,10 @@ class _Rules:
 
     def _keep(self, base: Group, challengers: list[tuple[Group, dict]]) -> tuple[bool, int | None]:
         """(whether the evidence supports staying with the baseline, held-out pairs that would settle it)."""
-        keep, need = True, []
+        keep, need = not (base.unstable or base.ci[0] <= 0.5), []
         if base.unstable:
-            keep = False
             self.add("baseline_unstable", cell=base.name, problems=base.problems())
         elif base.ci[0] <= 0.5:
-            keep = False
             self.add("baseline_not_above_chance", cell=base.name, accuracy=base.accuracy, ci=list(base.ci))
         for c, cmp in challengers:
             if c.unstable:
@@ -539,20 +521,21 @@ class _Rules:
             self.add("not_significant", **_short(cmp), **self._settle(c, base, cmp), margins=margins,
                      **(_margins(c, base) if margins == "cleaner" else {}),
                      pairs_to_detect=to_detect, powered=powered, meaningful=MEANINGFUL,
-                     power_unknown=None if to_detect is not None else _why_unknown(cmp))
+                     # no pairs can detect it: the baseline is at the ceiling, or the two runs never disagree
+                     power_unknown=None if to_detect is not None else
+                     "ceiling" if cmp["acc_b"] + MEANINGFUL > 1 else "zero_variance")
         return keep, max((x for x in need if x), default=None)
 
     def _settle(self, c: Group, base: Group, cmp: dict) -> dict:
         """Held-out pairs (and seeds) that would settle a difference that is not significant."""
-        out: dict[str, Any] = {"pairs_needed": cmp["pairs_needed"]}
         accs = [[x["accuracy"] for x in g.cells] for g in (c, base)]
-        if min(len(a) for a in accs) < 2:
-            return {**out, "seeds": min(len(a) for a in accs)}
+        out: dict[str, Any] = {"pairs_needed": cmp["pairs_needed"], "seeds": min(len(a) for a in accs)}
+        if out["seeds"] < 2:
+            return out
         sd = math.sqrt((statistics.variance(accs[0]) + statistics.variance(accs[1])) / 2)
         d = abs(statistics.fmean(accs[0]) - statistics.fmean(accs[1]))
         z = NormalDist().inv_cdf(1 - self.alpha / 2) + NormalDist().inv_cdf(0.8)
-        return {**out, "seeds": min(len(a) for a in accs), "seed_sd": sd,
-                "seeds_needed": math.ceil(2 * (z * sd / d) ** 2) if d > 0 and sd > 0 else None}
+        return {**out, "seed_sd": sd, "seeds_needed": math.ceil(2 * (z * sd / d) ** 2) if d > 0 and sd > 0 else None}
 
     def _rank(self, anchor: Group) -> Group:
         """Rule 2: the lowest rank of ``anchor``'s objective not significantly different from its best rank."""
@@ -574,12 +557,6 @@ class _Rules:
         return top
 
 
-def _why_unknown(cmp: dict) -> str:
-    """Why the pairs a 5-point difference needs can't be computed: the baseline is at the ceiling, or the two
-    runs never disagree (no discordant pairs, zero variance of the difference)."""
-    return "ceiling" if cmp["acc_b"] + MEANINGFUL > 1 else "zero_variance"
-
-
 # --- rounds of preftune iterate ----------------------------------------------------------------------------------
 
 def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10000) -> dict:
@@ -588,8 +565,9 @@ def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10
     Rounds are compared with the same paired tests as matrix cells, on the same held-out pairs and prompts:
     behaviour (against the original reference, shared by every round) and the yardsticks whose reference every
     round shares (``--reference initial``: all of them; ``round``: the reference-free ones). Verdict ``continue``
-    when the last round gained significantly over the one before on one of them, and the gain is not only length;
-    else ``stop``.
+    when the last round gained significantly over the one before on one of them, the gain is not only length,
+    and what the policy writes did not get worse (a log-prob gain with a lower win rate is ``round_pairs_only``:
+    what users ship is the generations); else ``stop``. "Beats the first" follows the same rule.
     """
     root = Path(iter_dir)
     try:
@@ -601,7 +579,7 @@ def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10
                      key=lambda p: int(p.name.split("-")[1]))
     if not folders:
         raise InputError("no finished round", path=str(root))
-    loaded = [load_cell(root, {"name": p.name, "values": {"round": int(p.name.split("-")[1])}}, p) for p in folders]
+    loaded = [load_cell(root, {"name": p.name}, p) for p in folders]
     for cell, _ in loaded:
         cell["round"] = int(cell["name"].split("-")[1])
     st = Stats(root, alpha, n_boot, loaded, by=("round",))  # a matrix's statistics, over rounds
@@ -609,25 +587,27 @@ def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10
     sticks = [BEHAVIOUR] + [y.name for y in yardsticks.logprob_yardsticks() if same_ref or not y.needs_reference]
     reasons: list[Reason] = []
 
-    def gain(a: Group, b: Group) -> tuple[list[dict], Reason]:
+    def gain(a: Group, b: Group) -> tuple[list[dict], dict | None]:
+        """(significant gains, the behaviour comparison when it falls while only log-prob yardsticks rose)."""
         cmps = [c for c in (st.compare(a, b, y) for y in sticks) if c]
         up = [c for c in cmps if c["diff"] > 0 and c["mcnemar_p"] < alpha]
         down = [c for c in cmps if c["diff"] < 0 and c["mcnemar_p"] < alpha]
-        r = Reason("round_comparison", {"a": a.name, "b": b.name, "gains": [_short(c) for c in up],
-                                        "losses": [_short(c) for c in down], "compared": [c["yardstick"] for c in cmps]})
-        reasons.append(r)
-        return up, r
+        reasons.append(Reason("round_comparison", {"a": a.name, "b": b.name, "gains": [_short(c) for c in up],
+                                                   "losses": [_short(c) for c in down],
+                                                   "compared": [c["yardstick"] for c in cmps]}))
+        fell = next((c for c in cmps if c["yardstick"] == BEHAVIOUR and c["diff"] < 0), None)
+        return up, fell if up else None
 
     first, last = st.groups[0], st.groups[-1]
-    beats = False
-    basis: Reason
-    if last is first:
-        basis = Reason("single_round", {"round": last.name})
-    else:
-        up = gain(last, first)[0]
-        beats, prev = bool(up), st.groups[-2]
+    beats, basis = False, Reason("single_round", {"round": last.name})
+    if last is not first:
+        up, fell = gain(last, first)
+        beats, prev = bool(up) and fell is None, st.groups[-2]
         if prev is not first:
-            up = gain(last, prev)[0]
+            up, fell = gain(last, prev)
+        if fell:
+            reasons.append(Reason("round_pairs_only", {"round": last.name, "yardsticks": [c["yardstick"] for c in up],
+                                                       **_short(fell)}))
         raw = (last.gen("win_rate"), prev.gen("win_rate"))
         lc = (last.gen("lc_win_rate"), prev.gen("lc_win_rate"))
         length_only = (None not in raw + lc and raw[0] - raw[1] > 0 and lc[0] - lc[1] < (raw[0] - raw[1]) / 2
@@ -635,9 +615,9 @@ def decide_rounds(iter_dir: str | Path, *, alpha: float = 0.05, n_boot: int = 10
         if length_only:
             reasons.append(Reason("round_length_only", {"round": last.name, "win_rate_a": raw[0], "win_rate_b": raw[1],
                                                         "lc_win_rate_a": lc[0], "lc_win_rate_b": lc[1]}))
-        basis = Reason("round_gain" if up and not length_only else "round_no_gain",
+        basis = Reason("round_gain" if up and not (length_only or fell) else "round_no_gain",
                        {"round": last.name, "previous": prev.name, "last_beats_first": beats, "length_only": length_only,
-                        "yardsticks": [c["yardstick"] for c in up]})
+                        "pairs_only": fell is not None, "yardsticks": [c["yardstick"] for c in up]})
     best = max(st.groups, key=lambda g: (g.gen("win_rate") or 0.0, g.accuracy))
     return {"verdict": "continue" if basis.code == "round_gain" else "stop", "last_beats_first": beats,
             "best_round": best.name, "summary": render_summary(basis), "basis": basis.to_dict(),

@@ -12,12 +12,18 @@ class InputError(Exception):
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
                  field: str | None = None) -> None:
-        where = ""
-        if path is not None:
-            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        where = "" if path is None else f"{path}: " if line is None else f"{path}:{line}: "
         what = f"field '{field}': " if field is not None else ""
         self.path, self.line, self.field = path, line, field  # for callers (and tests) that need the parts
         super().__init__(f"{where}{what}{message}")
+
+
+def did_you_mean(word: str, choices: list[str], quote: str = "'") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
 class TrainingDiverged(RuntimeError):

@@ -26,8 +26,8 @@ from .reference import cache_key, reference_logps
 from .runtime import Runtime, current, init
 
 
-def summarize(logps: Tensor, counts: Tensor, out: objectives.Output, loss: Tensor, prefix: str = "") -> dict:
-    """TRL's metric names, averaged over pairs. logps, counts: (B, 2) with chosen in column 0.
+def summarize(logps: Tensor, out: objectives.Output, loss: Tensor, prefix: str = "") -> dict:
+    """TRL's metric names, averaged over pairs. logps: (B, 2) with chosen in column 0.
 
     A NaN reward or extra means "not this row's kind" (KTO rows are desirable or undesirable) and is left out of
     its mean; the margin is then mean chosen reward − mean rejected reward, as TRL's KTOTrainer logs it, and the
@@ -62,16 +62,13 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
     out = objectives.compute(objective, lp, params)
     margin = out.chosen_rewards - out.rejected_rewards                      # (N,)
     sticks = {y.name: y.margin(lp) for y in yardsticks.logprob_yardsticks()}  # name -> (N,)
-    metrics = summarize(logps, counts, out, out.loss, prefix="eval_")
+    metrics = summarize(logps, out, out.loss, prefix="eval_")
     metrics["eval_accuracy"] = _accuracy(margin)
     for name, m in sticks.items():
         metrics.update({f"eval_{name}/accuracy": _accuracy(m), f"eval_{name}/margin": float(m.mean())})
-    metrics.update({
-        "eval_margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
-        "eval_length/chosen": float(counts[:, 0].mean()),
-        "eval_length/rejected": float(counts[:, 1].mean()),
-        "eval_pairs": len(ids),
-    })
+    metrics.update({"eval_margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
+                    "eval_length/chosen": float(counts[:, 0].mean()), "eval_length/rejected": float(counts[:, 1].mean()),
+                    "eval_pairs": len(ids)})
     rows = [{
         "id": ids[i],
         "chosen_logps": float(logps[i, 0]), "rejected_logps": float(logps[i, 1]),

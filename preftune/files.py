@@ -25,14 +25,14 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or config must be as readable as any other file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,16 +41,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically."""
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
@@ -62,17 +57,15 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def parse_jsonl(text: str, source: str, *, torn_last_line: str) -> list[tuple[int, Any]]:
+def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, Any]]:
     """(line number, value) of every non-blank JSONL line; InputError naming the file and line otherwise.
 
-    ``torn_last_line``: ``"skip"`` drops an unparsable final line with no newline, the trace of a crash in the
-    middle of ``append_jsonl`` (preftune's own logs); ``"error"`` rejects it (user data never silently loses a
-    row). Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
+    ``skip_torn`` drops an unparsable final line with no newline, the trace of a crash in the middle of
+    ``append_jsonl`` (preftune's own logs); user data is read without it, so no row is ever silently lost.
+    Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
     """
     from .errors import InputError
 
-    if torn_last_line not in ("skip", "error"):
-        raise ValueError(f"torn_last_line must be 'skip' or 'error', got {torn_last_line!r}")
     lines = text.split("\n")
     rows = []
     for i, line in enumerate(lines, 1):
@@ -81,26 +74,25 @@ def parse_jsonl(text: str, source: str, *, torn_last_line: str) -> list[tuple[in
         try:
             rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            if torn_last_line == "skip" and i == len(lines):
+            if skip_torn and i == len(lines):
                 break
             raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=i) from None
     return rows
 
 
-def read_jsonl_lines(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[tuple[int, Any]]:
-    """(line number, value) of a JSONL file (see :func:`parse_jsonl` for the torn-last-line policy)."""
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """(line number, value) of one of preftune's JSONL files; a torn last line is dropped (:func:`parse_jsonl`)."""
     from .errors import InputError
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read: {e}", path=str(path)) from None
-    return parse_jsonl(text, str(path), torn_last_line=torn_last_line)
+    return parse_jsonl(text, str(path), skip_torn=True)
 
 
-def read_jsonl(path: str | os.PathLike, *, torn_last_line: str = "skip") -> list[Any]:
-    """The values of a JSONL file."""
-    return [row for _, row in read_jsonl_lines(path, torn_last_line=torn_last_line)]
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> None:
@@ -133,14 +125,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        old = path.with_name(f".{path.name}.old")
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

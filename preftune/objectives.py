@@ -19,7 +19,6 @@ hyperparameter schema. Nothing outside this registry branches on an objective's 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,6 @@ class Objective:
     advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None
 
     @property
-    def defaults(self) -> dict[str, float | None]:
-        return {k: p.default for k, p in self.params.items()}
-
-    @property
     def spec(self) -> str:
         """The name that finds it again in a fresh process: ``module:name`` for an objective registered outside
         preftune (so a --parallel child or a saved config.yaml imports its module), else the name."""
@@ -139,10 +134,9 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
 
     Then ``preftune train --objective mymodule:slic`` imports ``mymodule`` and runs it.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if data not in DATA_KINDS:
-        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
+    for what, value, allowed in (("family", family, FAMILIES), ("data", data, DATA_KINDS)):
+        if value not in allowed:
+            raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     schema = {k: v if isinstance(v, Param) else Param(float(v)) for k, v in (params or {}).items()}
 
     def add(fn: Callable[..., Output]) -> Callable[..., Output]:
@@ -164,14 +158,15 @@ def logratios(lp: SeqLogps) -> tuple[Tensor, Tensor]:
     return lp.chosen - lp.ref_chosen, lp.rejected - lp.ref_rejected
 
 
+def delta(lp: SeqLogps) -> Tensor:
+    """Δ = (πc − refc) − (πr − refr), the reference-relative margin."""
+    c, r = logratios(lp)
+    return c - r
+
+
 def mean_logps(lp: SeqLogps) -> tuple[Tensor, Tensor]:
     """(πc/|c|, πr/|r|), counts clamped to at least 1 as TRL does."""
     return lp.chosen / lp.chosen_tokens.clamp(min=1), lp.rejected / lp.rejected_tokens.clamp(min=1)
-
-
-def nll(lp: SeqLogps) -> Tensor:
-    """Mean token NLL of the chosen completion, per example: −πc/|c|."""
-    return -mean_logps(lp)[0]
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -201,8 +196,7 @@ def dpo(lp: SeqLogps, *, beta: float) -> Output:
 
     β: KL strength, typical 0.01–0.5 (default 0.1); larger β keeps the policy closer to the reference.
     """
-    c, r = logratios(lp)
-    return _ref_output(-F.logsigmoid(beta * (c - r)), beta, lp)
+    return _ref_output(-F.logsigmoid(beta * delta(lp)), beta, lp)
 
 
 @objective("cdpo", needs_reference=True, family="reference-relative",
@@ -217,8 +211,7 @@ def cdpo(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     in [0, 0.5), typical 0.05–0.2 (default 0.1). The loss is minimised at a finite margin βΔ = log((1−ε)/ε).
     (TRL 1.16's ``sigmoid`` ignores ``label_smoothing``; cDPO is no longer a TRL loss type.)
     """
-    c, r = logratios(lp)
-    z = beta * (c - r)
+    z = beta * delta(lp)
     return _ref_output(-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z), beta, lp)
 
 
@@ -234,8 +227,7 @@ def robust(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     below (for ε > 0 it keeps rewarding larger margins). β as DPO (default 0.1); ε = ``label_smoothing`` in
     [0, 0.5), default 0.1 as the paper recommends.
     """
-    c, r = logratios(lp)
-    z = beta * (c - r)
+    z = beta * delta(lp)
     eps = label_smoothing
     return _ref_output((-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), beta, lp)
 
@@ -264,8 +256,7 @@ def hinge(lp: SeqLogps, *, beta: float) -> Output:
 
     1/β is the margin Δ must reach before a pair stops contributing; typical β 0.01–0.5 (default 0.1).
     """
-    c, r = logratios(lp)
-    return _ref_output(torch.relu(1 - beta * (c - r)), beta, lp)
+    return _ref_output(torch.relu(1 - beta * delta(lp)), beta, lp)
 
 
 @objective("simpo", needs_reference=False, family="reference-free", exclusive=(("gamma", "gamma_beta_ratio"),),
@@ -396,9 +387,8 @@ def get(name: str) -> Objective:
             return REGISTRY[short]
         raise InputError(f"module '{module}' registers no objective '{short}' (use @preftune.objective)",
                          field="objective")
-    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise InputError(f"unknown objective '{name}'{hint}; choose from {', '.join(REGISTRY)}", field="objective")
+    raise InputError(f"unknown objective '{name}'{did_you_mean(name, list(REGISTRY))}; choose from "
+                     f"{', '.join(REGISTRY)}", field="objective")
 
 
 def fallback() -> str:
@@ -419,11 +409,9 @@ def resolve_params(name: str, given: dict[str, Any], *, where: str = "") -> dict
     out: dict[str, float] = {}
     for key in given:
         if key not in obj.params:
-            close = difflib.get_close_matches(key, list(obj.params), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            takes = ", ".join(obj.params) or "none"
-            raise InputError(f"'{obj.name}' has no hyperparameter '{key}'{hint}; it takes: {takes}",
-                             path=where or None, field=f"objectives.{obj.name}.{key}")
+            raise InputError(f"'{obj.name}' has no hyperparameter '{key}'{did_you_mean(key, list(obj.params))}; "
+                             f"it takes: {', '.join(obj.params) or 'none'}", path=where or None,
+                             field=f"objectives.{obj.name}.{key}")
     unused: set[str] = set()  # the defaulted members of a group one of whose members was given
     for group in obj.exclusive:
         both = [k for k in group if given.get(k) is not None]
@@ -461,13 +449,12 @@ def compute(name: str, lp: SeqLogps, params: dict) -> Output:
     loss = objective loss + nll_weight·(−πc/|c|); with nll_weight > 0, ``extras["nll_loss"]`` = −πc/|c|.
     """
     obj = get(name)
-    kwargs = dict(params)
-    weight = kwargs.pop("nll_weight", 0.0)
+    weight = params.get("nll_weight", 0.0)
     if obj.needs_reference and (lp.ref_chosen is None or lp.ref_rejected is None):
         raise ValueError(f"objective '{name}' needs reference log-probs")
-    out = obj.fn(lp, **kwargs)
+    out = obj.fn(lp, **{k: v for k, v in params.items() if k != "nll_weight"})
     if weight > 0:
-        extra = nll(lp)
+        extra = -mean_logps(lp)[0]
         out.loss = out.loss + weight * extra
         out.extras["nll_loss"] = extra.detach()
     return out

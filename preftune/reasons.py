@@ -25,16 +25,13 @@ class Reason:
         return {"code": self.code, **self.data}
 
 
-def _n(x: Any) -> str:
-    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.3g}"
+def _n(x: Any, scale: float = 1, unit: str = "") -> str:
+    """A number to 3 significant digits; "n/a" for what could not be computed (never None or nan)."""
+    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x * scale:.3g}{unit}"
 
 
 def _p(x: float) -> str:
     return f"{x:.2g}" if x < 0.01 else f"{x:.2f}"
-
-
-def _pct(x: Any) -> str:
-    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x * 100:.3g}%"
 
 
 def _cmp(d: dict) -> str:
@@ -43,8 +40,8 @@ def _cmp(d: dict) -> str:
 
 
 def _margins(d: dict) -> str:
-    return (f"train-held-out gap {_n(d['gap'])} ({_pct(d['gap_share'])} of its training margin) vs "
-            f"{_n(d['baseline_gap'])} ({_pct(d['baseline_gap_share'])}), held-out margin std/|mean| "
+    return (f"train-held-out gap {_n(d['gap'])} ({_n(d['gap_share'], 100, '%')} of its training margin) vs "
+            f"{_n(d['baseline_gap'])} ({_n(d['baseline_gap_share'], 100, '%')}), held-out margin std/|mean| "
             f"{_n(d['spread'])} vs {_n(d['baseline_spread'])}")
 
 
@@ -70,12 +67,9 @@ def _not_significant(d: dict) -> str:
     elif not d["powered"]:
         parts.append(f"{d['n']} pairs cannot detect a {d['meaningful'] * 100:.0f}-point difference "
                      f"(needs {d['pairs_to_detect']})")
-    text = ", ".join(parts)
-    if d["pairs_needed"]:
-        text += (f"; the observed difference {d['diff']:+.3f} would need about {d['pairs_needed']} held-out pairs "
-                 f"to reach significance")
-    else:
-        text += "; the two rank the held-out pairs identically on balance"
+    text = ", ".join(parts) + (f"; the observed difference {d['diff']:+.3f} would need about {d['pairs_needed']} "
+                               "held-out pairs to reach significance" if d["pairs_needed"]
+                               else "; the two rank the held-out pairs identically on balance")
     if d["seeds"] < 2:
         return text + "; run >= 3 seeds per cell to see the seed-to-seed spread"
     if d.get("seeds_needed"):
@@ -169,6 +163,9 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
         f"p={_p(c['mcnemar_p'])})" for c in d["gains"] + d["losses"]) or "no significant difference"),
     "round_length_only": lambda d: f"{d['round']}'s behaviour gain is length: win rate {_n(d['win_rate_a'])} vs "
     f"{_n(d['win_rate_b'])}, length-controlled {_n(d['lc_win_rate_a'])} vs {_n(d['lc_win_rate_b'])}",
+    "round_pairs_only": lambda d: f"{d['round']} gained on {', '.join(d['yardsticks'])} but wins less often against "
+    f"the original reference than {d['b']} ({_n(d['acc_a'])} vs {_n(d['acc_b'])} per prompt, p={_p(d['mcnemar_p'])}): "
+    "its held-out log-probs moved, what it writes did not improve",
     "lower_rank_equivalent": lambda d: f"rank {d['lora_rank']} is not significantly different from rank "
     f"{d['best_rank']} for {d['objective']} (accuracy {_n(d['acc_a'])} vs {_n(d['acc_b'])}, p={_p(d['mcnemar_p'])}"
     f"; training margin {_n(d['train_margin'])} vs {_n(d['best_train_margin'])}): prefer the lower rank "
@@ -189,55 +186,50 @@ def render_summary(basis: Reason | dict) -> str:
     """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
     notes = d.get("behaviour") or []
-    return _verdict_sentence(d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+    return SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
 
 
-def _verdict_sentence(d: dict) -> str:
-    code = d["code"]
-    if code == "switch":
-        return (f"Switch from {d['from']} to {d['to']} (rank {d['lora_rank']}): it ranks {d['a_only'] - d['b_only']} "
-                f"more of {d['n']} held-out pairs correctly on the {d['yardstick']} yardstick (McNemar "
-                f"p={_p(d['mcnemar_p'])}, adjusted) with cleaner margins.")
-    if code == "keep":
-        return (f"Keep {d['objective']} (rank {d['lora_rank']}): on {d['pairs']} held-out pairs every other "
-                f"objective was significantly worse, unstable, or no different where a "
-                f"{d['meaningful'] * 100:.0f}-point difference would have shown.")
-    if code == "fallback":
-        return (f"Fall back to {d['objective'].upper()} (rank {d['lora_rank']}): every preference-objective cell "
-                f"was unstable; it reached held-out accuracy {_n(d['accuracy'])}.")
-    if code == "fallback_not_run":
-        return f"Fall back to {d['objective'].upper()}: every preference-objective cell was unstable."
-    if code == "fallback_unstable":
-        return ("Not decisive: every cell, the fallback included, is unstable or learned nothing; check the data "
-                "(are labels meaningful?) and the learning rate.")
-    if code == "all_at_chance":
-        return ("Not decisive: no objective learned a held-out preference (no cell rose above its step-0 accuracy "
-                "and none diverged); check the labels or train longer.")
-    if code in ("round_gain", "round_no_gain"):
-        first = "the last round beats the first" if d["last_beats_first"] else "the last round does not beat the first"
-        if code == "round_gain":
-            return (f"Continue iterating: {d['round']} gained significantly over {d['previous']} on "
-                    f"{', '.join(d['yardsticks'])}; {first}.")
-        why = "only length" if d["length_only"] else "no significant gain"
-        return f"Stop iterating: {d['round']} brought {why} over {d['previous']}; {first}."
-    if code == "single_round":
-        return f"Stop: only {d['round']} finished, nothing to compare it with."
-    if code == "baseline_missing":
-        return "Not decisive: the baseline cell did not finish."
-    if code == "single_objective":
-        return (f"Not decisive: only {d['objective']} finished, so the objective was not tested; rank "
-                f"{d['lora_rank']} is recommended.")
-    if code == "not_decisive":
-        if not d["baseline_learned"]:
-            why = f"the baseline {d['baseline']} shows no reliable held-out learning"
-        elif d["blocked"]:
-            why = "; ".join(_blocked(b) for b in d["blocked"])
-        else:
-            why = f"the held-out evidence does not separate {d['baseline']} from {', '.join(d['others'])}"
-        settle = f"; about {d['pairs_needed']} held-out pairs (or more seeds) would settle it" \
-            if d["pairs_needed"] else ""
-        return f"Not decisive: {why}{settle}."
-    raise KeyError(code)
+def _first(d: dict) -> str:
+    return f"the last round {'beats' if d['last_beats_first'] else 'does not beat'} the first"
+
+
+def _undecided(d: dict) -> str:
+    if not d["baseline_learned"]:
+        why = f"the baseline {d['baseline']} shows no reliable held-out learning"
+    elif d["blocked"]:
+        why = "; ".join(_blocked(b) for b in d["blocked"])
+    else:
+        why = f"the held-out evidence does not separate {d['baseline']} from {', '.join(d['others'])}"
+    settle = f"; about {d['pairs_needed']} held-out pairs (or more seeds) would settle it" if d["pairs_needed"] else ""
+    return f"Not decisive: {why}{settle}."
+
+
+# The verdict's summary, per deciding reason code.
+SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "switch": lambda d: f"Switch from {d['from']} to {d['to']} (rank {d['lora_rank']}): it ranks "
+    f"{d['a_only'] - d['b_only']} more of {d['n']} held-out pairs correctly on the {d['yardstick']} yardstick "
+    f"(McNemar p={_p(d['mcnemar_p'])}, adjusted) with cleaner margins.",
+    "keep": lambda d: f"Keep {d['objective']} (rank {d['lora_rank']}): on {d['pairs']} held-out pairs every other "
+    f"objective was significantly worse, unstable, or no different where a {d['meaningful'] * 100:.0f}-point "
+    "difference would have shown.",
+    "fallback": lambda d: f"Fall back to {d['objective'].upper()} (rank {d['lora_rank']}): every preference-objective "
+    f"cell was unstable; it reached held-out accuracy {_n(d['accuracy'])}.",
+    "fallback_not_run": lambda d: f"Fall back to {d['objective'].upper()}: every preference-objective cell was unstable.",
+    "fallback_unstable": lambda d: "Not decisive: every cell, the fallback included, is unstable or learned nothing; "
+    "check the data (are labels meaningful?) and the learning rate.",
+    "all_at_chance": lambda d: "Not decisive: no objective learned a held-out preference (no cell rose above its "
+    "step-0 accuracy and none diverged); check the labels or train longer.",
+    "round_gain": lambda d: f"Continue iterating: {d['round']} gained significantly over {d['previous']} on "
+    f"{', '.join(d['yardsticks'])}; {_first(d)}.",
+    "round_no_gain": lambda d: f"Stop iterating: {d['round']} brought " + (
+        "only length" if d["length_only"] else "a gain on held-out pairs while what it writes got worse"
+        if d.get("pairs_only") else "no significant gain") + f" over {d['previous']}; {_first(d)}.",
+    "single_round": lambda d: f"Stop: only {d['round']} finished, nothing to compare it with.",
+    "baseline_missing": lambda d: "Not decisive: the baseline cell did not finish.",
+    "single_objective": lambda d: f"Not decisive: only {d['objective']} finished, so the objective was not tested; "
+    f"rank {d['lora_rank']} is recommended.",
+    "not_decisive": _undecided,
+}
 
 
 def _blocked(d: dict) -> str:

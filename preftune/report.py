@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stats, yardsticks
-from .data import load_examples
+from .data import _text, load_examples
 from .decide import RULES, decide
 from .errors import InputError
 from .files import atomic_write_text
@@ -61,10 +61,7 @@ def write_report(matrix_dir: str | Path) -> tuple[Path, Path]:
     except json.JSONDecodeError as e:
         raise InputError(f"not valid JSON ({e.msg}); rerun preftune decide", path=str(path), line=e.lineno) from None
     logs = {c["name"]: load(root / "cells" / c["name"]) for c in decision["cells"] if c["status"] == "finished"}
-    md, page = root / "report.md", root / "report.html"
-    atomic_write_text(md, _matrix_md(decision, root.name, logs))
-    atomic_write_text(page, _matrix_html(decision, logs, root.name))
-    return md, page
+    return _write(root, _matrix_md(decision, logs, root.name), _matrix_html(decision, logs, root.name))
 
 
 def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -81,6 +78,10 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
             f"<h2>Plots</h2><div class='grid'>{_margin_plot(log, 'training vs held-out margin')}"
             + (_scatter(log, "margin vs length difference") + _length_bars(log) if log.pairs else "")
             + "</div>")
+    return _write(root, md, body)
+
+
+def _write(root: Path, md: str, body: str) -> tuple[Path, Path]:
     paths = root / "report.md", root / "report.html"
     atomic_write_text(paths[0], md)
     atomic_write_text(paths[1], _page(f"preftune: {root.name}", body))
@@ -107,39 +108,54 @@ def _pick(d: dict) -> str:
     return "until settled, stay with" if d["verdict"] == "not_decisive" else "recommended"
 
 
-def _flagged(c: dict) -> list[dict]:
-    return [f for f in c.get("findings") or [] if f["severity"] != "info"]
+def _md_table(head: Sequence[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(_md(x) for x in row) + " |" for row in rows])
 
 
-def _matrix_md(d: dict, title: str, logs: dict[str, Log] | None = None) -> str:
+def _html_table(head: Sequence[str], rows: list[list[str]], text_cols: int = 0) -> str:
+    """Escaped cells: the first ``text_cols`` columns as text, the rest as right-aligned numbers."""
+    return ("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{_e(x)}</td>" for x in row[:text_cols])
+        + "".join(f"<td class='num'>{_e(x)}</td>" for x in row[text_cols:]) + "</tr>" for row in rows) + "</table>")
+
+
+def _cell_numbers(c: dict) -> list[str]:
+    return [_ci(c), *(_num(c.get(k)) for k in ("pairs", "margin", "margin_gap", "margin_std"))]
+
+
+COMPARISON_HEAD = ("a", "b", "yardstick", "acc a", "acc b", "diff [95% CI]", "McNemar p", "only a", "only b",
+                   "pairs needed")
+BEHAVIOUR_HEAD = ("cell", "win rate [95% CI]", "ties", "LC win rate ± 95%", "generated length policy / reference")
+
+
+def _comparison_row(c: dict) -> list[str]:
+    return [c["a"], c["b"], c["yardstick"], _num(c["acc_a"], ".3f"), _num(c["acc_b"], ".3f"),
+            f"{_num(c['diff'], '+.3f')} [{_num(c['ci'][0], '+.3f')}, {_num(c['ci'][1], '+.3f')}]",
+            _num(c["mcnemar_p"], ".2g"), str(c["a_only"]), str(c["b_only"]), _num(c["pairs_needed"], "d")]
+
+
+def _behaviour_row(c: dict) -> list[str]:
+    g = c["gen_eval"]
+    return [c["name"], _win(g), _num(g["tie_rate"], ".2f"), _lc(g), _lens(g)]
+
+
+def _matrix_md(d: dict, logs: dict[str, Log], title: str) -> str:
     out = [f"# preftune report: {_md(title)}", "", f"**{_md(d.get('summary', d['verdict']))}**", "",
            f"verdict `{d['verdict']}` · {_pick(d)} {_md(d['objective'])}, rank {_md(d['lora_rank'])} · baseline "
            f"{_md(d['baseline']['objective'])}, rank {_md(d['baseline']['lora_rank'])} · plots in report.html", ""]
-    out += _grid_md(d, logs or {})
+    out += _grid_md(d, logs)
     out += ["## Why", ""] + [f"- {_md(render(r))}" for r in d["reasons"]]
-    out += ["", "## Cells", "", "| cell | status | accuracy [95% CI] | pairs | held-out margin | margin gap | "
-            "margin std | findings |", "|---|---|---|---|---|---|---|---|"]
-    for c in d["cells"]:
-        flags = "; ".join(f"**{f['code']}**: {_md(f['sentence'])}" for f in _flagged(c)) or \
-            ("ok" if c["status"] == "finished" else _md(c.get("error") or ""))
-        out.append(f"| {_md(c['name'])} | {_md(c['status'])} | {_ci(c)} | {_num(c.get('pairs'))} | "
-                   f"{_num(c.get('margin'))} | {_num(c.get('margin_gap'))} | {_num(c.get('margin_std'))} | {flags} |")
+    out += ["", "## Cells", ""] + _md_table(
+        ("cell", "status", "accuracy [95% CI]", "pairs", "held-out margin", "margin gap", "margin std", "findings"),
+        [[c["name"], c["status"], *_cell_numbers(c),
+          "; ".join(f"**{f['code']}**: {f['sentence']}" for f in c.get("findings") or [] if f["severity"] != "info")
+          or ("ok" if c["status"] == "finished" else c.get("error") or "")] for c in d["cells"]])
     gens = [c for c in d["cells"] if c.get("gen_eval")]
     if gens:
         out += ["", "## Behaviour", "", "What each cell's policy writes, judged against the reference's generation on "
-                "the same held-out prompts.", "", "| cell | win rate [95% CI] | ties | LC win rate ± 95% | "
-                "generated length policy / reference |", "|---|---|---|---|---|"]
-        for c in gens:
-            g = c["gen_eval"]
-            out.append(f"| {_md(c['name'])} | {_win(g)} | {_num(g['tie_rate'], '.2f')} | {_lc(g)} | "
-                       f"{_num(g['policy_len'])} / {_num(g['reference_len'])} |")
-    out += ["", "## Comparisons", "", "| a | b | yardstick | acc a | acc b | diff [95% CI] | McNemar p | only a | "
-            "only b | pairs needed |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in d["comparisons"]:
-        out.append(f"| {_md(c['a'])} | {_md(c['b'])} | {c['yardstick']} | {_num(c['acc_a'], '.3f')} | "
-                   f"{_num(c['acc_b'], '.3f')} | {_num(c['diff'], '+.3f')} [{_num(c['ci'][0], '+.3f')}, "
-                   f"{_num(c['ci'][1], '+.3f')}] | {_num(c['mcnemar_p'], '.2g')} | {c['a_only']} | {c['b_only']} | "
-                   f"{_num(c['pairs_needed'], 'd')} |")
+                "the same held-out prompts.", ""] + _md_table(BEHAVIOUR_HEAD, [_behaviour_row(c) for c in gens])
+    out += ["", "## Comparisons", ""] + _md_table(COMPARISON_HEAD, [_comparison_row(c) for c in d["comparisons"]])
     out += ["", "## Verdict rules", ""] + [f"{i}. {r}" for i, r in enumerate(RULES, 1)]
     return "\n".join(out) + "\n"
 
@@ -182,11 +198,8 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
         found = (_findings_html(flags) if flags else "") + \
             (f"<details><summary class='info'>{len(info)} info</summary>{_findings_html(info)}</details>" if info
              else "") + (f"<span class='error'>{_e(c['error'])}</span>" if c.get("error") else "")
-        rows.append(f"<tr class='{'rec' if is_rec else ''}'>"
-                    f"<td>{_e(c['name'])}{tags}</td><td>{_e(c['status'])}</td>"
-                    f"<td class='num'>{_ci(c)}</td><td class='num'>{_num(c.get('pairs'))}</td>"
-                    f"<td class='num'>{_num(c.get('margin'))}</td><td class='num'>{_num(c.get('margin_gap'))}</td>"
-                    f"<td class='num'>{_num(c.get('margin_std'))}</td><td>{found}</td></tr>")
+        rows.append(f"<tr class='{'rec' if is_rec else ''}'><td>{_e(c['name'])}{tags}</td><td>{_e(c['status'])}</td>"
+                    + "".join(f"<td class='num'>{x}</td>" for x in _cell_numbers(c)) + f"<td>{found}</td></tr>")
     parts.append("<h2>Cells</h2><table><tr><th>cell</th><th>status</th><th>held-out accuracy [95% CI]</th>"
                  "<th>pairs</th><th>held-out margin</th><th>train − held-out gap</th><th>margin std</th>"
                  "<th>findings</th></tr>" + "".join(rows) + "</table>")
@@ -205,124 +218,86 @@ def _matrix_html(d: dict, logs: dict[str, Log], title: str) -> str:
                          f"<div class='card'><h3>{_e(c['name'])}</h3>{_scatter(logs[c['name']], c['name'])}</div>"
                          for c in with_len) + "</div>")
     parts.append(_behaviour_html(d, logs))
-    parts.append(_comparisons_html(d["comparisons"]))
+    if d["comparisons"]:
+        sticks = "".join(f"; {_e(y.name)}: {_e(y.help)}" for y in yardsticks.REGISTRY.values())
+        parts.append(f"<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's "
+                     f"reward{sticks}.</p>" + _html_table(COMPARISON_HEAD, [_comparison_row(c) for c in d["comparisons"]], 3))
     parts.append(_examples(d, logs))
     parts.append("<h2>Verdict rules</h2><ol>" + "".join(f"<li>{_e(r)}</li>" for r in RULES) + "</ol>")
-    return _page(f"preftune: {title}", "".join(parts))
-
-
-def _comparisons_html(comparisons: list[dict]) -> str:
-    if not comparisons:
-        return ""
-    head = "".join(f"<th>{h}</th>" for h in ("a", "b", "yardstick", "acc a", "acc b", "diff [95% CI]", "McNemar p",
-                                             "only a", "only b", "pairs needed"))
-    rows = "".join(
-        f"<tr><td>{_e(c['a'])}</td><td>{_e(c['b'])}</td><td>{_e(c['yardstick'])}</td>"
-        f"<td class='num'>{_num(c['acc_a'], '.3f')}</td><td class='num'>{_num(c['acc_b'], '.3f')}</td>"
-        f"<td class='num'>{_num(c['diff'], '+.3f')} [{_num(c['ci'][0], '+.3f')}, {_num(c['ci'][1], '+.3f')}]</td>"
-        f"<td class='num'>{_num(c['mcnemar_p'], '.2g')}</td><td class='num'>{c['a_only']}</td>"
-        f"<td class='num'>{c['b_only']}</td><td class='num'>{_num(c['pairs_needed'], 'd')}</td></tr>"
-        for c in comparisons)
-    sticks = "".join(f"; {_e(y.name)}: {_e(y.help)}" for y in yardsticks.REGISTRY.values())
-    return ("<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's reward"
-            f"{sticks}."
-            f"</p><table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
 
 
 # --- the objective x rank grid -------------------------------------------------------------------------------
 
-# The two objective-free yardsticks every cell is scored on (evaluate.py): per-pair margin key, label.
-GRID_YARDSTICKS = (("refrel_margin", "refrel"), ("lennorm_margin", "lennorm"))
+GRID_YARDSTICKS = ("refrel", "lennorm")  # the objective-free yardsticks every cell is scored on (evaluate.py)
 
 
-def yardstick_accuracy(pairs: list[dict], key: str) -> tuple[float, float, float, int] | None:
-    """(accuracy, 95% Wilson low, high, pairs) of one yardstick over a cell's eval_pairs.jsonl rows.
+def yardstick_text(pairs: list[dict], key: str) -> str:
+    """"accuracy [95% Wilson low, high]" of one yardstick over a cell's eval_pairs.jsonl rows, "–" without it.
 
     A tie counts one half, as in evaluate.py, so the accuracy equals summary.json's ``eval_<yardstick>/accuracy``.
     """
     values = [p.get(key) for p in pairs]
     if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return None
+        return "–"
     k = sum(1.0 if v > 0 else 0.5 if v == 0 else 0.0 for v in values)
     lo, hi = stats.wilson_interval(k, len(values))
-    return k / len(values), lo, hi, len(values)
+    return f"{k / len(values):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def grid(d: dict, logs: dict[str, Log]) -> tuple[list[str], list[int], dict[tuple[str, int], list[dict]]]:
-    """(objectives, ranks, {(objective, rank): [entry]}): the matrix as objectives x ranks.
+def grid(d: dict, logs: dict[str, Log]) -> tuple[list[int], dict[str, dict[int, list[tuple[str, str, dict]]]]]:
+    """(ranks, {objective: {rank: [(seed label, status, {yardstick: accuracy text})]}}): objectives x ranks.
 
-    An entry holds the cell name, its other factor values (a seed grid puts several cells in one square),
-    status, and per yardstick (accuracy, low, high, pairs) when the cell finished.
+    A seed grid puts several cells in one square; each is then labelled "seed <s>: ".
     """
-    objectives = list(dict.fromkeys(c["objective"] for c in d["cells"] if c.get("objective") is not None))
     ranks = sorted({c["lora_rank"] for c in d["cells"] if isinstance(c.get("lora_rank"), int)}, reverse=True)
-    squares: dict[tuple[str, int], list[dict]] = {}
+    rows = {c["objective"]: {r: [] for r in ranks} for c in d["cells"] if c.get("objective") is not None}
     for c in d["cells"]:
-        if c.get("objective") is None or not isinstance(c.get("lora_rank"), int):
-            continue
-        log = logs.get(c["name"])
-        entry = {"name": c["name"], "status": c["status"], "seed": c.get("seed"),
-                 **{label: yardstick_accuracy(log.pairs or [], key) if log else None
-                    for key, label in GRID_YARDSTICKS}}
-        squares.setdefault((c["objective"], c["lora_rank"]), []).append(entry)
-    return objectives, ranks, squares
+        if c.get("objective") is not None and isinstance(c.get("lora_rank"), int):
+            rows[c["objective"]][c["lora_rank"]].append(c)
 
+    def entry(c: dict, seeded: bool) -> tuple[str, str, dict]:
+        pairs = (logs[c["name"]].pairs or []) if c["name"] in logs else []
+        return (f"seed {c['seed']}: " if seeded and c.get("seed") is not None else "", c["status"],
+                {y: yardstick_text(pairs, f"{y}_margin") for y in GRID_YARDSTICKS})
 
-def _grid_rec(d: dict) -> tuple[str, int]:
-    return d["objective"], d["lora_rank"]
-
-
-def _acc_text(v: tuple[float, float, float, int] | None) -> str:
-    return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+    return ranks, {o: {r: [entry(c, len(cs) > 1) for c in cs] for r, cs in sq.items()} for o, sq in rows.items()}
 
 
 def _grid_html(d: dict, logs: dict[str, Log]) -> str:
-    objectives, ranks, squares = grid(d, logs)
-    if not objectives or not ranks:
+    ranks, rows = grid(d, logs)
+    if not ranks or not rows:
         return ""
-    rec = _grid_rec(d)
     head = "<tr><th>objective \\ LoRA rank</th>" + "".join(f"<th>r={_e(r)}</th>" for r in ranks) + "</tr>"
-    rows = []
-    for o in objectives:
+    trs = []
+    for o, squares in rows.items():
         tds = []
-        for r in ranks:
-            entries = squares.get((o, r), [])
-            lines = []
-            for e in entries:
-                seed = f"seed {_e(e['seed'])}: " if len(entries) > 1 and e["seed"] is not None else ""
-                if e["status"] != "finished":
-                    lines.append(f"<div>{seed}<span class='error'>{_e(e['status'])}</span></div>")
-                    continue
-                lines.append(f"<div>{seed}" + "".join(
-                    f"<div class='ys'>{label} <b>{_acc_text(e[label])}</b></div>" for _, label in GRID_YARDSTICKS)
-                    + "</div>")
-            mark = "<span class='tag'>" + _e(_pick(d)) + "</span>" if (o, r) == rec else ""
-            cls = " class='rec'" if (o, r) == rec else ""
+        for r, entries in squares.items():
+            lines = [f"<div>{_e(seed)}" + ("".join(f"<div class='ys'>{y} <b>{t}</b></div>" for y, t in acc.items())
+                                           if status == "finished" else f"<span class='error'>{_e(status)}</span>")
+                     + "</div>" for seed, status, acc in entries]
+            rec = (o, r) == (d["objective"], d["lora_rank"])
+            mark, cls = (f"<span class='tag'>{_e(_pick(d))}</span>", " class='rec'") if rec else ("", "")
             tds.append(f"<td{cls} data-objective='{_e(o)}' data-rank='{_e(r)}'>{mark}{''.join(lines) or '–'}</td>")
-        rows.append(f"<tr><th>{_e(o)}</th>{''.join(tds)}</tr>")
+        trs.append(f"<tr><th>{_e(o)}</th>{''.join(tds)}</tr>")
     return ("<h2>The matrix</h2><p class='meta'>Held-out accuracy [95% Wilson interval] on the two yardsticks "
             "every objective is scored on: refrel (reference-relative log-ratio margin &gt; 0) and lennorm "
             "(length-normalized log-prob margin &gt; 0).</p>"
-            f"<table class='m2' id='matrix-grid'>{head}{''.join(rows)}</table>")
+            f"<table class='m2' id='matrix-grid'>{head}{''.join(trs)}</table>")
 
 
 def _grid_md(d: dict, logs: dict[str, Log]) -> list[str]:
-    objectives, ranks, squares = grid(d, logs)
-    if not objectives or not ranks:
+    ranks, rows = grid(d, logs)
+    if not ranks or not rows:
         return []
-    rec = _grid_rec(d)
-    out = ["## The matrix", "", "Held-out accuracy [95% Wilson interval], refrel / lennorm yardsticks.", "",
-           "| objective \\ rank | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
-    for o in objectives:
+    out = ["## The matrix", "", "Held-out accuracy [95% Wilson interval], refrel / lennorm yardsticks.", ""]
+    out += _md_table(["objective \\ rank"] + [f"r={r}" for r in ranks], [])
+    for o, squares in rows.items():
         cells = []
-        for r in ranks:
-            parts = []
-            for e in squares.get((o, r), []):
-                text = (" / ".join(f"{label} {_acc_text(e[label])}" for _, label in GRID_YARDSTICKS)
-                        if e["status"] == "finished" else _md(e["status"]))
-                seed = f"seed {e['seed']}: " if len(squares[(o, r)]) > 1 and e["seed"] is not None else ""
-                parts.append(seed + text)
-            mark = f"**{_pick(d)}** " if (o, r) == rec else ""
+        for r, entries in squares.items():
+            parts = [seed + (" / ".join(f"{y} {t}" for y, t in acc.items()) if status == "finished" else _md(status))
+                     for seed, status, acc in entries]
+            mark = f"**{_pick(d)}** " if (o, r) == (d["objective"], d["lora_rank"]) else ""
             cells.append(mark + ("<br>".join(parts) or "–"))
         out.append(f"| {_md(o)} | " + " | ".join(cells) + " |")
     return out + [""]
@@ -348,26 +323,16 @@ def pair_texts(run_dir: str | Path) -> dict[str, dict[str, str]]:
 
     try:
         cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
-    if not isinstance(cfg, dict):
-        return {}
-    key, split = ("eval_data", "eval_split") if cfg.get("eval_data") else ("data", "data_split")
-    source = cfg.get(key)
-    if not isinstance(source, str) or not source or not Path(source).exists():  # local files only: no hub
-        return {}
-    try:
+        if not isinstance(cfg, dict):
+            return {}
+        key, split = ("eval_data", "eval_split") if cfg.get("eval_data") else ("data", "data_split")
+        source = cfg.get(key)
+        if not isinstance(source, str) or not source or not Path(source).exists():  # local files only: no hub
+            return {}
         examples = load_examples(source, str(cfg.get(split) or "train"))
-    except InputError:
+    except (OSError, ValueError, yaml.YAMLError, InputError):
         return {}
-    return {ex.id: {"prompt": _content_text(ex.prompt), "chosen": _content_text(ex.chosen),
-                    "rejected": _content_text(ex.rejected)} for ex in examples}
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in content)
+    return {ex.id: {k: _text(getattr(ex, k)) for k in TEXT_KEYS} for ex in examples}
 
 
 def _shown(text: str, limit: int = EXAMPLE_CHARS) -> str:
@@ -387,28 +352,26 @@ def _shown(text: str, limit: int = EXAMPLE_CHARS) -> str:
 
 def _examples(d: dict, logs: dict[str, Log]) -> str:
     """Held-out pairs with text on which the recommended and the baseline cell disagree (else the first few)."""
-    def pick(objective: str, rank: int) -> Log | None:
-        names = [c["name"] for c in d["cells"] if (c["objective"], c["lora_rank"]) == (objective, rank)
-                 and c["name"] in logs]
-        return logs[names[0]] if names else None
+    def pick(at: dict) -> Log | None:  # the first finished cell with at's objective and rank
+        return next((logs[c["name"]] for c in d["cells"] if c["name"] in logs
+                     and (c["objective"], c["lora_rank"]) == (at["objective"], at["lora_rank"])), None)
 
-    rec, base = pick(d["objective"], d["lora_rank"]), pick(d["baseline"]["objective"], d["baseline"]["lora_rank"])
+    rec, base = pick(d), pick(d["baseline"])
     main = rec or base
     if main is None or not main.pairs:
         return ""
-    base = None if base is main else base  # one cell is both: nothing to compare it with
-    if not all(isinstance(main.pairs[0].get(k), str) for k in TEXT_KEYS):  # a preftune run: ids only
+    pairs, base = main.pairs, None if base is main else base  # one cell is both: nothing to compare it with
+    if not all(isinstance(pairs[0].get(k), str) for k in TEXT_KEYS):  # a preftune run: ids only
         texts = pair_texts(main.source)
-        with_text = [{**p, **texts[str(p["id"])]} for p in main.pairs if str(p["id"]) in texts]
-        if not with_text:
+        pairs = [{**p, **texts[str(p["id"])]} for p in pairs if str(p["id"]) in texts]
+        if not pairs:
             return ""
-        main = Log(main.source, main.kind, main.train, main.eval, with_text)
     other = {p["id"]: p for p in (base.pairs if base else [])}
-    split = [[p for p in main.pairs if p["id"] in other and bool(p["correct"]) == side
+    split = [[p for p in pairs if p["id"] in other and bool(p["correct"]) == side
               and bool(other[p["id"]]["correct"]) != side] for side in (True, False)]
     labelled = [(p, "only the recommended cell is right") for p in split[0][:2]] + \
                [(p, "only the baseline is right") for p in split[1][:2]]
-    labelled = labelled or [(p, "") for p in main.pairs[:3]]
+    labelled = labelled or [(p, "") for p in pairs[:3]]
     cards = []
     for p, label in labelled:
         margins = f"margin {_num(p['margin'])}" + (f", baseline {_num(other[p['id']]['margin'])}"
@@ -437,10 +400,6 @@ def _span(values: Sequence[float], pad: float = 0.05) -> tuple[float, float]:
     return lo - pad * (hi - lo), hi + pad * (hi - lo)
 
 
-def _tick(v: float) -> str:
-    return f"{v:.3g}"
-
-
 def _axes(w: int, h: int, xr: tuple[float, float], yr: tuple[float, float], title: str, xlabel: str,
           ylabel: str, xticks: bool = True) -> tuple[list[str], Callable[[float], float], Callable[[float], float]]:
     """SVG opening, frame, ticks and labels; and the data-to-pixel maps."""
@@ -453,10 +412,10 @@ def _axes(w: int, h: int, xr: tuple[float, float], yr: tuple[float, float], titl
            f"stroke='#d1d5db'/>"]
     for t in _ticks(*xr) if xticks else []:
         out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='{top}' y2='{h - bottom}' stroke='#f3f4f6'/>"
-                   f"<text x='{sx(t):.1f}' y='{h - bottom + 13}' text-anchor='middle'>{_tick(t)}</text>")
+                   f"<text x='{sx(t):.1f}' y='{h - bottom + 13}' text-anchor='middle'>{_num(t)}</text>")
     for t in _ticks(*yr):
         out.append(f"<line x1='{left}' x2='{w - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#f3f4f6'/>"
-                   f"<text x='{left - 4}' y='{sy(t) + 4:.1f}' text-anchor='end'>{_tick(t)}</text>")
+                   f"<text x='{left - 4}' y='{sy(t) + 4:.1f}' text-anchor='end'>{_num(t)}</text>")
     out.append(f"<text x='{(left + w - right) / 2}' y='{h - 4}' text-anchor='middle'>{_e(xlabel)}</text>"
                f"<text x='12' y='{(top + h - bottom) / 2}' text-anchor='middle' "
                f"transform='rotate(-90 12 {(top + h - bottom) / 2})'>{_e(ylabel)}</text>")
@@ -482,13 +441,12 @@ def _margin_plot(log: Log, title: str, w: int = 360, h: int = 210) -> str:
     out, sx, sy = _axes(w, h, xr, _span(tm + em + [0.0]), f"margins: {title}", "step", "reward margin")
     out.append(f"<line x1='{sx(xr[0]):.1f}' x2='{sx(xr[1]):.1f}' y1='{sy(0):.1f}' y2='{sy(0):.1f}' "
                f"stroke='#9ca3af' stroke-dasharray='3 3'/>")
+    pts = lambda xs, ys: " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys))  # noqa: E731
     if tm:
-        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(ts, tm))
-        out.append(f"<polyline points='{pts}' fill='none' stroke='{TRAIN_COLOR}' stroke-width='1.2' "
+        out.append(f"<polyline points='{pts(ts, tm)}' fill='none' stroke='{TRAIN_COLOR}' stroke-width='1.2' "
                    f"stroke-opacity='0.8'/>")
     if em:
-        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(es, em))
-        out.append(f"<polyline points='{pts}' fill='none' stroke='{HELD_COLOR}' stroke-width='2'/>"
+        out.append(f"<polyline points='{pts(es, em)}' fill='none' stroke='{HELD_COLOR}' stroke-width='2'/>"
                    + "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{HELD_COLOR}'/>"
                              for x, y in zip(es, em)))
     out.append(_legend([("training", TRAIN_COLOR), ("held-out", HELD_COLOR)], 50))
@@ -497,12 +455,9 @@ def _margin_plot(log: Log, title: str, w: int = 360, h: int = 210) -> str:
 
 def _lengths(log: Log) -> list[tuple[float, float, float]]:
     """(chosen tokens, rejected tokens, margin) of the held-out pairs that have all three, finite."""
-    rows = []
-    for p in log.pairs or []:
-        vals = (p.get("chosen_tokens"), p.get("rejected_tokens"), p.get("margin"))
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
-            rows.append(tuple(float(v) for v in vals))
-    return rows
+    rows = [(p.get("chosen_tokens"), p.get("rejected_tokens"), p.get("margin")) for p in log.pairs or []]
+    return [tuple(map(float, r)) for r in rows
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in r)]
 
 
 def _scatter(log: Log, title: str, w: int = 300, h: int = 210) -> str:
@@ -548,16 +503,15 @@ def _lc(g: dict) -> str:
     return f"{_num(g['lc_win_rate'], '.3f')} ± {_num(1.96 * g['lc_win_rate_se'], '.3f')}"
 
 
+def _lens(g: dict) -> str:
+    return f"{_num(g['policy_len'])} / {_num(g['reference_len'])}"
+
+
 def _behaviour_html(d: dict, logs: dict[str, Log]) -> str:
     """Win rate and LC win rate per cell, generated lengths against the reference, prompts side by side."""
     cells = [c for c in d["cells"] if c.get("gen_eval") and logs.get(c["name"]) and logs[c["name"]].generations]
     if not cells:
         return ""
-    rows = "".join(
-        f"<tr><td>{_e(c['name'])}</td><td class='num'>{_win(c['gen_eval'])}</td>"
-        f"<td class='num'>{_num(c['gen_eval']['tie_rate'], '.2f')}</td><td class='num'>{_lc(c['gen_eval'])}</td>"
-        f"<td class='num'>{_num(c['gen_eval']['policy_len'])} / {_num(c['gen_eval']['reference_len'])}</td></tr>"
-        for c in cells)
     hists = "".join(f"<div class='card'><h3>{_e(c['name'])}</h3>{_length_hist(logs[c['name']].generations)}</div>"
                     for c in cells)
     first = logs[cells[0]["name"]].generations[:3]
@@ -572,9 +526,8 @@ def _behaviour_html(d: dict, logs: dict[str, Log]) -> str:
     return ("<h2>Behaviour</h2><p class='meta'>What each cell's policy writes, judged against the reference's "
             "generation on the same held-out prompts (1 win, ½ tie, 0 loss). LC: AlpacaEval's length-controlled "
             "win rate, the win rate at equal length; a raw win far above LC is length, not quality.</p>"
-            "<table><tr><th>cell</th><th>win rate [95% CI]</th><th>ties</th><th>LC win rate ± 95%</th>"
-            f"<th>generated length policy / reference (tokens)</th></tr>{rows}</table>"
-            f"<h3>Generated lengths</h3><div class='grid'>{hists}</div>"
+            + _html_table(BEHAVIOUR_HEAD[:-1] + (BEHAVIOUR_HEAD[-1] + " (tokens)",), [_behaviour_row(c) for c in cells], 1)
+            + f"<h3>Generated lengths</h3><div class='grid'>{hists}</div>"
             f"<h3>Held-out prompts, side by side</h3><div class='grid'>{examples}</div>")
 
 
@@ -608,7 +561,7 @@ def _interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
            "<title>held-out accuracy with 95% intervals</title>"]
     for t in _ticks(lo, 1.0, 6):
         out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='8' y2='{h - 22}' stroke='#f3f4f6'/>"
-                   f"<text x='{sx(t):.1f}' y='{h - 8}' text-anchor='middle'>{_tick(t)}</text>")
+                   f"<text x='{sx(t):.1f}' y='{h - 8}' text-anchor='middle'>{_num(t)}</text>")
     out.append(f"<line x1='{sx(0.5):.1f}' x2='{sx(0.5):.1f}' y1='8' y2='{h - 22}' stroke='#9ca3af' "
                f"stroke-dasharray='4 3'/><text x='{sx(0.5) + 3:.1f}' y='18'>chance</text>")
     for i, (name, acc, a, b, rec) in enumerate(rows):
@@ -636,21 +589,14 @@ def write_iterate_report(iter_dir: str | Path) -> tuple[Path, Path]:
             "LC win rate ± 95%", "generated length policy / reference"]
     rows = [[f"{r['round']}", f"{r['pairs']} ({sum(r['dropped'].values())})",
              f"{_num(r['chosen_score'])} / {_num(r['rejected_score'])}", _num(r["eval_accuracy"], ".3f"),
-             _win(r), _lc(r), f"{_num(r['policy_len'])} / {_num(r['reference_len'])}"] for r in rounds]
-    md = "\n".join([f"# preftune iterate: {_md(root.name)}", "", f"**{_md(d['summary'])}**", "",
-                     "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                    + ["| " + " | ".join(_md(x) for x in row) + " |" for row in rows]
-                    + ["", "## Why", ""] + [f"- {_md(t)}" for t in d["explanation"]]) + "\n"
+             _win(r), _lc(r), _lens(r)] for r in rounds]
+    md = "\n".join([f"# preftune iterate: {_md(root.name)}", "", f"**{_md(d['summary'])}**", ""]
+                    + _md_table(head, rows) + ["", "## Why", ""] + [f"- {_md(t)}" for t in d["explanation"]]) + "\n"
     color = VERDICT_COLORS["switch" if d["verdict"] == "continue" else "not_decisive"]
     body = (f"<h1>preftune iterate: {_e(root.name)}</h1><p class='verdict' id='verdict' style='--c:{color}'>"
             f"{_e(d['summary'])}</p><p class='meta'>Win rates are against the original reference, on the same held-out"
-            " prompts every round, so rounds compare.</p><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
-            + "</tr>" + "".join("<tr>" + "".join(f"<td class='num'>{_e(x)}</td>" for x in row) + "</tr>" for row in rows)
-            + "</table><h2>Why</h2><ol>" + "".join(f"<li>{_e(t)}</li>" for t in d["explanation"]) + "</ol>")
-    paths = root / "report.md", root / "report.html"
-    atomic_write_text(paths[0], md)
-    atomic_write_text(paths[1], _page(f"preftune: {root.name}", body))
-    return paths
+            " prompts every round, so rounds compare.</p>" + _html_table(head, rows) + "<h2>Why</h2><ol>" + "".join(f"<li>{_e(t)}</li>" for t in d["explanation"]) + "</ol>")
+    return _write(root, md, body)
 
 
 def write_any(folder: str | Path) -> tuple[Path, Path]:

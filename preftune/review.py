@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import stats
 from .errors import InputError
-from .files import atomic_write_json, read_jsonl_lines  # default "skip": a crashed run's log may end torn
+from .files import atomic_write_json, read_jsonl_lines  # drops a torn last line: a crashed run may leave one
 from .yardsticks import logprob_yardsticks
 
 TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
@@ -41,8 +41,7 @@ class Finding:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return clean_json({"code": self.code, "severity": self.severity, "sentence": self.sentence,
-                           "data": self.data})
+        return clean_json(asdict(self))
 
 
 @dataclass
@@ -109,11 +108,9 @@ def write_review(review: Review, out_dir: str | Path | None = None) -> Path | No
 
     With no ``out_dir`` it goes into the reviewed run folder; for a TRL or JSONL log nothing is written (None).
     """
-    if out_dir is None:
-        if review.kind != "run":
-            return None
-        out_dir = review.source
-    path = Path(out_dir) / "review.json"
+    if out_dir is None and review.kind != "run":
+        return None
+    path = Path(review.source if out_dir is None else out_dir) / "review.json"
     atomic_write_json(path, review.to_dict())
     return path
 
@@ -135,11 +132,10 @@ def load(path: str | Path) -> Log:
                 except (OSError, ValueError):
                     log.gen_eval = None
             return log
-        if (path / "trainer_state.json").is_file():
-            path = path / "trainer_state.json"
-        else:
+        if not (path / "trainer_state.json").is_file():
             raise InputError("not a preftune run folder (no metrics.jsonl) nor a TRL output folder "
                              "(no trainer_state.json)", path=str(path))
+        path = path / "trainer_state.json"
     if not path.is_file():
         raise InputError("no such file or folder", path=str(path))
     if path.suffix != ".jsonl":
@@ -290,7 +286,7 @@ def _instability(log: Log) -> list[Finding]:
     final = log.final_accuracy()  # a log without yardsticks (TRL): its own reward against chance
     if final and final[0] <= 0.5 + CHANCE_TOL:
         acc, n = final
-        lo, hi = stats.wilson_interval(round(acc * n), n) if n else (0.0, 1.0)
+        lo, hi = stats.wilson_interval(round(acc * n), n)
         ci = f" (95% CI {_n(lo)}-{_n(hi)}, {n} pairs)" if n else ""
         out.append(Finding("at_chance", "error",
                            f"held-out accuracy {_n(acc)}{ci} is at or below chance (0.5): no held-out "
@@ -332,14 +328,11 @@ def _overoptimization(log: Log) -> list[Finding]:
         return []
     early, late = _ends(train)
     rise = late - early
-    if acc and len(acc) >= 2:
-        moved, flat = _change(steps, acc), "accuracy"
-        flag, first, last, n = moved <= 0.01, acc[0], acc[-1], len(acc)
-    else:
-        moved, flat = _change(msteps, held), "margin"
-        flag, first, last, n = moved <= 0.25 * rise, held[0], held[-1], len(held)
-    if rise <= 0.1 or not flag:
+    flat, xs, ys = ("accuracy", steps, acc) if len(acc) >= 2 else ("margin", msteps, held)
+    moved = _change(xs, ys)
+    if rise <= 0.1 or moved > (0.01 if flat == "accuracy" else 0.25 * rise):
         return []
+    first, last, n = ys[0], ys[-1], len(ys)
     gap = margin_gap(log)
     gap_txt = f"; train-held-out margin gap {_n(gap[2])}" if gap else ""
     return [Finding("overoptimization", "warn",
@@ -383,8 +376,7 @@ def _displacement(log: Log) -> list[Finding]:
     ev = _falling(log.series("eval_logps/chosen")[1])
     if not (tr or ev):
         return []
-    parts = ([f"{_n(tr[0])} -> {_n(tr[1])} on training"] if tr else []) + \
-            ([f"{_n(ev[0])} -> {_n(ev[1])} held-out"] if ev else [])
+    parts = [f"{_n(v[0])} -> {_n(v[1])} {where}" for v, where in ((tr, "on training"), (ev, "held-out")) if v]
     return [Finding("likelihood_displacement", "warn",
                     f"chosen log-prob fell {' and '.join(parts)} while {what}: likelihood displacement "
                     f"(the margin grows by pushing both responses down)",

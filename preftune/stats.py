@@ -18,11 +18,6 @@ import numpy as np
 ArrayLike = Sequence[float] | np.ndarray
 
 
-def _z(level: float) -> float:
-    """Two-sided standard-normal quantile z with P(|Z| ≤ z) = level."""
-    return NormalDist().inv_cdf(0.5 + level / 2)
-
-
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k/n (Wilson 1927).
 
@@ -33,7 +28,7 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
         return 0.0, 1.0
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z, p = _z(level), k / n
+    z, p = NormalDist().inv_cdf(0.5 + level / 2), k / n  # P(|Z| ≤ z) = level
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))

@@ -24,6 +24,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +200,9 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output)
+    out, cache_dir = Path(cfg.output), cfg.resolved_cache_dir()
     check_writable_dir(out, field="output")  # a file as --output: one line, exit 2, the file untouched
-    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
+    check_writable_dir(cache_dir, field="cache_dir")
     report_to = trackers.check(cfg.report_to)  # a missing extra stops here, before the output folder is touched
     params = cfg.objective_params()
     # rank 0 looks at the folder and every rank acts on what it saw: all resume from the same checkpoint, and
@@ -223,7 +224,6 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     schedule = Schedule(cfg, data.train, rt.world_size)
     schedule.check_world(rt.world_size)  # a world size that can't split the global batch: before any writing
     model = base_model if base_model is not None else load_model(cfg)
-    cache_dir = cfg.resolved_cache_dir()
     model_fp = fingerprint(cfg.model, cache_dir)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout: same seed, same adapter at step 0 for every objective
     model = add_lora(model, cfg)  # every rank seeds alike, so every rank starts from the same adapter
@@ -294,10 +294,9 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 tracker.log(m)
             return m, rows
 
-        start = 0
+        start, last_eval = 0, None
         if checkpoint is not None:
             start = load_checkpoint(checkpoint, trainable, opt)
-            last_eval = None
             if main:
                 write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["step"] <= start])
                 last_eval = next((r for r in reversed(read_jsonl(metrics_path)) if "eval_loss" in r), None)
@@ -322,8 +321,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            parts = []
-            step_tokens = 0
+            parts, step_tokens = [], 0
             for j in range(lo, hi, cfg.batch_size):
                 mb = idx[j:min(j + cfg.batch_size, hi)]
                 sub = [data.train[k] for k in mb]
@@ -342,7 +340,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 # mean over the step's global pairs, however it is split into micro-batches and ranks: the
                 # all-reduced SUM below then is exactly the one-process gradient (FSDP averages: undo it)
                 (res.loss.sum() / len(idx) * (rt.world_size if fsdp else 1)).backward()
-                parts.append((torch.stack([s[:k], s[k:]], 1).detach(), torch.stack([c[:k], c[k:]], 1), res))
+                parts.append((torch.stack([s[:k], s[k:]], 1).detach(), res))
                 timing["train_tokens"] += batch.padded_tokens
                 timing["real_train_tokens"] += batch.real_tokens
                 step_tokens += batch.real_tokens
@@ -355,8 +353,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             if rt.distributed:  # metrics and the divergence check see the whole global batch, in its order
                 parts, step_tokens = _gather_parts(rt, parts, step_tokens)
             logps = torch.cat([p[0] for p in parts])
-            counts = torch.cat([p[1] for p in parts])
-            res = _cat_outputs([p[2] for p in parts])
+            res = _cat_outputs([p[1] for p in parts])
             loss = res.loss.detach()
             if not (torch.isfinite(loss).all() and torch.isfinite(grad_norm)):
                 return _diverged(out, cfg, step + 1, float(loss.mean()), float(grad_norm), timing, t_start,
@@ -366,7 +363,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             timing["train_s"] += dt
             timing["train_pairs"] += len(idx)
             row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
-                   **summarize(logps, counts, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
+                   **summarize(logps, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
                    "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}
             last = step + 1 == total
             if main and ((step + 1) % cfg.log_every == 0 or last):
@@ -385,13 +382,11 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         if rt.distributed:  # throughput in summary.json counts every rank's tokens
             for k in ("train_tokens", "real_train_tokens"):
                 timing[k] = sum(rt.gather(timing[k]))
-        if fsdp:  # a collective: every rank hands in its shard, rank 0 writes the full model
-            _save_fsdp(out, model, tok, main)
+        state = _full_state_dict(model) if fsdp else None  # a collective: every rank hands in its shard
         if not main:  # the other ranks end here with rank 0's summary, once it has written everything
             return rt.broadcast(None)
         write_jsonl(out / "eval_pairs.jsonl", rows)
-        if not fsdp:
-            save_weights(out, model, tok)
+        save_weights(out, model, tok, state)
         # behaviour: a judge failure raises before summary.json exists, so a matrix records this cell as failed
         gen_eval = run_gen_eval(cfg, model, tok, data.eval, out, gen_judge) if gen_judge else None
         summary = _summary(cfg, out, total, "finished", data, timing, t_start, model_info,
@@ -401,20 +396,21 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         return rt.broadcast(summary)
 
 
-def _cat_outputs(outs: list[objectives.Output]) -> objectives.Output:
-    return objectives.Output(
-        loss=torch.cat([o.loss for o in outs]),
-        chosen_rewards=torch.cat([o.chosen_rewards for o in outs]),
-        rejected_rewards=torch.cat([o.rejected_rewards for o in outs]),
-        extras={k: torch.cat([o.extras[k] for o in outs]) for k in outs[0].extras})
+def _cat_outputs(outs: list[objectives.Output], fn: Callable[[Tensor], Tensor] = lambda t: t) -> objectives.Output:
+    """The micro-batches' outputs as one: each tensor concatenated, then passed through ``fn``."""
+    def cat(tensors: Iterable[Tensor]) -> Tensor:
+        return fn(torch.cat(list(tensors)))
+
+    return objectives.Output(cat(o.loss for o in outs), cat(o.chosen_rewards for o in outs),
+                             cat(o.rejected_rewards for o in outs),
+                             {k: cat(o.extras[k] for o in outs) for k in outs[0].extras})
 
 
 def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | None, timing: dict,
              t_start: float, model_info: dict | None = None, extra: dict | None = None) -> dict:
     rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     evals = [r for r in rows if "eval_loss" in r]
-    trains = [r for r in rows if "loss" in r]
-    tail = stats.tail(trains)  # the same "last 10% of training" that review and decide read
+    tail = stats.tail([r for r in rows if "loss" in r])  # the same "last 10% of training" that review and decide read
     keys = dict.fromkeys(k for r in tail for k in r if k not in ("step", "epoch"))  # a KTO row may lack a label's
     train_last = {k: statistics.fmean(r[k] for r in tail if k in r) for k in keys}
     loop_s = timing["train_s"] + timing["reference_s"]  # reference work counts against throughput
@@ -426,16 +422,12 @@ def _summary(cfg: Config, out: Path, steps: int, status: str, data: Prepared | N
               **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
     summary = {
         "objective": cfg.objective, "lora_rank": cfg.lora_rank, "seed": cfg.seed, "steps": steps, "status": status,
-        "params": cfg.objective_params(),
-        "final_eval": evals[-1] if evals else None, "step0_eval": evals[0] if evals else None,
-        "train_last": train_last,
+        "params": cfg.objective_params(), "final_eval": evals[-1] if evals else None,
+        "step0_eval": evals[0] if evals else None, "train_last": train_last,
         "data": {k: v.to_dict() for k, v in data.stats.items()} if data else None,
         "length_bias": stats.length_bias([len(p.chosen_ids) for p in data.eval],
                                          [len(p.rejected_ids) for p in data.eval]) if data else None,
-        "timing": timing,
-        "model": model_info,
-        **(extra or {}),
-    }
+        "timing": timing, "model": model_info, **(extra or {})}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -476,19 +468,14 @@ def _all_reduce_grads(rt: runtime.Runtime, params: list[Tensor]) -> None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])                   # (sum of numels,)
     rt.all_reduce(flat)
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
-        i += p.numel()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
 
 
 def _gather_parts(rt: runtime.Runtime, parts: list, tokens: int) -> tuple[list, int]:
-    """Every rank's (logps (k, 2), counts (k, 2), Output) micro-batch results in rank order (= the global
-    batch's order, since each rank holds a contiguous slice), and the real tokens summed over ranks."""
-    mine = [(lp.cpu(), c.cpu(), objectives.Output(
-        loss=o.loss.detach().cpu(), chosen_rewards=o.chosen_rewards.detach().cpu(),
-        rejected_rewards=o.rejected_rewards.detach().cpu(),
-        extras={k: v.detach().cpu() for k, v in o.extras.items()})) for lp, c, o in parts]
+    """Every rank's (logps (k, 2), Output) micro-batch results in rank order (= the global batch's order, since
+    each rank holds a contiguous slice), and the real tokens summed over ranks."""
+    mine = [(lp.cpu(), _cat_outputs([o], lambda t: t.detach().cpu())) for lp, o in parts]
     everyone = rt.gather((mine, tokens))
     return [part for rank_parts, _ in everyone for part in rank_parts], sum(t for _, t in everyone)
 
@@ -518,15 +505,11 @@ def _maybe_fsdp(model: torch.nn.Module, cfg: Config, rt: runtime.Runtime) -> boo
     return True
 
 
-def _save_fsdp(out: Path, model: torch.nn.Module, tok: object, main: bool) -> None:
-    """The full state dict gathered to rank 0's CPU, saved as ``model/`` like a one-process run."""
+def _full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """FSDP: the full state dict gathered to rank 0's CPU, so ``model/`` is saved like a one-process run's."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if main:
-        with atomic_dir(out / "model") as d:
-            model.save_pretrained(d, state_dict=sd, safe_serialization=True)
-            tok.save_pretrained(d)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _status(out: Path) -> str | None:
@@ -538,11 +521,12 @@ def _status(out: Path) -> str | None:
 
 # --- weights and checkpoints (safetensors only) ---------------------------------------------------
 
-def save_weights(out: Path, model: torch.nn.Module, tok: object) -> None:
-    """LoRA runs: ``adapter/`` for ``PeftModel.from_pretrained``; full fine-tuning: ``model/`` + tokenizer."""
+def save_weights(out: Path, model: torch.nn.Module, tok: object, state_dict: dict | None = None) -> None:
+    """LoRA runs: ``adapter/`` for ``PeftModel.from_pretrained``; full fine-tuning: ``model/`` + tokenizer
+    (``state_dict``: FSDP's gathered one)."""
     name = "adapter" if is_peft(model) else "model"
     with atomic_dir(out / name) as d:
-        model.save_pretrained(d, safe_serialization=True)
+        model.save_pretrained(d, state_dict=state_dict, safe_serialization=True)  # None: the model's own
         if name == "model":
             tok.save_pretrained(d)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .objectives import SeqLogps, logratios, mean_logps
+from .objectives import SeqLogps, delta, mean_logps
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ def yardstick(name: str, *, needs_reference: bool, help: str) -> Callable[[Calla
 @yardstick("refrel", needs_reference=True, help="reference-relative log-ratio margin > 0 (DPO's reward, β = 1)")
 def refrel(lp: SeqLogps) -> Tensor:
     """(πc − refc) − (πr − refr): exactly 0 at step 0, where the policy is the reference."""
-    c, r = logratios(lp)
-    return c - r
+    return delta(lp)
 
 
 @yardstick("lennorm", needs_reference=False,

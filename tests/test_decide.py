@@ -369,10 +369,11 @@ def test_significant_alone_but_not_over_two_challengers(tmp_path):
 
 def with_generations(root: Path, name: str, prefs: list[float], policy_len: list[int], ref_len: list[int],
                      repeat: bool = False) -> None:
-    """Give a written cell a behavioural evaluation: gen_eval.jsonl rows and summary.json -> gen_eval."""
+    """Give a written cell (``root/cells/name``, or the run folder ``root`` when name is "") a behavioural
+    evaluation: gen_eval.jsonl rows and summary.json -> gen_eval."""
     from preftune.behaviour import summarize
 
-    folder = root / "cells" / name
+    folder = root / "cells" / name if name else root
     rows = [{"id": f"heldout.jsonl:{i + 1}", "prompt": f"p{i}",
              "policy": " ".join(["a b c"] * (n // 3) if repeat else [f"w{j}" for j in range(n)]),
              "reference": " ".join(f"w{j}" for j in range(m)), "policy_tokens": n, "reference_tokens": m,
@@ -434,3 +435,45 @@ def test_degenerate_generations_are_a_finding(tmp_path):
     f = {x.code: x.data for x in review(root / "cells" / "objective=dpo,lora_rank=8").findings}
     assert f["degenerate_generations"]["hit_max_rise"] == 1.0 and f["degenerate_generations"]["repeat_rise"] > 0.8
     assert f["behaviour"]["win_rate"] == 0.5 and f["behaviour"]["tie_rate"] == 1.0
+
+
+def iterate_folder(root: Path, rounds: list[tuple[list[bool], list[float], list[int]]]) -> Path:
+    """An iterate folder whose round r ranks held-out pairs as ``correct`` (on every yardstick) and wins
+    ``prefs`` against the original reference with generations of ``lengths`` (the reference's: 20 tokens)."""
+    root.mkdir(parents=True)
+    (root / "iterate.json").write_text(json.dumps({"settings": {"reference": "initial"}}))
+    for r, (correct, prefs, lengths) in enumerate(rounds, 1):
+        c = with_yardsticks(cell("dpo", 8, correct), correct, correct)
+        write_run(root / f"round-{r}", c["lines"], c["rows"])
+        with_generations(root / f"round-{r}", "", prefs, lengths, [20] * len(prefs))
+    return root
+
+
+def test_rounds_gain_pairs_only_and_length_only(tmp_path):
+    """decide over iterate rounds: a gain on pairs and behaviour continues; a log-prob gain while the win rate
+    falls, or a win-rate gain that is only length, stops (and does not count as beating the first round)."""
+    from preftune.decide import decide_rounds
+
+    before, after = split(300, 150, 5, 40)  # round 2 ranks 35 more held-out pairs right: significant
+    n, same = 100, [20] * 100
+    up = decide_rounds(iterate_folder(tmp_path / "up", [(before, [0.5] * n, same),
+                                                        (after, [1.0] * 70 + [0.0] * 30, same)]), n_boot=200)
+    assert (up["verdict"], up["last_beats_first"], up["basis"]["code"]) == ("continue", True, "round_gain")
+    assert set(up["basis"]["yardsticks"]) == {"behaviour", "refrel", "lennorm"} and not why(up, "round_pairs_only")
+
+    down = decide_rounds(iterate_folder(tmp_path / "down", [(before, [1.0] * 50 + [0.0] * 50, same),
+                                                            (after, [1.0] * 46 + [0.0] * 54, same)]), n_boot=200)
+    assert (down["verdict"], down["last_beats_first"], down["basis"]["pairs_only"]) == ("stop", False, True)
+    [r] = why(down, "round_pairs_only")
+    assert (r["round"], r["b"], r["yardsticks"]) == ("round-2", "round-1", ["refrel", "lennorm"])
+    assert (r["acc_a"], r["acc_b"], r["a_only"], r["b_only"]) == (0.46, 0.5, 0, 4) and r["mcnemar_p"] > 0.05
+    assert "got worse" in down["summary"]
+
+    longer = [40 if i % 5 else 10 for i in range(n)]  # wins exactly where it writes twice as long
+    length = decide_rounds(iterate_folder(tmp_path / "len", [
+        (before, [1.0 if i % 2 else 0.0 for i in range(n)], [20 + i % 3 for i in range(n)]),
+        (before, [1.0 if x > 20 else 0.0 for x in longer], longer)]), n_boot=200)
+    assert (length["verdict"], length["basis"]["length_only"], length["basis"]["yardsticks"]) == \
+        ("stop", True, ["behaviour"])
+    [lo] = why(length, "round_length_only")
+    assert lo["win_rate_a"] == pytest.approx(0.8) and lo["lc_win_rate_a"] - lo["lc_win_rate_b"] < 0.15
