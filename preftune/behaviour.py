@@ -65,13 +65,13 @@ def judge_pairs(judge: Any, prompts: Sequence[Any], policy: Sequence[str],
 
     A pointwise judge scores both sides (equal scores are a tie); a pairwise judge is asked directly.
     """
-    from .data import _text
+    from .data import as_text
 
     if judge.kind == "pointwise":
         scores = judge.score(list(prompts) + list(prompts), list(policy) + list(reference))
         sp, sr = scores[:len(policy)], scores[len(policy):]
         return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sp, sr)], sp, sr
-    return judge.compare([_text(p) for p in prompts], list(policy), list(reference)), None, None
+    return judge.compare([as_text(p) for p in prompts], list(policy), list(reference)), None, None
 
 
 def summarize(rows: Sequence[dict], *, judge: str, max_new_tokens: int, temperature: float, seed: int) -> dict:

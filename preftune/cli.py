@@ -302,7 +302,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"rounds in {cfg.output}; preftune decide {cfg.output} says whether they helped")
         return 0
     if cmd == "objectives":
-
         from .objectives import REGISTRY
 
         for o in REGISTRY.values():

@@ -43,7 +43,7 @@ class Example:
 
     def prompt_key(self) -> str:
         """Canonical text of the prompt: pairs sharing it land on the same side of a split."""
-        return _text(self.prompt)
+        return as_text(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,8 @@ def _extract_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def _text(content: Content) -> str:
+def as_text(content: Content) -> str:
+    """A prompt or completion as plain text: a string as is, chat messages as "role: content" lines."""
     if isinstance(content, str):
         return content
     return "\n".join(f"{m['role']}: {m['content']}" for m in content)
@@ -292,7 +293,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length
             stats.dropped += 1
             continue
         stats.truncated += (len(cut_p), len(cut_c), len(cut_r)) != (len(p), len(c), len(r))
-        pairs.append(Pair(ex.id, cut_p, cut_c, cut_r, ex.prompt_key(), _text(ex.chosen), _text(ex.rejected),
+        pairs.append(Pair(ex.id, cut_p, cut_c, cut_r, ex.prompt_key(), as_text(ex.chosen), as_text(ex.rejected),
                           ex.label))
     stats.kept = len(pairs)
     if not pairs:

@@ -325,7 +325,7 @@ def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0, rule: str = "max_m
 def score_rows(rows: list[dict], judge: Any) -> None:
     """Add ``scores`` to each row. A pairwise judge scores each completion by its mean preference over the
     others of the same prompt (round robin, ties one half)."""
-    from .data import _text
+    from .data import as_text
 
     if judge.kind == "pointwise":
         flat_p = [r["prompt"] for r in rows for _ in r["completions"]]
@@ -337,7 +337,7 @@ def score_rows(rows: list[dict], judge: Any) -> None:
         return
     asks = [(ri, i, j) for ri, r in enumerate(rows) for i in range(len(r["completions"]))
             for j in range(i + 1, len(r["completions"]))]
-    prefs = judge.compare([_text(rows[ri]["prompt"]) for ri, _, _ in asks],
+    prefs = judge.compare([as_text(rows[ri]["prompt"]) for ri, _, _ in asks],
                           [rows[ri]["completions"][i] for ri, i, _ in asks],
                           [rows[ri]["completions"][j] for ri, _, j in asks])
     for r in rows:

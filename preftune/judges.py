@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .data import as_text
 from .errors import InputError
 
 KINDS = ("reward-model", "python", "openai")
@@ -104,12 +105,6 @@ def _check_scores(spec: str, scores: Sequence[Any], n: int) -> list[float]:
     return out
 
 
-def _prompt_text(prompt: Any) -> str:
-    from .data import _text
-
-    return _text(prompt)
-
-
 # --- python:module:function ---------------------------------------------------------------------------------
 
 class PythonJudge:
@@ -126,7 +121,7 @@ class PythonJudge:
         out = []
         for p, c in zip(prompts, completions):
             try:
-                s = self.fn(_prompt_text(p), c)
+                s = self.fn(as_text(p), c)
             except Exception as e:  # the user's function failed: report it as bad input, one line
                 raise InputError(f"judge {self.spec} raised {type(e).__name__}: {_one_line(e)}",
                                  field="judge") from None
@@ -195,7 +190,7 @@ class RewardModelJudge:
             messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             messages.append({"role": "assistant", "content": completion})
             return self._tok.apply_chat_template(messages, tokenize=False), True
-        return _prompt_text(prompt) + completion, False
+        return as_text(prompt) + completion, False
 
     def score(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
         import torch

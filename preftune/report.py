@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stats, yardsticks
-from .data import _text, load_examples
+from .data import as_text, load_examples
 from .decide import RULES, decide
 from .errors import InputError
 from .files import atomic_write_text
@@ -332,7 +332,7 @@ def pair_texts(run_dir: str | Path) -> dict[str, dict[str, str]]:
         examples = load_examples(source, str(cfg.get(split) or "train"))
     except (OSError, ValueError, yaml.YAMLError, InputError):
         return {}
-    return {ex.id: {k: _text(getattr(ex, k)) for k in TEXT_KEYS} for ex in examples}
+    return {ex.id: {k: as_text(getattr(ex, k)) for k in TEXT_KEYS} for ex in examples}
 
 
 def _shown(text: str, limit: int = EXAMPLE_CHARS) -> str:
