@@ -180,8 +180,7 @@ def run_child(script: str, spec: dict[str, Any], run_dir: Path, threads: int) ->
     proc.returncode = os.waitstatus_to_exitcode(status)
     res_path = run_dir / "result.json"
     res = json.loads(res_path.read_text()) if res_path.exists() else {}
-    # a bf16 case's untimed fp32 re-scoring (preftune_run.fp32_scored) is no part of its process wall
-    res.update(process_wall_s=wall - res.get("fp32_score_s", 0.0), peak_rss_mb=usage.ru_maxrss / 1024,
+    res.update(process_wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024,
                returncode=proc.returncode)
     if proc.returncode != 0 or not res.get("ok"):
         tail = (run_dir / "log.txt").read_text().strip().splitlines()[-3:]
@@ -263,8 +262,8 @@ def ratios(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for label, a, b in RATIOS:
         ra, rb = cases.get(a, {}), cases.get(b, {})
         if ra.get("ok") and rb.get("ok"):
-            out.append({"comparison": label, "speedup": ra["pairs_per_s"] / rb["pairs_per_s"],
-                        "rss_ratio_trl_over_preftune": rb["peak_rss_mb"] / ra["peak_rss_mb"]})
+            out.append({"comparison": label, "speedup": ra["pairs_per_s"] / rb["pairs_per_s"], "cases": [a, b],
+                        "rss_ratio": rb["peak_rss_mb"] / ra["peak_rss_mb"]})  # the baseline's over this case's
     return out
 
 
@@ -316,8 +315,7 @@ def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
                      _f(r.get("step_s_steady"), "{:.3f}"), _f(r.get("warmup_extra_s"), "{:.1f}"),
                      _f(r.get("last_loss"), "{:.4f}"),
                      str(r.get("final_eval_pairs_right", "")) + (
-                         f" (fp32-scored {r['final_eval_pairs_right_fp32_scored']})"
-                         if "final_eval_pairs_right_fp32_scored" in r else "")])
+                         " (fp32 eval)" if r.get("bf16") and r.get("eval_arithmetic") == "float32" else "")])
     return rows
 
 
@@ -342,7 +340,7 @@ def render(results: dict[str, Any], markdown: bool) -> str:
         lines.append("")
         for q in s["ratios"]:
             lines.append(f"{'- ' if markdown else '  '}{q['comparison']}: {q['speedup']:.2f}x pairs/s, "
-                         f"peak RSS TRL/preftune {q['rss_ratio_trl_over_preftune']:.2f}x")
+                         f"peak RSS {q['cases'][1]}/{q['cases'][0]} {q['rss_ratio']:.2f}x")
         for name, r in s["cases"].items():  # --compile: steady-state step time apart from compile time
             eager = s["cases"].get(name.removesuffix("-compile"), {})
             if name.endswith("-compile") and r.get("ok") and eager.get("ok"):
@@ -363,8 +361,8 @@ def render(results: dict[str, Any], markdown: bool) -> str:
                  "tokens/s = policy tokens processed incl. padding. % matmul peak = (4N/policy token + 2N/reference token) / "
                  "time / peak. % limit = the same with real (unpadded) policy tokens: the physical limit's share. "
                  "step s = median step after 5; warm-up s = the steps' total beyond that median (compile time). "
-                 "proc s = whole subprocess wall (imports, load, setup). held-out right (fp32-scored N): a bf16 "
-                 "row's adapter scored again in fp32 after the run (untimed).")
+                 "proc s = whole subprocess wall (imports, load, setup). held-out right (fp32 eval): a bf16 "
+                 "row's held-out pairs and their reference scored in fp32 arithmetic (--eval-fp32).")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -43,8 +42,11 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], scheduler="linear",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], eval_every=0,
         eval_batch_size=16, log_every=1, save_every=0, output=str(tmp / "run"), cache_dir=str(tmp / "cache"),
-        # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.model)
-        dtype="bfloat16" if spec.get("bf16") else "float32", threads=spec["threads"], quiet=True,
+        # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.model);
+        # held-out pairs in fp32 arithmetic: bf16's 0.03-0.05 nats of noise per margin would swamp the ~0.05-nat
+        # margins of 30 steps at lr 5e-6 (bench/README.md, "bf16 held-out, investigated")
+        dtype="bfloat16" if spec.get("bf16") else "float32", eval_fp32=bool(spec.get("bf16")),
+        threads=spec["threads"], quiet=True,
         compile=bool(spec.get("compile")))
     values.update(over)
     return Config(**values).validate()
@@ -78,29 +80,7 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
             "reference_cached": t.get("reference_cached"), "compile": cfg.compile, "step_s": step_s,
             "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s),
-            **(fp32_scored(spec, tmp) if cfg.dtype == "bfloat16" else {})}
-
-
-def fp32_scored(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """The bf16-trained adapter's held-out pairs right when scored in fp32 (``preftune eval``: fp32 model +
-    adapter against the fp32 base), after the timed run, in a process of its own (the case's peak RSS stays
-    the training's). bf16 arithmetic adds about 0.03-0.05 nats of noise to each pair's reference-relative
-    margin on the benchmark model, as much as the margins after 30 steps at lr 5e-6 (about 0.05): this
-    separates what bf16 training learned from how precisely bf16 arithmetic can measure it."""
-    (tmp / "fp32_spec.json").write_text(json.dumps(spec))
-    t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--fp32-score", str(tmp / "fp32_spec.json"), str(tmp)], check=True)
-    rows = [json.loads(line) for line in open(tmp / "eval_fp32" / "eval_pairs.jsonl")]
-    # bench.py takes fp32_score_s out of the case's proc s
-    return {"final_eval_pairs_right_fp32_scored": sum(r["correct"] for r in rows),
-            "fp32_score_s": time.perf_counter() - t}
-
-
-def _fp32_score(spec: dict[str, Any], tmp: Path) -> None:
-    from preftune.evaluate import evaluate_model
-
-    cfg = build_config(spec, tmp, dtype="float32", output=str(tmp / "eval_fp32"), cache_dir=str(tmp / "cache_fp32"))
-    evaluate_model(cfg, adapter=str(tmp / "run" / "adapter"))
+            "eval_arithmetic": summary["model"]["eval_arithmetic"]}
 
 
 # ==================================================================================================
@@ -129,13 +109,6 @@ def _cell_timing(cell: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1] == "--fp32-score":  # fp32_scored's child: SPEC TMP
-        import torch
-
-        spec = json.loads(Path(argv[2]).read_text())
-        torch.set_num_threads(spec["threads"])
-        _fp32_score(spec, Path(argv[3]))
-        return 0
     spec_path, result_path = argv[1], argv[2]
     spec = json.loads(Path(spec_path).read_text())
     tmp = Path(result_path).parent / "tmp"

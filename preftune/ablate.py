@@ -425,7 +425,7 @@ def _cell_main(path: str) -> int:
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
     """Every reference log-prob set the cells will need, computed here once (the base model, no adapter)."""
-    from .model import fingerprint, resolve_dtype
+    from .model import fingerprint
     from .reference import cache_key, reference_logps
     from .train import Schedule, reference_requests
 
@@ -435,14 +435,14 @@ def _warm_reference_cache(todo: list, prepared: dict) -> None:
         data = prepared[_data_key(cfg)]
         cache_dir = cfg.resolved_cache_dir()
         fp = fingerprint(cfg.model, cache_dir)
-        for pairs, batch_size, ref_tokens in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
-            key = cache_key(fp, pairs, resolve_dtype(cfg), cfg.autocast_bf16)
-            if (key, str(cache_dir)) in done:
+        for req in reference_requests(cfg, data, Schedule(cfg, data.train)).values():
+            key = (cache_key(fp, req.pairs, req.arith), str(cache_dir))
+            if key in done:
                 continue
-            done.add((key, str(cache_dir)))
-            reference_logps(_base_model(models, cfg), pairs, key=key, cache_dir=cache_dir,
-                            pad_id=data.tokenizer.pad_token_id, batch_size=batch_size, tokens=ref_tokens,
-                            share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+            done.add(key)
+            reference_logps(_base_model(models, cfg), req.pairs, fingerprint=fp, arith=req.arith,
+                            cache_dir=cache_dir, pad_id=data.tokenizer.pad_token_id, batch_size=req.batch_size,
+                            tokens=req.tokens, share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk)
 
 
 def run_fallback(matrix_dir: str | Path) -> dict[str, int]:

@@ -21,8 +21,8 @@ from .data import load_examples, tokenize_examples
 from .errors import InputError
 from .files import atomic_write_json, atomic_write_text, check_writable_dir, write_jsonl
 from .logprobs import score_pairs
-from .model import fingerprint, load_model, load_tokenizer, resolve_dtype
-from .reference import cache_key, reference_logps
+from .model import Arithmetic, arithmetic, fingerprint, load_model, load_tokenizer, resolve_dtype
+from .reference import reference_logps
 from .runtime import Runtime, current, init
 
 
@@ -82,17 +82,21 @@ def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: 
 
 
 def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: str, params: dict, *,
-             pad_id: int, batch_size: int = 16, share_prompt: bool = True, chunk: int = 1024,
-             autocast_bf16: bool = False, rt: Runtime | None = None) -> tuple[dict, list[dict], int]:
+             arith: Arithmetic, pad_id: int, batch_size: int = 16, share_prompt: bool = True, chunk: int = 1024,
+             rt: Runtime | None = None) -> tuple[dict, list[dict], int]:
     """Score ``pairs`` with the current policy. Returns (eval metrics, per-pair rows, tokens processed).
+
+    ``arith`` (``model.arithmetic(cfg, dtype, held_out=True)``): how to compute (bf16 autocast, fp32 upcast).
 
     Under torchrun each rank scores its contiguous shard (``rt.shard``: no pair twice, none padded in) and
     the shards are gathered in order, so every rank returns the same metrics and rows over all pairs.
     """
     rt = rt or current()
     lo, hi = rt.shard(len(pairs))
-    logps, counts, processed = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
-                                           share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16)
+    with arith.applied(model):
+        logps, counts, processed = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
+                                               share_prompt=share_prompt, chunk=chunk,
+                                               autocast_bf16=arith.autocast_bf16)
     if rt.distributed:
         parts = rt.gather((logps, counts, processed))
         logps = torch.cat([p[0] for p in parts])                                                   # (N, 2)
@@ -123,17 +127,17 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split)
     pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
                                  apply_chat_template=cfg.apply_chat_template, source=source)
+    dtype = resolve_dtype(cfg)
     model = load_model(cfg)
     if adapter:
         from .generate import load_adapter
 
         model = load_adapter(model, adapter)
-    fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
     cache_dir = cfg.resolved_cache_dir()
-    key = cache_key(fingerprint(cfg.model, cache_dir), pairs, resolve_dtype(cfg), cfg.autocast_bf16)
+    fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, arith=arithmetic(cfg, dtype, held_out=True))
     rt = init()  # under torchrun the pairs are split across ranks; rank 0 writes
-    ref, _ = reference_logps(model, pairs, key=key, cache_dir=cache_dir, pad_id=tok.pad_token_id,
-                             batch_size=cfg.eval_batch_size, rt=rt, **fast)
+    ref, _ = reference_logps(model, pairs, fingerprint=fingerprint(cfg.model, cache_dir), cache_dir=cache_dir,
+                             pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, rt=rt, **fast)
     metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,
                                 batch_size=cfg.eval_batch_size, rt=rt, **fast)
     if not rt.is_main:

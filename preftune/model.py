@@ -5,11 +5,15 @@ Weights are read as safetensors only; ``trust_remote_code`` stays off unless the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,6 +93,60 @@ def resolve_dtype(cfg: Config) -> str:
         raise InputError(f"bfloat16 would be emulated, hundreds of times slower than float32: {what}; "
                          "use --dtype float32 (or --dtype auto)", field="dtype")
     return "bfloat16"
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a no-grad scoring pass computes: ``dtype`` of the loaded weights, ``autocast_bf16`` (bf16 matmuls
+    over fp32 weights), and ``upcast``: bf16 weights cast to fp32 for the pass (``Config.eval_fp32``).
+
+    Upcasting is exact on the bf16 weights: fp32 compute on bf16-rounded weights matched fp32 to 1.2e-4 nats,
+    while bf16 activations put 0.03-0.05 nats of noise on every pair's margin (bench/README.md, "bf16
+    held-out, investigated"), as much as the margins of a short low-lr run.
+    """
+
+    dtype: str
+    autocast_bf16: bool = False
+    upcast: bool = False
+
+    @property
+    def label(self) -> str:
+        """The reference cache key's dtype: fp32 arithmetic on bf16-rounded weights is a cache of its own."""
+        return f"{self.dtype}->float32" if self.upcast else self.dtype
+
+    @property
+    def compute(self) -> str:
+        """What the matmuls compute in: ``float32`` or ``bfloat16`` (summary.json's ``eval_arithmetic``)."""
+        return "float32" if self.upcast or (self.dtype == "float32" and not self.autocast_bf16) else "bfloat16"
+
+    def applied(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return fp32_weights(model) if self.upcast else contextlib.nullcontext()
+
+
+def arithmetic(cfg: Config, dtype: str, *, held_out: bool = False) -> Arithmetic:
+    """The arithmetic of a pass over training pairs (``held_out`` False) or held-out pairs, for ``dtype``
+    as ``resolve_dtype`` decided it."""
+    fp32 = held_out and cfg.eval_fp32
+    return Arithmetic(dtype, cfg.autocast_bf16 and not fp32, fp32 and dtype != "float32")
+
+
+@contextlib.contextmanager
+def fp32_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Every bf16 parameter and buffer of ``model`` in fp32 inside the block, back in bf16 after it.
+
+    Exact both ways (bf16 -> fp32 -> bf16 is the identity), in place (optimizer state and peft keep their
+    tensors), one tensor at a time: the peak is the fp32 weights plus one tensor, 2 more bytes per weight.
+    """
+    touched = []
+    for t in itertools.chain(model.parameters(), model.buffers()):  # a tied weight comes once
+        if t.dtype == torch.bfloat16:
+            t.data = t.data.float()
+            touched.append(t)
+    try:
+        yield
+    finally:
+        for t in touched:
+            t.data = t.data.to(torch.bfloat16)
 
 
 def flex_backward(device: str) -> bool:

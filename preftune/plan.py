@@ -143,6 +143,7 @@ class Setting:
     logit_chunk: int = 1024
     lora_targets: tuple[str, ...] = ("all-linear",)
     reference_cached: bool = False
+    eval_fp32: bool = False           # Config.eval_fp32: held-out scoring upcasts bf16 weights
 
     @property
     def row_len(self) -> int:       # prompt once, then chosen, then rejected (logprobs.make_batch)
@@ -267,7 +268,9 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
     train_peak = activations + lm_head + slack + transient
     # No-grad passes: held-out evaluation (every objective) and the reference over the training pairs (only
     # objectives that need it, and only when not cached). One layer's tensors alive at a time.
-    eval_peak = _layer_tensors(a, s, EVAL_BATCH, grad=False)[1] + _lm_head(a, s, EVAL_BATCH, grad=False)
+    ev = replace(s, dtype="float32") if s.eval_fp32 else s  # upcast: fp32 activations, 4 bytes per weight
+    eval_peak = (_layer_tensors(a, ev, EVAL_BATCH, grad=False)[1] + _lm_head(a, ev, EVAL_BATCH, grad=False)
+                 + a.params * (DTYPE_BYTES[ev.dtype] - wb))
     ref_forward = 0
     if needs_ref and not s.reference_cached:
         ref_batch = max(1, REF_TOKENS // s.row_len)  # pairs of this length that fit the token budget
@@ -313,6 +316,8 @@ def fixes(a: Arch, s: Setting, budget: int, **base: int) -> list[dict[str, Any]]
         b //= 2
     if s.dtype == "float32":
         add("bf16 weights", "--dtype bfloat16", replace(s, dtype="bfloat16"))
+    elif s.eval_fp32:
+        add("held-out scoring in bf16", "--no-eval-fp32", replace(s, eval_fp32=False))
     r = s.lora_rank // 2
     while r >= 1:
         new = replace(s, lora_rank=r)
@@ -397,6 +402,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", help="GPU memory budget, e.g. 24GiB")
     p.add_argument("--memory", help="memory budget for --device cpu (default: this machine's RAM)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation checkpointing")
+    p.add_argument("--eval-fp32", action="store_true",
+                   help="plan for held-out scoring in fp32 arithmetic (as train --eval-fp32)")
     p.add_argument("--reference-cached", action="store_true",
                    help="the training set's reference log-probs are already in the cache (no extra forward)")
     p.add_argument("--baseline-mb", type=float,
@@ -445,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
             s = Setting(objective=o, lora_rank=r, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         prompt_len=prompt, completion_len=completion, dtype=args.dtype, device=device,
                         gradient_checkpointing=args.gradient_checkpointing, logit_chunk=args.logit_chunk,
-                        lora_targets=targets, reference_cached=args.reference_cached)
+                        lora_targets=targets, reference_cached=args.reference_cached, eval_fp32=args.eval_fp32)
             cell = estimate(arch, s, baseline=baseline, import_peak=import_peak)
             cell["fits"] = cell["peak_bytes"] <= budget
             cell["fixes"] = [] if cell["fits"] else fixes(arch, s, budget, baseline=baseline,
@@ -486,6 +493,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  heap slack (glibc)    {_fmt(c['allocator_slack_bytes'])}")
         else:
             print(f"  layer temporaries     {_fmt(c['temporaries_bytes'])}")
+        print(f"  held-out pass         {_fmt(c['eval_pass_bytes'])}" + (" (fp32 upcast)" if args.eval_fp32 else ""))
         print(f"  reference             {ref_txt}")
         comp = c["compute"]
         print(f"  compute per pair      {comp['forwards_per_pair']:.0f} forwards "

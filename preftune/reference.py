@@ -1,6 +1,7 @@
 """Reference log-probs: computed once before training, cached on disk, shared by every run that can.
 
-The cache key is a hash of (model weight files, every tokenized id of the pairs, dtype, bf16 autocast).
+The cache key is a hash of (model weight files, every tokenized id of the pairs, the arithmetic: dtype, bf16
+autocast, fp32 upcast).
 Tokenized ids already encode the tokenizer, the data and the truncation settings, so a second run with the
 same key reads the cache exactly and any difference in them gives another key.
 
@@ -22,13 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .logprobs import prefix_sharing_blocker, score_pairs
-from .model import is_peft
+from .model import Arithmetic, is_peft
 from .runtime import Runtime, current
 
 
-def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16: bool) -> str:
+def cache_key(model_fingerprint: str, pairs: Sequence, arith: Arithmetic) -> str:
     h = hashlib.blake2b(digest_size=20)
-    h.update(json.dumps({"model": model_fingerprint, "dtype": dtype, "bf16": autocast_bf16, "n": len(pairs)}).encode())
+    h.update(json.dumps({"model": model_fingerprint, "dtype": arith.label, "bf16": arith.autocast_bf16,
+                         "n": len(pairs)}).encode())
     for p in pairs:
         for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
@@ -36,15 +38,18 @@ def cache_key(model_fingerprint: str, pairs: Sequence, dtype: str, autocast_bf16
     return h.hexdigest()
 
 
-def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_dir: Path, pad_id: int,
-                    batch_size: int = 32, share_prompt: bool = True, chunk: int = 1024,
-                    autocast_bf16: bool = False, rt: Runtime | None = None,
+def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str, arith: Arithmetic,
+                    cache_dir: Path, pad_id: int, batch_size: int = 32, share_prompt: bool = True,
+                    chunk: int = 1024, rt: Runtime | None = None,
                     tokens: int | None = None) -> tuple[torch.Tensor, bool]:
     """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache.
 
+    ``fingerprint`` (``model.fingerprint``) and ``arith`` (``model.arithmetic``) key the cache with the
+    pairs; ``arith`` also says how a miss is computed (an upcast happens only then).
+
     ``tokens`` sizes the batches by padded tokens (``logprobs.token_batches``) instead of ``batch_size`` pairs.
 
-    The file name adds the batch layout (shared or plain rows, batch size) to ``key``: the layouts agree to
+    The file name adds the batch layout (shared or plain rows, batch size) to the key: the layouts agree to
     1e-6, but the held-out exact tie at step 0 needs the reference in evaluation's own layout, bit for bit,
     also when a cache is shared by runs with and without ``--no-share-prompt``.
 
@@ -57,7 +62,7 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_
     shared = share_prompt and prefix_sharing_blocker(model) is None
     size = f"b{batch_size}" if tokens is None else f"t{tokens}"
     layout = f"{'shared' if shared else 'plain'}-{size}" + (f"-w{rt.world_size}" if rt.distributed else "")
-    path = Path(cache_dir) / "reference" / f"{key}.{layout}.safetensors"
+    path = Path(cache_dir) / "reference" / f"{cache_key(fingerprint, pairs, arith)}.{layout}.safetensors"
     logps = None
     if path.exists():
         try:
@@ -68,10 +73,10 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, key: str, cache_
     if all(rt.gather(logps is not None)):  # every rank agrees, or all compute: a collective needs them all
         return logps, True
     lo, hi = rt.shard(len(pairs))
-    ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-    with ctx:
+    no_adapter = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+    with no_adapter, arith.applied(model):
         logps, _, _ = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
-                                  share_prompt=share_prompt, chunk=chunk, autocast_bf16=autocast_bf16,
+                                  share_prompt=share_prompt, chunk=chunk, autocast_bf16=arith.autocast_bf16,
                                   tokens=tokens)                                                    # (hi-lo, 2)
     logps = torch.cat(rt.gather(logps))                                                                 # (N, 2)
     if not rt.is_main:

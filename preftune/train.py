@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,9 +59,18 @@ from .files import (
     write_jsonl,
 )
 from .logprobs import COMPILE_BUCKET, batch_logps, make_batch, prefix_sharing_blocker
-from .model import add_lora, fingerprint, is_peft, load_model, load_tokenizer, resolve_dtype
+from .model import (
+    Arithmetic,
+    add_lora,
+    arithmetic,
+    fingerprint,
+    is_peft,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from .progress import Progress, phase
-from .reference import cache_key, reference_logps
+from .reference import reference_logps
 
 
 @dataclass
@@ -156,21 +166,30 @@ class Schedule:
         return sorted({i for step in range(self.total) for i in self.batch(step)})
 
 
-def reference_requests(cfg: Config, data: Prepared,
-                       schedule: Schedule) -> dict[str, tuple[list[Pair], int, int | None]]:
-    """The reference log-prob sets a run asks for, each with its batch size in pairs and in tokens (or None).
+class Request(NamedTuple):
+    """One reference log-prob set: its pairs, batch size in pairs, in padded tokens (or None), arithmetic."""
 
-    Held-out always (both yardsticks need it), in evaluation's own batch layout so that at step 0 policy and
-    reference are bit-identical and every reference-relative margin is an exact tie. Training pairs only when
-    the objective needs them, and only those the schedule visits, in batches of ``cfg.reference_tokens``
-    padded tokens: a no-grad forward's matmuls run closer to the peak with more rows, and a token budget
-    keeps short pairs from making small batches. The ablation matrix warms the cache from this same list, so
-    its keys are the ones each cell's run looks up.
+    pairs: list[Pair]
+    batch_size: int
+    tokens: int | None
+    arith: Arithmetic
+
+
+def reference_requests(cfg: Config, data: Prepared, schedule: Schedule) -> dict[str, Request]:
+    """The reference log-prob sets a run asks for, with their batch sizes and arithmetic.
+
+    Held-out always (both yardsticks need it), in evaluation's own batch layout and arithmetic so that at step
+    0 policy and reference are bit-identical and every reference-relative margin is an exact tie. Training
+    pairs only when the objective needs them, and only those the schedule visits, in batches of
+    ``cfg.reference_tokens`` padded tokens: a no-grad forward's matmuls run closer to the peak with more rows,
+    and a token budget keeps short pairs from making small batches. The ablation matrix warms the cache from
+    this same list, so its keys are the ones each cell's run looks up.
     """
-    sets: dict[str, tuple[list[Pair], int, int | None]] = {"eval": (data.eval, cfg.eval_batch_size, None)}
+    dtype = resolve_dtype(cfg)
+    sets = {"eval": Request(data.eval, cfg.eval_batch_size, None, arithmetic(cfg, dtype, held_out=True))}
     if objectives.get(cfg.objective).needs_reference:
-        sets["train"] = ([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size),
-                         cfg.reference_tokens or None)
+        sets["train"] = Request([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size),
+                                cfg.reference_tokens or None, arithmetic(cfg, dtype))
     return sets
 
 
@@ -234,12 +253,17 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     if fsdp and gen_judge:  # generation on rank 0 alone would wait forever for the other ranks' shards
         raise InputError("the behavioural evaluation does not run under FSDP yet: set gen_eval_prompts 0",
                          field="gen_eval_prompts")
+    eval_arith = arithmetic(cfg, dtype, held_out=True)
+    if fsdp and eval_arith.upcast:  # FSDP2 owns the sharded weights' storage: no in-place upcast under it
+        raise InputError("eval_fp32 does not run under FSDP yet: score afterwards with `preftune eval "
+                         "--dtype float32`", field="eval_fp32")
     pad_id = tok.pad_token_id
     blocker = prefix_sharing_blocker(model) if cfg.share_prompt else None
     share = cfg.share_prompt and blocker is None  # else the plain layout: same numbers, prompt run twice
-    fast = dict(share_prompt=share, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16)
+    fast = dict(share_prompt=share, chunk=cfg.logit_chunk)
     lm = model.get_base_model() if is_peft(model) else model
     model_info = {"attn_implementation": lm.config._attn_implementation, "dtype": dtype,
+                  "eval_arithmetic": eval_arith.compute,
                   "share_prompt": share, "share_prompt_blocker": blocker}
 
     with contextlib.ExitStack() as stack:
@@ -261,14 +285,14 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
         t = time.perf_counter()
         refs, cached = {}, {"train": True, "eval": True}
-        for name, (pairs, batch_size, ref_tokens) in reference_requests(cfg, data, schedule).items():
-            with phase(f"reference pass ({name})", total=len(pairs), quiet=quiet):
+        for name, req in reference_requests(cfg, data, schedule).items():
+            with phase(f"reference pass ({name})", total=len(req.pairs), quiet=quiet):
                 refs[name], cached[name] = reference_logps(
-                    model, pairs, key=cache_key(model_fp, pairs, dtype, cfg.autocast_bf16), cache_dir=cache_dir,
-                    pad_id=pad_id, batch_size=batch_size, tokens=ref_tokens, rt=score_rt, **fast)
+                    model, req.pairs, fingerprint=model_fp, arith=req.arith, cache_dir=cache_dir, pad_id=pad_id,
+                    batch_size=req.batch_size, tokens=req.tokens, rt=score_rt, **fast)
             if not cached[name]:
                 timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                                                  for p in pairs)
+                                                  for p in req.pairs)
         ref_eval, ref_train = refs["eval"], None
         if "train" in refs:  # full-size, NaN where the schedule never goes
             ref_train = torch.full((len(data.train), 2), float("nan"))
@@ -280,7 +304,8 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
         metrics_path = out / "metrics.jsonl"
-        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, rt=score_rt, **fast)
+        eval_kw = dict(pad_id=pad_id, batch_size=cfg.eval_batch_size, rt=score_rt,
+                       arith=eval_arith, **fast)
 
         def run_eval(step: int) -> tuple[dict, list[dict]]:
             t = time.perf_counter()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from preftune import cli, config
-from preftune.plan import Setting, estimate, parse_size, read_arch
+from preftune.plan import Setting, estimate, fixes, parse_size, read_arch
 from preftune.train import train
 
 # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v project to 16), vocab 100, 2 layers, untied head
@@ -86,6 +86,23 @@ def test_reference_free_objective_has_no_reference_term(cfg_dir, capsys):
     cached = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "8",
                    "--gpu-memory", "1GiB", "--reference-cached")["cells"][0]
     assert cached["reference"]["kind"] == "cache" and cached["compute"]["forwards_per_pair"] == 2.0
+
+
+def test_eval_fp32_plans_the_upcast_weights_and_fp32_activations(cfg_dir, capsys):
+    args = ["--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "4", "--gpu-memory", "1GiB"]
+    fp32, bf16, up = (_plan(capsys, *args, *x)["cells"][0] for x in (
+        ["--dtype", "float32"], ["--dtype", "bfloat16"], ["--dtype", "bfloat16", "--eval-fp32"]))
+    # the held-out pass of an upcast bf16 run: fp32 activations as in an fp32 run, plus 2 more bytes per weight
+    assert up["eval_pass_bytes"] == fp32["eval_pass_bytes"] + 24992 * 2 > bf16["eval_pass_bytes"]
+    assert _plan(capsys, *args, "--eval-fp32")["cells"][0] == fp32  # fp32 weights: nothing to upcast
+    # one pair per step with checkpointing: the 16-pair held-out pass is the peak, and scoring it in bf16 the fix
+    a = read_arch(str(cfg_dir))
+    s = Setting(objective="simpo", lora_rank=4, batch_size=1, grad_accum=1, prompt_len=32, completion_len=32,
+                dtype="bfloat16", device="cuda", gradient_checkpointing=True, eval_fp32=True)
+    peak, without = (estimate(a, Setting(**{**s.__dict__, "eval_fp32": e}))["peak_bytes"] for e in (True, False))
+    assert without < peak
+    assert {"fix": "held-out scoring in bf16", "flags": "--no-eval-fp32", "peak_bytes": without, "fits": True} \
+        in fixes(a, s, peak - 1)
 
 
 def test_fixes_listed_when_it_does_not_fit(cfg_dir, capsys):

@@ -260,4 +260,4 @@ def test_reference_sized_by_tokens_equals_row_batches(tiny_world, tmp_path):
                        tok.pad_token_id, share).padded_tokens for b in batches)
     data = T.prepare_data(cfg, tok)
     req = T.reference_requests(cfg, data, T.Schedule(cfg, data.train))
-    assert req["eval"][1:] == (cfg.eval_batch_size, None) and req["train"][2] == 600  # held-out layout untouched
+    assert req["eval"][1:3] == (cfg.eval_batch_size, None) and req["train"].tokens == 600  # held-out layout untouched
