@@ -1,7 +1,7 @@
 """``preftune plan``: will a run fit, and what does each objective cost? Answered from the model config alone.
 
     preftune plan --model M --objective dpo,simpo,orpo --lora-rank 16,8 --batch-size 8 --max-length 1024 \\
-        --dtype bfloat16 --gpu-memory 24GiB [--gradient-checkpointing] [--json]
+        --dtype bfloat16 --gpu-memory 24GiB [--gradient-checkpointing] [--eval-fp32] [--json]
 
 The model is built on the meta device (no weights are read) to count parameters and find the linear layers LoRA
 wraps. Every term below is in bytes and has its basis written next to it; the README's "Will it fit?" section
