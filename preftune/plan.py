@@ -493,7 +493,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  heap slack (glibc)    {_fmt(c['allocator_slack_bytes'])}")
         else:
             print(f"  layer temporaries     {_fmt(c['temporaries_bytes'])}")
-        print(f"  held-out pass         {_fmt(c['eval_pass_bytes'])}" + (" (fp32 upcast)" if args.eval_fp32 else ""))
+        print(f"  held-out pass         {_fmt(c['eval_pass_bytes'])}" + (" (fp32 upcast)" if args.eval_fp32 and args.dtype != "float32" else ""))
         print(f"  reference             {ref_txt}")
         comp = c["compute"]
         print(f"  compute per pair      {comp['forwards_per_pair']:.0f} forwards "
