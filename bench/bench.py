@@ -347,7 +347,8 @@ def render(results: dict[str, Any], markdown: bool) -> str:
                 lines.append(f"{'- ' if markdown else '  '}{name}: steady step {r['step_s_steady']:.3f} s vs eager "
                              f"{eager['step_s_steady']:.3f} s -> {eager['step_s_steady'] / r['step_s_steady']:.2f}x; "
                              f"compile (first steps beyond steady) {r['warmup_extra_s']:.1f} s vs eager warm-up "
-                             f"{eager['warmup_extra_s']:.1f} s")
+                             f"{eager['warmup_extra_s']:.1f} s; run's own count: {r.get('compile_graphs')} graph(s), "
+                             f"{r.get('compile_s') or 0:.1f} s")
         if results["machine"].get("bf16_note"):
             lines.append(f"{'- ' if markdown else '  '}bf16: {results['machine']['bf16_note']}")
         if s.get("matrix"):

@@ -60,7 +60,7 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     t = summary["timing"]
     steps = int(summary.get("steps") or spec["steps"])
     # per-step wall times (log_every=1): the steady state is the median after 5 warm-up steps; what the first
-    # steps took beyond it is the warm-up (torch.compile's compilations, one per new shape, land there)
+    # steps took beyond it is the warm-up (torch.compile's compilation lands there)
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
     step_s = [cfg.batch_size * cfg.grad_accum / r["pairs_per_second"] for r in rows if r.get("pairs_per_second")]
     steady = statistics.median(step_s[5:] or step_s)
@@ -80,7 +80,8 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
             "reference_cached": t.get("reference_cached"), "compile": cfg.compile, "step_s": step_s,
             "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s),
-            "eval_arithmetic": summary["model"]["eval_arithmetic"]}
+            "eval_arithmetic": summary["model"]["eval_arithmetic"],
+            "compile_graphs": t.get("compile", {}).get("graphs"), "compile_s": t.get("compile", {}).get("compile_s")}
 
 
 # ==================================================================================================

@@ -97,7 +97,7 @@ class Config:
     reference_tokens: int = 4096         # padded tokens per training-set reference forward (0 = 32 pairs each)
     autocast_bf16: bool = False          # bf16 matmuls (AMX / tensor cores) with fp32 weights, log-probs and loss
     threads: int | None = None           # torch intra-op threads; None = torch's default
-    compile: bool = False                # torch.compile the decoder for training steps (rows padded to multiples of 16)
+    compile: bool = False                # torch.compile the decoder for training steps (one graph, dynamic length)
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
 
     # ---------------------------------------------------------------------------------------------

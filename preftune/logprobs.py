@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,11 +66,10 @@ class Batch:
 
 
 def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-               rejected: Sequence[Sequence[int]], pad_id: int, share_prompt: bool = True, pad_to: int = 1) -> Batch:
+               rejected: Sequence[Sequence[int]], pad_id: int, share_prompt: bool = True) -> Batch:
     """Lay out n pairs as n shared rows (``share_prompt``) or 2n plain rows (prompt+chosen, prompt+rejected).
 
-    ``pad_to`` rounds the row length up to a multiple (``--compile``: shapes repeat, so compiled graphs are
-    reused); pad positions are masked, so the numbers do not change. Run: ``make_batch([[1]], [[2]], [[3]], 0)``.
+    Run: ``make_batch([[1]], [[2]], [[3]], 0)``.
     """
     n = len(prompts)
     src: list[int] = []
@@ -77,7 +77,7 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
     seq: list[int] = []
     if share_prompt:
         rows = [list(p) + list(c) + list(r) for p, c, r in zip(prompts, chosen, rejected)]
-        L = -(-max(len(x) for x in rows) // pad_to) * pad_to
+        L = max(len(x) for x in rows)
         pos = torch.zeros(n, L, dtype=torch.long)
         block = torch.full((n, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
         for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
@@ -109,7 +109,7 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
 
     rows = [list(p) + list(c) for p, c in zip(prompts, chosen)] + [list(p) + list(r) for p, r in zip(prompts, rejected)]
     comps = list(chosen) + list(rejected)
-    L = -(-max(len(x) for x in rows) // pad_to) * pad_to
+    L = max(len(x) for x in rows)
     input_ids = torch.full((2 * n, L), pad_id, dtype=torch.long)
     attn = torch.zeros(2 * n, L, dtype=torch.long)
     for s, (x, c) in enumerate(zip(rows, comps)):
@@ -241,21 +241,49 @@ def _block_mask(mask: Tensor) -> object:
     return create_block_mask(lambda b, h, q, k: m[b, q, k], R, None, L, L, device=str(m.device))
 
 
-# Row lengths under --compile are rounded up to this multiple so that batches of similar pairs share a shape.
-COMPILE_BUCKET = 16
+# Graphs dynamo may keep for the decoder before it falls back to eager (torch's default is 8). A matrix's
+# cells share the base model's decoder and each LoRA rank is a graph of its own, as is each row count.
+RECOMPILE_LIMIT = 64
 
 
 def compiled_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(decoder, dynamic=False)``, made once per decoder and kept on it.
+    """``torch.compile(decoder)``, made once per decoder and kept on it.
 
     Stored in the instance ``__dict__``, not as a submodule: a registered child would enter ``state_dict``
-    and the saved adapter. Static shapes: inductor on CPU fuses best with them, and ``COMPILE_BUCKET``
-    keeps their number small. Run: ``compiled_decoder(model.get_decoder())``.
+    and the saved adapter. Call it through ``_run_compiled``, which makes the sequence length dynamic.
+    Run: ``compiled_decoder(model.get_decoder())``.
     """
     fn = decoder.__dict__.get("_preftune_compiled")
     if fn is None:
-        fn = decoder.__dict__["_preftune_compiled"] = torch.compile(decoder, dynamic=False)
+        fn = decoder.__dict__["_preftune_compiled"] = torch.compile(decoder)
     return fn
+
+
+def _run_compiled(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | dict[str, Tensor],
+                  position_ids: Tensor) -> Any:
+    """The compiled decoder's output, with every length dimension of its inputs dynamic from the first call.
+
+    Static shapes compiled one graph per row length (10-30 s each for the benchmark model on 2 cores), and
+    dynamo's recompile limit then sent every later length back to eager without a word. One graph with a
+    symbolic length ran the steady step within noise of a static one (bench/README.md).
+    """
+    length = input_ids.shape[1]
+    masks = list(attention_mask.values()) if isinstance(attention_mask, dict) else [attention_mask]
+    for t in (input_ids, position_ids, *masks):
+        for dim in range(1, t.dim()):  # (R, L), (R, L), (R, 1, L, L): never the rows
+            if t.shape[dim] == length:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, limit))}):
+        return compiled_decoder(decoder)(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (torch's own counter): a step that raised it compiled."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
@@ -272,9 +300,13 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
     batch = batch.to(device)
     dtype = head.weight.dtype
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        run = compiled_decoder(decoder) if compile else decoder
-        hidden = run(input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, dtype),
-                     position_ids=batch.position_ids, use_cache=False).last_hidden_state       # (R, L, H)
+        mask = _mask_for(lm, batch, dtype)
+        if compile:
+            out = _run_compiled(decoder, batch.input_ids, mask, batch.position_ids)
+        else:
+            out = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                          use_cache=False)
+        hidden = out.last_hidden_state                                                           # (R, L, H)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.src)               # (M, H)
         cfg = lm.config
         logp = token_logps(head, hidden, batch.targets, chunk,

@@ -125,3 +125,8 @@ class Progress:
         t = summary["timing"]
         pairs_s = t.get("pairs_per_second", math.nan)
         self._print(f"[{self.name}] done in {t['total_s']:.1f}s ({pairs_s:.2f} pairs/s): {out}")
+        if "compile" in t:  # --compile: what compiling cost against what it saves per step
+            c = t["compile"]
+            steady = "n/a" if c["steady_step_s"] is None else f"{c['steady_step_s']:.3f}s"
+            self._print(f"[{self.name}] compile: {c['compile_s']:.1f}s for {c['graphs']} graph(s); "
+                        f"steady step {steady}")

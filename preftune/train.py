@@ -58,7 +58,7 @@ from .files import (
     read_jsonl,
     write_jsonl,
 )
-from .logprobs import COMPILE_BUCKET, batch_logps, make_batch, prefix_sharing_blocker
+from .logprobs import batch_logps, compiled_graphs, make_batch, prefix_sharing_blocker
 from .model import (
     Arithmetic,
     add_lora,
@@ -164,6 +164,36 @@ class Schedule:
     def visited(self) -> list[int]:
         """Indices of every training pair some step will use, sorted."""
         return sorted({i for step in range(self.total) for i in self.batch(step)})
+
+
+@dataclass
+class CompileClock:
+    """``--compile``'s one-off cost, apart from its steady state (``summary.json`` → ``timing.compile``).
+
+    A step in which dynamo compiled a graph (its own counter rose) paid for compiling it, forward and
+    backward; every other step is the steady state. ``compile_s`` is what the compiling steps took beyond
+    the steady mean. Run: ``c = CompileClock(); c.add(9.1, 1); c.add(0.8, 0); c.summary()``.
+    """
+
+    graphs: int = 0
+    compile_steps: int = 0
+    compile_steps_s: float = 0.0
+    steady_steps: int = 0
+    steady_s: float = 0.0
+
+    def add(self, dt: float, new_graphs: int) -> None:
+        if new_graphs:
+            self.graphs += new_graphs
+            self.compile_steps += 1
+            self.compile_steps_s += dt
+        else:
+            self.steady_steps += 1
+            self.steady_s += dt
+
+    def summary(self) -> dict:
+        steady = self.steady_s / self.steady_steps if self.steady_steps else None
+        return {"graphs": self.graphs, "compile_s": self.compile_steps_s - self.compile_steps * (steady or 0.0),
+                "steady_step_s": steady}
 
 
 class Request(NamedTuple):
@@ -338,8 +368,10 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
 
         # 4. The loop.
         model.train()
+        clock = CompileClock() if cfg.compile else None
         for step in range(start, total):
             t = time.perf_counter()
+            graphs = compiled_graphs() if clock else 0
             idx = schedule.batch(step)     # the global batch, the same on every rank
             lo, hi = rt.shard(len(idx))    # this rank's contiguous slice of it (equal sizes: check_world)
             lr = lr_at(step, cfg, total)
@@ -351,8 +383,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 mb = idx[j:min(j + cfg.batch_size, hi)]
                 sub = [data.train[k] for k in mb]
                 batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
-                                   [p.rejected_ids for p in sub], pad_id, share,
-                                   pad_to=COMPILE_BUCKET if cfg.compile else 1)
+                                   [p.rejected_ids for p in sub], pad_id, share)
                 s, c = batch_logps(model, batch, chunk=cfg.logit_chunk, autocast_bf16=cfg.autocast_bf16,
                                    compile=cfg.compile)                                                  # (2k,)
                 k = len(mb)
@@ -387,6 +418,9 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
             dt = time.perf_counter() - t
             timing["train_s"] += dt
             timing["train_pairs"] += len(idx)
+            if clock:
+                clock.add(dt, compiled_graphs() - graphs)
+                timing["compile"] = clock.summary()
             row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch,
                    **summarize(logps, res, loss), "grad_norm": float(grad_norm), "learning_rate": lr,
                    "pairs_per_second": len(idx) / dt, "tokens_per_second": step_tokens / dt}

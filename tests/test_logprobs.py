@@ -93,20 +93,18 @@ def test_gradients_flow_through_shared_prompt(llama):
 
 
 def test_compiled_decoder_equals_eager_through_lora_and_shared_mask(llama):
-    """--compile: one graph (no breaks) through peft's LoRA layers and the prefix-sharing 4D mask, and the
-    same log-probs and LoRA gradients as eager to 1e-5 in fp32. One static shape (pad_to), smallest model:
-    inductor on this CPU takes tens of seconds per extra shape."""
+    """--compile: one graph (no breaks) through peft's LoRA layers and the prefix-sharing 4D mask, the same
+    log-probs and LoRA gradients as eager to 1e-5 in fp32, and one graph for every row length (dynamic)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    from preftune.logprobs import COMPILE_BUCKET, _mask_for, compiled_decoder
+    from preftune.logprobs import _mask_for, compiled_decoder, compiled_graphs
 
     torch.manual_seed(1)
     model = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     prompts, chosen, rejected = zip(*PAIRS)
-    batch = make_batch(prompts, chosen, rejected, pad_id=0, share_prompt=True, pad_to=COMPILE_BUCKET)
-    assert batch.input_ids.shape == (3, COMPILE_BUCKET)
+    batch = make_batch(prompts, chosen, rejected, pad_id=0, share_prompt=True)
     lm = model.get_base_model()
     explained = torch._dynamo.explain(lm.get_decoder())(
         input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, torch.float32),
@@ -114,22 +112,23 @@ def test_compiled_decoder_equals_eager_through_lora_and_shared_mask(llama):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     torch._dynamo.reset()  # explain's frames are not the compiled ones below
 
-    results = []
-    for compile in (False, True):
+    def run(batch, compile):
         model.zero_grad()
         sums, counts = batch_logps(model, batch, compile=compile)
         sums.sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((sums.detach(), counts, grads))
-    (eager, c_eager, g_eager), (comp, c_comp, g_comp) = results
-    assert torch.equal(c_eager, c_comp) and eager.abs().min() > 1  # real log-prob sums, not zeros
-    assert torch.allclose(comp, eager, rtol=0, atol=1e-5)
-    assert g_eager.keys() == g_comp.keys() and len(g_eager) > 0
-    for name in g_eager:
-        assert torch.allclose(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5), name
+        return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    graphs = compiled_graphs()
+    longer = make_batch([p + [9, 10, 11] for p in prompts], chosen, rejected, pad_id=0, share_prompt=True)
+    for b in (batch, longer):  # two row lengths, one compiled graph: the length is symbolic
+        (eager, c_eager, g_eager), (comp, c_comp, g_comp) = run(b, False), run(b, True)
+        assert torch.equal(c_eager, c_comp) and eager.abs().min() > 1  # real log-prob sums, not zeros
+        assert torch.allclose(comp, eager, rtol=0, atol=1e-5)
+        assert g_eager.keys() == g_comp.keys() and len(g_eager) > 0
+        for name in g_eager:
+            assert torch.allclose(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5), name
+    assert longer.input_ids.shape[1] == batch.input_ids.shape[1] + 3
+    assert compiled_graphs() == graphs + 1
     assert "_preftune_compiled" in lm.get_decoder().__dict__
     assert not any("_preftune_compiled" in k for k in model.state_dict())  # the compiled copy is never saved
     assert compiled_decoder(lm.get_decoder()) is lm.get_decoder().__dict__["_preftune_compiled"]
-    # Padding to the bucket changes nothing: the unpadded eager layout gives the same sums.
-    plain, _ = batch_logps(model, make_batch(prompts, chosen, rejected, pad_id=0, share_prompt=True))
-    assert torch.allclose(plain.detach(), eager, rtol=0, atol=1e-5)

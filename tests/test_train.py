@@ -261,3 +261,33 @@ def test_reference_sized_by_tokens_equals_row_batches(tiny_world, tmp_path):
     data = T.prepare_data(cfg, tok)
     req = T.reference_requests(cfg, data, T.Schedule(cfg, data.train))
     assert req["eval"][1:3] == (cfg.eval_batch_size, None) and req["train"].tokens == 600  # held-out layout untouched
+
+
+def test_compiled_run_equals_eager_and_reports_its_compile_time(tiny_world, tmp_path):
+    """--compile end to end: the same held-out margins as eager (1e-4), one graph for the run's row lengths,
+    the compile time apart from the steady step in summary.json."""
+    kw = dict(max_steps=4, eval_every=0, batch_size=4, group_by_length=False)  # shuffled: several row lengths
+    eager = T.train(cfg_for(tiny_world, tmp_path, "eager", **kw))
+    comp = T.train(cfg_for(tiny_world, tmp_path, "compiled", compile=True, **kw))
+    rows = [read_jsonl(tmp_path / name / "eval_pairs.jsonl") for name in ("eager", "compiled")]
+    assert [r["id"] for r in rows[0]] == [r["id"] for r in rows[1]]
+    assert max(abs(a["margin"] - b["margin"]) for a, b in zip(*rows)) < 1e-4
+    assert comp["final_eval"]["eval_loss"] == pytest.approx(eager["final_eval"]["eval_loss"], abs=1e-5)
+    cfg = cfg_for(tiny_world, tmp_path, "x", **kw)
+    data = T.prepare_data(cfg, load_tokenizer(cfg))
+    schedule = T.Schedule(cfg, data.train)
+    row = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
+    assert len({max(row[i] for i in schedule.batch(step)) for step in range(4)}) > 1  # the steps' row lengths
+    c = comp["timing"]["compile"]
+    assert c["graphs"] == 1 and c["compile_s"] > 0 and 0 < c["steady_step_s"] < c["compile_s"]
+    assert "compile" not in eager["timing"]
+
+
+def test_compile_clock_by_hand():
+    """Steps that compiled count beyond the steady mean: (9.1 - 0.9) + (2.0 - 0.9) = 9.3 s over 3 graphs."""
+    clock = T.CompileClock()
+    for dt, graphs in ((9.1, 2), (0.8, 0), (2.0, 1), (1.0, 0)):
+        clock.add(dt, graphs)
+    c = clock.summary()
+    assert c["graphs"] == 3 and c["steady_step_s"] == pytest.approx(0.9) and c["compile_s"] == pytest.approx(9.3)
+    assert T.CompileClock().summary() == {"graphs": 0, "compile_s": 0.0, "steady_step_s": None}
