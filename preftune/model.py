@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,6 +260,18 @@ def _load_adapter_weights(model: torch.nn.Module, folder: str) -> None:
     if result.unexpected_keys:
         raise InputError(f"adapter weights this LoRA doesn't have ({result.unexpected_keys[0]}, ...): use its rank and "
                          "target modules", path=folder, field="init_adapter")
+
+
+def checkpoint_layers(lm: PreTrainedModel) -> Callable[[], None]:
+    """Activation checkpointing on: each layer keeps only its input and is recomputed in backward. Returns the undo.
+
+    Non-reentrant checkpointing (transformers' default) needs no input that requires grad, so the hook that
+    transformers puts on the embeddings anyway comes off: it broke ``--compile``'s graph in two, and
+    transformers' own disable leaves it on a peft-wrapped model. Run: ``undo = checkpoint_layers(lm)``.
+    """
+    lm.activation_checkpointing_enable()
+    lm.disable_input_require_grads()
+    return lm.activation_checkpointing_disable
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -63,6 +63,7 @@ from .model import (
     Arithmetic,
     add_lora,
     arithmetic,
+    checkpoint_layers,
     fingerprint,
     is_peft,
     load_model,
@@ -300,8 +301,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         if base_model is not None and is_peft(model):
             stack.callback(model.unload)  # hand the shared base model back without adapters, even on error
         if cfg.gradient_checkpointing:  # each layer keeps only its input and is recomputed in backward
-            lm.activation_checkpointing_enable()
-            stack.callback(lm.activation_checkpointing_disable)  # a shared base model goes back as it came
+            stack.callback(checkpoint_layers(lm))  # a shared base model goes back as it came
         quiet = cfg.quiet or not main
         if main:
             stack.enter_context(FolderLock(out))

@@ -132,3 +132,28 @@ def test_compiled_decoder_equals_eager_through_lora_and_shared_mask(llama):
     assert "_preftune_compiled" in lm.get_decoder().__dict__
     assert not any("_preftune_compiled" in k for k in model.state_dict())  # the compiled copy is never saved
     assert compiled_decoder(lm.get_decoder()) is lm.get_decoder().__dict__["_preftune_compiled"]
+
+
+def test_checkpointed_decoder_is_still_one_graph(llama):
+    """--gradient-checkpointing with --compile: transformers' embedding hook (requires_grad_ on an output)
+    broke the graph in two; checkpoint_layers takes it off, and its undo leaves the model as it came."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.logprobs import _mask_for
+    from preftune.model import checkpoint_layers
+
+    model = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules="all-linear"))
+    lm = model.get_base_model()
+    undo = checkpoint_layers(lm)
+    assert lm.is_activation_checkpointing and not getattr(lm, "_require_grads_hooks", None)
+    prompts, chosen, rejected = zip(*PAIRS)
+    batch = make_batch(prompts, chosen, rejected, pad_id=0, share_prompt=True)
+    model.train()
+    explained = torch._dynamo.explain(lm.get_decoder())(
+        input_ids=batch.input_ids, attention_mask=_mask_for(lm, batch, torch.float32),
+        position_ids=batch.position_ids, use_cache=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    undo()
+    assert not lm.is_activation_checkpointing
