@@ -204,9 +204,14 @@ def derive(res: dict[str, Any], n_matmul: int, peaks: dict[str, float]) -> dict[
     # the physical limit: real (unpadded) policy tokens at 4N and reference tokens at 2N, at the matmul peak
     real = res.get("policy_tokens_real")
     limit = None if real is None else (4 * n_matmul * real + 2 * n_matmul * res.get("ref_tokens", 0)) / (peak * 1e9)
+    # the training step alone, in its steady state: each step's real tokens at 4N over its own time (median
+    # after 5 steps), apart from the reference pass and one-off costs (compilation, first-step allocations)
+    steps = list(zip(res.get("step_s") or [], res.get("step_tokens_real") or []))
+    step_shares = sorted(4 * n_matmul * tok / dt / (peak * 1e9) for dt, tok in steps[5:] or steps)
     return {**res, "timed_s": timed, "pairs_per_s": res["pairs"] / timed,
             "tokens_per_s": res["policy_tokens"] / timed,
-            "peak_share": flops / timed / (peak * 1e9), "limit_share": None if limit is None else limit / timed}
+            "peak_share": flops / timed / (peak * 1e9), "limit_share": None if limit is None else limit / timed,
+            "step_limit_share": step_shares[len(step_shares) // 2] if step_shares else None}
 
 
 def base_spec(args: argparse.Namespace, setting: str, assets: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +303,7 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 
 COLUMNS = ["case", "pairs/s", "tokens/s", "loop s", "ref s", "proc s", "peak RSS MB", "% matmul peak", "% limit",
-           "step s", "warm-up s", "last loss", "held-out right"]
+           "% limit step", "step s", "warm-up s", "last loss", "held-out right"]
 
 
 def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -312,6 +317,7 @@ def table_rows(cases: dict[str, dict[str, Any]]) -> list[list[str]]:
                      _f(r.get("ref_s") or None, "{:.1f}"), _f(r["process_wall_s"], "{:.1f}"),
                      _f(r["peak_rss_mb"], "{:.0f}"), share,
                      _f(None if r.get("limit_share") is None else 100 * r["limit_share"], "{:.1f}%"),
+                     _f(None if r.get("step_limit_share") is None else 100 * r["step_limit_share"], "{:.1f}%"),
                      _f(r.get("step_s_steady"), "{:.3f}"), _f(r.get("warmup_extra_s"), "{:.1f}"),
                      _f(r.get("last_loss"), "{:.4f}"),
                      str(r.get("final_eval_pairs_right", "")) + (
@@ -361,7 +367,8 @@ def render(results: dict[str, Any], markdown: bool) -> str:
                  "reference_s (train + held-out reference; TRL's default DPO does its reference inside the loop). "
                  "tokens/s = policy tokens processed incl. padding. % matmul peak = (4N/policy token + 2N/reference token) / "
                  "time / peak. % limit = the same with real (unpadded) policy tokens: the physical limit's share. "
-                 "step s = median step after 5; warm-up s = the steps' total beyond that median (compile time). "
+                 "% limit step = the training step alone: 4N per real token of a step over its time, median after 5 "
+                 "(no reference pass, no compile time). step s = median step after 5; warm-up s = the steps' total beyond that median (compile time). "
                  "proc s = whole subprocess wall (imports, load, setup). held-out right (fp32 eval): a bf16 "
                  "row's held-out pairs and their reference scored in fp32 arithmetic (--eval-fp32).")
     return "\n".join(lines) + "\n"

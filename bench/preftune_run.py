@@ -62,7 +62,9 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     # per-step wall times (log_every=1): the steady state is the median after 5 warm-up steps; what the first
     # steps took beyond it is the warm-up (torch.compile's compilation lands there)
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
-    step_s = [cfg.batch_size * cfg.grad_accum / r["pairs_per_second"] for r in rows if r.get("pairs_per_second")]
+    step_rows = [r for r in rows if r.get("pairs_per_second")]
+    step_s = [cfg.batch_size * cfg.grad_accum / r["pairs_per_second"] for r in step_rows]
+    step_tokens = [r["tokens_per_second"] * s for r, s in zip(step_rows, step_s)]  # real tokens of each step
     steady = statistics.median(step_s[5:] or step_s)
     # timing.processed_tokens = train_tokens (policy, padded) + reference_tokens (reference passes, train + eval)
     policy = t.get("train_tokens", t["processed_tokens"])
@@ -79,7 +81,7 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "final_eval_accuracy": (summary.get("final_eval") or {}).get("eval_accuracy"),
             "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
             "reference_cached": t.get("reference_cached"), "compile": cfg.compile, "step_s": step_s,
-            "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s),
+            "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s), "step_tokens_real": step_tokens,
             "eval_arithmetic": summary["model"]["eval_arithmetic"],
             "compile_graphs": t.get("compile", {}).get("graphs"), "compile_s": t.get("compile", {}).get("compile_s")}
 
