@@ -5,7 +5,7 @@ its own subprocess (peak RSS per run) and prints/writes the comparison table.
                                     [--long-prompt | --long-only] [--matrix] [--lr 5e-6] [--out bench_out] [--tiny]
 
 Development (seconds, tiny model): ``.venv/bin/python bench/bench.py --tiny --steps 2 --skip-preftune``.
-Children: bench/trl_run.py (TRL trainers) and bench/preftune_run.py (preftune.train / ablate).
+Children: bench/trl_run.py (TRL trainers) and bench/preftune_run.py (preftune.training.loop / ablate).
 Outputs: <out>/results.json, <out>/results.md, per-run logs under <out>/runs/<setting>/<case>/.
 """
 

@@ -52,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bench  # noqa: E402  (bench/bench.py: model shape, settings, assets)
-from preftune.logprobs import _block_mask, make_batch  # noqa: E402
+from preftune.modeling.logprobs import _block_mask, make_batch  # noqa: E402
 
 N_PAIRS = bench.BATCH
 HEADS = bench.FULL_MODEL["num_attention_heads"]
@@ -257,7 +257,7 @@ def _load(cfg):
     2.13) so that its forward can be measured."""
     from unittest import mock
 
-    from preftune import model as model_mod
+    from preftune.modeling import model as model_mod
 
     with mock.patch.object(model_mod, "flex_backward", lambda device: True):
         return model_mod.load_model(cfg)
@@ -265,9 +265,9 @@ def _load(cfg):
 
 def whole_model(setting: str, device: torch.device, dtype: torch.dtype, rounds: int, seed: int,
                 out_dir: Path) -> dict:
-    from preftune.config import Config
-    from preftune.logprobs import batch_logps
-    from preftune.model import add_lora
+    from preftune.core.config import Config
+    from preftune.modeling.logprobs import batch_logps
+    from preftune.modeling.model import add_lora
 
     assets = bench.build_assets(out_dir / "assets", False, 30 * bench.BATCH)
     lengths = pair_lengths(setting, seed)
@@ -333,10 +333,11 @@ def reference_pass(setting: str, device: torch.device, dtype: torch.dtype, out_d
     """The no-grad workload flex can run on CPU: preftune's reference pass (``score_pairs``, 4096-token
     batches, prompt shared) over the benchmark's 240 training pairs, sdpa vs flex_attention; run twice, the
     first run including flex's compilations (one per new shape until dynamo goes dynamic)."""
-    from preftune.config import Config
-    from preftune.data import load_examples, tokenize_examples
-    from preftune.logprobs import score_pairs
-    from preftune.model import load_tokenizer
+    from preftune.core.config import Config
+    from preftune.data.rows import load_examples
+    from preftune.data.tokenize import tokenize_examples
+    from preftune.modeling.logprobs import score_pairs
+    from preftune.modeling.model import load_tokenizer
 
     assets = bench.build_assets(out_dir / "assets", False, 30 * bench.BATCH)
     _, _, max_len, max_prompt = bench.SETTINGS[setting]
@@ -382,7 +383,7 @@ def reference_pass(setting: str, device: torch.device, dtype: torch.dtype, out_d
 
 def _row_lengths(pairs) -> list[int]:
     """The row length of each 4096-token batch of score_pairs (its number of distinct compiled shapes)."""
-    from preftune.logprobs import token_batches
+    from preftune.modeling.logprobs import token_batches
 
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                                                        + len(pairs[i].rejected_ids)))

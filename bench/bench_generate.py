@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _one(model, tok, assets: dict, setting: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from preftune.data import encode_prompts, load_prompts
-    from preftune.generate import generate_ids
+    from preftune.data.rows import load_prompts
+    from preftune.data.tokenize import encode_prompts
+    from preftune.generation.sampler import generate_ids
 
     prompts_file = next(Path(assets["data"]).glob(f"heldout_{setting}_*.jsonl"))
     rows = load_prompts(str(prompts_file))

@@ -52,7 +52,7 @@ def measure(paths: dict[str, str], objective: str, batch: int, max_len: int, max
             run_dir: Path, checkpointing: bool = False) -> dict:
     """One real ``preftune train`` in a fresh process; its own peak RSS from summary.json and from wait4."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "preftune.cli", "train", "--model", paths["model"], "--data", paths["data"],
+    cmd = [sys.executable, "-m", "preftune.commands.cli", "train", "--model", paths["model"], "--data", paths["data"],
            "--eval-data", paths["eval"], "--objective", objective, "--batch-size", str(batch),
            "--max-length", str(max_len), "--max-prompt-length", str(max_prompt), "--max-steps", str(steps),
            "--eval-every", "0", "--save-every", "0", "--quiet", "--output", str(run_dir / "run"),
@@ -65,8 +65,8 @@ def measure(paths: dict[str, str], objective: str, batch: int, max_len: int, max
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"train failed: {err.strip().splitlines()[-1:] if err.strip() else status}")
     summary = json.loads((run_dir / "run" / "summary.json").read_text())
-    return {"measured_mb": summary["timing"]["peak_rss_mb"], "wait4_mb": usage.ru_maxrss / 1024,
-            "train_tokens": summary["timing"]["train_tokens"], "wall_s": time.perf_counter() - t}
+    return {"measured_mb": summary.timing["peak_rss_mb"], "wait4_mb": usage.ru_maxrss / 1024,
+            "train_tokens": summary.timing["train_tokens"], "wall_s": time.perf_counter() - t}
 
 
 def probe(paths: dict[str, str], batch: int, max_len: int, max_prompt: int, steps: int, out: Path) -> None:
@@ -79,11 +79,11 @@ def probe(paths: dict[str, str], batch: int, max_len: int, max_prompt: int, step
 
     import torch
 
-    from preftune import config
-    from preftune.logprobs import batch_logps, make_batch
-    from preftune.model import add_lora, load_model
-    from preftune.plan import MIB, Setting, _layer_tensors, estimate, read_arch
-    from preftune.train import train
+    from preftune.core import config
+    from preftune.modeling.logprobs import batch_logps, make_batch
+    from preftune.modeling.model import add_lora, load_model
+    from preftune.training.loop import train
+    from preftune.training.plan import MIB, Setting, _layer_tensors, estimate, read_arch
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in
@@ -168,7 +168,7 @@ def main() -> int:
     if args.probe:
         probe(assets(out)["bench"], *SETTINGS["bench"], args.steps, out)
         return 0
-    from preftune.plan import MIB, plan_cells
+    from preftune.training.plan import MIB, plan_cells
 
     rows = []
     for name, paths in assets(out).items():

@@ -26,7 +26,7 @@ JUDGE = "python:preftune.tinyworld:judge"
 
 def sh(args: list[str]) -> None:
     print("$ preftune " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "preftune.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "preftune.commands.cli", *args], check=True)
 
 
 def table(folder: Path, decisions: dict[int, dict]) -> list[str]:

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore")
 
 def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
     """The preftune Config equivalent to the TRL runs (same data, LoRA, lr, batch, steps, lengths, seed)."""
-    from preftune.config import Config
+    from preftune.core.config import Config
 
     values = dict(
         model=spec["model"], data=spec["data"], eval_data=spec["eval_data"], objective=spec.get("objective", "dpo"),
@@ -42,7 +42,7 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], scheduler="linear",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], eval_every=0,
         eval_batch_size=16, log_every=1, save_every=0, output=str(tmp / "run"), cache_dir=str(tmp / "cache"),
-        # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.model);
+        # bf16 mode: bf16 frozen weights, fp32 LoRA weights, attention, log-probs and loss (see preftune.modeling.model);
         # held-out pairs in fp32 arithmetic: bf16's 0.03-0.05 nats of noise per margin would swamp the ~0.05-nat
         # margins of 30 steps at lr 5e-6 (bench/README.md, "bf16 held-out, investigated")
         dtype="bfloat16" if spec.get("bf16") else "float32", eval_fp32=bool(spec.get("bf16")),
@@ -53,12 +53,12 @@ def build_config(spec: dict[str, Any], tmp: Path, **over: Any) -> Any:
 
 
 def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    from preftune.train import train
+    from preftune.training.loop import train
 
     cfg = build_config(spec, tmp)
     summary = train(cfg)
-    t = summary["timing"]
-    steps = int(summary.get("steps") or spec["steps"])
+    t = summary.timing
+    steps = int(summary.steps or spec["steps"])
     # per-step wall times (log_every=1): the steady state is the median after 5 warm-up steps; what the first
     # steps took beyond it is the warm-up (torch.compile's compilation lands there)
     rows = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
@@ -69,7 +69,7 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     # timing.processed_tokens = train_tokens (policy, padded) + reference_tokens (reference passes, train + eval)
     policy = t.get("train_tokens", t["processed_tokens"])
     ref_tokens = t.get("reference_tokens")
-    return {"library": "preftune", "objective": cfg.objective, "status": summary.get("status"), "steps": steps,
+    return {"library": "preftune", "objective": cfg.objective, "status": summary.status, "steps": steps,
             "pairs": steps * cfg.batch_size * cfg.grad_accum, "loop_s": t["train_s"], "ref_s": t.get("reference_s") or 0.0,
             "eval_s": t.get("eval_s"), "preftune_total_s": t.get("total_s"), "policy_tokens": policy,
             "policy_tokens_real": t.get("real_train_tokens"),
@@ -77,23 +77,23 @@ def run_single(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "ref_tokens": ref_tokens if ref_tokens is not None else (policy if cfg.objective == "dpo" else 0),
             "ref_tokens_estimated": ref_tokens is None,
             "preftune_pairs_per_second": t.get("pairs_per_second"), "preftune_peak_rss_mb": t.get("peak_rss_mb"),
-            "last_loss": (summary.get("train_last") or {}).get("loss"), "bf16": cfg.dtype == "bfloat16",
-            "final_eval_accuracy": (summary.get("final_eval") or {}).get("eval_accuracy"),
+            "last_loss": (summary.train_last or {}).get("loss"), "bf16": cfg.dtype == "bfloat16",
+            "final_eval_accuracy": (summary.final_eval or {}).get("eval_accuracy"),
             "final_eval_pairs_right": sum(json.loads(line)["correct"] for line in open(tmp / "run" / "eval_pairs.jsonl")),
             "reference_cached": t.get("reference_cached"), "compile": cfg.compile, "step_s": step_s,
             "step_s_steady": steady, "warmup_extra_s": sum(step_s) - steady * len(step_s), "step_tokens_real": step_tokens,
-            "eval_arithmetic": summary["model"]["eval_arithmetic"],
+            "eval_arithmetic": summary.model["eval_arithmetic"],
             "compile_graphs": t.get("compile", {}).get("graphs"), "compile_s": t.get("compile", {}).get("compile_s")}
 
 
 # ==================================================================================================
 # The 2x2 ablate (objective dpo/simpo x lora_rank 16/8); bench.py times this whole process end to end.
-# Uses preftune.ablate.run_matrix(base, grid, parallel=1) -> {"finished": n, "failed": n}; the matrix folder is
+# Uses preftune.training.matrix.run_matrix(base, grid, parallel=1) -> {"finished": n, "failed": n}; the matrix folder is
 # base.output. lora_alpha None = 2 x rank, like the TRL r16 (alpha 32) / r8 (alpha 16) runs. SimPO's beta/gamma
 # come from the base's `objectives` overrides. Adjust here if the ablate API changes.
 # ==================================================================================================
 def run_preftune_matrix(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    from preftune.ablate import run_matrix
+    from preftune.training.matrix import run_matrix
 
     objectives = spec.get("objectives", {})
     base = build_config(spec, tmp, objective="dpo", objectives=objectives, lora_alpha=None,

@@ -9,34 +9,33 @@ that is, and why.
     ...                       objective="simpo", objectives={"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
     ...                       lora_rank=8, output="runs/s")
     >>> summary = preftune.train(cfg)
-    >>> summary["final_eval"]["eval_accuracy"]
+    >>> summary.final_eval["eval_accuracy"]
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
-from .config import Config, from_file
-from .errors import InputError, TrainingDiverged
-from .objectives import ObjectiveOutput, SeqLogps, objective
+from .core.config import Config, from_file
+from .core.errors import InputError, TrainingDiverged
+from .core.layout import RunSummary
+from .core.objectives import ObjectiveOutput, SeqLogps, objective
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
            "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Train one run; returns its summary (see docs/formats.md)."""
-    from .train import train as _train
+def train(config: Config) -> RunSummary:
+    """Train one run; returns its summary (summary.json, docs/formats.md)."""
+    from .training.loop import train as _train
 
     return _train(config)
 
 
 def evaluate(config: Config, adapter: str | None = None) -> dict[str, Any]:
     """``preftune eval``: score a model (and an optional peft adapter) on held-out pairs; returns the metrics."""
-    from .evaluate import evaluate_model
+    from .evaluation.heldout import evaluate_model
 
     return evaluate_model(config, adapter=adapter)
 
@@ -47,7 +46,7 @@ def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: i
 
     ``backend="ray"`` runs each cell as a Ray task (``address``: a cluster to join; default a local instance).
     """
-    from .ablate import DEFAULT_GRID, RayOptions, run_matrix
+    from .training.matrix import DEFAULT_GRID, RayOptions, run_matrix
 
     ray = RayOptions(address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
     return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel, backend=backend, ray=ray)
@@ -57,8 +56,8 @@ def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
     """Statistics and the verdict over a matrix folder (or ``preftune iterate``'s rounds); writes decision.json."""
     from pathlib import Path
 
-    from .decide import decide as _decide
-    from .decide import decide_rounds, write_decision
+    from .verdict.decide import decide as _decide
+    from .verdict.decide import decide_rounds, write_decision
 
     decision = (decide_rounds if (Path(matrix_dir) / "iterate.json").exists() else _decide)(matrix_dir, **kw)
     write_decision(matrix_dir, decision)
@@ -67,31 +66,13 @@ def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
 
 def report(matrix_dir: str) -> tuple[Any, Any]:
     """Write report.md and report.html for a matrix folder (decided if needed), an iterate folder or a run."""
-    from .report import write_any
+    from .verdict.report import write_any
 
     return write_any(matrix_dir)
 
 
 def review(path: str) -> Any:
     """Diagnostics of one run folder or TRL log."""
-    from .review import review as _review
+    from .evaluation.review import review as _review
 
     return _review(path)
-
-
-_API = frozenset({"train", "evaluate", "ablate", "decide", "report", "review"})
-
-
-class _Package(types.ModuleType):
-    """The package module: importing a submodule that shares a name with a public function (``preftune.train``
-    the module, ``preftune.train()`` the function) must not rebind the function, or the second API call in a
-    process fails with "'module' object is not callable". The submodules stay in ``sys.modules`` and import
-    normally with ``from preftune.train import ...``."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -6,14 +6,14 @@
 import os
 import sys
 
-from .cli import main
+from .commands.cli import main
 
 code = main()
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     # Under torchrun, skip the interpreter's teardown: with gloo it sometimes aborts the process ("terminate
     # called without an active exception") after the run has finished, and torchrun then reports the whole
     # job as failed. Every file is already written atomically and fsynced; only stdio needs flushing.
-    from .runtime import _shutdown
+    from .core.runtime import _shutdown
 
     _shutdown()
     sys.stdout.flush()

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .files import atomic_dir, write_jsonl
+from .core.errors import InputError
+from .core.files import atomic_dir, write_jsonl
 
 VARIANTS = ("default", "chosen_shorter", "flipped")
 FILLERS = (" ok", " done", " there you go", " that is the answer", " all sorted now")

@@ -3,7 +3,6 @@ a killed cell, a failing cell, the lock, --grid parsing, the CLI and the paralle
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -16,17 +15,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import preftune.model as M
-import preftune.objectives as O
-import preftune.reference as R
-from preftune.ablate import DEFAULT_GRID, parse_grid, plan, run_fallback, run_matrix
-from preftune.cli import main
-from preftune.config import Config
-from preftune.errors import InputError
-from preftune.files import read_jsonl
-from preftune.model import is_peft
-
-T = importlib.import_module("preftune.train")  # the module; `import preftune.train` names the function
+import preftune.core.objectives as O
+import preftune.modeling.model as M
+import preftune.modeling.reference as R
+import preftune.training.loop as T
+import preftune.training.step as S
+from preftune.commands.cli import main
+from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.core.files import read_jsonl
+from preftune.core.layout import RunDir
+from preftune.modeling.model import is_peft
+from preftune.training.checkpoints import latest_checkpoint
+from preftune.training.matrix import DEFAULT_GRID, parse_grid, plan, run_fallback, run_matrix
 
 NAMES = ["objective=dpo,lora_rank=16", "objective=dpo,lora_rank=8", "objective=simpo,lora_rank=16",
          "objective=simpo,lora_rank=8"]
@@ -68,7 +69,7 @@ def matrix(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate")
     base = base_cfg(tiny_world, root, "m")
     models, trains, batches = [], [], {}
-    real_load, real_train, real_batch = M.load_model, T.train, T.make_batch
+    real_load, real_train, real_batch = M.load_model, T.train, S.make_batch
 
     def load(cfg):
         models.append(real_load(cfg))
@@ -84,7 +85,7 @@ def matrix(tiny_world, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         for mod, name, fn in ((M, "load_model", load), (T, "load_model", load), (T, "train", train),
-                              (T, "make_batch", batch)):
+                              (S, "make_batch", batch)):
             mp.setattr(mod, name, fn)
         result = run_matrix(base, parse_grid([]))
     return SimpleNamespace(base=base, out=Path(base.output), result=result, models=models, trains=trains,
@@ -165,7 +166,7 @@ def test_rerun_of_a_finished_matrix_trains_nothing(matrix, monkeypatch):
 def test_killed_cell_resumes_and_matches_uninterrupted(matrix, tmp_path, monkeypatch):
     base = replace(matrix.base, output=str(tmp_path / "k"))
     grid = {"objective": ["dpo", "simpo"], "lora_rank": [8]}
-    real, n = T.batch_logps, {"calls": 0}
+    real, n = S.batch_logps, {"calls": 0}
 
     def killed(*a, **k):  # one training forward per step: 4 for the dpo cell, then simpo's third step dies
         n["calls"] += 1
@@ -173,15 +174,15 @@ def test_killed_cell_resumes_and_matches_uninterrupted(matrix, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "batch_logps", killed)
+    monkeypatch.setattr(S, "batch_logps", killed)
     with pytest.raises(KeyboardInterrupt):
         run_matrix(base, grid)
-    monkeypatch.setattr(T, "batch_logps", real)
+    monkeypatch.setattr(S, "batch_logps", real)
     out, killed_cell = tmp_path / "k", NAMES[3]
     meta = json.loads((out / "matrix.json").read_text())
     assert [c["status"] for c in meta["cells"]] == ["finished", "running"]
     assert not (out / ".lock").exists() and not (out / "cells" / killed_cell / ".lock").exists()
-    assert T.latest_checkpoint(out / "cells" / killed_cell).name == "step-0000002"
+    assert latest_checkpoint(RunDir(out / "cells" / killed_cell)).name == "step-0000002"
 
     calls = count_train(monkeypatch)
     assert run_matrix(base, grid) == {"finished": 2, "failed": 0}
@@ -212,7 +213,7 @@ def test_failing_cell_is_recorded_and_others_finish(matrix, tmp_path, monkeypatc
 
 def test_second_process_holding_the_lock_is_refused(matrix, tmp_path):
     out = tmp_path / "locked"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from preftune.files import FolderLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from preftune.core.files import FolderLock; "
                                "FolderLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(60)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:

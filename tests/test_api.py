@@ -33,7 +33,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     yield tmp_path
     sys.modules.pop("myloss", None)
-    preftune.objectives.REGISTRY.pop("slic", None)
+    preftune.core.objectives.REGISTRY.pop("slic", None)
 
 
 def base(world, out, **kw) -> preftune.Config:
@@ -48,8 +48,8 @@ def test_readme_api_twice_in_one_process(tiny_world, tmp_path):
         root = tmp_path / f"round{i}"
         summary = preftune.train(base(tiny_world, root / "s", objective="simpo",
                                       objectives={"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}}))
-        assert summary["status"] == "finished" and 0 <= summary["final_eval"]["eval_accuracy"] <= 1
-        assert summary["params"] == {"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
+        assert summary.status == "finished" and 0 <= summary.final_eval["eval_accuracy"] <= 1
+        assert summary.params == {"beta": 2.0, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
         m = base(tiny_world, root / "matrix")
         assert preftune.ablate(m, {"objective": ["dpo", "simpo"], "lora_rank": [4]}) == {"finished": 2, "failed": 0}
         md, html = preftune.report(str(root / "matrix"))          # decides first: no decision.json yet
@@ -68,17 +68,17 @@ def test_user_objective_through_every_stage(tiny_world, user_module, parallel):
     cfg = base(tiny_world, out, objectives={"slic": {"delta": 2.0}})
     run = preftune.train(base(tiny_world, user_module / "one", objective="myloss:slic",
                               objectives={"slic": {"delta": 2.0}}))
-    assert run["params"] == {"beta": 1.0, "delta": 2.0, "nll_weight": 0.0}
-    assert preftune.objectives.get("slic").spec == "myloss:slic"
+    assert run.params == {"beta": 1.0, "delta": 2.0, "nll_weight": 0.0}
+    assert preftune.core.objectives.get("slic").spec == "myloss:slic"
     cfg_again = preftune.from_file(user_module / "one" / "config.yaml")
-    assert cfg_again.objective == "myloss:slic" and cfg_again.objective_params() == run["params"]
+    assert cfg_again.objective == "myloss:slic" and cfg_again.objective_params() == run.params
     if parallel == 1:
         assert preftune.ablate(cfg, {"objective": ["dpo", "myloss:slic"], "lora_rank": [4]}) == \
             {"finished": 2, "failed": 0}
     else:  # the command line, as a user types it, with cells in child processes
         (user_module / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items()
                                                                if k not in ("output", "resume")}))
-        done = subprocess.run([sys.executable, "-m", "preftune.cli", "ablate", "--config", "base.yaml",
+        done = subprocess.run([sys.executable, "-m", "preftune.commands.cli", "ablate", "--config", "base.yaml",
                                "--grid", "objective=dpo,myloss:slic", "--grid", "lora_rank=4", "--parallel", "2",
                                "--output", str(out)], cwd=user_module, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr

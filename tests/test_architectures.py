@@ -19,10 +19,12 @@ import torch
 import transformers as tf
 
 import preftune
-from preftune.config import Config
-from preftune.data import load_examples, tokenize_examples
-from preftune.errors import InputError
-from preftune.logprobs import (
+from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.data.rows import load_examples
+from preftune.data.tokenize import tokenize_examples
+from preftune.modeling import precision
+from preftune.modeling.logprobs import (
     _block_mask,
     batch_logps,
     make_batch,
@@ -30,7 +32,7 @@ from preftune.logprobs import (
     score_pairs,
     token_logps,
 )
-from preftune.model import add_lora, load_model, load_tokenizer
+from preftune.modeling.model import add_lora, load_model, load_tokenizer
 from preftune.tinyworld import _quiet
 
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -121,7 +123,7 @@ _RUNS: dict[str, dict] = {}
 
 
 def _trained(zoo: dict, name: str) -> dict:
-    """preftune.train on this architecture, once per module (the TRL test reuses its step-0 eval)."""
+    """preftune.training.loop on this architecture, once per module (the TRL test reuses its step-0 eval)."""
     if name not in _RUNS:
         _RUNS[name] = preftune.train(_cfg(zoo, name))
     return _RUNS[name]
@@ -147,12 +149,12 @@ def test_architecture_trains_and_shares_the_prompt_exactly(zoo, name):
     assert (shared - plain).abs().max().item() <= 1e-5
 
     summary = _trained(zoo, name)
-    assert summary["status"] == "finished" and summary["steps"] == 2
-    assert summary["model"] == {"attn_implementation": EXPECTED_ATTENTION[name], "dtype": "float32",
+    assert summary.status == "finished" and summary.steps == 2
+    assert summary.model == {"attn_implementation": EXPECTED_ATTENTION[name], "dtype": "float32",
                                 "eval_arithmetic": "float32", "share_prompt": True, "share_prompt_blocker": None}
     # step 0: LoRA's B = 0, so the policy is the base model and matches the plain-layout numbers above
-    assert summary["step0_eval"]["eval_logps/chosen"] == pytest.approx(plain[:, 0].mean().item(), abs=1e-5)
-    assert summary["step0_eval"]["eval_refrel/margin"] == 0.0  # exact tie with the reference at step 0
+    assert summary.step0_eval["eval_logps/chosen"] == pytest.approx(plain[:, 0].mean().item(), abs=1e-5)
+    assert summary.step0_eval["eval_refrel/margin"] == 0.0  # exact tie with the reference at step 0
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -201,9 +203,8 @@ def test_gemma2_logps_apply_the_final_logit_softcap(zoo):
 
 def test_gemma2_in_bf16_shares_the_prompt(zoo, monkeypatch):
     """bf16 weights with eager attention and its additive mask in bf16: close to fp32, shared or not."""
-    from preftune import model as model_mod
 
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)  # this test's CPU may lack it: only slower
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # this test's CPU may lack it: only slower
     cfg = _cfg(zoo, "gemma2")
     pairs = _pairs(zoo, cfg)
     f32, _, _ = score_pairs(load_model(cfg), pairs, pad_id=0, batch_size=8, share_prompt=False)
@@ -232,7 +233,7 @@ def test_step0_eval_logps_match_trl(zoo, name, tmp_path):
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,
                              processing_class=tf.AutoTokenizer.from_pretrained(folder))
         theirs = trainer.evaluate()
-    ours = _trained(zoo, name)["step0_eval"]
+    ours = _trained(zoo, name).step0_eval
     for key in ("eval_logps/chosen", "eval_logps/rejected"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key  # fp32 summation order only
 
@@ -248,12 +249,12 @@ def test_alibi_falls_back_to_the_plain_layout(zoo):
     plain, _, plain_tokens = score_pairs(model, pairs, pad_id=pad, batch_size=8, share_prompt=False)
     assert torch.equal(asked, plain) and tokens == plain_tokens  # 2 rows a pair: the fallback ran
     summary = preftune.train(cfg)
-    assert summary["model"]["share_prompt"] is False
-    assert summary["model"]["share_prompt_blocker"] == prefix_sharing_blocker(model)
+    assert summary.model["share_prompt"] is False
+    assert summary.model["share_prompt_blocker"] == prefix_sharing_blocker(model)
 
 
 def test_kernels_without_a_custom_mask_get_the_plain_layout(zoo, monkeypatch):
-    import preftune.logprobs as lp
+    import preftune.modeling.logprobs as lp
 
     model = load_model(_cfg(zoo, "llama"))
     impl = model.config._attn_implementation
@@ -304,7 +305,7 @@ def test_flex_attention_block_mask_is_the_sharing_mask():
 def test_flex_attention_refused_where_it_has_no_backward(zoo, monkeypatch):
     """torch 2.13 has no FlexAttention backward on CPU: asking for flex there is one InputError at load time,
     not a NotImplementedError in the first training step. The probe decides, so a torch with one lets it through."""
-    from preftune import model as model_mod
+    from preftune.modeling import model as model_mod
 
     assert model_mod.flex_backward("cpu") is False  # torch 2.13; when this fails, torch has added it
     with pytest.raises(InputError) as e:
@@ -320,9 +321,9 @@ def test_layout_switch_keeps_the_step0_tie_with_a_shared_cache(zoo):
     """The reference cache is per layout: a --no-share-prompt run next to a shared one still ties exactly."""
     first = _trained(zoo, "llama")  # shared layout, same cache folder
     plain = preftune.train(_cfg(zoo, "llama", share_prompt=False, output=str(zoo["root"] / "runs" / "llama-plain")))
-    assert plain["model"]["share_prompt"] is False and plain["model"]["share_prompt_blocker"] is None
-    assert first["timing"]["reference_cached"]["eval"] is False
-    assert plain["timing"]["reference_cached"] == {"train": False, "eval": False}  # not the shared numbers
+    assert plain.model["share_prompt"] is False and plain.model["share_prompt_blocker"] is None
+    assert first.timing["reference_cached"]["eval"] is False
+    assert plain.timing["reference_cached"] == {"train": False, "eval": False}  # not the shared numbers
     for s in (first, plain):
-        assert s["step0_eval"]["eval_refrel/margin"] == 0.0
-        assert s["step0_eval"]["eval_accuracy"] == 0.5  # every pair an exact tie, counted one half
+        assert s.step0_eval["eval_refrel/margin"] == 0.0
+        assert s.step0_eval["eval_accuracy"] == 0.5  # every pair an exact tie, counted one half

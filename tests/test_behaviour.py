@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from preftune import config
-from preftune.behaviour import behaviour_eval, degeneration, win_rate
-from preftune.data import load_prompts
-from preftune.errors import InputError
-from preftune.files import read_jsonl
-from preftune.judges import PythonJudge, parse_judge
-from preftune.stats import lc_win_rate, wilson_interval
+from preftune.core import config
+from preftune.core.errors import InputError
+from preftune.core.files import read_jsonl
+from preftune.data.rows import load_prompts
+from preftune.evaluation.behaviour import behaviour_eval, degeneration, win_rate
+from preftune.evaluation.stats import lc_win_rate, wilson_interval
+from preftune.generation.judges import PythonJudge, parse_judge
 
 
 def _distinct_words(prompt: str, completion: str) -> float:
@@ -101,7 +101,7 @@ def test_gen_eval_is_recomputed_from_gen_eval_jsonl(tiny_world, policy, tmp_path
         assert gen[side]["repeated_3gram_share"] == degeneration([r[side] for r in rows])["repeated_3gram_share"]
     assert gen["len_ratio"] == gen["policy"]["mean_len"] / gen["reference"]["mean_len"]
     # the reference really is the base model: its greedy completions equal the adapter-free model's
-    from preftune.generate import generate
+    from preftune.generation.sampler import generate
 
     with model.disable_adapter():
         base_rows = generate(model, tok, prompts[:12], max_new_tokens=10, temperature=0.0)
@@ -127,10 +127,10 @@ def _cfg(world, tmp_path, name, **kw):
 
 
 def test_train_writes_gen_eval_and_rejects_bad_judges_early(tiny_world, tmp_path, monkeypatch):
-    from preftune.train import train
+    from preftune.training.loop import train
 
     summary = train(_cfg(tiny_world, tmp_path, "run"))
-    gen = summary["gen_eval"]
+    gen = summary.gen_eval
     rows = read_jsonl(tmp_path / "run" / "gen_eval.jsonl")
     assert gen["prompts"] == len(rows) == 6 and gen["max_new_tokens"] == 8 and gen["temperature"] == 0.0
     assert gen["win_rate"] == sum(r["preference"] for r in rows) / 6
@@ -172,8 +172,8 @@ def test_pairwise_judge_is_asked_policy_first(tiny_world, policy, tmp_path):
 
 def test_preftune_eval_judges_behaviour_like_the_run(tiny_world, tmp_path):
     """`preftune eval --adapter A --judge ... --gen-eval-prompts N` gives the run's own gen_eval (greedy, same seed)."""
-    from preftune.cli import main
-    from preftune.train import train
+    from preftune.commands.cli import main
+    from preftune.training.loop import train
 
     gen = {"judge": "python:preftune.tinyworld:judge", "gen_eval_prompts": 6, "gen_max_new_tokens": 8}
     run = train(config.build({}, dict(model=str(tiny_world.model_dir), data=str(tiny_world.train_path),
@@ -185,5 +185,5 @@ def test_preftune_eval_judges_behaviour_like_the_run(tiny_world, tmp_path):
                  str(tmp_path / "cache"), "--judge", gen["judge"], "--gen-eval-prompts", "6",
                  "--gen-max-new-tokens", "8", "--quiet"]) == 0
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())["gen_eval"]
-    assert got == run["gen_eval"]
+    assert got == run.gen_eval
     assert read_jsonl(tmp_path / "ev" / "gen_eval.jsonl") == read_jsonl(tmp_path / "run" / "gen_eval.jsonl")

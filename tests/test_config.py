@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune import config as C
-from preftune.cli import main
-from preftune.errors import InputError
+from preftune.commands.cli import main
+from preftune.core import config as C
+from preftune.core.errors import InputError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -6,10 +6,12 @@ import random
 
 import pytest
 
-from preftune import data
-from preftune.data import Example, batch_order, load_examples, split_by_prompt, tokenize_examples
-from preftune.errors import InputError
-from preftune.stats import length_bias
+from preftune.core.errors import InputError
+from preftune.data import rows as data
+from preftune.data.rows import Example, load_examples
+from preftune.data.split import batch_order, split_by_prompt
+from preftune.data.tokenize import tokenize_examples
+from preftune.evaluation.stats import length_bias
 
 ROW = {"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}
 USER = {"role": "user", "content": "What is 2+2?"}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_review import metrics, pairs, ramp, write_run
 
-from preftune.decide import decide, write_decision
-from preftune.errors import InputError
+from preftune.core.errors import InputError
+from preftune.verdict.decide import decide, write_decision
 
 
 def split(n: int, both: int, only_a: int, only_b: int) -> tuple[list[bool], list[bool]]:
@@ -371,7 +371,7 @@ def with_generations(root: Path, name: str, prefs: list[float], policy_len: list
                      repeat: bool = False) -> None:
     """Give a written cell (``root/cells/name``, or the run folder ``root`` when name is "") a behavioural
     evaluation: gen_eval.jsonl rows and summary.json -> gen_eval."""
-    from preftune.behaviour import summarize
+    from preftune.evaluation.behaviour import summarize
 
     folder = root / "cells" / name if name else root
     rows = [{"id": f"heldout.jsonl:{i + 1}", "prompt": f"p{i}",
@@ -427,7 +427,7 @@ def test_a_behaviour_win_that_is_only_length(tmp_path):
 
 
 def test_degenerate_generations_are_a_finding(tmp_path):
-    from preftune.review import review
+    from preftune.evaluation.review import review
 
     same = split(100, 60, 0, 0)[0]
     root = write_matrix(tmp_path / "m", [cell("dpo", 8, same)])
@@ -452,7 +452,7 @@ def iterate_folder(root: Path, rounds: list[tuple[list[bool], list[float], list[
 def test_rounds_gain_pairs_only_and_length_only(tmp_path):
     """decide over iterate rounds: a gain on pairs and behaviour continues; a log-prob gain while the win rate
     falls, or a win-rate gain that is only length, stops (and does not count as beating the first round)."""
-    from preftune.decide import decide_rounds
+    from preftune.verdict.decide import decide_rounds
 
     before, after = split(300, 150, 5, 40)  # round 2 ranks 35 more held-out pairs right: significant
     n, same = 100, [20] * 100

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from preftune.cli import main
-from preftune.config import Config
-from preftune.errors import InputError
-from preftune.runtime import Runtime, init
-from preftune.train import Schedule
+from preftune.commands.cli import main
+from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.core.runtime import Runtime, init
+from preftune.training.loop import Schedule
 
 
 def flags(world, out: Path, batch_size: int, *extra: str) -> list[str]:

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 import preftune
-from preftune import model as model_mod
-from preftune.cli import main
-from preftune.config import Config
-from preftune.errors import InputError
-from preftune.generate import load_adapter
-from preftune.logprobs import score_pairs
-from preftune.model import Arithmetic, fp32_weights, load_model, native_bf16, resolve_dtype
-from preftune.reference import cache_key
-from preftune.train import prepare_data
+from preftune.commands.cli import main
+from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.modeling import model as model_mod
+from preftune.modeling import precision
+from preftune.modeling.logprobs import score_pairs
+from preftune.modeling.model import load_adapter, load_model
+from preftune.modeling.precision import Arithmetic, fp32_weights, native_bf16, resolve_dtype
+from preftune.modeling.reference import cache_key
+from preftune.training.loop import prepare_data
 
 REFUSAL = ("preftune: error: field 'dtype': bfloat16 would be emulated, hundreds of times slower than float32: "
            "this CPU has no native bf16 (AMX / AVX-512 BF16); use --dtype float32 (or --dtype auto)\n")
@@ -36,7 +37,7 @@ def one_thread():
 
 
 def test_bf16_refused_at_once_without_native_bf16(tiny_world, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the dtype was checked")
@@ -56,11 +57,11 @@ def test_bf16_refused_at_once_without_native_bf16(tiny_world, tmp_path, monkeypa
 
 def test_auto_dtype_follows_the_probe(monkeypatch):
     cfg = Config(model="m", data="d", dtype="auto", device="cpu")
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert resolve_dtype(cfg) == "bfloat16"
     assert resolve_dtype(Config(model="m", data="d", dtype="bfloat16", device="cpu")) == "bfloat16"
     assert resolve_dtype(Config(model="m", data="d", dtype="float32", device="cpu")) == "float32"
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert resolve_dtype(cfg) == "float32"
     with pytest.raises(InputError) as e:
         resolve_dtype(Config(model="m", data="d", dtype="bfloat16", device="cuda:1"))
@@ -81,13 +82,13 @@ def test_probe_reads_the_hardware(monkeypatch):
 
 
 def test_auto_resolves_to_bf16_and_the_summary_says_so(tiny_world, tmp_path, monkeypatch):
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     summary = preftune.train(Config(model=str(tiny_world.model_dir), data=str(tiny_world.train_path),
                                     eval_data=str(tiny_world.eval_path), dtype="auto", device="cpu",
                                     max_train_pairs=8, batch_size=4, max_steps=1, eval_every=0, save_every=0,
                                     quiet=True, output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")))
     # bf16 weights on CPU: SDPA runs in fp32 inside (preftune's registered wrapper)
-    assert summary["model"] == {"attn_implementation": "preftune_sdpa_fp32", "dtype": "bfloat16",
+    assert summary.model == {"attn_implementation": "preftune_sdpa_fp32", "dtype": "bfloat16",
                                 "eval_arithmetic": "bfloat16", "share_prompt": True, "share_prompt_blocker": None}
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"]["dtype"] == "bfloat16"
     assert (tmp_path / "run" / "config.yaml").read_text().count("dtype: auto") == 1  # reproducible as asked
@@ -117,21 +118,21 @@ def test_eval_fp32_scores_a_bf16_run_in_fp32_on_its_bf16_weights(tiny_world, tmp
     The truth is that computation done by hand: the bf16-loaded model upcast, the run's adapter, score_pairs.
     bf16 evaluation of the same adapter is far from it; the upcast one agrees to fp32 resolution.
     """
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     common = dict(model=str(tiny_world.model_dir), data=str(tiny_world.train_path), eval_data=str(tiny_world.eval_path),
                   dtype="bfloat16", device="cpu", max_train_pairs=32, batch_size=8, lr=5e-3, eval_every=0,
                   save_every=0, quiet=True, cache_dir=str(tmp_path / "cache"))
     run = tmp_path / "run"
     summary = preftune.train(Config(**common, max_steps=4, eval_fp32=True, output=str(run)))
-    assert summary["model"]["dtype"] == "bfloat16" and summary["model"]["eval_arithmetic"] == "float32"
+    assert summary.model["dtype"] == "bfloat16" and summary.model["eval_arithmetic"] == "float32"
     step0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert step0["step"] == 0 and step0["eval_rewards/margins"] == 0.0  # policy == reference, bit for bit
     rows = [json.loads(x) for x in (run / "eval_pairs.jsonl").read_text().splitlines()]
 
     cfg = Config(**common)
-    pairs = prepare_data(cfg, preftune.model.load_tokenizer(cfg)).eval
+    pairs = prepare_data(cfg, preftune.modeling.model.load_tokenizer(cfg)).eval
     model = load_adapter(load_model(cfg), str(run / "adapter")).eval()
-    pad = preftune.model.load_tokenizer(cfg).pad_token_id
+    pad = preftune.modeling.model.load_tokenizer(cfg).pad_token_id
     with fp32_weights(model):
         truth, _, _ = score_pairs(model, pairs, pad_id=pad)                                    # (N, 2)
         with model.disable_adapter():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from preftune.ablate import DEFAULT_GRID, run_matrix
-from preftune.cli import main
-from preftune.config import Config
-from preftune.decide import decide
-from preftune.review import review
+from preftune.commands.cli import main
+from preftune.core.config import Config
+from preftune.evaluation.review import review
 from preftune.tinyworld import build_world
-from preftune.train import train
+from preftune.training.loop import train
+from preftune.training.matrix import DEFAULT_GRID, run_matrix
+from preftune.verdict.decide import decide
 
 
 def base_config(world, out, **kw) -> Config:
@@ -32,7 +32,7 @@ def test_chosen_shorter_is_flagged_as_length_biased(tmp_path):
     world = build_world(tmp_path / "world", variant="chosen_shorter", n_train=64, n_eval=64)
     out = tmp_path / "run"
     summary = train(base_config(world, out, max_steps=4))
-    assert summary["length_bias"]["chosen_shorter"] > 0.9  # a fraction of the held-out pairs
+    assert summary.length_bias["chosen_shorter"] > 0.9  # a fraction of the held-out pairs
     findings = {f.code: f for f in review(out).findings}
     assert "length_bias" in findings, [f.sentence for f in review(out).findings]
     assert "shorter" in findings["length_bias"].sentence and "SimPO" in findings["length_bias"].sentence

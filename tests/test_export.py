@@ -15,9 +15,10 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune import cli, config
-from preftune.export import export
-from preftune.train import train
+from preftune.commands import cli
+from preftune.core import config
+from preftune.training.export import export
+from preftune.training.loop import train
 
 
 def _run(world, tmp_path, name, **kw):
@@ -94,8 +95,10 @@ def test_matrix_cell_card_carries_the_verdict(lora_run, tmp_path):
     cell = tmp_path / "matrix" / "cells" / "objective=simpo,lora_rank=4"
     shutil.copytree(lora_run, cell)
     decision = {"verdict": "switch", "objective": "simpo", "lora_rank": 4, "summary": "simpo ranks more pairs.",
-                "reasons": [{"code": "x", "data": {}}], "explanation": ["first reason", "second reason"]}
+                "reasons": [{"code": "x", "data": {}}], "explanation": ["first reason", "second reason"],
+                "comparisons": [], "cells": []}
     (tmp_path / "matrix" / "decision.json").write_text(json.dumps(decision))
+    (tmp_path / "matrix" / "matrix.json").write_text(json.dumps({"factors": {}, "cells": []}))
     export(cell, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "**switch** -> simpo r=4 (this cell)." in card

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.cli import main
-from preftune.data import load_prompts
-from preftune.errors import InputError
-from preftune.generate import _eos_ids, generate, generate_ids, make_pairs
+from preftune.commands.cli import main
+from preftune.core.errors import InputError
+from preftune.data.rows import load_prompts
+from preftune.generation.pairs import make_pairs
+from preftune.generation.sampler import _eos_ids, generate, generate_ids
 
 PROMPTS = ["sort: 7 3 9 1 =", "sort: 1 =", "sort: 5 5 2 8 0 1 3 ="]
 
@@ -230,7 +231,7 @@ def test_cli_generate_with_an_adapter_uses_it(tiny_world, tmp_path, lm):
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(monkeypatch, capsys):
     import io
 
-    from preftune.generate import progress_printer
+    from preftune.commands.generate import progress_printer
 
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)

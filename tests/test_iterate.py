@@ -15,11 +15,11 @@ import pytest
 from safetensors.torch import load_file
 
 import preftune
-from preftune import config
-from preftune.cli import main
-from preftune.generate import make_pairs
+from preftune.commands.cli import main
+from preftune.core import config
+from preftune.generation.pairs import make_pairs
 from preftune.tinyworld import build_world
-from preftune.train import train
+from preftune.training.loop import train
 
 JUDGE = "python:preftune.tinyworld:judge"
 
@@ -61,7 +61,7 @@ def test_pair_rules_and_drops():
 def test_two_rounds_layout_continuation_decide_and_report(sft_world, tmp_path):
     w, _, _ = sft_world
     out = tmp_path / "iter"
-    res = preftune.objectives and __import__("preftune.iterate", fromlist=["iterate"]).iterate(
+    res = preftune.core.objectives and __import__("preftune.training.rounds", fromlist=["iterate"]).iterate(
         base(sft_world, out), prompts=str(w.train_path), judge=JUDGE, rounds=2, num_samples=4, max_new_tokens=10,
         gen_eval_prompts=16, temperature=1.0)
     assert [r["round"] for r in res["rounds"]] == [1, 2]
@@ -100,7 +100,7 @@ def test_round_two_beats_round_one_against_the_original(tmp_path):
     prompts (64 leave a ±0.12 interval), and DPO with the chosen NLL (RPO): DPO alone lowers the greedy score
     here. 13 runs (seeds 0-5 and 42, a second held-out set, world seeds 1 and 2) all passed every assert below,
     round 2 ahead by +0.029..+0.062 (McNemar p <= 0.009). 25-45 s on 2 shared cores."""
-    from preftune.iterate import iterate
+    from preftune.training.rounds import iterate
 
     w = build_world(tmp_path / "world", n_train=2560, n_eval=512)
     lines = w.train_path.read_text().splitlines()
@@ -174,7 +174,7 @@ def judge(prompt, completion):
 
 def _run(args: list[str], cwd: Path, env: dict, kill_when=None) -> int:
     """The iterate command in a child; with ``kill_when``, kill -9 it as soon as that condition holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "iterate", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "preftune.commands.cli", "iterate", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from preftune.cli import main
-from preftune.errors import InputError
-from preftune.judges import JUDGE_PROMPT, parse_judge
+from preftune.commands.cli import main
+from preftune.core.errors import InputError
+from preftune.generation.judges import JUDGE_PROMPT, parse_judge
 from preftune.tinyworld import judge as tiny_judge
 
 KEY = "sk-test-NEVER-WRITE-ME-4242"

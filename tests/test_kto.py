@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 import preftune
-from preftune import config
-from preftune.cli import main
-from preftune.data import Example, heldout_pairs, load_examples, unpaired_view
-from preftune.errors import InputError
+from preftune.commands.cli import main
+from preftune.core import config
+from preftune.core.errors import InputError
+from preftune.data.rows import Example, load_examples
+from preftune.data.split import heldout_pairs, unpaired_view
 
 
 def unpaired_file(world, path: Path, n: int | None = None) -> Path:
@@ -87,10 +88,10 @@ def test_kto_learns_from_thumbs_and_warns_on_imbalance(tmp_path, tiny_world, cap
     thumbs = unpaired_file(tiny_world, tmp_path / "thumbs.jsonl", n=128)
     s = preftune.train(base(tiny_world, tmp_path / "kto", data=str(thumbs), quiet=False, max_train_pairs=None,
                             objectives={"kto": {"desirable_weight": 2.0}}))
-    step0, final = s["step0_eval"], s["final_eval"]
+    step0, final = s.step0_eval, s.final_eval
     assert final["eval_refrel/accuracy"] > step0["eval_refrel/accuracy"] + 0.15, (step0, final)
     assert final["eval_lennorm/accuracy"] > step0["eval_lennorm/accuracy"] + 0.1, (step0, final)
-    assert s["data"]["train"]["kept"] == 256 and s["params"]["desirable_weight"] == 2.0
+    assert s.data["train"]["kept"] == 256 and s.params["desirable_weight"] == 2.0
     assert "desirable_weight x 128 desirable / (undesirable_weight x 128 undesirable) = 2.00" in capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from preftune.logprobs import batch_logps, make_batch, sequence_logps
+from preftune.modeling.logprobs import batch_logps, make_batch, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_compiled_decoder_equals_eager_through_lora_and_shared_mask(llama):
 
     from peft import LoraConfig, get_peft_model
 
-    from preftune.logprobs import _mask_for, compiled_decoder, compiled_graphs
+    from preftune.modeling.logprobs import _mask_for, compiled_decoder, compiled_graphs
 
     torch.manual_seed(1)
     model = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -141,8 +141,8 @@ def test_checkpointed_decoder_is_still_one_graph(llama):
 
     from peft import LoraConfig, get_peft_model
 
-    from preftune.logprobs import _mask_for
-    from preftune.model import checkpoint_layers
+    from preftune.modeling.logprobs import _mask_for
+    from preftune.modeling.model import checkpoint_layers
 
     model = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, target_modules="all-linear"))
     lm = model.get_base_model()

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune import objectives as O
-from preftune.errors import InputError
+from preftune.core import objectives as O
+from preftune.core.errors import InputError
 
 # three pairs: (policy chosen, policy rejected, |c|, |r|, ref chosen, ref rejected)
 ROWS = [(-10.0, -12.0, 5, 4, -11.0, -11.5), (-4.0, -3.0, 2, 3, -4.5, -3.5), (-20.0, -18.0, 10, 6, -19.0, -19.5)]
@@ -374,7 +374,7 @@ def _trl_kto(kto_trainer, rows, beta: float, wd: float, wu: float) -> tuple[floa
 def test_kto_matches_trl():
     from trl.trainer.kto_trainer import KTOTrainer
 
-    from preftune.evaluate import summarize
+    from preftune.evaluation.heldout import summarize
 
     beta, wd, wu = 0.3, 1.0, 1.25
     lp = kto_batch()

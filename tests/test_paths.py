@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from test_review import healthy_lines, pairs, write_run
 
-from preftune.cli import main
-from preftune.errors import InputError
-from preftune.files import check_writable_dir
+from preftune.commands.cli import main
+from preftune.core.errors import InputError
+from preftune.core.files import check_writable_dir
 
 # (command line with {W} = tiny world, {T} = the test folder, and the path the message must name)
 CASES = {

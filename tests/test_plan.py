@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from preftune import cli, config
-from preftune.plan import Setting, estimate, fixes, parse_size, read_arch
-from preftune.train import train
+from preftune.commands import cli
+from preftune.core import config
+from preftune.training.loop import train
+from preftune.training.plan import Setting, estimate, fixes, parse_size, read_arch
 
 # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v project to 16), vocab 100, 2 layers, untied head
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import fcntl
-import importlib
 import os
 import pty
 import re
@@ -18,15 +17,18 @@ from dataclasses import replace
 
 import pytest
 
-from preftune import config, progress
-from preftune.files import read_jsonl
+import preftune.training.loop as T
+import preftune.training.step as S
+from preftune.core import config, progress
+from preftune.core.files import read_jsonl
+from preftune.core.layout import RunDir
+from preftune.training.checkpoints import latest_checkpoint
 
-T = importlib.import_module("preftune.train")
 NAME = "[dpo r=8]"
 
 
 def argv(world, out) -> list[str]:
-    return [sys.executable, "-m", "preftune.cli", "train", "--model", str(world.model_dir), "--data",
+    return [sys.executable, "-m", "preftune.commands.cli", "train", "--model", str(world.model_dir), "--data",
             str(world.train_path), "--eval-data", str(world.eval_path), "--max-train-pairs", "32", "--batch-size",
             "4", "--max-steps", "8", "--eval-every", "4", "--save-every", "0", "--lr", "2e-3", "--output", str(out),
             "--cache-dir", str(out.parent / "cache")]
@@ -94,7 +96,7 @@ def test_resume_says_where_it_picked_up(tiny_world, tmp_path, monkeypatch, capsy
                             eval_data=str(tiny_world.eval_path), lr=2e-3, batch_size=4, max_steps=6, eval_every=2,
                             save_every=3, warmup_ratio=0.0, max_train_pairs=32, output=str(tmp_path / "r"),
                             cache_dir=str(tmp_path / "cache")))
-    calls, real = {"n": 0}, T.batch_logps
+    calls, real = {"n": 0}, S.batch_logps
 
     def crash_at_step_5(*a, **k):  # one training forward per step
         calls["n"] += 1
@@ -102,12 +104,12 @@ def test_resume_says_where_it_picked_up(tiny_world, tmp_path, monkeypatch, capsy
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "batch_logps", crash_at_step_5)
+    monkeypatch.setattr(S, "batch_logps", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg)
-    monkeypatch.setattr(T, "batch_logps", real)
+    monkeypatch.setattr(S, "batch_logps", real)
     capsys.readouterr()
-    checkpoint = T.latest_checkpoint(tmp_path / "r")
+    checkpoint = latest_checkpoint(RunDir(tmp_path / "r"))
     acc = next(r["eval_accuracy"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["step"] == 2
                and "eval_loss" in r)
     T.train(replace(cfg, resume=True))

@@ -11,9 +11,9 @@ from pathlib import Path
 import ray
 
 import preftune
-from preftune.ablate import RayOptions, parse_grid, pick_gpu, run_matrix
-from preftune.cli import main
-from preftune.config import Config
+from preftune.commands.cli import main
+from preftune.core.config import Config
+from preftune.training.matrix import RayOptions, parse_grid, pick_gpu, run_matrix
 
 GRID = ["objective=dpo,simpo", "lora_rank=8,4"]
 
@@ -35,7 +35,7 @@ def test_ray_backend_matches_local_and_retries_a_killed_worker(tiny_world, tmp_p
     want = preftune.decide(str(local))
 
     marker = tmp_path / "killed"
-    # the first worker to write a checkpoint SIGKILLs itself (preftune.train._crash_hook); Ray must retry it
+    # the first worker to write a checkpoint SIGKILLs itself (preftune.training.loop._crash_hook); Ray must retry it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PREFTUNE_TEST_KILL_AFTER_CHECKPOINT": str(marker)}})
     try:

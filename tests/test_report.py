@@ -9,9 +9,9 @@ import pytest
 from test_decide import cell, split, write_matrix
 from test_review import healthy_lines, pairs, write_run
 
-from preftune.decide import decide, write_decision
-from preftune.errors import InputError
-from preftune.report import write_report, write_run_report
+from preftune.core.errors import InputError
+from preftune.verdict.decide import decide, write_decision
+from preftune.verdict.report import write_report, write_run_report
 
 PAYLOAD = "<script>document.body.setAttribute('data-pwned','1')</script>"
 
@@ -83,7 +83,7 @@ def test_run_report(tmp_path):
 def test_behaviour_section(tmp_path):
     from test_decide import cell, split, with_generations, write_matrix
 
-    from preftune.report import write_report
+    from preftune.verdict.report import write_report
 
     same = split(100, 60, 0, 0)[0]
     root = write_matrix(tmp_path / "m", [cell("dpo", 8, same), cell("simpo", 8, same)])

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from test_report import expected_svgs, hostile_matrix
 
-from preftune import stats
-from preftune.ablate import run_matrix
-from preftune.config import Config
-from preftune.decide import decide, write_decision
-from preftune.report import pair_texts, write_report
+from preftune.core.config import Config
+from preftune.evaluation import stats
+from preftune.training.matrix import run_matrix
+from preftune.verdict.decide import decide, write_decision
+from preftune.verdict.report import pair_texts, write_report
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 SVG_BREAK = "</svg></pre><img src=x onerror=\"window.__pwned = 2\">"

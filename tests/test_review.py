@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune.errors import InputError
-from preftune.review import Review, review, write_review
+from preftune.core.errors import InputError
+from preftune.evaluation.review import Review, review, write_review
 
 # --- synthetic runs (also used by test_decide and test_report) ----------------------------------------------
 

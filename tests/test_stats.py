@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from preftune import stats
+from preftune.evaluation import stats
 
 
 def brute_mcnemar(b: int, c: int) -> float:

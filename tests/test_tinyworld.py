@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from preftune.errors import InputError
+from preftune.core.errors import InputError
 from preftune.tinyworld import build_world, make_pairs
 
 SMALL = {"n_train": 8, "n_eval": 4, "hidden": 16, "layers": 1, "heads": 2}

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune import trackers
-from preftune.ablate import run_matrix
-from preftune.cli import main
-from preftune.config import Config
-from preftune.errors import InputError
-from preftune.files import read_jsonl
+import preftune.training.step as S
+from preftune.commands.cli import main
+from preftune.core import trackers
+from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.core.files import read_jsonl
+from preftune.training.matrix import run_matrix
 
 
 def train_argv(world, out: Path, *extra: str) -> list[str]:
@@ -168,19 +169,18 @@ def test_report_to_choices_and_missing_extras(tiny_world, tmp_path, capsys, monk
 
 def test_resume_continues_the_tracker_runs(tiny_world, tmp_path, monkeypatch):
     """A killed run resumed: TensorBoard drops the steps after the checkpoint, MLflow keeps one run."""
-    import importlib
     from dataclasses import replace
 
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    T = importlib.import_module("preftune.train")
+    import preftune.training.loop as T
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = Config(model=str(tiny_world.model_dir), data=str(tiny_world.train_path),
                  eval_data=str(tiny_world.eval_path), max_train_pairs=16, batch_size=4, max_steps=5, eval_every=0,
                  save_every=2, lr=2e-3, quiet=True, output=str(tmp_path / "r"), cache_dir=str(tmp_path / "cache"),
                  report_to=["tensorboard", "mlflow"])
-    calls, real = {"n": 0}, T.batch_logps
+    calls, real = {"n": 0}, S.batch_logps
 
     def crash_at_step_4(*a, **k):
         calls["n"] += 1
@@ -188,10 +188,10 @@ def test_resume_continues_the_tracker_runs(tiny_world, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # step 3 is logged, the checkpoint is at step 2
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "batch_logps", crash_at_step_4)
+    monkeypatch.setattr(S, "batch_logps", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg)
-    monkeypatch.setattr(T, "batch_logps", real)
+    monkeypatch.setattr(S, "batch_logps", real)
     T.train(replace(cfg, resume=True))
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import replace
 
@@ -12,17 +11,22 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from preftune import config
-from preftune import model as model_mod
-from preftune.cli import main
-from preftune.config import Config
-from preftune.data import load_examples, tokenize_examples
-from preftune.errors import TrainingDiverged
-from preftune.files import read_jsonl
-from preftune.logprobs import make_batch, score_pairs
-from preftune.model import add_lora, load_model, load_tokenizer
-
-T = importlib.import_module("preftune.train")  # the module; `import preftune.train` names the function
+import preftune.training.loop as T
+import preftune.training.prepare as P
+import preftune.training.step as S
+from preftune.commands.cli import main
+from preftune.core import config
+from preftune.core.config import Config
+from preftune.core.errors import TrainingDiverged
+from preftune.core.files import read_jsonl
+from preftune.core.layout import RunDir
+from preftune.data.rows import load_examples
+from preftune.data.tokenize import tokenize_examples
+from preftune.modeling import precision
+from preftune.modeling.logprobs import make_batch, score_pairs
+from preftune.modeling.model import add_lora, load_model, load_tokenizer
+from preftune.training.checkpoints import latest_checkpoint
+from preftune.training.summary import CompileClock
 
 TIMING_KEYS = {"pairs_per_second", "tokens_per_second"}
 
@@ -42,11 +46,11 @@ def test_every_objective_learns_on_heldout(tiny_world, tmp_path, objective):
     lr = 5e-3 if objective == "orpo" else 2e-3  # ORPO's NLL term dominates early: it moves the margin slowest
     summary = T.train(cfg_for(tiny_world, tmp_path, objective, objective=objective, beta=beta, lr=lr, max_steps=20,
                               eval_every=10))
-    step0, final = summary["step0_eval"], summary["final_eval"]
+    step0, final = summary.step0_eval, summary.final_eval
     # The length-normalized yardstick is objective-free, so "rises" means the policy learned the preference.
     assert final["eval_lennorm/accuracy"] > step0["eval_lennorm/accuracy"] + 0.05, (step0, final)
     assert final["eval_accuracy"] > 0.6
-    assert summary["status"] == "finished"
+    assert summary.status == "finished"
 
 
 def test_outputs_and_metric_names(tiny_world, tmp_path):
@@ -98,7 +102,7 @@ def test_resume_equals_uninterrupted(tiny_world, tmp_path, monkeypatch):
     T.train(cfg_for(tiny_world, tmp_path, "full", **kw))
 
     calls = {"n": 0}
-    real = T.batch_logps
+    real = S.batch_logps
 
     def crash_at_step_7(*a, **k):  # one training forward per step (batch_size pairs, no accumulation)
         calls["n"] += 1
@@ -106,12 +110,12 @@ def test_resume_equals_uninterrupted(tiny_world, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed mid-run, after the step-6 checkpoint
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "batch_logps", crash_at_step_7)
+    monkeypatch.setattr(S, "batch_logps", crash_at_step_7)
     cfg = cfg_for(tiny_world, tmp_path, "crashed", **kw)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg)
-    monkeypatch.setattr(T, "batch_logps", real)
-    assert T.latest_checkpoint(tmp_path / "crashed").name == "step-0000006"
+    monkeypatch.setattr(S, "batch_logps", real)
+    assert latest_checkpoint(RunDir(tmp_path / "crashed")).name == "step-0000006"
     T.train(replace(cfg, resume=True))
 
     a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
@@ -128,9 +132,9 @@ def test_reference_cache_hit_and_miss(tiny_world, tmp_path):
     s2 = T.train(cfg_for(tiny_world, tmp_path, "b", max_steps=2, eval_every=0))
     s3 = T.train(cfg_for(tiny_world, tmp_path, "c", max_steps=2, eval_every=0, max_length=12,
                            max_prompt_length=6))  # truncation differs
-    assert s1["timing"]["reference_cached"] == {"train": False, "eval": False}
-    assert s2["timing"]["reference_cached"] == {"train": True, "eval": True}
-    assert s3["timing"]["reference_cached"] == {"train": False, "eval": False}
+    assert s1.timing["reference_cached"] == {"train": False, "eval": False}
+    assert s2.timing["reference_cached"] == {"train": True, "eval": True}
+    assert s3.timing["reference_cached"] == {"train": False, "eval": False}
     r1, r2 = read_jsonl(tmp_path / "a" / "eval_pairs.jsonl"), read_jsonl(tmp_path / "b" / "eval_pairs.jsonl")
     assert [r["ref_chosen_logps"] for r in r1] == [r["ref_chosen_logps"] for r in r2]
 
@@ -138,18 +142,18 @@ def test_reference_cache_hit_and_miss(tiny_world, tmp_path):
 def test_reference_free_objective_skips_train_reference(tiny_world, tmp_path):
     s = T.train(cfg_for(tiny_world, tmp_path, "s", objective="simpo", max_steps=2, eval_every=0))
     held_tokens = sum(r["chosen_tokens"] + r["rejected_tokens"] for r in read_jsonl(tmp_path / "s" / "eval_pairs.jsonl"))
-    assert 0 < s["timing"]["reference_tokens"] < 2 * held_tokens + 64 * 40  # held-out only, not the train set
+    assert 0 < s.timing["reference_tokens"] < 2 * held_tokens + 64 * 40  # held-out only, not the train set
 
 
 def test_same_data_order_for_every_objective(tiny_world, tmp_path, monkeypatch):
     seen: dict[str, list] = {}
-    real = T.make_batch
+    real = S.make_batch
 
     def record(prompts, *a, **k):
         seen.setdefault(current, []).append([tuple(p) for p in prompts])
         return real(prompts, *a, **k)
 
-    monkeypatch.setattr(T, "make_batch", record)
+    monkeypatch.setattr(S, "make_batch", record)
     for current in ("dpo", "simpo", "orpo"):
         T.train(cfg_for(tiny_world, tmp_path, current, objective=current, max_steps=5, eval_every=0))
     assert seen["dpo"] == seen["simpo"] == seen["orpo"] and len(seen["dpo"]) == 5
@@ -169,7 +173,7 @@ def test_bad_input_exit_2_and_nothing_written(tiny_world, tmp_path, capsys):
 
 
 def test_nan_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypatch):
-    real = T.batch_logps
+    real = S.batch_logps
     calls = {"n": 0}
 
     def nan_at_step_5(*a, **k):
@@ -177,11 +181,11 @@ def test_nan_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypatch):
         logps, counts = real(*a, **k)
         return (logps * float("nan"), counts) if calls["n"] == 5 else (logps, counts)
 
-    monkeypatch.setattr(T, "batch_logps", nan_at_step_5)
+    monkeypatch.setattr(S, "batch_logps", nan_at_step_5)
     with pytest.raises(TrainingDiverged, match="step 5"):
         T.train(cfg_for(tiny_world, tmp_path, "nan", max_steps=8, save_every=2, eval_every=0))
     out = tmp_path / "nan"
-    assert T.latest_checkpoint(out).name == "step-0000004"
+    assert latest_checkpoint(RunDir(out)).name == "step-0000004"
     assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
 
 
@@ -206,18 +210,18 @@ def test_short_run_scores_only_the_pairs_it_visits(tiny_world, tmp_path):
     s = T.train(cfg_for(tiny_world, tmp_path, "short", max_steps=2, eval_every=0))  # 2 steps x 8 of 128 pairs
     held = read_jsonl(tmp_path / "short" / "eval_pairs.jsonl")
     held_tokens = sum(r["chosen_tokens"] + r["rejected_tokens"] for r in held)
-    train_ref_tokens = s["timing"]["reference_tokens"] - held_tokens - 64 * 12  # minus held-out prompts (<12 each)
+    train_ref_tokens = s.timing["reference_tokens"] - held_tokens - 64 * 12  # minus held-out prompts (<12 each)
     assert 0 < train_ref_tokens < 40 * 16  # 16 visited pairs of at most ~40 tokens, not 128
 
 
 def test_bf16_mode_trains_and_keeps_its_own_reference(tiny_world, tmp_path, monkeypatch):
-    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)  # bf16 asked for on any CPU: just slower
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # bf16 asked for on any CPU: just slower
     f32 = T.train(cfg_for(tiny_world, tmp_path, "f32", max_steps=12, eval_every=0))
     b16 = T.train(cfg_for(tiny_world, tmp_path, "b16", max_steps=12, eval_every=0, dtype="bfloat16"))
-    assert b16["timing"]["reference_cached"] == {"train": False, "eval": False}  # bf16 never reuses fp32 numbers
-    assert b16["final_eval"]["eval_lennorm/accuracy"] > b16["step0_eval"]["eval_lennorm/accuracy"] + 0.05
+    assert b16.timing["reference_cached"] == {"train": False, "eval": False}  # bf16 never reuses fp32 numbers
+    assert b16.final_eval["eval_lennorm/accuracy"] > b16.step0_eval["eval_lennorm/accuracy"] + 0.05
     # Same data, same steps: bf16 lands within a few held-out pairs of fp32 (64 pairs).
-    assert abs(b16["final_eval"]["eval_accuracy"] - f32["final_eval"]["eval_accuracy"]) * 64 <= 6
+    assert abs(b16.final_eval["eval_accuracy"] - f32.final_eval["eval_accuracy"]) * 64 <= 6
 
 
 def test_a_newcomers_first_command_with_only_max_length(tiny_world, tmp_path, capsys):
@@ -235,7 +239,7 @@ def test_a_newcomers_first_command_with_only_max_length(tiny_world, tmp_path, ca
 
 def test_reference_sized_by_tokens_equals_row_batches(tiny_world, tmp_path):
     """Training-set reference batches sized by a token budget give the row-count layout's sums (fp32, 1e-5)."""
-    from preftune.logprobs import token_batches
+    from preftune.modeling.logprobs import token_batches
 
     cfg = cfg_for(tiny_world, tmp_path, "x", reference_tokens=600)
     tok = load_tokenizer(cfg)
@@ -258,8 +262,8 @@ def test_reference_sized_by_tokens_equals_row_batches(tiny_world, tmp_path):
         assert padded == sum(
             make_batch(*[[getattr(pairs[i], f) for i in b] for f in ("prompt_ids", "chosen_ids", "rejected_ids")],
                        tok.pad_token_id, share).padded_tokens for b in batches)
-    data = T.prepare_data(cfg, tok)
-    req = T.reference_requests(cfg, data, T.Schedule(cfg, data.train))
+    data = P.prepare_data(cfg, tok)
+    req = P.reference_requests(cfg, data, P.Schedule(cfg, data.train))
     assert req["eval"][1:3] == (cfg.eval_batch_size, None) and req["train"].tokens == 600  # held-out layout untouched
 
 
@@ -272,22 +276,22 @@ def test_compiled_run_equals_eager_and_reports_its_compile_time(tiny_world, tmp_
     rows = [read_jsonl(tmp_path / name / "eval_pairs.jsonl") for name in ("eager", "compiled")]
     assert [r["id"] for r in rows[0]] == [r["id"] for r in rows[1]]
     assert max(abs(a["margin"] - b["margin"]) for a, b in zip(*rows)) < 1e-4
-    assert comp["final_eval"]["eval_loss"] == pytest.approx(eager["final_eval"]["eval_loss"], abs=1e-5)
+    assert comp.final_eval["eval_loss"] == pytest.approx(eager.final_eval["eval_loss"], abs=1e-5)
     cfg = cfg_for(tiny_world, tmp_path, "x", **kw)
-    data = T.prepare_data(cfg, load_tokenizer(cfg))
-    schedule = T.Schedule(cfg, data.train)
+    data = P.prepare_data(cfg, load_tokenizer(cfg))
+    schedule = P.Schedule(cfg, data.train)
     row = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in data.train]
     assert len({max(row[i] for i in schedule.batch(step)) for step in range(4)}) > 1  # the steps' row lengths
-    c = comp["timing"]["compile"]
+    c = comp.timing["compile"]
     assert c["graphs"] == 1 and c["compile_s"] > 0 and 0 < c["steady_step_s"] < c["compile_s"]
-    assert "compile" not in eager["timing"]
+    assert "compile" not in eager.timing
 
 
 def test_compile_clock_by_hand():
     """Steps that compiled count beyond the steady mean: (9.1 - 0.9) + (2.0 - 0.9) = 9.3 s over 3 graphs."""
-    clock = T.CompileClock()
+    clock = CompileClock()
     for dt, graphs in ((9.1, 2), (0.8, 0), (2.0, 1), (1.0, 0)):
         clock.add(dt, graphs)
     c = clock.summary()
     assert c["graphs"] == 3 and c["steady_step_s"] == pytest.approx(0.9) and c["compile_s"] == pytest.approx(9.3)
-    assert T.CompileClock().summary() == {"graphs": 0, "compile_s": 0.0, "steady_step_s": None}
+    assert CompileClock().summary() == {"graphs": 0, "compile_s": 0.0, "steady_step_s": None}

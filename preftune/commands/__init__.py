@@ -1,0 +1,1 @@
+"""The preftune command line: one table of commands, each with its flags next to its code."""

@@ -1,0 +1,81 @@
+"""The ``preftune`` command: one table of commands, each with its flags next to its code (one module per group).
+
+Bad input is one line on stderr and exit code 2; a diverged run exits 1; Ctrl-C exits 130; no tracebacks.
+
+    preftune train --model M --data train.jsonl --eval-data heldout.jsonl --objective simpo --output runs/s
+    preftune ablate --config base.yaml --grid objective=dpo,simpo --grid lora_rank=16,8 --output matrix
+    preftune decide matrix && preftune report matrix
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..core.errors import InputError, TrainingDiverged, did_you_mean
+from . import export, generate, iterate, matrix, plan, run, verdict, world
+from .options import Command, speaks
+
+COMMANDS: tuple[Command, ...] = (run.TRAIN, run.EVAL, matrix.ABLATE, verdict.REVIEW, verdict.DECIDE, verdict.REPORT,
+                                 world.DEMO, world.WORLD, generate.GENERATE, iterate.ITERATE, plan.PLAN, export.EXPORT,
+                                 world.OBJECTIVES)
+EXAMPLE = """example:
+  preftune ablate --model M --data train.jsonl --eval-data heldout.jsonl --output matrix   # DPO/SimPO x r16/r8
+  preftune decide matrix                        # which objective and rank won, how sure, and why
+  preftune report matrix                        # matrix/report.html to show your lead"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an unknown or bad flag is one line with a suggestion and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = ""
+        if "unrecognized arguments:" in message:
+            bad = message.split(":", 1)[1].split()[0].split("=")[0]
+            hint = did_you_mean(bad, [f for f in self._all_flags() if f != bad], quote="")
+        print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
+        sys.exit(2)
+
+    def _all_flags(self) -> list[str]:
+        flags = [f for a in self._actions for f in a.option_strings]
+        for a in self._actions:
+            if isinstance(a, argparse._SubParsersAction):  # every command's flags
+                flags += [f for sub in a.choices.values() for f in sub._all_flags()]
+        return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="preftune", description="Preference optimization that decides: train DPO/SimPO/ORPO/... "
+                "with LoRA, compare them on held-out pairs, and say which objective and rank won.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                           title="commands (preftune COMMAND --help for its flags)")
+    for c in COMMANDS:
+        c.add_arguments(sub.add_parser(c.name, help=c.help))
+        sub.choices[c.name].set_defaults(handler=c.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except InputError as e:
+        if speaks():  # under torchrun every rank hits the same error: say it once
+            print(f"preftune: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"preftune: training diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        how = "re-run the same command" if args.command == "ablate" else "continue with --resume"
+        print(f"preftune: interrupted; {how}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `preftune ... | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""One typed config for a run, every default in one place.
+
+Keys are flat and mirror the command-line flags (``lora_rank`` <-> ``--lora-rank``), so a saved
+``config.yaml`` can be passed back with ``--config`` and reproduces the run. Objective hyperparameters live
+per objective under ``objectives:`` (SimPO's beta differs from DPO's by an order of magnitude), each checked
+against the objective's own schema (``preftune objectives``)::
+
+    objective: simpo
+    objectives:
+      dpo: {beta: 0.1}
+      simpo: {beta: 2.0, gamma_beta_ratio: 0.5}
+
+``beta``, ``gamma``, ``gamma_beta_ratio`` and ``label_smoothing`` (flags ``--beta`` ...) are shorthands for the
+entry of the objective being run. Precedence: defaults < YAML shorthands < YAML ``objectives`` entry < command
+line (``--beta`` beats both).
+
+    preftune train --config run.yaml --lora-rank 16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import InputError, did_you_mean
+
+
+@dataclass
+class Config:
+    # --- model -----------------------------------------------------------------------------------
+    model: str = ""                      # folder or hub id, loaded with AutoModelForCausalLM.from_pretrained
+    tokenizer: str | None = None         # tokenizer folder or hub id; defaults to `model`
+    dtype: str = "float32"               # float32 | bfloat16 | auto (bf16 where the hardware has it natively); log-probs and loss stay fp32
+    device: str = "auto"                 # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    trust_remote_code: bool = False      # run the model repo's own Python code; off unless you ask
+    attn_implementation: str | None = None  # None = auto: sdpa where the model supports it, else its own (eager)
+    # --- LoRA (lora_rank 0 = full fine-tuning) ---------------------------------------------------
+    lora_rank: int = 8                   # adapter rank r; 0 = full fine-tuning
+    lora_alpha: float | None = None      # LoRA scale numerator; None = 2 * rank
+    lora_dropout: float = 0.0            # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names to adapt, comma-separated
+    init_adapter: str | None = None      # start the LoRA from this peft adapter's weights (iterate continues a round)
+    # --- data ------------------------------------------------------------------------------------
+    data: str = ""                       # training pairs: JSONL / JSON / Parquet file, or anything datasets.load_dataset takes
+    data_split: str = "train"            # split of `data` for a datasets source
+    eval_data: str | None = None         # held-out pairs; if absent, `eval_fraction` of prompts are held out
+    eval_split: str = "test"             # split of `eval_data` for a datasets source
+    eval_fraction: float = 0.1           # share of distinct prompts held out when no `eval_data` is given
+    split_seed: int = 0                  # seed of the held-out split; separate from `seed` so a seed grid keeps one held-out set
+    max_length: int = 512                # tokens of prompt + completion, per side
+    max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None = half of max_length
+    apply_chat_template: bool = False    # wrap plain-string pairs as user/assistant turns
+    max_train_pairs: int | None = None   # take the first N training pairs (after the split)
+    # --- objective -------------------------------------------------------------------------------
+    objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`) or module:name for your own
+    nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {name: {param: value}}
+    # --- optimisation ----------------------------------------------------------------------------
+    lr: float = 5e-6                     # peak learning rate (AdamW)
+    batch_size: int = 8                  # pairs per forward; pairs per optimizer step = batch_size * grad_accum
+    grad_accum: int = 1                  # micro-batches accumulated per optimizer step
+    max_steps: int | None = None         # optimizer steps; wins over `epochs` when set
+    epochs: float = 1.0                  # passes over the training pairs when `max_steps` is unset
+    scheduler: str = "linear"            # linear | cosine | constant, after warmup
+    warmup_ratio: float = 0.1            # share of steps with a linear warmup from 0
+    weight_decay: float = 0.0            # AdamW weight decay
+    max_grad_norm: float = 1.0           # gradient clipping norm; 0 = measure only
+    seed: int = 42                       # LoRA init, dropout and data order
+    # --- evaluation ------------------------------------------------------------------------------
+    eval_every: int = 50                 # held-out eval every N steps, also at step 0 and at the end; 0 = only those
+    eval_batch_size: int = 16            # pairs per held-out forward
+    eval_fp32: bool = False              # held-out pairs and their reference in fp32 arithmetic when training runs bf16 (exact; 2 more bytes per weight while scoring)
+    judge: str | None = None             # behavioural eval judge: reward-model:PATH | python:mod:fn | openai:MODEL@URL
+    gen_eval_prompts: int = 0            # held-out prompts generated by policy and reference at the end (0 = off)
+    gen_max_new_tokens: int = 32         # behavioural eval: tokens generated per completion
+    gen_temperature: float = 0.0         # behavioural eval: 0 = greedy
+    # --- output ----------------------------------------------------------------------------------
+    output: str = "runs/run"             # run folder (must be new or empty unless --resume)
+    log_every: int = 1                   # write a training line to metrics.jsonl every N steps
+    save_every: int = 50                 # checkpoint every N steps (0 = only at the end)
+    resume: bool = False                 # continue the run in `output` from its last checkpoint
+    cache_dir: str | None = None         # reference log-prob cache; default $PREFTUNE_CACHE or ~/.cache/preftune
+    quiet: bool = False                  # no progress lines
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers: tensorboard, mlflow, wandb, trackio or none
+    # --- speed (each lever exact, each can be turned off) ---------------------------------------
+    share_prompt: bool = True            # one sequence prompt+chosen+rejected per pair, prompt processed once
+    group_by_length: bool = True         # batches of similar lengths: less padding
+    logit_chunk: int = 1024              # completion positions per LM-head chunk (no full-vocab log-softmax kept)
+    reference_tokens: int = 4096         # padded tokens per training-set reference forward (0 = 32 pairs each)
+    autocast_bf16: bool = False          # bf16 matmuls (AMX / tensor cores) with fp32 weights, log-probs and loss
+    threads: int | None = None           # torch intra-op threads; None = torch's default
+    compile: bool = False                # torch.compile the decoder for training steps (one graph, dynamic length)
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
+
+    # ---------------------------------------------------------------------------------------------
+    def prompt_length(self) -> int:
+        """Prompt tokens kept: ``max_prompt_length``, or half of ``max_length`` when unset (so it follows it)."""
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
+
+    def resolved_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    def validate(self) -> Config:
+        from . import objectives  # late: objectives imports nothing from here
+
+        if not self.model:
+            raise InputError("no model given (--model PATH_OR_HUB_ID)", field="model")
+        if not self.data and self.eval_data is None:
+            raise InputError("no data given (--data FILE)", field="data")
+        obj = objectives.get(self.objective)  # InputError with a suggestion (imports a module:name objective)
+        checked: dict[str, dict[str, Any]] = {}
+        for key, entry in self.objectives.items():  # every entry against its objective's schema, as numbers
+            resolved = objectives.resolve_params(key, entry)
+            checked[objectives.get(key).spec] = {k: resolved[k] for k in entry if k in resolved}
+        self.objectives = checked
+        _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
+        _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        self.check_device()
+        opt = lambda v, ok: v is None or ok(v)  # noqa: E731  (unset optional values are fine)
+        checks = [  # (field, holds, the rule in words)
+            ("lora_rank", self.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
+            ("lora_alpha", opt(self.lora_alpha, lambda v: v > 0), "> 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("split_seed", self.split_seed >= 0, ">= 0"), ("max_length", self.max_length >= 2, ">= 2"),
+            ("max_train_pairs", opt(self.max_train_pairs, lambda v: v >= 1), ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("max_steps", opt(self.max_steps, lambda v: v >= 1), ">= 1"),
+            ("epochs", self.epochs > 0, "> 0"), ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"), ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("seed", self.seed >= 0, ">= 0"), ("eval_every", self.eval_every >= 0, ">= 0 (0 = start and end only)"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("gen_eval_prompts", self.gen_eval_prompts >= 0, ">= 0 (0 = off)"),
+            ("gen_max_new_tokens", self.gen_max_new_tokens >= 1, ">= 1"),
+            ("gen_temperature", self.gen_temperature >= 0, ">= 0 (0 = greedy)"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 0, ">= 0 (0 = end only)"),
+            ("logit_chunk", self.logit_chunk >= 1, ">= 1"),
+            ("reference_tokens", self.reference_tokens >= 0, ">= 0"), ("threads", opt(self.threads, lambda v: v >= 1), ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InputError(f"invalid value {getattr(self, name)!r}: must be {rule}", field=name)
+        if self.batch_size < obj.min_batch_size:
+            raise InputError(f"{self.batch_size}: must be at least {obj.min_batch_size} for '{obj.name}' (its reference "
+                             f"point is estimated from the other rows of a micro-batch)", field="batch_size")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
+            raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "
+                             f"{given}); leave it unset to use half of max_length", field="max_prompt_length")
+        return self
+
+    def check_device(self) -> None:
+        if not (self.device in ("auto", "cpu", "mps") or self.device.split(":")[0] == "cuda"):
+            raise InputError(f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps", field="device")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def objective_params(self) -> dict[str, Any]:
+        """Hyperparameters handed to the objective function: its ``objectives`` entry over the schema's
+        defaults, plus ``nll_weight``."""
+        from . import objectives
+
+        obj = objectives.get(self.objective)
+        entry = self.objectives.get(obj.spec, self.objectives.get(obj.name, {}))
+        return objectives.resolve_params(obj.name, {"nll_weight": self.nll_weight, **entry})
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """(group, one line of help) per field, read from the class source above: the ``# --- group`` rule over the
+    field and its trailing comment. One source for the flags' help, the docs and the code."""
+    docs, group = {}, ""
+    for line in inspect.getsource(Config).splitlines():
+        rule = re.match(r"\s*# --- ([^-(]+?)\s*(\(.*)?-+$", line)
+        if rule:
+            group = rule.group(1)
+            continue
+        f = re.match(r"\s{4}(\w+): .*?=.*?(?:  # (.*))?$", line)
+        if f and f.group(1) in FIELDS:
+            docs[f.group(1)] = (group, (f.group(2) or "").strip())
+    return docs
+
+
+# Flags and top-level YAML keys that set a hyperparameter of the objective being run.
+SHORTHANDS = ("beta", "gamma", "gamma_beta_ratio", "label_smoothing")
+_HINTS = get_type_hints(Config)
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(f"{value!r} is not one of {', '.join(allowed)}", field=name)
+
+
+def coerce(key: str, value: Any, source: str = "config") -> Any:
+    """Convert a YAML or command-line value to the field's type; InputError naming the key if it can't."""
+    if key not in FIELDS:
+        raise InputError(f"unknown key{did_you_mean(key, list(FIELDS))}", path=source, field=key)
+    hint = _HINTS[key]
+    types = list(get_args(hint)) if get_origin(hint) in (Union, UnionType) else [hint]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types):
+        if type(None) in types:
+            return None
+        raise InputError("must not be empty", path=source, field=key)
+    base = next(t for t in types if t is not type(None))
+    origin = get_origin(base)
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            for name, over in value.items():
+                if not isinstance(over, dict):
+                    raise InputError("must map an objective name to {key: value}", path=source, field=f"{key}.{name}")
+            # values are checked against each objective's schema in validate() (objectives.resolve_params)
+            return {str(name): {str(k): v for k, v in over.items()} for name, over in value.items()}
+    except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
+        raise InputError(f"{value!r} is not a valid {getattr(base, '__name__', base)}", path=source,
+                         field=key) from None
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read config: {e.strerror}", path=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", path=str(path),
+                         line=mark.line + 1 if mark else None) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError("a config file must be a mapping of key: value", path=str(path))
+    return raw
+
+
+def build(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+          source: str = "config") -> Config:
+    """Defaults < YAML values < explicit overrides (command line); shorthands (``beta``, ...) go into the entry
+    of the objective being run: YAML shorthands < the YAML ``objectives`` entry < command-line shorthands."""
+    from . import objectives
+
+    yaml_values, overrides = dict(yaml_values or {}), dict(overrides or {})
+    # the saved config.yaml of older versions has `beta: null` etc. at the top level: None is no value
+    short_yaml = {k: v for k in SHORTHANDS if (v := yaml_values.pop(k, None)) is not None}
+    short_cli = {k: overrides.pop(k) for k in SHORTHANDS if k in overrides}
+    values = {k: coerce(k, v, source) for k, v in yaml_values.items()}
+    values.update({k: coerce(k, v, "command line") for k, v in overrides.items()})
+    if short_yaml or short_cli:
+        name = objectives.get(values.get("objective", Config.objective)).spec
+        entry = dict(values.get("objectives", {}))
+        values["objectives"] = {**entry, name: {**short_yaml, **entry.get(name, {}), **short_cli}}
+    return Config(**values)
+
+
+def from_file(path: str | os.PathLike, **overrides: Any) -> Config:
+    return build(load_yaml(path), overrides, source=str(path))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config: the run's own ``objectives`` entry holds every hyperparameter it ran with
+    (defaults filled in), so loading this file back gives the same run."""
+    from . import objectives
+
+    d = cfg.to_dict()
+    obj = objectives.get(cfg.objective)
+    params = {k: v for k, v in cfg.objective_params().items() if k != "nll_weight"}
+    d["objectives"] = {**{k: v for k, v in d["objectives"].items() if k != obj.name}, obj.spec: params}
+    return yaml.safe_dump(d, sort_keys=False)

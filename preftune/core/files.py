@@ -1,0 +1,205 @@
+"""Atomic file writes, JSONL helpers and a folder lock.
+
+Every file preftune writes goes through here: write to a temp file in the same folder, fsync, rename.
+A crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or config must be as readable as any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one line and fsync; a torn last line is dropped by ``read_jsonl``."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank JSONL line; InputError naming the file and line otherwise.
+
+    ``skip_torn`` drops an unparsable final line with no newline, the trace of a crash in the middle of
+    ``append_jsonl`` (preftune's own logs); user data is read without it, so no row is ever silently lost.
+    Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
+    """
+    from .errors import InputError
+
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if skip_torn and i == len(lines):
+                break
+            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=i) from None
+    return rows
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """(line number, value) of one of preftune's JSONL files; a torn last line is dropped (:func:`parse_jsonl`)."""
+    from .errors import InputError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read: {e}", path=str(path)) from None
+    return parse_jsonl(text, str(path), skip_torn=True)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> None:
+    """InputError unless ``path`` is a folder, or can be made one, that this process can write into.
+
+    Called before anything is written, so a file given as ``--output`` (or a folder under a file) is one line
+    and exit code 2 instead of a traceback halfway through a run, and the file is left untouched.
+
+        check_writable_dir("runs/x", field="output")
+    """
+    from .errors import InputError
+
+    target = Path(path).absolute()
+    if target.exists() and not target.is_dir():
+        raise InputError("is a file, not a folder: choose another path", path=str(path), field=field)
+    probe = target
+    while not probe.exists() and probe.parent != probe:  # the nearest part of the path that exists
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot create a folder here: {probe} is a file", path=str(path), field=field)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write here: {probe} is not writable by this user", path=str(path), field=field)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class FolderLock:
+    """An exclusive lock on a folder (``.lock`` file holding the pid), so two processes never write one run.
+
+    A lock left by a dead process is taken over.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self) -> FolderLock:
+        from .errors import InputError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and _alive(pid):  # our own pid too: a lock is not re-entrant
+                    raise InputError(f"another preftune process (pid {pid}) is writing this folder",
+                                     path=str(self.path.parent)) from None
+                self.path.unlink(missing_ok=True)  # stale lock
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise InputError("could not take the folder lock", path=str(self.path.parent))
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None, so the JSON written is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -1,0 +1,453 @@
+"""The on-disk layout in one place: every folder preftune writes, its file names, what kind a folder is, and the
+typed records that stages hand each other through those files (summary.json, matrix.json, decision.json,
+iterate.json). No other module spells a file name. The formats are in docs/formats.md; folders written by
+earlier versions load unchanged.
+
+    run = RunDir(Path("runs/x"))
+    summary = run.read_summary()          # RunSummary; InputError naming the file if it is missing or garbled
+    folder_kind(Path("matrix"))           # "matrix" | "rounds" | "run" | "other"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .files import atomic_write_json, clean_json
+
+# --- a run folder (preftune train --output; a matrix cell; a round) -----------------------------------------
+CONFIG = "config.yaml"             # the resolved Config
+METRICS = "metrics.jsonl"          # one line per logged step and per eval
+EVAL_PAIRS = "eval_pairs.jsonl"    # one row per held-out pair at the final eval
+SUMMARY = "summary.json"           # RunSummary
+GEN_EVAL = "gen_eval.jsonl"        # behavioural evaluation, one row per prompt
+ADAPTER = "adapter"                # peft adapter (LoRA runs)
+FULL_MODEL = "model"               # the whole model + tokenizer (full fine-tuning)
+CHECKPOINTS = "checkpoints"        # step-NNNNNNN/ folders, the newest complete one kept
+REVIEW = "review.json"             # preftune review
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+EVAL_METRICS = "metrics.json"      # preftune eval's own folder
+TENSORBOARD, MLRUNS, WANDB = "tensorboard", "mlruns", "wandb"
+# --- one checkpoint --------------------------------------------------------------------------------------------
+TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"
+# --- a matrix folder (preftune ablate --output) -------------------------------------------------------------------
+MATRIX = "matrix.json"             # MatrixIndex
+BASE_CONFIG = "base_config.yaml"   # the config before per-cell values
+CELLS = "cells"                    # one run folder per cell
+CHILD_CONFIGS = ".cells"           # the exact config (and stderr) of each cell run in another process
+DECISION = "decision.json"         # Decision (matrices and rounds)
+# --- a rounds folder (preftune iterate --output) ---------------------------------------------------------------
+ROUNDS = "iterate.json"            # settings and the starting model
+ROUND_PREFIX = "round-"
+SAMPLES, SAMPLES_PARTIAL = "samples.jsonl", "samples.partial.jsonl"
+PAIRS, PAIR_STATS = "pairs.jsonl", "pairs.stats.json"
+START = "start"                    # --reference round: the previous round merged
+# --- other tools' files preftune reads -----------------------------------------------------------------------
+TRL_STATE = "trainer_state.json"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file preftune wrote, parsed; a missing or garbled one is one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"missing: not {what}", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read: {e}", path=str(path)) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg}): a damaged file", path=str(path), line=e.lineno) from None
+
+
+def _need_dict(obj: Any, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise InputError("must be a JSON object", path=str(path))
+    return obj
+
+
+# --- records -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    """summary.json: what one run did and how it ended (docs/formats.md, "summary.json")."""
+
+    objective: str
+    lora_rank: int
+    seed: int
+    steps: int
+    status: str                             # finished | diverged
+    params: dict[str, float]
+    final_eval: dict[str, Any] | None = None
+    step0_eval: dict[str, Any] | None = None
+    train_last: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    length_bias: dict[str, Any] | None = None
+    timing: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    gen_eval: dict[str, Any] | None = None  # runs with a behavioural evaluation only
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["gen_eval"] is None:  # absent, as in every summary.json before behaviour existed
+            del d["gen_eval"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path) -> RunSummary:
+        d = _need_dict(d, path)
+        known = {f.name for f in fields(cls)}
+        for key, kind in (("objective", str), ("status", str), ("lora_rank", int), ("steps", int)):
+            if not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
+                raise InputError(f"missing or not {kind.__name__}", path=str(path), field=key)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class CellEntry:
+    """One cell of matrix.json: its factor values and where it stands."""
+
+    name: str
+    values: dict[str, Any]
+    status: str = "pending"                 # pending | running | finished | failed
+    error: str | None = None
+
+    def mark(self, status: str, error: str | None = None) -> None:
+        self.status, self.error = status, error
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MatrixIndex:
+    """matrix.json: the factors and every cell, in grid order."""
+
+    factors: dict[str, list[Any]]
+    cells: list[CellEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factors": self.factors, "cells": [c.to_dict() for c in self.cells]}
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: Path) -> MatrixIndex:
+        cells = obj.get("cells") if isinstance(obj, dict) else None
+        if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                  for c in cells):
+            raise InputError("needs a 'cells' list of objects with a 'name'", path=str(path), field="cells")
+        factors = obj.get("factors") or {}
+        if not isinstance(factors, dict):
+            raise InputError("must be an object of factor: [values]", path=str(path), field="factors")
+        return cls(factors, [CellEntry(c["name"], c.get("values") or {}, c.get("status", "finished"), c.get("error"))
+                             for c in cells])
+
+
+@dataclass
+class CellResult:
+    """One cell (or round) as decision.json records it: identity and status, plus its held-out statistics and
+    review findings when it finished (docs/formats.md, "decision.json")."""
+
+    name: str
+    status: str
+    error: str | None = None
+    objective: str | None = None
+    lora_rank: int | None = None
+    seed: int | None = None
+    accuracy: float | None = None
+    ci: list[float] | None = None
+    pairs: int | None = None
+    margin: float | None = None
+    margin_gap: float | None = None
+    train_margin: float | None = None
+    margin_std: float | None = None
+    unstable: bool | None = None
+    findings: list[dict[str, Any]] | None = None
+    gen_eval: dict[str, Any] | None = None
+    round: int | None = None                # rounds only
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        head = ("name", "status", "error", "objective", "lora_rank", "seed")
+        if not self.finished:
+            return {k: d[k] for k in head}
+        return {k: v for k, v in d.items() if v is not None or k in head or k in ("margin", "margin_gap",
+                "train_margin", "margin_std")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Decision:
+    """decision.json: a matrix's verdict (switch / keep / not_decisive / fallback_orpo) or a rounds folder's
+    (continue / stop), the reasons behind it as data, their sentences, every comparison and every cell."""
+
+    verdict: str
+    summary: str
+    basis: dict[str, Any]
+    reasons: list[dict[str, Any]]
+    explanation: list[str]
+    comparisons: list[dict[str, Any]]
+    cells: list[CellResult]
+    objective: str | None = None            # a matrix: the recommended objective and rank, and the baseline
+    lora_rank: int | None = None
+    baseline: dict[str, Any] | None = None
+    groups: list[dict[str, Any]] | None = None  # a seed grid: the (objective, rank) groups
+    last_beats_first: bool | None = None    # rounds
+    best_round: str | None = None
+
+    @property
+    def rounds(self) -> bool:
+        return self.best_round is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        tail = {"reasons": self.reasons, "explanation": self.explanation, "comparisons": self.comparisons}
+        cells = [c.to_dict() for c in self.cells]
+        if self.rounds:
+            return {"verdict": self.verdict, "last_beats_first": self.last_beats_first, "best_round": self.best_round,
+                    "summary": self.summary, "basis": self.basis, **tail, "rounds": cells}
+        return {"verdict": self.verdict, "objective": self.objective, "lora_rank": self.lora_rank,
+                "baseline": self.baseline, "summary": self.summary, "basis": self.basis, **tail, "cells": cells,
+                **({"groups": self.groups} if self.groups is not None else {})}
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path) -> Decision:
+        d = _need_dict(d, path)
+        rounds = "best_round" in d
+        need = ("verdict", "summary", "reasons", "explanation", "comparisons", "rounds" if rounds else "cells")
+        missing = [k for k in need if k not in d]
+        if missing or not isinstance(d.get("rounds" if rounds else "cells"), list):
+            raise InputError(f"not a decision (missing {', '.join(missing) or 'cells'}): rerun preftune decide",
+                             path=str(path))
+        cells = [CellResult.from_dict(c) for c in d["rounds" if rounds else "cells"]]
+        return cls(verdict=d["verdict"], summary=d["summary"], basis=d.get("basis") or {}, reasons=d["reasons"],
+                   explanation=d["explanation"], comparisons=d["comparisons"], cells=cells,
+                   objective=d.get("objective"), lora_rank=d.get("lora_rank"), baseline=d.get("baseline"),
+                   groups=d.get("groups"), last_beats_first=d.get("last_beats_first"), best_round=d.get("best_round"))
+
+
+# --- folders -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder and the paths of its files."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def eval_pairs(self) -> Path:
+        return self.path / EVAL_PAIRS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def gen_eval(self) -> Path:
+        return self.path / GEN_EVAL
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def full_model(self) -> Path:
+        return self.path / FULL_MODEL
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    def read_summary(self) -> RunSummary:
+        return RunSummary.from_dict(_read_json(self.summary, "a finished run (no summary.json)"), self.summary)
+
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.summary, summary.to_dict())
+
+    def status(self) -> str | None:
+        """summary.json's status (finished, diverged), or None when there is none or it can't be read."""
+        try:
+            return self.read_summary().status
+        except InputError:
+            return None
+
+    def finished(self) -> bool:
+        return self.status() == "finished"
+
+    def has_log(self) -> bool:
+        return self.metrics.is_file()
+
+
+@dataclass(frozen=True)
+class RoundDir(RunDir):
+    """One round of ``preftune iterate``: a run folder plus its samples and pairs."""
+
+    @property
+    def number(self) -> int:
+        return int(self.path.name.removeprefix(ROUND_PREFIX))
+
+    @property
+    def samples(self) -> Path:
+        return self.path / SAMPLES
+
+    @property
+    def samples_partial(self) -> Path:
+        return self.path / SAMPLES_PARTIAL
+
+    @property
+    def pairs(self) -> Path:
+        return self.path / PAIRS
+
+    @property
+    def pair_stats(self) -> Path:
+        return self.path / PAIR_STATS
+
+    @property
+    def start(self) -> Path:
+        return self.path / START
+
+
+@dataclass(frozen=True)
+class MatrixDir:
+    """A matrix folder: matrix.json, the base config, one run folder per cell, the decision."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def index(self) -> Path:
+        return self.path / MATRIX
+
+    @property
+    def base_config(self) -> Path:
+        return self.path / BASE_CONFIG
+
+    @property
+    def decision(self) -> Path:
+        return self.path / DECISION
+
+    def cell(self, name: str) -> RunDir:
+        return RunDir(self.path / CELLS / name)
+
+    def child_config(self, name: str) -> Path:
+        return self.path / CHILD_CONFIGS / f"{name}.yaml"
+
+    def child_stderr(self, name: str) -> Path:
+        return self.path / CHILD_CONFIGS / f"{name}.err"
+
+    def read_index(self) -> MatrixIndex:
+        raw = _read_json(self.index, "a matrix folder (no matrix.json)")
+        return MatrixIndex.from_dict(raw, self.index)
+
+    def write_index(self, index: MatrixIndex) -> None:
+        atomic_write_json(self.index, index.to_dict())
+
+
+@dataclass(frozen=True)
+class RoundsDir:
+    """A rounds folder (``preftune iterate``): iterate.json, summary.json with one line per round, round-N/."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def meta(self) -> Path:
+        return self.path / ROUNDS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def decision(self) -> Path:
+        return self.path / DECISION
+
+    def round(self, r: int) -> RoundDir:
+        return RoundDir(self.path / f"{ROUND_PREFIX}{r}")
+
+    def rounds(self) -> list[RoundDir]:
+        """Every round folder, in round order."""
+        found = [RoundDir(p) for p in self.path.glob(f"{ROUND_PREFIX}*") if p.name[len(ROUND_PREFIX):].isdigit()]
+        return sorted(found, key=lambda d: d.number)
+
+    def read_meta(self) -> dict[str, Any]:
+        meta = _need_dict(_read_json(self.meta, "a rounds folder (no iterate.json)"), self.meta)
+        if not isinstance(meta.get("settings"), dict):
+            raise InputError("needs a 'settings' object", path=str(self.meta), field="settings")
+        return meta
+
+    def read_lines(self) -> list[dict[str, Any]]:
+        """summary.json's one line per finished round."""
+        rounds = _need_dict(_read_json(self.summary, "a rounds folder (no summary.json)"), self.summary).get("rounds")
+        if not isinstance(rounds, list):
+            raise InputError("needs a 'rounds' list", path=str(self.summary), field="rounds")
+        return rounds
+
+
+def matrix_of(run: Path) -> MatrixDir | None:
+    """The matrix when ``run`` is one of its cells (``<matrix>/cells/<name>``), else None."""
+    run = Path(run).absolute()
+    if run.parent.name == CELLS and (run.parent.parent / MATRIX).exists():
+        return MatrixDir(run.parent.parent)
+    return None
+
+
+def folder_kind(path: Path) -> str:
+    """``rounds`` (iterate.json), ``matrix`` (matrix.json), ``run`` (metrics.jsonl) or ``other``."""
+    path = Path(path)
+    if (path / ROUNDS).exists():
+        return "rounds"
+    if (path / MATRIX).exists():
+        return "matrix"
+    if (path / METRICS).is_file():
+        return "run"
+    return "other"
+
+
+def read_decision(path: Path) -> Decision:
+    """decision.json of a matrix or rounds folder (``path``: the folder)."""
+    file = Path(path) / DECISION
+    return Decision.from_dict(_read_json(file, "a decided folder (no decision.json)"), file)
+
+
+def write_decision(path: Path, decision: Decision) -> Path:
+    """Write decision.json into the folder (atomically, strict JSON: NaN/inf become null); returns its path."""
+    file = Path(path) / DECISION
+    atomic_write_json(file, clean_json(decision.to_dict()))
+    return file

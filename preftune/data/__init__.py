@@ -1,0 +1,1 @@
+"""Preference data as users bring it: reading and validating rows, TRL-identical tokenization, splits and batch order."""

@@ -1,0 +1,171 @@
+"""Behavioural evaluation: what the policy writes, judged against what the reference writes on the same prompts.
+
+At the end of a run (config ``gen_eval_prompts`` > 0 with a ``judge``) the policy and the reference (the same
+model with its adapter disabled) each generate from the first N held-out prompts with one fixed seed, and
+every policy completion is judged against the reference's:
+
+    gen = behaviour_eval(model, tok, prompts, parse_judge("python:preftune.tinyworld:judge"),
+                         n_prompts=32, max_new_tokens=32, temperature=0.0, seed=0, out_dir="runs/x")
+    gen["win_rate"], gen["lc_win_rate"], gen["policy"]["mean_len"]
+
+It returns the ``gen_eval`` dict of summary.json and writes ``gen_eval.jsonl``, one row per prompt, from which
+every number of ``gen_eval`` can be recomputed (see ``summarize``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InputError
+from .stats import lc_win_rate, wilson_interval
+
+
+def win_rate(prefs: Sequence[float], level: float = 0.95) -> dict:
+    """Win rate with ties counted one half, its Wilson interval, and the counts.
+
+        win_rate([1, 1, 0.5, 0])   # {"win_rate": 0.625, "win_rate_ci": [...], "wins": 2, "ties": 1, "losses": 1, ...}
+    """
+    n = len(prefs)
+    if n == 0:
+        raise ValueError("win_rate of no judgements")
+    wins, ties = sum(p == 1 for p in prefs), sum(p == 0.5 for p in prefs)
+    k = float(sum(prefs))
+    lo, hi = wilson_interval(k, n, level)
+    return {"n": n, "win_rate": k / n, "win_rate_ci": [lo, hi], "wins": wins, "ties": ties,
+            "losses": n - wins - ties, "tie_rate": ties / n}
+
+
+def degeneration(texts: Sequence[str], n: int = 3) -> dict:
+    """Repetition of whitespace words: the share of n-grams that repeat an earlier n-gram of the same completion
+    (pooled over completions; 0 = no repetition), and corpus distinct-1/-2 (unique / total n-grams, Li et al. 2016).
+    Empty inputs give 0 repetition and distinct 1."""
+    repeated = total = 0
+    grams: dict[int, list[tuple[str, ...]]] = {1: [], 2: []}
+    for t in texts:
+        words = t.split()
+        seen: set[tuple[str, ...]] = set()
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i:i + n])
+            repeated += g in seen
+            seen.add(g)
+            total += 1
+        for k in grams:
+            grams[k] += [tuple(words[i:i + k]) for i in range(len(words) - k + 1)]
+    return {f"repeated_{n}gram_share": repeated / total if total else 0.0,
+            "distinct_1": len(set(grams[1])) / len(grams[1]) if grams[1] else 1.0,
+            "distinct_2": len(set(grams[2])) / len(grams[2]) if grams[2] else 1.0}
+
+
+def judge_pairs(judge: Any, prompts: Sequence[Any], policy: Sequence[str],
+                reference: Sequence[str]) -> tuple[list[float], list[float] | None, list[float] | None]:
+    """(preference of policy over reference in {1, 0.5, 0}, policy scores, reference scores).
+
+    A pointwise judge scores both sides (equal scores are a tie); a pairwise judge is asked directly.
+    """
+    from ..data.rows import as_text
+
+    if judge.kind == "pointwise":
+        scores = judge.score(list(prompts) + list(prompts), list(policy) + list(reference))
+        sp, sr = scores[:len(policy)], scores[len(policy):]
+        return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sp, sr)], sp, sr
+    return judge.compare([as_text(p) for p in prompts], list(policy), list(reference)), None, None
+
+
+def summarize(rows: Sequence[dict], *, judge: str, max_new_tokens: int, temperature: float, seed: int) -> dict:
+    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this)."""
+    prefs = [r["preference"] for r in rows]
+    lc, se = lc_win_rate(prefs, [len(r["policy"]) for r in rows], [len(r["reference"]) for r in rows])
+    sides = {}
+    for side in ("policy", "reference"):
+        tokens = [r[f"{side}_tokens"] for r in rows]
+        sides[side] = {"mean_len": sum(tokens) / len(rows),
+                       "mean_chars": sum(len(r[side]) for r in rows) / len(rows),
+                       "hit_max_share": sum(r[f"{side}_finish"] == "length" for r in rows) / len(rows),
+                       **degeneration([r[side] for r in rows])}
+    ref_len = sides["reference"]["mean_len"]
+    return {"judge": judge, "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "seed": seed, **win_rate(prefs), "lc_win_rate": lc, "lc_win_rate_se": se,
+            "len_ratio": sides["policy"]["mean_len"] / ref_len if ref_len else None, **sides}
+
+
+def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: Any, *, n_prompts: int,
+                   max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                   out_dir: str | Path | None = None, batch_size: int = 8, reference_model: Any = None,
+                   apply_chat_template: bool = False, prompt_ids: Sequence[list[int]] | None = None) -> dict:
+    """Policy vs reference on the first ``n_prompts`` prompts; returns ``gen_eval`` and writes gen_eval.jsonl.
+
+    The reference is ``reference_model`` when given, else the peft model with its adapter disabled. Lengths
+    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them).
+    """
+    from ..core.files import write_jsonl
+    from ..generation.sampler import as_rows, generate
+    from ..modeling.model import is_peft
+
+    rows_in = as_rows(prompts)[:n_prompts]
+    ids = list(prompt_ids)[:n_prompts] if prompt_ids is not None else None
+    if not rows_in:
+        raise InputError("no prompts for the behavioural evaluation", field="gen_eval_prompts")
+    if reference_model is None and not is_peft(model):
+        raise InputError("behavioural evaluation needs a reference: a LoRA run (its adapter disabled) or a "
+                         "reference model", field="gen_eval_prompts")
+    kw = dict(num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+              batch_size=batch_size, apply_chat_template=apply_chat_template, prompt_ids=ids)
+    policy = generate(model, tokenizer, rows_in, **kw)
+    ctx = model.disable_adapter() if reference_model is None else contextlib.nullcontext()
+    with ctx:
+        reference = generate(reference_model if reference_model is not None else model, tokenizer, rows_in, **kw)
+    pol = [r["completions"][0] for r in policy]
+    ref = [r["completions"][0] for r in reference]
+    prefs, sp, sr = judge_pairs(judge, [r.prompt for r in rows_in], pol, ref)
+    rows = []
+    for i, (r, p, q) in enumerate(zip(rows_in, policy, reference)):
+        rows.append({"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
+                     "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
+                     "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
+                     "policy_score": sp[i] if sp else None, "reference_score": sr[i] if sr else None,
+                     "preference": prefs[i]})
+    result = summarize(rows, judge=getattr(judge, "spec", str(judge)), max_new_tokens=max_new_tokens,
+                       temperature=temperature, seed=seed)
+    if out_dir is not None:
+        write_jsonl(Path(out_dir) / "gen_eval.jsonl", rows)
+    return result
+
+
+def check_gen_eval(cfg: Any) -> Any:
+    """Parse the judge of a validated config (Config.validate checks the gen_* ranges), before a run writes
+    anything.
+
+    Returns the judge, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
+    """
+    from ..generation.judges import parse_judge
+
+    if cfg.gen_eval_prompts == 0 or not cfg.judge:
+        return None
+    return parse_judge(cfg.judge, device=cfg.resolved_device())
+
+
+def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out: str | Path, judge: Any,
+                 reference_model: Any = None) -> dict:
+    """``behaviour_eval`` on the first ``cfg.gen_eval_prompts`` distinct prompts of the tokenized held-out pairs.
+
+    Prompts go in as the ids training scored, so chat templates and truncation match the log-prob yardsticks.
+    The reference is ``reference_model`` (iterate's original model), else the adapter disabled; full fine-tuning
+    (no adapter to disable) loads the base model again.
+    """
+    from ..data.rows import PromptRow
+    from ..modeling.model import is_peft, load_model
+
+    seen: set[str] = set()
+    rows, ids = [], []
+    for p in pairs:
+        if p.prompt not in seen and len(rows) < cfg.gen_eval_prompts:
+            seen.add(p.prompt)
+            rows.append(PromptRow(p.id, p.prompt, p.id.rpartition(":")[0], 0))
+            ids.append(p.prompt_ids)
+    reference = reference_model if reference_model is not None or is_peft(model) else load_model(cfg)
+    return behaviour_eval(model, tokenizer, rows, judge, n_prompts=len(rows), max_new_tokens=cfg.gen_max_new_tokens,
+                          temperature=cfg.gen_temperature, seed=cfg.seed, out_dir=out, batch_size=cfg.eval_batch_size,
+                          reference_model=reference, prompt_ids=ids)

@@ -1,0 +1,1 @@
+"""What the model writes: batched sampling, the judge registry, and pairs from judged samples."""

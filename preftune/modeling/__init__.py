@@ -1,0 +1,1 @@
+"""The model: loading with LoRA, precision, per-sequence log-probs, and cached reference log-probs."""

@@ -1,0 +1,134 @@
+"""Precision: which dtype a run uses (``--dtype auto`` decided for the hardware, emulated bf16 refused), how a
+no-grad pass computes (:class:`Arithmetic`), the exact in-place fp32 upcast of bf16 weights, and the fp32-inside
+SDPA that bf16 models use on CPU.
+
+    dtype = resolve_dtype(cfg)                   # "float32" | "bfloat16"; InputError for emulated bf16
+    with arithmetic(cfg, dtype, held_out=True).applied(model): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..core.config import Config
+from ..core.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+SDPA_FP32 = "preftune_sdpa_fp32"
+
+
+def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """SDPA with fp32 inputs for bf16 models: bf16 weights make the projections fast, but on CPU the bf16
+    attention kernels run slower than fp32 ones at these sizes (profiled: 2x), and attention scores are where
+    bf16 rounding hurts most. Projections stay bf16; only (B, H, T, d) q/k/v are upcast."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                          **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(SDPA_FP32, _sdpa_fp32)
+    AttentionMaskInterface.register(SDPA_FP32, sdpa_mask)
+
+
+_register_attention()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (CUDA with bf16, CPUs with AMX / AVX-512 BF16).
+
+    Without it, bf16 is emulated: on a CPU lacking AVX-512 BF16 a 2048^2 bf16 matmul measured 0.3 GFLOP/s
+    against 174 for fp32. The one probe; tests monkeypatch it.
+    """
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False  # mps and others: fp32 is the safe default
+
+
+def resolve_dtype(cfg: Config) -> str:
+    """``cfg.dtype`` with ``auto`` decided; InputError for bf16 where the hardware would emulate it.
+
+    Called before any model is loaded, so a doomed run stops at once instead of crawling.
+    """
+    if cfg.dtype == "float32":
+        return "float32"
+    device = cfg.resolved_device()
+    native = native_bf16(device)
+    if cfg.dtype == "auto":
+        return "bfloat16" if native else "float32"
+    if not native:
+        what = "this CPU has no native bf16 (AMX / AVX-512 BF16)" if device.startswith("cpu") else \
+            f"{device} has no native bf16"
+        raise InputError(f"bfloat16 would be emulated, hundreds of times slower than float32: {what}; "
+                         "use --dtype float32 (or --dtype auto)", field="dtype")
+    return "bfloat16"
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a no-grad scoring pass computes: ``dtype`` of the loaded weights, ``autocast_bf16`` (bf16 matmuls
+    over fp32 weights), and ``upcast``: bf16 weights cast to fp32 for the pass (``Config.eval_fp32``).
+
+    Upcasting is exact on the bf16 weights: fp32 compute on bf16-rounded weights matched fp32 to 1.2e-4 nats,
+    while bf16 activations put 0.03-0.05 nats of noise on every pair's margin (bench/README.md, "bf16
+    held-out, investigated"), as much as the margins of a short low-lr run.
+    """
+
+    dtype: str
+    autocast_bf16: bool = False
+    upcast: bool = False
+
+    @property
+    def label(self) -> str:
+        """The reference cache key's dtype: fp32 arithmetic on bf16-rounded weights is a cache of its own."""
+        return f"{self.dtype}->float32" if self.upcast else self.dtype
+
+    @property
+    def compute(self) -> str:
+        """What the matmuls compute in: ``float32`` or ``bfloat16`` (summary.json's ``eval_arithmetic``)."""
+        return "float32" if self.upcast or (self.dtype == "float32" and not self.autocast_bf16) else "bfloat16"
+
+    def applied(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return fp32_weights(model) if self.upcast else contextlib.nullcontext()
+
+
+def arithmetic(cfg: Config, dtype: str, *, held_out: bool = False) -> Arithmetic:
+    """The arithmetic of a pass over training pairs (``held_out`` False) or held-out pairs, for ``dtype``
+    as ``resolve_dtype`` decided it."""
+    fp32 = held_out and cfg.eval_fp32
+    return Arithmetic(dtype, cfg.autocast_bf16 and not fp32, fp32 and dtype != "float32")
+
+
+@contextlib.contextmanager
+def fp32_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Every bf16 parameter and buffer of ``model`` in fp32 inside the block, back in bf16 after it.
+
+    Exact both ways (bf16 -> fp32 -> bf16 is the identity), in place (optimizer state and peft keep their
+    tensors), one tensor at a time: the peak is the fp32 weights plus one tensor, 2 more bytes per weight.
+    """
+    touched = []
+    for t in itertools.chain(model.parameters(), model.buffers()):  # a tied weight comes once
+        if t.dtype == torch.bfloat16:
+            t.data = t.data.float()
+            touched.append(t)
+    try:
+        yield
+    finally:
+        for t in touched:
+            t.data = t.data.to(torch.bfloat16)

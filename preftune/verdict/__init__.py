@@ -1,0 +1,1 @@
+"""Deciding: paired comparisons, the verdict rules and their reasons, and the report."""
