@@ -239,10 +239,18 @@ class Decision:
 
 # --- folders -------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RunDir:
-    """A run folder and the paths of its files."""
+class _In:
+    """A path inside the folder: ``config = _In(CONFIG)`` makes ``run.config`` the folder's config.yaml."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, folder: Any, owner: type) -> Path:
+        return folder.path / self.name
+
+
+@dataclass(frozen=True)
+class _Folder:
     path: Path
 
     def __post_init__(self) -> None:
@@ -252,40 +260,15 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
+
+class RunDir(_Folder):
+    """A run folder and the paths of its files."""
+
+    config, metrics, eval_pairs, summary = _In(CONFIG), _In(METRICS), _In(EVAL_PAIRS), _In(SUMMARY)
+    gen_eval, adapter, full_model, checkpoints = _In(GEN_EVAL), _In(ADAPTER), _In(FULL_MODEL), _In(CHECKPOINTS)
+
     def file(self, name: str) -> Path:
         return self.path / name
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def eval_pairs(self) -> Path:
-        return self.path / EVAL_PAIRS
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def gen_eval(self) -> Path:
-        return self.path / GEN_EVAL
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / ADAPTER
-
-    @property
-    def full_model(self) -> Path:
-        return self.path / FULL_MODEL
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"
@@ -310,55 +293,21 @@ class RunDir:
         return self.metrics.is_file()
 
 
-@dataclass(frozen=True)
 class RoundDir(RunDir):
     """One round of ``preftune iterate``: a run folder plus its samples and pairs."""
+
+    samples, samples_partial = _In(SAMPLES), _In(SAMPLES_PARTIAL)
+    pairs, pair_stats, start = _In(PAIRS), _In(PAIR_STATS), _In(START)
 
     @property
     def number(self) -> int:
         return int(self.path.name.removeprefix(ROUND_PREFIX))
 
-    @property
-    def samples(self) -> Path:
-        return self.path / SAMPLES
 
-    @property
-    def samples_partial(self) -> Path:
-        return self.path / SAMPLES_PARTIAL
-
-    @property
-    def pairs(self) -> Path:
-        return self.path / PAIRS
-
-    @property
-    def pair_stats(self) -> Path:
-        return self.path / PAIR_STATS
-
-    @property
-    def start(self) -> Path:
-        return self.path / START
-
-
-@dataclass(frozen=True)
-class MatrixDir:
+class MatrixDir(_Folder):
     """A matrix folder: matrix.json, the base config, one run folder per cell, the decision."""
 
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def index(self) -> Path:
-        return self.path / MATRIX
-
-    @property
-    def base_config(self) -> Path:
-        return self.path / BASE_CONFIG
-
-    @property
-    def decision(self) -> Path:
-        return self.path / DECISION
+    index, base_config, decision = _In(MATRIX), _In(BASE_CONFIG), _In(DECISION)
 
     def cell(self, name: str) -> RunDir:
         return RunDir(self.path / CELLS / name)
@@ -370,33 +319,16 @@ class MatrixDir:
         return self.path / CHILD_CONFIGS / f"{name}.err"
 
     def read_index(self) -> MatrixIndex:
-        raw = _read_json(self.index, "a matrix folder (no matrix.json)")
-        return MatrixIndex.from_dict(raw, self.index)
+        return MatrixIndex.from_dict(_read_json(self.index, "a matrix folder (no matrix.json)"), self.index)
 
     def write_index(self, index: MatrixIndex) -> None:
         atomic_write_json(self.index, index.to_dict())
 
 
-@dataclass(frozen=True)
-class RoundsDir:
+class RoundsDir(_Folder):
     """A rounds folder (``preftune iterate``): iterate.json, summary.json with one line per round, round-N/."""
 
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def meta(self) -> Path:
-        return self.path / ROUNDS
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def decision(self) -> Path:
-        return self.path / DECISION
+    meta, summary, decision = _In(ROUNDS), _In(SUMMARY), _In(DECISION)
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.path / f"{ROUND_PREFIX}{r}")

@@ -16,10 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,10 +37,9 @@ from ..core.progress import Progress, phase
 from ..core.runtime import Runtime
 from ..evaluation.behaviour import check_gen_eval, run_gen_eval
 from ..evaluation.heldout import evaluate
-from ..generation.judges import Judge
 from ..modeling.logprobs import prefix_sharing_blocker
 from ..modeling.model import add_lora, checkpoint_layers, fingerprint, is_peft, load_model, load_tokenizer
-from ..modeling.precision import Arithmetic, arithmetic, resolve_dtype
+from ..modeling.precision import arithmetic, resolve_dtype
 from ..modeling.reference import reference_logps
 from .checkpoints import (
     checkpoint_step,
@@ -55,40 +51,9 @@ from .checkpoints import (
 )
 from .distributed import full_state_dict, maybe_fsdp
 from .prepare import Prepared, Schedule, prepare_data, reference_requests
+from .state import Evaluate, Run
 from .step import train_step
-from .summary import CompileClock, new_timing, write_summary
-
-Evaluate = Callable[[int], tuple[dict, list[dict]]]  # held-out metrics and per-pair rows at a step
-
-
-@dataclass
-class Run:
-    """What one run holds while it trains, settled before its folder is touched (:func:`_load`)."""
-
-    cfg: Config
-    rt: Runtime
-    dir: RunDir
-    data: Prepared
-    schedule: Schedule
-    model: torch.nn.Module
-    tok: Any
-    judge: Judge | None
-    fsdp: bool
-    score_rt: Runtime                 # who scores the reference and held-out pairs: every rank, or each one alone
-    eval_arith: Arithmetic
-    share: bool                       # prefix sharing: one row per pair, the prompt run once
-    fingerprint: str
-    model_info: dict[str, Any]
-    params: dict[str, float]
-    t_start: float
-    timing: dict[str, Any] = field(default_factory=new_timing)
-    trainable: list[tuple[str, Tensor]] = field(default_factory=list)
-    clock: CompileClock | None = None
-    tracker: trackers.Trackers | None = None
-
-    @property
-    def quiet(self) -> bool:
-        return self.cfg.quiet or not self.rt.is_main
+from .summary import CompileClock, write_summary
 
 
 def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn.Module | None = None) -> RunSummary:

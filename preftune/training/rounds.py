@@ -21,7 +21,6 @@ is also its reference.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -165,22 +164,3 @@ def _round_line(r: int, folder: RoundDir, result: RunSummary) -> dict:
             "win_rate": g["win_rate"], "win_rate_ci": g["win_rate_ci"], "lc_win_rate": g["lc_win_rate"],
             "lc_win_rate_se": g["lc_win_rate_se"], "policy_len": g["policy"]["mean_len"],
             "reference_len": g["reference"]["mean_len"]}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``preftune iterate`` beyond the run's config flags (added by the CLI)."""
-    p.add_argument("--prompts", required=True, help="training prompts: any data file with a `prompt` field")
-    p.add_argument("--prompts-split", default="train", help="split of --prompts for a datasets source")
-    p.add_argument("--judge", required=True, help="reward-model:PATH | python:module:function | openai:MODEL@URL")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of generate, judge, pair, train (default 3)")
-    p.add_argument("--num-samples", type=int, default=4, help="samples per prompt per round (default 4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample (default 64)")
-    p.add_argument("--pair-rule", default="max_min", choices=list(PAIR_RULES),
-                   help="chosen/rejected from the scores: max_min (default), max_random, best_vs_second")
-    p.add_argument("--min-gap", type=float, default=0.0, help="drop prompts whose chosen-rejected score gap is below")
-    p.add_argument("--reference", default="initial", choices=list(REFERENCES),
-                   help="initial (default: the starting model, OpenRLHF) or round (each round's start, RLHFlow)")
-    p.add_argument("--gen-eval-prompts", type=int, default=64,
-                   help="held-out prompts judged against the original reference each round (default 64)")

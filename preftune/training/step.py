@@ -7,7 +7,7 @@ per micro-batch, the gradient all-reduce across ranks, clipping, the update, and
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,10 +19,8 @@ from ..modeling.logprobs import batch_logps, compiled_graphs, make_batch
 from .checkpoints import latest_checkpoint
 from .distributed import all_reduce_grads, gather_parts
 from .prepare import lr_at
+from .state import Run
 from .summary import write_summary
-
-if TYPE_CHECKING:
-    from .loop import Run
 
 
 def train_step(r: Run, step: int, opt: torch.optim.Optimizer, ref_train: Tensor | None) -> dict[str, Any]:
