@@ -19,11 +19,20 @@ from typing import Any
 from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
 from .core.layout import RunSummary
-from .core.objectives import ObjectiveOutput, SeqLogps, objective
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
            "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
+_OBJECTIVE_API = ("objective", "ObjectiveOutput", "SeqLogps")
+
+
+def __getattr__(name: str) -> Any:
+    """The objective API imports torch: only when it is used, so `preftune --help` and a bad config answer at once."""
+    if name in _OBJECTIVE_API:
+        from .core import objectives
+
+        return getattr(objectives, name)
+    raise AttributeError(f"module 'preftune' has no attribute {name!r}")
 
 
 def train(config: Config) -> RunSummary:

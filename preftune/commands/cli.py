@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..core.errors import InputError, TrainingDiverged, did_you_mean
 from . import export, generate, iterate, matrix, plan, run, verdict, world
@@ -57,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, torchrun stopping its workers), handled like Ctrl-C: every ``finally`` and
+    lock release runs, and the same "continue" line is printed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except InputError as e:
@@ -68,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"preftune: training diverged: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         how = "re-run the same command" if args.command == "ablate" else "continue with --resume"
         print(f"preftune: interrupted; {how}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `preftune ... | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # a full disk, a folder made read-only mid-run: one line naming the path, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"preftune: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

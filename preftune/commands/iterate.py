@@ -38,9 +38,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = config_from(args, skip=ITERATE_SKIP)
     from ..training.rounds import iterate
 
-    cfg = config_from(args, skip=ITERATE_SKIP)
     result = iterate(cfg, prompts=args.prompts, judge=args.judge, rounds=args.rounds, num_samples=args.num_samples,
                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      pair_rule=args.pair_rule, min_gap=args.min_gap, reference=args.reference,

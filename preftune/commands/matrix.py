@@ -23,9 +23,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
     from ..training.matrix import RayOptions, parse_grid, run_matrix
 
-    cfg = config_from(args)
     ray = RayOptions(address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
     result = run_matrix(cfg, parse_grid(args.grid), parallel=args.parallel, backend=args.backend, ray=ray)
     print(f"matrix: {result['finished']} finished, {result['failed']} failed -> {cfg.output}")

@@ -18,9 +18,9 @@ EVAL_SKIP = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = config_from(args)  # before the heavy imports: a bad config is one line at once
     from ..training.loop import train
 
-    cfg = config_from(args)
     summary = train(cfg)
     before = (summary.step0_eval or {}).get("eval_accuracy", float("nan"))
     after = (summary.final_eval or {}).get("eval_accuracy", float("nan"))
@@ -36,10 +36,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
     from ..core.progress import phase
     from ..evaluation.heldout import evaluate_model
 
-    cfg = config_from(args)
     with phase("scoring held-out pairs (reference, then model)", quiet=cfg.quiet):  # a bar in a terminal
         m = evaluate_model(cfg, adapter=args.adapter)
     if speaks():  # torchrun: the ranks split the pairs, rank 0 reports

@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -257,18 +258,42 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
             # values are checked against each objective's schema in validate() (objectives.resolve_params)
             return {str(name): {str(k): v for k, v in over.items()} for name, over in value.items()}
     except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
-        raise InputError(f"{value!r} is not a valid {getattr(base, '__name__', base)}", path=source,
+        raise InputError(f"{reprlib.repr(value)} is not a valid {getattr(base, '__name__', base)}", path=source,
                          field=key) from None
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; anything near a megabyte is not a config
+MAX_NODES = 100_000         # values after expanding aliases: a config has tens; an alias bomb has billions
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that counts what the document expands to while composing it: an alias counts as
+    everything it refers to, so a bomb of nested aliases is refused at once, before anything downstream (a
+    repr, a JSON dump) would expand it. Anchors and aliases within reason are fine."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        node = super().compose_node(parent, index)
+        sizes = self.__dict__.setdefault("_sizes", {})
+        if id(node) not in sizes:
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        self.__dict__["_total"] = self.__dict__.get("_total", 0) + sizes[id(node)]
+        if self._total > MAX_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_NODES:,} values through its aliases (*name): refused")
+        return node
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file", path=str(path))
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"cannot read config: {e.strerror}", path=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", path=str(path),

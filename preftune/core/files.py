@@ -6,6 +6,7 @@ A crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -126,6 +127,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _honour_umask(tmp)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -137,36 +139,59 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-class FolderLock:
-    """An exclusive lock on a folder (``.lock`` file holding the pid), so two processes never write one run.
+def _honour_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 and some writers 0600: give the folder and what is in it the modes the umask gives any
+    new file, so a teammate or a serving user can read an adapter or a merged model."""
+    folder.chmod(0o777 & ~_umask())
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~_umask())
 
-    A lock left by a dead process is taken over.
+
+class FolderLock:
+    """An exclusive lock on a folder, so two processes never write one run: ``flock`` on its ``.lock`` file.
+
+    The kernel releases the lock when its holder dies, however it dies (kill -9 included), so a lock is never
+    stale; the file (holding the pid, for the message) is removed on the way out when the folder still allows it.
+    A lock is not re-entrant: a second FolderLock on the same folder fails in the same process too.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / ".lock"
+        self.fd: int | None = None
 
     def __enter__(self) -> FolderLock:
         from .errors import InputError
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, _FILE_MODE)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 pid = _read_pid(self.path)
-                if pid is not None and _alive(pid):  # our own pid too: a lock is not re-entrant
-                    raise InputError(f"another preftune process (pid {pid}) is writing this folder",
-                                     path=str(self.path.parent)) from None
-                self.path.unlink(missing_ok=True)  # stale lock
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
+                raise InputError(f"another preftune process{f' (pid {pid})' if pid else ''} is writing this folder",
+                                 path=str(self.path.parent)) from None
+            try:  # the holder before us may have removed the file after we opened it: lock the one in place
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self.fd = fd
+                return self
+            os.close(fd)
         raise InputError("could not take the folder lock", path=str(self.path.parent))
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a folder made read-only meanwhile: the file stays, the lock goes with the fd
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _read_pid(path: Path) -> int | None:
@@ -174,16 +199,6 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_json(obj: Any) -> Any:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a collective runs: the CLI asks for the rank before loading torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Runtime:
     @property
     def device(self) -> str | None:
         """``cuda:<local_rank>`` under a multi-process CUDA launch; None lets the config choose."""
+        import torch
+
         if self.distributed and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return None
@@ -99,6 +101,7 @@ def init() -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _SINGLE
+    import torch
     import torch.distributed as dist
 
     rank, local = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))

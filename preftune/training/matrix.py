@@ -51,7 +51,8 @@ DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_sp
 NOT_A_FACTOR = ("output", "resume", "objectives", "cache_dir", "quiet")
 # Settings a re-run may change without invalidating a cell's results (the parallel path sets some of them).
 RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir", "report_to")
-_CHILD = "import sys; from preftune.training.matrix import _cell_main; sys.exit(_cell_main(sys.argv[1]))"
+_CHILD = ("import sys; from preftune.training.matrix import _cell_main; "
+          "sys.exit(_cell_main(sys.argv[1], int(sys.argv[2])))")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -266,7 +267,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                     held[name] = pick_gpu(gpus, list(held.values()))
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": held[name]}
                 with open(err, "w") as fh:
-                    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_path)],
+                    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_path), str(os.getpid())],
                                             stdout=subprocess.DEVNULL, stderr=fh, env=env)
                 status[name].mark("running")
                 running.append((name, proc, err))
@@ -411,8 +412,9 @@ def _run_cell(cfg_path: str, cwd: str) -> str | None:
     return None
 
 
-def _cell_main(path: str) -> int:
+def _cell_main(path: str, parent: int) -> int:
     """One cell in a child process (the parallel path): the exact config, one line on stderr if it fails."""
+    _die_with_parent(parent)
     try:
         error = _run_cell(path, os.getcwd())
     except KeyboardInterrupt:
@@ -421,6 +423,20 @@ def _cell_main(path: str) -> int:
     if error is not None:
         print(error, file=sys.stderr)
     return 0 if error is None else 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A ``--parallel`` child ends when the ablate process that started it ends, however that ends (kill -9
+    too): Linux sends it SIGTERM then (prctl PR_SET_PDEATHSIG), so a re-run never finds orphans still training
+    and holding the cells' locks. The parent may already have gone before the call: then end now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such guarantee
+        return
+    if os.getppid() != parent:
+        os._exit(143)
 
 
 def _warm_reference_cache(todo: list, prepared: dict) -> None:
