@@ -132,3 +132,129 @@ def test_atomic_folders_honour_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "adapter" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# --- integrity: files preftune reads back are checked, not trusted -----------------------------------------------
+
+def _run_cfg(world, tmp_path, name, **kw):
+    from preftune.core import config
+
+    base = dict(model=str(world.model_dir), data=str(world.train_path), eval_data=str(world.eval_path), lr=2e-3,
+                batch_size=8, max_steps=8, eval_every=0, save_every=2, warmup_ratio=0.0, lora_dropout=0.1,
+                output=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), quiet=True, max_train_pairs=128)
+    return config.build({**base, **kw})
+
+
+def _crashed_run(world, tmp_path, monkeypatch, name):
+    """A run killed during step 7: checkpoints at steps 4 and 6 on disk."""
+    from dataclasses import replace
+
+    import preftune.training.loop as T
+    import preftune.training.step as S
+
+    calls, real = {"n": 0}, S.batch_logps
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "batch_logps", crash)
+    cfg = _run_cfg(world, tmp_path, name)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    monkeypatch.setattr(S, "batch_logps", real)
+    return replace(cfg, resume=True)
+
+
+def _adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    import preftune.training.loop as T
+
+    root = tmp_path_factory.mktemp("whole")
+    T.train(_run_cfg(tiny_world, root, "whole"))
+    return _adapter(root / "whole")
+
+
+@pytest.mark.parametrize("damage", ["truncate trainable", "truncate optimizer", "garble state", "flip optimizer"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tiny_world, tmp_path, monkeypatch, capsys, damage,
+                                                          uninterrupted):
+    import preftune.training.loop as T
+
+    cfg = _crashed_run(tiny_world, tmp_path, monkeypatch, damage.replace(" ", "-"))
+    newest = Path(cfg.output) / "checkpoints" / "step-0000006"
+    assert sorted(p.name for p in newest.parent.iterdir()) == ["step-0000004", "step-0000006"]
+    how, what = damage.split()
+    f = newest / {"trainable": "trainable.safetensors", "optimizer": "optimizer.safetensors", "state": "state.json"}[what]
+    data = bytearray(f.read_bytes())
+    if how == "truncate":
+        data = data[:len(data) // 2]
+    elif how == "garble":
+        data = b'{"step": 6, "param_gr'
+    else:
+        data[-20] ^= 0xFF
+    f.write_bytes(bytes(data))
+    capsys.readouterr()
+    T.train(cfg)
+    err = capsys.readouterr().err
+    assert f"{f}: damaged" in err and "trying the checkpoint before it" in err and "diverged" not in err
+    got = _adapter(Path(cfg.output))
+    assert all(torch_equal(got[k], uninterrupted[k]) for k in uninterrupted)  # resumed at step 4: the same run
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_no_good_checkpoint_is_one_line(tiny_world, tmp_path, monkeypatch, capsys):
+    cfg = _crashed_run(tiny_world, tmp_path, monkeypatch, "bad")
+    for ckpt in (Path(cfg.output) / "checkpoints").iterdir():
+        (ckpt / "trainable.safetensors").write_bytes(b"not a safetensors file")
+    args = ["train", "--config", str(Path(cfg.output) / "config.yaml"), "--resume"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("preftune: error: ") and "trainable.safetensors: damaged" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_an_altered_reference_cache_is_recomputed(tiny_world, tmp_path):
+    """A cache file rewritten with other values of the same shape is caught by its checksum: step 0 ties."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import preftune.training.loop as T
+
+    first = T.train(_run_cfg(tiny_world, tmp_path, "a", max_steps=2, save_every=0, objective="dpo"))
+    for f in (tmp_path / "cache" / "reference").glob("*.safetensors"):
+        t = load_file(f)
+        save_file({"logps": t["logps"] + torch.randn_like(t["logps"])}, str(f))  # same shape, other numbers
+    again = T.train(_run_cfg(tiny_world, tmp_path, "b", max_steps=2, save_every=0, objective="dpo"))
+    assert first.timing["reference_cached"] == {"train": False, "eval": False}
+    assert again.timing["reference_cached"] == {"train": False, "eval": False}  # recomputed, not trusted
+    assert again.step0_eval["eval_accuracy"] == 0.5 and again.step0_eval["eval_refrel/margin"] == 0.0
+
+
+def test_a_garbled_cell_summary_runs_the_cell_again(tiny_world, tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["ablate", "--model", str(tiny_world.model_dir), "--data", str(tiny_world.train_path), "--eval-data",
+            str(tiny_world.eval_path), "--max-train-pairs", "32", "--batch-size", "4", "--max-steps", "2",
+            "--eval-every", "0", "--grid", "objective=dpo", "--grid", "lora_rank=4,2", "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(args) == 0
+    summary = out / "cells" / "objective=dpo,lora_rank=4" / "summary.json"
+    summary.write_text(summary.read_text().replace('"steps": 2', '"steps": 3'))  # altered, still valid JSON
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"{summary}: damaged" in err and "runs again" in err and "Traceback" not in err
+    assert '"steps": 2' in summary.read_text()

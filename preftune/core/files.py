@@ -7,6 +7,7 @@ A crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 
 def _umask() -> int:
@@ -66,8 +69,6 @@ def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, A
     ``append_jsonl`` (preftune's own logs); user data is read without it, so no row is ever silently lost.
     Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
     """
-    from .errors import InputError
-
     lines = text.split("\n")
     rows = []
     for i, line in enumerate(lines, 1):
@@ -84,8 +85,6 @@ def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, A
 
 def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """(line number, value) of one of preftune's JSONL files; a torn last line is dropped (:func:`parse_jsonl`)."""
-    from .errors import InputError
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -105,8 +104,6 @@ def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> 
 
         check_writable_dir("runs/x", field="output")
     """
-    from .errors import InputError
-
     target = Path(path).absolute()
     if target.exists() and not target.is_dir():
         raise InputError("is a file, not a folder: choose another path", path=str(path), field=field)
@@ -160,8 +157,6 @@ class FolderLock:
         self.fd: int | None = None
 
     def __enter__(self) -> FolderLock:
-        from .errors import InputError
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, _FILE_MODE)
@@ -199,6 +194,65 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+class DamagedFile(InputError):
+    """A file preftune wrote and reads back (a checkpoint, the reference cache, a summary) that fails its
+    checksum or does not parse: it is never trusted."""
+
+
+def _tensor_digest(tensors: dict[str, Any]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
+    """A safetensors file whose header carries the sha256 of its tensors, written atomically (temp, fsync,
+    rename); :func:`read_tensors` checks it. Run: ``write_tensors("ref.safetensors", {"logps": t})``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel writers of one cache entry: rename wins
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"sha256": _tensor_digest(tensors)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of a file :func:`write_tensors` wrote, verified: DamagedFile (one line naming the file) when it
+    is truncated, garbled or its bytes do not match the checksum in its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            want = (f.metadata() or {}).get("sha256")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise DamagedFile(f"damaged: not a readable safetensors file ({_first_line(e)})", path=str(path)) from None
+    if want is None or want != _tensor_digest(tensors):
+        raise DamagedFile("damaged: its tensors do not match the checksum written with them", path=str(path))
+    return tensors
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys): the checksum a summary carries."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip() or type(e).__name__).splitlines() or [""])[0]
 
 
 def clean_json(obj: Any) -> Any:

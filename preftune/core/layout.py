@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .files import atomic_write_json, clean_json
+from .files import DamagedFile, atomic_write_json, clean_json, json_digest
 
 # --- a run folder (preftune train --output; a matrix cell; a round) -----------------------------------------
 CONFIG = "config.yaml"             # the resolved Config
@@ -96,11 +96,13 @@ class RunSummary:
         d = asdict(self)
         if d["gen_eval"] is None:  # absent, as in every summary.json before behaviour existed
             del d["gen_eval"]
-        return d
+        return {**d, "sha256": json_digest(d)}  # checked on read: a damaged summary is never trusted
 
     @classmethod
     def from_dict(cls, d: Any, path: Path) -> RunSummary:
         d = _need_dict(d, path)
+        if "sha256" in d and json_digest({k: v for k, v in d.items() if k != "sha256"}) != d["sha256"]:
+            raise DamagedFile("damaged: its content does not match the checksum written with it", path=str(path))
         known = {f.name for f in fields(cls)}
         for key, kind in (("objective", str), ("status", str), ("lora_rank", int), ("steps", int)):
             if not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):

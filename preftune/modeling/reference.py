@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..core.files import DamagedFile, read_tensors, write_tensors
 from ..core.runtime import Runtime, current
 from .logprobs import prefix_sharing_blocker, score_pairs
 from .model import is_peft
@@ -66,10 +65,10 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     path = Path(cache_dir) / "reference" / f"{cache_key(fingerprint, pairs, arith)}.{layout}.safetensors"
     logps = None
     if path.exists():
-        try:
-            logps = load_file(path)["logps"]
-            logps = logps if logps.shape == (len(pairs), 2) else None
-        except Exception:  # a damaged cache file is recomputed, never trusted
+        try:  # checked against the checksum written with it: a damaged or altered entry is recomputed
+            logps = read_tensors(path).get("logps")
+            logps = logps if logps is not None and logps.shape == (len(pairs), 2) else None
+        except DamagedFile:
             logps = None
     if all(rt.gather(logps is not None)):  # every rank agrees, or all compute: a collective needs them all
         return logps, True
@@ -82,8 +81,5 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     logps = torch.cat(rt.gather(logps))                                                                 # (N, 2)
     if not rt.is_main:
         return logps, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel cells may race: rename is atomic
-    save_file({"logps": logps.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    write_tensors(path, {"logps": logps})  # parallel cells may race: each writes its own temp file, rename wins
     return logps, False

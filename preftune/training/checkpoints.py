@@ -11,14 +11,14 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core.files import atomic_dir, atomic_write_json
+from ..core.files import DamagedFile, atomic_dir, atomic_write_json, read_tensors, write_tensors
 from ..core.layout import ADAPTER, FULL_MODEL, OPTIMIZER, STATE, TRAINABLE, RunDir
 from ..modeling.model import is_peft
 
@@ -36,20 +36,20 @@ def save_weights(run: RunDir, model: torch.nn.Module, tok: Any, state_dict: dict
 
 
 def save_checkpoint(run: RunDir, step: int, trainable: Trainable, opt: torch.optim.Optimizer) -> Path:
-    """Write ``checkpoints/step-N/`` in one rename, then drop the older ones: the newest complete one stays."""
+    """Write ``checkpoints/step-N/`` in one rename, each tensor file with its checksum; the newest two stay, so a
+    damaged newest one falls back to the one before (:func:`latest_checkpoint`)."""
     folder = run.checkpoint(step)
     with atomic_dir(folder) as d:
-        save_file({n: p.detach().contiguous() for n, p in trainable}, str(d / TRAINABLE))
+        write_tensors(d / TRAINABLE, {n: p.detach() for n, p in trainable})
         sd = opt.state_dict()
-        tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():  # dropout on the GPU draws from the CUDA generator
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, str(d / OPTIMIZER))
+        write_tensors(d / OPTIMIZER, tensors)
         atomic_write_json(d / STATE, {"step": step, "param_groups": sd["param_groups"]})
-    for old in run.checkpoints.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in sorted(run.checkpoints.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -57,24 +57,48 @@ def checkpoint_step(folder: Path | None) -> int | None:
     return None if folder is None else int(json.loads((folder / STATE).read_text())["step"])
 
 
+def _verified(folder: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """(trainable weights, optimizer and RNG tensors, state.json) of a checkpoint, each checked; DamagedFile
+    naming the file that is not what was written."""
+    meta_path = folder / STATE
+    try:
+        meta = json.loads(meta_path.read_text())
+        int(meta["step"]), meta["param_groups"]  # noqa: B018  (the two keys a resume needs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DamagedFile(f"damaged: not a checkpoint state ({type(e).__name__})", path=str(meta_path)) from None
+    return read_tensors(folder / TRAINABLE), read_tensors(folder / OPTIMIZER), meta
+
+
 def latest_checkpoint(run: RunDir) -> Path | None:
-    done = sorted(p for p in run.checkpoints.glob("step-*") if (p / STATE).exists())
-    return done[-1] if done else None
+    """The newest checkpoint that passes its checks; a damaged newer one is skipped with a one-line notice.
+    DamagedFile (one line naming the file) when checkpoints exist and none is good."""
+    done = sorted((p for p in run.checkpoints.glob("step-*") if (p / STATE).exists()), reverse=True)
+    first: DamagedFile | None = None
+    for folder in done:
+        try:
+            _verified(folder)
+        except DamagedFile as e:
+            first = first or e
+            print(f"preftune: warning: {e}; trying the checkpoint before it", file=sys.stderr)
+            continue
+        return folder
+    if first is not None:
+        raise DamagedFile(f"{first}; no earlier good checkpoint: start again without --resume",
+                          path=None) from None
+    return None
 
 
 def load_checkpoint(folder: Path, trainable: Trainable, opt: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer state and RNG from ``folder``; returns its step."""
-    weights = load_file(str(folder / TRAINABLE))
+    """Restore weights, optimizer state and RNG from ``folder`` (checked first, changed only when good)."""
+    weights, tensors, meta = _verified(folder)
     with torch.no_grad():
         for n, p in trainable:
             p.copy_(weights[n])
-    tensors = load_file(str(folder / OPTIMIZER))
     state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
         if not key.startswith("rng."):
             i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = v
-    meta = json.loads((folder / STATE).read_text())
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -223,8 +223,13 @@ def _load_status(cells: list) -> dict[str, CellEntry]:
     status = {name: CellEntry(name, values) for name, values, _ in cells}
     for name, _, cfg in cells:
         run = RunDir(Path(cfg.output))
-        if run.summary.exists():
-            status[name].mark("finished" if run.finished() else "failed")
+        if not run.summary.exists():
+            continue
+        try:
+            status[name].mark("finished" if run.read_summary().finished else "failed")
+        except InputError as e:  # a damaged summary is not a finished cell: run it again
+            print(f"preftune ablate: {e}; cell {name} runs again", file=sys.stderr)
+            status[name].mark("failed", str(e))
     return status
 
 

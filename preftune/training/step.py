@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..core import objectives
 from ..core.errors import TrainingDiverged
+from ..core.files import DamagedFile
 from ..evaluation.heldout import summarize
 from ..modeling.logprobs import batch_logps, compiled_graphs, make_batch
 from .checkpoints import latest_checkpoint
@@ -94,7 +95,10 @@ def _diverged(r: Run, step: int, loss: float, grad_norm: float) -> None:
     if r.rt.is_main:
         write_summary(r.cfg, r.dir, steps=step, status="diverged", data=None, timing=r.timing, t_start=r.t_start,
                       model_info=r.model_info)
-    last = latest_checkpoint(r.dir)
+    try:
+        last = latest_checkpoint(r.dir)
+    except DamagedFile:
+        last = None
     keep = f"; the last good checkpoint is {last}" if last else ""
     raise TrainingDiverged(f"loss or gradient became non-finite at step {step} (loss={loss}, grad_norm={grad_norm})"
                            f"{keep}. Lower --lr or --beta, or try --objective orpo.")
