@@ -4,12 +4,16 @@ objective registry.
     preftune demo --output demo_out
     preftune world runs/world --variant chosen_shorter
     preftune objectives
+    preftune objectives --markdown > docs/objectives.md     # the docs page, generated from the registry
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 
+from ..core.objectives import REGISTRY, Objective, registry
 from .options import Command
 
 
@@ -44,9 +48,14 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _objectives(args: argparse.Namespace) -> int:
-    from ..core.objectives import REGISTRY
+def _objectives_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--markdown", action="store_true", help="print docs/objectives.md (generated from the registry)")
 
+
+def _objectives(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(objectives_markdown(), end="")
+        return 0
     for o in REGISTRY.values():
         ref = "needs a reference" if o.needs_reference else "no reference"
         role = ", the fallback" if o.fallback else ""
@@ -57,7 +66,74 @@ def _objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+# What no single registry entry says; the rest of docs/objectives.md comes from the entries themselves.
+ACROSS = """## Across objectives
+
+- **`nll_weight`** (`--nll-weight W`, default 0, >= 0) adds W · (mean token NLL of chosen) to *any* objective,
+  RPO-style, logged as `nll_loss`. No objective hides one: TRL's CPOTrainer with `loss_type="simpo"` keeps
+  `cpo_alpha=1.0` and so adds it silently; preftune's `simpo` doesn't. ORPO already contains it.
+- **SimPO's `gamma`** is TRL's `simpo_gamma` (absolute, reward units); `gamma_beta_ratio` is the paper's γ/β.
+- **Reference passes.** Objectives that need no reference skip the reference pass over the training set. The
+  held-out pairs' reference log-probs are computed for every objective (cheap, and cached), so both common
+  yardsticks exist for every run ([decisions.md](decisions.md)).
+- **Families** are what `decide` and `report` read, never the name: objectives are judged on the common
+  yardsticks, and the `fallback` entry is what `decide` recommends when every judged objective is unstable.
+- **Setting hyperparameters**: `objectives: {simpo: {beta: 2.5}}` in a config file, the shorthands `--beta`,
+  `--gamma`, `--gamma-beta-ratio`, `--label-smoothing` for the objective being run, or a matrix factor such as
+  `--grid beta=0.05,0.1` ([config.md](config.md)). Your own objective: [api.md](api.md).
+"""
+
+
+def _md(text: str) -> str:
+    """A docstring as Markdown: reST's ``code`` and :role:`code` become `code`."""
+    return re.sub(r":\w+:`([^`]+)`", r"`\1`", text.replace("``", "`"))
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _objective_section(o: Objective) -> list[str]:
+    data = "paired (prompt/chosen/rejected rows)" if o.data == "paired" else \
+        f"{o.data} (prompt/completion/label rows; pairs are unpaired for it)"
+    facts = [f"family: {o.family}; reference model: {'needed' if o.needs_reference else 'not needed'}",
+             f"data: {data}"]
+    facts += ["the fallback: what `decide` recommends when every judged objective is unstable"] * o.fallback
+    facts += [f"smallest batch size: {o.min_batch_size}"] * (o.min_batch_size > 1)
+    facts += [f"give {' or '.join(f'`{k}`' for k in group)}, not both" for group in o.exclusive]
+    if o.advice:
+        facts.append(f"warns about its training data: {_md(inspect.getdoc(o.advice) or '')}")
+    lines = [f"## `{o.name}`", "", _cell(o.summary), "", *[f"- {f}" for f in facts], ""]
+    if o.params:
+        lines += ["| hyperparameter | default | rule | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | {'derived' if p.default is None else p.default} | {_cell(p.rule)} | {_cell(p.help)} |"
+                  for k, p in o.params.items()]
+        lines.append("")
+    return [*lines, _md(inspect.getdoc(o.fn) or ""), ""]
+
+
+def objectives_markdown() -> str:
+    """docs/objectives.md: every registered objective, from its registry entry, schema and docstring."""
+    notation = (registry.__doc__ or "").split("::\n\n", 1)[-1].split("\n\n", 1)[0]  # the docstring's notation block
+    built_in = [o for o in REGISTRY.values() if o.spec == o.name]  # not the ones a user module registered
+    lines = ["# Objectives", "",
+             "Every built-in objective: its family, data, hyperparameters (defaults and rules) and the paper it comes",
+             "from. Generated from the registry (`preftune/core/objectives/`): edit the registry, not this page, then",
+             "run `preftune objectives --markdown > docs/objectives.md`.", "",
+             "Notation, per pair:", "", "```text", inspect.cleandoc(notation), "```", "",
+             "| objective | family | reference | data | hyperparameters (defaults) | summary |", "|---|---|---|---|---|---|"]
+    for o in built_in:
+        params = ", ".join(f"`{k}`={'derived' if p.default is None else p.default}" for k, p in o.params.items())
+        lines.append(f"| [`{o.name}`](#{o.name}) | {o.family} | {'needed' if o.needs_reference else 'free'} | "
+                     f"{o.data} | {params or '—'} | {_cell(o.summary)} |")
+    lines.append("")
+    for o in built_in:
+        lines += _objective_section(o)
+    return "\n".join(lines) + "\n" + ACROSS
+
+
 DEMO = Command("demo", "the main job on the built-in tiny world: SFT, 2x2 matrix, verdict, report", _demo_arguments,
                _demo)
 WORLD = Command("world", "build the built-in tiny model, tokenizer and preference task", _world_arguments, _world)
-OBJECTIVES = Command("objectives", "list objectives, their hyperparameters and defaults", lambda p: None, _objectives)
+OBJECTIVES = Command("objectives", "list objectives, their hyperparameters and defaults", _objectives_arguments,
+                     _objectives)
