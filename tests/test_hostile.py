@@ -258,3 +258,12 @@ def test_a_garbled_cell_summary_runs_the_cell_again(tiny_world, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{summary}: damaged" in err and "runs again" in err and "Traceback" not in err
     assert '"steps": 2' in summary.read_text()
+
+
+def test_another_commands_flag_is_named_as_such(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["iterate", "--prompts", "p.jsonl", "--judge", "python:m:f", "--gen-max-new-tokens", "8"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert "--gen-max-new-tokens is a flag of preftune train" in err and "not of preftune iterate" in err
+    assert "did you mean" not in err

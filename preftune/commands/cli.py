@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from ..core.errors import InputError, TrainingDiverged, did_you_mean
 from . import export, generate, iterate, matrix, plan, run, verdict, world
@@ -29,22 +30,26 @@ EXAMPLE = """example:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an unknown or bad flag is one line with a suggestion and exit code 2."""
+    """argparse, but a bad flag is one line with exit code 2, and an unknown one gets a suggestion from the
+    flags of the command being parsed, or is named as another command's flag."""
+
+    def parse_args(self, args: list[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}{self._hint(ns, extra[0].split('=')[0])}")
+        return ns
+
+    def _hint(self, ns: argparse.Namespace, bad: str) -> str:
+        commands = next(a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction))
+        mine = [f for a in commands[ns.command]._actions for f in a.option_strings]
+        owners = [name for name, sub in commands.items() if bad in (f for a in sub._actions for f in a.option_strings)]
+        if owners:
+            return f" ({bad} is a flag of preftune {' / '.join(owners)}, not of preftune {ns.command})"
+        return did_you_mean(bad, mine, quote="")
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        hint = ""
-        if "unrecognized arguments:" in message:
-            bad = message.split(":", 1)[1].split()[0].split("=")[0]
-            hint = did_you_mean(bad, [f for f in self._all_flags() if f != bad], quote="")
-        print(f"{self.prog}: error: {message}{hint}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
-
-    def _all_flags(self) -> list[str]:
-        flags = [f for a in self._actions for f in a.option_strings]
-        for a in self._actions:
-            if isinstance(a, argparse._SubParsersAction):  # every command's flags
-                flags += [f for sub in a.choices.values() for f in sub._all_flags()]
-        return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
