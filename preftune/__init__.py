@@ -20,9 +20,10 @@ from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
 from .core.layout import RunSummary
 from .core.objectives import ObjectiveOutput, SeqLogps, objective
+from .training.plan import Plan, PlanCell, plan  # light: transformers is imported when a plan reads a model
 
-__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
-           "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
+__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "plan", "Plan",
+           "PlanCell", "objective", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 
 
