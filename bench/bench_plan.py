@@ -94,8 +94,8 @@ def probe(paths: dict[str, str], batch: int, max_len: int, max_prompt: int, step
     model = paths["model"]
     prompt, completion = max_prompt, max_len - max_prompt
     arch = read_arch(model)
-    s = Setting(objective="simpo", lora_rank=8, batch_size=batch, grad_accum=1, prompt_len=prompt,
-                completion_len=completion, dtype="float32", device="cpu", gradient_checkpointing=False)
+    s = Setting.of(config.Config(objective="simpo", lora_rank=8, batch_size=batch), device="cpu", prompt_len=prompt,
+                   completion_len=completion)
 
     samples: list[tuple[float, float, float]] = []
     done = threading.Event()
@@ -119,8 +119,8 @@ def probe(paths: dict[str, str], batch: int, max_len: int, max_prompt: int, step
     rss, inuse, free = max(samples)
     plan = estimate(arch, s)
     print(f"at the peak RSS of a {steps}-step run ({rss / MIB:.0f} MiB): heap in use {inuse / MIB:.0f} MiB, "
-          f"freed but resident {free / MIB:.0f} MiB; plan: activations {plan['activations_bytes'] / MIB:.0f} MiB, "
-          f"allocator slack {plan['allocator_slack_bytes'] / MIB:.0f} MiB")
+          f"freed but resident {free / MIB:.0f} MiB; plan: activations {plan.activations_bytes / MIB:.0f} MiB, "
+          f"allocator slack {plan.allocator_slack_bytes / MIB:.0f} MiB")
     cfg = config.build(dict(model=model, data="unused", lora_rank=8, device="cpu"))
     lm = add_lora(load_model(cfg), cfg)
     g = torch.Generator().manual_seed(0)
@@ -168,7 +168,10 @@ def main() -> int:
     if args.probe:
         probe(assets(out)["bench"], *SETTINGS["bench"], args.steps, out)
         return 0
-    from preftune.training.plan import MIB, plan_cells
+    from dataclasses import asdict
+
+    import preftune
+    from preftune.training.plan import MIB
 
     rows = []
     for name, paths in assets(out).items():
@@ -177,9 +180,10 @@ def main() -> int:
         batch, max_len, max_prompt = SETTINGS[name]
         # the four required configurations, and the benchmark model with the checkpointing the plan suggests
         for objective, ckpt in [("dpo", False), ("simpo", False)] + ([("simpo", True)] if name == "bench" and args.with_checkpointing else []):
-            cell = plan_cells(paths["model"], objective=objective, lora_rank="8", batch_size=batch,
-                              max_length=max_len, max_prompt_length=max_prompt, device="cpu", memory="1TiB",
-                              gradient_checkpointing=ckpt)[0]
+            cfg = preftune.Config(model=paths["model"], batch_size=batch, max_length=max_len,
+                                  max_prompt_length=max_prompt, gradient_checkpointing=ckpt)
+            cell = asdict(preftune.plan(cfg, {"objective": [objective], "lora_rank": [8]}, device="cpu",
+                                        budget=1 << 40).cells[0])
             label = objective + (" +ckpt" if ckpt else "")
             m = measure(paths, objective, batch, max_len, max_prompt, args.steps,
                         out / "runs" / f"{name}-{label.replace(' +', '-')}", checkpointing=ckpt)

@@ -20,18 +20,19 @@ from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
 from .core.layout import RunSummary
 
-__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
-           "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
+__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "plan", "Plan",
+           "PlanCell", "objective", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
-_OBJECTIVE_API = ("objective", "ObjectiveOutput", "SeqLogps")
+_LAZY = {"objective": "core.objectives", "ObjectiveOutput": "core.objectives", "SeqLogps": "core.objectives",
+         "plan": "training.plan", "Plan": "training.plan", "PlanCell": "training.plan"}
 
 
 def __getattr__(name: str) -> Any:
-    """The objective API imports torch: only when it is used, so `preftune --help` and a bad config answer at once."""
-    if name in _OBJECTIVE_API:
-        from .core import objectives
+    """Names whose modules import torch load on first use, so `preftune --help` and a bad config answer at once."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(objectives, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'preftune' has no attribute {name!r}")
 
 

@@ -8,16 +8,20 @@ same adapter.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
+import preftune
 from preftune.commands import cli
+from preftune.commands.plan import parse_size
 from preftune.core import config
+from preftune.core.config import Config
 from preftune.training.loop import train
-from preftune.training.plan import Setting, estimate, fixes, parse_size, read_arch
+from preftune.training.plan import Fix, Setting, estimate, fixes, read_arch
 
 # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads (k/v project to 16), vocab 100, 2 layers, untied head
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -30,7 +34,12 @@ def cfg_dir(tmp_path):
     return tmp_path / "m"
 
 
-def _plan(capsys, *argv):
+def _plan(cfg_dir, objectives, ranks, *, device="cuda", budget=2**30, reference_cached=False, baseline=None, **cfg):
+    return preftune.plan(Config(model=str(cfg_dir), **cfg), {"objective": objectives, "lora_rank": ranks},
+                         device=device, budget=budget, reference_cached=reference_cached, baseline=baseline)
+
+
+def _plan_json(capsys, *argv):
     assert cli.main(["plan", *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -46,91 +55,81 @@ def test_parameter_and_lora_counts_by_hand(cfg_dir):
     assert (a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab) == (2, 32, 64, 4, 2, 100)
 
 
-def test_cell_terms_by_hand(cfg_dir, capsys):
-    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "4", "--batch-size", "2",
-                "--max-length", "5", "--max-prompt-length", "3", "--gpu-memory", "1GiB")
-    c = out["cells"][0]
-    assert out["prompt_tokens"] == 3 and out["completion_tokens"] == 2 and c["row_tokens"] == 3 + 2 * 2
-    assert c["frozen_weights_bytes"] == 24992 * 4
-    assert c["trainable_params"] == 4096 and c["trainable_state_bytes"] == 4096 * 16
+def test_cell_terms_by_hand(cfg_dir):
+    out = _plan(cfg_dir, ["dpo"], [4], batch_size=2, max_length=5, max_prompt_length=3)
+    c = out.cells[0]
+    assert out.prompt_tokens == 3 and out.completion_tokens == 2 and c.row_tokens == 3 + 2 * 2
+    assert c.frozen_weights_bytes == 24992 * 4
+    assert c.trainable_params == 4096 and c.trainable_state_bytes == 4096 * 16
     # per token and layer (fp32): saved 6h + 3i = 384 values, the three LoRA input groups 32 + 32 + 64, seven
     # r=4 LoRA outputs in fp32, 4 heads of log-sum-exp -> 384*4 + 128*4 + 7*4*4 + 4*4 = 2176 bytes;
     # 2 rows of 7 tokens = 14 tokens; the float mask 2 * 7 * 7 * 4 = 392; 2 layers; final norm 2 * 32 * 14 * 4
-    assert c["activations_bytes"] == 2 * (2176 * 14 + 392) + 2 * 32 * 14 * 4 == 65296
+    assert c.activations_bytes == 2 * (2176 * 14 + 392) + 2 * 32 * 14 * 4 == 65296
     # 2 pairs x 2 completions x 2 tokens = 8 LM-head rows, vocab 100, fp32: every logit kept + one chunk's
     # exp and gradient
-    assert c["lm_head_bytes"] == 8 * 100 * 4 + 2 * 8 * 100 * 4
-    assert c["baseline_bytes"] == 0 and c["allocator_slack_bytes"] == 0  # a GPU: no process RSS terms
-    assert c["fits"] is True and c["fixes"] == []
-    assert c["peak_bytes"] > c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
+    assert c.lm_head_bytes == 8 * 100 * 4 + 2 * 8 * 100 * 4
+    assert c.baseline_bytes == 0 and c.allocator_slack_bytes == 0  # a GPU: no process RSS terms
+    assert c.fits is True and c.fixes == []
+    assert c.peak_bytes > c.frozen_weights_bytes + c.trainable_state_bytes + c.activations_bytes
 
 
-def test_full_finetuning_cell(cfg_dir, capsys):
-    c = _plan(capsys, "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "0",
-              "--gpu-memory", "1GiB")["cells"][0]
+def test_full_finetuning_cell(cfg_dir):
+    c = _plan(cfg_dir, ["simpo"], [0]).cells[0]
     # every weight trains: gradient + Adam m and v in fp32 beside the weights (4 x N x 4 bytes in all)
-    assert c["trainable_params"] == 24992 and c["trainable_state_bytes"] == 3 * 24992 * 4
-    assert c["compute"]["policy_forwards"] == 3.0  # backward computes weight gradients too
+    assert c.trainable_params == 24992 and c.trainable_state_bytes == 3 * 24992 * 4
+    assert c.compute.policy_forwards == 3.0  # backward computes weight gradients too
 
 
-def test_reference_free_objective_has_no_reference_term(cfg_dir, capsys):
-    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo,orpo", "--lora-rank", "8",
-                "--gpu-memory", "1GiB")
-    by = {c["objective"]: c for c in out["cells"]}
-    assert by["dpo"]["reference"]["needed"] is True and by["dpo"]["reference"]["forward_bytes"] > 0
-    assert by["dpo"]["compute"]["forwards_per_pair"] == 3.0  # forward + input-gradient backward + reference
+def test_reference_free_objective_has_no_reference_term(cfg_dir):
+    by = {c.objective: c for c in _plan(cfg_dir, ["dpo", "simpo", "orpo"], [8]).cells}
+    assert by["dpo"].reference.needed is True and by["dpo"].reference.forward_bytes > 0
+    assert by["dpo"].compute.forwards_per_pair == 3.0  # forward + input-gradient backward + reference
     for name in ("simpo", "orpo"):
-        ref = by[name]["reference"]
-        assert (ref["needed"], ref["kind"], ref["forward_bytes"], ref["cache_disk_bytes_per_pair"]) == \
-            (False, "none", 0, 0)
-        assert by[name]["compute"] == {**by[name]["compute"], "forwards_per_pair": 2.0, "reference_forwards": 0.0}
-    cached = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "8",
-                   "--gpu-memory", "1GiB", "--reference-cached")["cells"][0]
-    assert cached["reference"]["kind"] == "cache" and cached["compute"]["forwards_per_pair"] == 2.0
+        ref = by[name].reference
+        assert (ref.needed, ref.kind, ref.forward_bytes, ref.cache_disk_bytes_per_pair) == (False, "none", 0, 0)
+        assert (by[name].compute.forwards_per_pair, by[name].compute.reference_forwards) == (2.0, 0.0)
+    cached = _plan(cfg_dir, ["dpo"], [8], reference_cached=True).cells[0]
+    assert cached.reference.kind == "cache" and cached.compute.forwards_per_pair == 2.0
 
 
-def test_eval_fp32_plans_the_upcast_weights_and_fp32_activations(cfg_dir, capsys):
-    args = ["--model", str(cfg_dir), "--objective", "dpo", "--lora-rank", "4", "--gpu-memory", "1GiB"]
-    fp32, bf16, up = (_plan(capsys, *args, *x)["cells"][0] for x in (
-        ["--dtype", "float32"], ["--dtype", "bfloat16"], ["--dtype", "bfloat16", "--eval-fp32"]))
+def test_eval_fp32_plans_the_upcast_weights_and_fp32_activations(cfg_dir):
+    fp32, bf16, up = (_plan(cfg_dir, ["dpo"], [4], dtype=d, eval_fp32=e).cells[0] for d, e in (
+        ("float32", False), ("bfloat16", False), ("bfloat16", True)))
     # the held-out pass of an upcast bf16 run: fp32 activations as in an fp32 run, plus 2 more bytes per weight
-    assert up["eval_pass_bytes"] == fp32["eval_pass_bytes"] + 24992 * 2 > bf16["eval_pass_bytes"]
-    assert _plan(capsys, *args, "--eval-fp32")["cells"][0] == fp32  # fp32 weights: nothing to upcast
+    assert up.eval_pass_bytes == fp32.eval_pass_bytes + 24992 * 2 > bf16.eval_pass_bytes
+    assert _plan(cfg_dir, ["dpo"], [4], eval_fp32=True).cells[0] == fp32  # fp32 weights: nothing to upcast
     # one pair per step with checkpointing: the 16-pair held-out pass is the peak, and scoring it in bf16 the fix
     a = read_arch(str(cfg_dir))
-    s = Setting(objective="simpo", lora_rank=4, batch_size=1, grad_accum=1, prompt_len=32, completion_len=32,
-                dtype="bfloat16", device="cuda", gradient_checkpointing=True, eval_fp32=True)
-    peak, without = (estimate(a, Setting(**{**s.__dict__, "eval_fp32": e}))["peak_bytes"] for e in (True, False))
+    s = Setting.of(Config(objective="simpo", lora_rank=4, batch_size=1, dtype="bfloat16", gradient_checkpointing=True,
+                          eval_fp32=True), device="cuda", prompt_len=32, completion_len=32)
+    peak, without = (estimate(a, Setting(**{**s.__dict__, "eval_fp32": e})).peak_bytes for e in (True, False))
     assert without < peak
-    assert {"fix": "held-out scoring in bf16", "flags": "--no-eval-fp32", "peak_bytes": without, "fits": True} \
-        in fixes(a, s, peak - 1)
+    assert Fix("held-out scoring in bf16", "--no-eval-fp32", without, True) in fixes(a, s, peak - 1)
 
 
-def test_fixes_listed_when_it_does_not_fit(cfg_dir, capsys):
-    args = ["--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8", "--batch-size", "64",
-            "--max-length", "64", "--max-prompt-length", "32"]
-    full = _plan(capsys, *args, "--gpu-memory", "1GiB")["cells"][0]
+def test_fixes_listed_when_it_does_not_fit(cfg_dir):
+    lengths = dict(batch_size=64, max_length=64, max_prompt_length=32)
+    full = _plan(cfg_dir, ["simpo"], [8], **lengths).cells[0]
     a = read_arch(str(cfg_dir))
-    base = Setting(objective="simpo", lora_rank=8, batch_size=64, grad_accum=1, prompt_len=32, completion_len=32,
-                   dtype="float32", device="cuda", gradient_checkpointing=False)
-    assert full["peak_bytes"] == estimate(a, base)["peak_bytes"]
-    ckpt = estimate(a, Setting(**{**base.__dict__, "gradient_checkpointing": True}))["peak_bytes"]
-    half = estimate(a, Setting(**{**base.__dict__, "batch_size": 32, "grad_accum": 2}))["peak_bytes"]
-    budget = (max(ckpt, half) + full["peak_bytes"]) // 2  # both fixes fit, the plan as given does not
-    cell = _plan(capsys, *args, "--gpu-memory", str(budget))["cells"][0]
-    assert cell["fits"] is False
-    fixes = {f["fix"]: f for f in cell["fixes"]}
-    assert fixes["gradient checkpointing"] == {"fix": "gradient checkpointing", "flags": "--gradient-checkpointing",
-                                               "peak_bytes": ckpt, "fits": True}
-    assert fixes["smaller batch + accumulation"]["flags"] == "--batch-size 32 --grad-accum 2"
-    assert fixes["smaller batch + accumulation"]["peak_bytes"] == half
-    assert fixes["bf16 weights"]["flags"] == "--dtype bfloat16"
-    assert all(f["fits"] == (f["peak_bytes"] <= budget) for f in cell["fixes"])
+    base = Setting.of(Config(objective="simpo", lora_rank=8, batch_size=64), device="cuda", prompt_len=32,
+                      completion_len=32)
+    assert full.peak_bytes == estimate(a, base).peak_bytes
+    ckpt = estimate(a, Setting(**{**base.__dict__, "gradient_checkpointing": True})).peak_bytes
+    half = estimate(a, Setting(**{**base.__dict__, "batch_size": 32, "grad_accum": 2})).peak_bytes
+    budget = (max(ckpt, half) + full.peak_bytes) // 2  # both fixes fit, the plan as given does not
+    cell = _plan(cfg_dir, ["simpo"], [8], budget=budget, **lengths).cells[0]
+    assert cell.fits is False
+    fixes = {f.fix: f for f in cell.fixes}
+    assert fixes["gradient checkpointing"] == Fix("gradient checkpointing", "--gradient-checkpointing", ckpt, True)
+    assert fixes["smaller batch + accumulation"].flags == "--batch-size 32 --grad-accum 2"
+    assert fixes["smaller batch + accumulation"].peak_bytes == half
+    assert fixes["bf16 weights"].flags == "--dtype bfloat16"
+    assert all(f.fits == (f.peak_bytes <= budget) for f in cell.fixes)
 
 
-def test_json_shape(cfg_dir, capsys):
-    out = _plan(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo", "--lora-rank", "16,8",
-                "--gpu-memory", "24GiB")
+def test_json_shape(cfg_dir, capsys, tmp_path):
+    out = _plan_json(capsys, "--model", str(cfg_dir), "--objective", "dpo,simpo", "--lora-rank", "16,8",
+                     "--gpu-memory", "24GiB")
     assert out["budget_bytes"] == 24 * 2**30 and out["device"] == "cuda"
     assert [(c["objective"], c["lora_rank"]) for c in out["cells"]] == [("dpo", 16), ("dpo", 8), ("simpo", 16),
                                                                          ("simpo", 8)]
@@ -139,16 +138,20 @@ def test_json_shape(cfg_dir, capsys):
         for key in ("frozen_weights_bytes", "trainable_state_bytes", "activations_bytes", "lm_head_bytes",
                     "reference", "compute", "fixes"):
             assert key in c
+    # the Python API's records are the JSON; the default grid is the matrix's; settings from --config YAML
+    (tmp_path / "run.yaml").write_text(f"model: {cfg_dir}\nbatch_size: 4\nmax_length: 64\n")
+    api = preftune.plan(Config(model=str(cfg_dir), batch_size=4, max_length=64), device="cuda", budget=24 * 2**30)
+    assert _plan_json(capsys, "--config", str(tmp_path / "run.yaml"), "--gpu-memory", "24GiB") == asdict(api)
+    assert [(c.objective, c.lora_rank) for c in api.cells] == [("dpo", 16), ("dpo", 8), ("simpo", 16), ("simpo", 8)]
 
 
-def test_cpu_plan_counts_the_process_baseline(cfg_dir, capsys):
-    c = _plan(capsys, "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8", "--device", "cpu",
-              "--memory", "4GiB", "--baseline-mb", "300")["cells"][0]
-    assert c["baseline_bytes"] == c["import_peak_bytes"] == 300 * 2**20
-    terms = (c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"] + c["activations_bytes"]
-             + c["lm_head_bytes"] + c["allocator_slack_bytes"] + c["temporaries_bytes"])
-    assert c["peak_bytes"] == max(terms, c["baseline_bytes"] + c["frozen_weights_bytes"] + c["trainable_state_bytes"]
-                                  + c["eval_pass_bytes"])
+def test_cpu_plan_counts_the_process_baseline(cfg_dir):
+    c = _plan(cfg_dir, ["simpo"], [8], device="cpu", budget=4 * 2**30, baseline=(300 * 2**20,) * 2).cells[0]
+    assert c.baseline_bytes == c.import_peak_bytes == 300 * 2**20
+    terms = (c.baseline_bytes + c.frozen_weights_bytes + c.trainable_state_bytes + c.activations_bytes
+             + c.lm_head_bytes + c.allocator_slack_bytes + c.temporaries_bytes)
+    assert c.peak_bytes == max(terms, c.baseline_bytes + c.frozen_weights_bytes + c.trainable_state_bytes
+                               + c.eval_pass_bytes)
 
 
 def test_parse_size():
