@@ -56,7 +56,8 @@ def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: i
 
     ``backend="ray"`` runs each cell as a Ray task (``address``: a cluster to join; default a local instance).
     """
-    from .training.matrix import DEFAULT_GRID, RayOptions, run_matrix
+    from .core.config import DEFAULT_GRID
+    from .training.matrix import RayOptions, run_matrix
 
     ray = RayOptions(address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell)
     return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel, backend=backend, ray=ray)

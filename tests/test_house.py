@@ -87,3 +87,13 @@ def test_every_package_says_what_it_holds():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
         assert doc and len(doc.splitlines()) == 1, f"{init.relative_to(PACKAGE)}: one line saying what it holds"
+
+
+def test_the_command_line_answers_before_importing_torch():
+    """`preftune --help` and a bad config answer in a fraction of a second: torch loads only where it is used."""
+    import subprocess
+    import sys
+
+    code = "import sys, preftune.commands.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

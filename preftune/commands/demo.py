@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..core.config import Config
+from ..core.config import DEFAULT_GRID, Config
 from ..tinyworld import build_world
 from ..training.loop import train
-from ..training.matrix import DEFAULT_GRID, run_matrix
+from ..training.matrix import run_matrix
 from ..verdict.decide import decide, write_decision
 from ..verdict.report import write_report
 

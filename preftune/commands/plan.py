@@ -11,9 +11,8 @@ import json
 import re
 from dataclasses import asdict
 
-from ..core.config import FIELDS, Config
+from ..core.config import DEFAULT_GRID, FIELDS, Config
 from ..core.errors import InputError
-from ..training.matrix import DEFAULT_GRID
 from ..training.plan import GIB, MIB, Plan, PlanCell, plan
 from .options import Command, add_config_flags, config_from
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+from typing import TYPE_CHECKING
 
-from ..core.objectives import REGISTRY, Objective, registry
+if TYPE_CHECKING:
+    from ..core.objectives import Objective
 from .options import Command
 
 
@@ -56,6 +58,8 @@ def _objectives(args: argparse.Namespace) -> int:
     if args.markdown:
         print(objectives_markdown(), end="")
         return 0
+    from ..core.objectives import REGISTRY
+
     for o in REGISTRY.values():
         ref = "needs a reference" if o.needs_reference else "no reference"
         role = ", the fallback" if o.fallback else ""
@@ -114,6 +118,8 @@ def _objective_section(o: Objective) -> list[str]:
 
 def objectives_markdown() -> str:
     """docs/objectives.md: every registered objective, from its registry entry, schema and docstring."""
+    from ..core.objectives import REGISTRY, registry
+
     notation = (registry.__doc__ or "").split("::\n\n", 1)[-1].split("\n\n", 1)[0]  # the docstring's notation block
     built_in = [o for o in REGISTRY.values() if o.spec == o.name]  # not the ones a user module registered
     lines = ["# Objectives", "",

@@ -188,6 +188,8 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+# The matrix `preftune ablate` runs without --grid (and `preftune plan` plans): objective x LoRA rank.
+DEFAULT_GRID: dict[str, list[Any]] = {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}
 
 
 def field_docs() -> dict[str, tuple[str, str]]:

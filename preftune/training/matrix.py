@@ -39,12 +39,11 @@ import yaml
 
 from ..core import config as config_mod
 from ..core import objectives, trackers
-from ..core.config import Config, dump_yaml
+from ..core.config import DEFAULT_GRID, Config, dump_yaml
 from ..core.errors import InputError
 from ..core.files import FolderLock, atomic_write_text, check_writable_dir
 from ..core.layout import CellEntry, MatrixDir, MatrixIndex, RunDir
 
-DEFAULT_GRID: dict[str, list[Any]] = {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}
 # Fields that change the tokenized data; cells that agree on them share one Prepared.
 DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_split", "eval_fraction", "split_seed",
                "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs")

@@ -367,7 +367,7 @@ def plan(cfg: Config, grid: dict[str, list[Any]] | None = None, *, device: str, 
     rest of ``max_length``); ``reference_cached``: the training pairs' reference log-probs are in the cache;
     ``baseline``: on the CPU, (resident, peak) bytes of interpreter + imports (default measured in a fresh one).
     """
-    from .matrix import DEFAULT_GRID
+    from ..core.config import DEFAULT_GRID
 
     grid = DEFAULT_GRID if grid is None else grid
     extra = set(grid) - set(DEFAULT_GRID)
