@@ -20,9 +20,10 @@ from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
 from .core.layout import RunSummary
 from .core.objectives import ObjectiveOutput, SeqLogps, objective
+from .generation.judges import judge_kind
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "objective",
-           "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
+           "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 
 
