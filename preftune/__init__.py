@@ -21,10 +21,11 @@ from .core.errors import InputError, TrainingDiverged
 from .core.layout import RunSummary
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "plan", "Plan",
-           "PlanCell", "objective", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
+           "PlanCell", "objective", "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 _LAZY = {"objective": "core.objectives", "ObjectiveOutput": "core.objectives", "SeqLogps": "core.objectives",
-         "plan": "training.plan", "Plan": "training.plan", "PlanCell": "training.plan"}
+         "plan": "training.plan", "Plan": "training.plan", "PlanCell": "training.plan",
+         "judge_kind": "generation.judges"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ from preftune.core.files import read_jsonl
 from preftune.data.rows import load_prompts
 from preftune.evaluation.behaviour import behaviour_eval, degeneration, win_rate
 from preftune.evaluation.stats import lc_win_rate, wilson_interval
-from preftune.generation.judges import PythonJudge, parse_judge
+from preftune.generation.judges import PairwiseJudge, PythonJudge, parse_judge
 
 
 def _distinct_words(prompt: str, completion: str) -> float:
@@ -153,8 +153,8 @@ def test_pairwise_judge_is_asked_policy_first(tiny_world, policy, tmp_path):
     model, tok = policy
     asked = []
 
-    class LongerWins:
-        kind, spec = "pairwise", "test:longer"
+    class LongerWins(PairwiseJudge):
+        spec = "test:longer"
 
         def compare(self, prompts, a, b):
             asked.extend(zip(prompts, a, b))

@@ -381,7 +381,7 @@ def with_generations(root: Path, name: str, prefs: list[float], policy_len: list
              "reference_score": None, "preference": p} for i, (p, n, m) in enumerate(zip(prefs, policy_len, ref_len))]
     (folder / "gen_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = json.loads((folder / "summary.json").read_text())
-    summary["gen_eval"] = summarize(rows, judge="python:t:j", max_new_tokens=32, temperature=0.0, seed=0)
+    summary["gen_eval"] = summarize(rows, judge_spec="python:t:j", max_new_tokens=32, temperature=0.0, seed=0)
     (folder / "summary.json").write_text(json.dumps(summary))
 
 

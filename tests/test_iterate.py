@@ -62,7 +62,7 @@ def test_two_rounds_layout_continuation_decide_and_report(sft_world, tmp_path):
     w, _, _ = sft_world
     out = tmp_path / "iter"
     res = preftune.core.objectives and __import__("preftune.training.rounds", fromlist=["iterate"]).iterate(
-        base(sft_world, out), prompts=str(w.train_path), judge=JUDGE, rounds=2, num_samples=4, max_new_tokens=10,
+        base(sft_world, out), prompts=str(w.train_path), judge_spec=JUDGE, rounds=2, num_samples=4, max_new_tokens=10,
         gen_eval_prompts=16, temperature=1.0)
     assert [r["round"] for r in res["rounds"]] == [1, 2]
     for r in (1, 2):
@@ -114,7 +114,7 @@ def test_round_two_beats_round_one_against_the_original(tmp_path):
     out = tmp_path / "iter"
     cfg = config.build({}, dict(model=str(tmp_path / "sft" / "model"), objective="dpo", nll_weight=1.0, lr=2e-3,
                                 epochs=2, batch_size=8, warmup_ratio=0.0, lora_rank=8, seed=42, output=str(out), **common))
-    res = iterate(cfg, prompts=str(prompts), judge=JUDGE, rounds=2, num_samples=4, temperature=1.0,
+    res = iterate(cfg, prompts=str(prompts), judge_spec=JUDGE, rounds=2, num_samples=4, temperature=1.0,
                   max_new_tokens=12, gen_eval_prompts=512)
     r1, r2 = res["rounds"]
     assert r1["pairs"] > 1500 and r2["pairs"] > 1500  # the samples differ and the judge tells them apart

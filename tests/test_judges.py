@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from preftune.commands.cli import main
+from preftune.core.config import Config
 from preftune.core.errors import InputError
-from preftune.generation.judges import JUDGE_PROMPT, parse_judge
+from preftune.generation.judges import JUDGE_PROMPT, PairwiseJudge, PointwiseJudge, parse_judge
 from preftune.tinyworld import judge as tiny_judge
 
 KEY = "sk-test-NEVER-WRITE-ME-4242"
@@ -43,10 +44,13 @@ def test_tiny_world_judge_is_graded():
 
 def test_python_judge_scores_and_spec_errors():
     j = parse_judge("python:preftune.tinyworld:judge")
-    assert j.kind == "pointwise"
+    assert isinstance(j, PointwiseJudge) and j.spec == "python:preftune.tinyworld:judge"
     assert j.score(["sort: 3 1 2 =", "sort: 3 1 2 ="], [" 1 2 3", " 3 2 1"]) == [1.0, 1 / 3]
     assert j.score([[{"role": "user", "content": "sort: 2 1 ="}]], [" 1 2"]) == [1.0]  # messages as text
-    for spec, msg in [("", "empty judge spec"), ("magic:x", "cannot parse 'magic:x'"),
+    for spec, msg in [("", "empty judge spec"), ("magic:x", "cannot parse 'magic:x'"), ("nonsense", "cannot parse"),
+                      ("pyhton:a:b", "unknown judge kind 'pyhton' (did you mean 'python'?)"),
+                      ("reward-modle:x", "(did you mean 'reward-model'?)"), ("reward-model:", "expected reward-model:PATH"),
+                      ("os:path:x", "module 'os' registers no judge kind 'path'"),
                       ("python:onlyone", "expected python:module:function"),
                       ("python:no_such_mod_q:f", "cannot import module 'no_such_mod_q'"),
                       ("python:preftune.tinyworld:VARIANTS", "has no function 'VARIANTS'"),
@@ -57,6 +61,23 @@ def test_python_judge_scores_and_spec_errors():
         assert msg in str(e.value)
     with pytest.raises(InputError, match="raised ValueError: not a tiny-world sorting prompt"):
         j.score(["hello"], [" 1"])
+
+
+def test_one_interface_written_once_per_mode():
+    """prefer and score_groups: a pointwise judge ties equal scores, a pairwise one scores K by round robin."""
+    j = parse_judge("python:preftune.tinyworld:judge")
+    assert j.prefer(["sort: 2 1 ="] * 3, [" 1 2", " 2 1", " 1 2"], [" 2 1", " 1 2", " 1 2"]) == \
+        ([1.0, 0.0, 0.5], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0])
+    assert j.score_groups(["sort: 2 1 =", "sort: 3 ="], [[" 1 2", " 2 1"], [" 3"]]) == [[1.0, 0.0], [1.0]]
+
+    class Longer(PairwiseJudge):
+        def compare(self, prompts, a, b):
+            return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.7 for x, y in zip(a, b)]
+
+    assert Longer().prefer([[{"role": "user", "content": "q"}]], ["aa"], ["b"]) == ([1.0], None, None)
+    assert Longer().score_groups(["q"], [["a", "bbb", "cc"]]) == [[0.0, 1.0, 0.5]]  # mean over the other two
+    with pytest.raises(InputError, match=r"returned 0.7; 1, 0.5 or 0 is needed"):
+        Longer().prefer(["q"], ["a"], ["b"])
 
 
 # --- reward-model -------------------------------------------------------------------------------------------
@@ -104,6 +125,10 @@ def test_reward_model_judge_uses_the_chat_template_batches_and_caches(reward_mod
     assert again.score(prompts, comps) == got
     assert calls == []
     assert list((tmp_path / "cache" / "judges").glob("rm-*.jsonl"))
+    # the config's cache folder holds the scores and the weights' fingerprint memo
+    own = parse_judge(f"reward-model:{reward_model_dir}", Config(cache_dir=str(tmp_path / "own"), device="cpu"))
+    assert own.score(prompts, comps) == got
+    assert list((tmp_path / "own" / "judges").glob("rm-*.jsonl")) and (tmp_path / "own" / "fingerprints.json").exists()
 
 
 def test_reward_model_with_two_outputs_is_rejected(reward_model_dir, tmp_path):
@@ -174,7 +199,7 @@ def test_openai_judge_swaps_order_and_always_1_gives_only_ties(tmp_path, monkeyp
     monkeypatch.setenv("PREFTUNE_JUDGE_API_KEY", KEY)
     with _Server(lambda body, n: (200, "1")) as srv:
         j = parse_judge(f"openai:judge-model@{srv.url}")
-        assert j.kind == "pairwise"
+        assert isinstance(j, PairwiseJudge)
         assert j.compare(["q1", "q2"], ["a", "long answer"], ["bb", "x"]) == [0.5, 0.5]
         assert len(srv.requests) == 4 and set(srv.auth) == {f"Bearer {KEY}"}
         assert srv.requests[0]["model"] == "judge-model"
@@ -233,7 +258,7 @@ def test_openai_judge_in_generate_cli_fails_cleanly_and_never_writes_the_key(tin
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "sort: 2 1 ="}) + "\n")
     base = ["generate", "--model", str(tiny_world.model_dir), "--prompts", str(prompts), "--device", "cpu",
-            "--num-samples", "2", "--max-new-tokens", "4", "--temperature", "1"]
+            "--num-samples", "2", "--max-new-tokens", "4", "--temperature", "1", "--cache-dir", str(tmp_path / "own")]
     with _Server(lambda body, n: (401, b"no")) as srv:
         rc = main(base + ["--judge", f"openai:m@{srv.url}", "--output", str(tmp_path / "out.jsonl")])
     err = capsys.readouterr().err
@@ -249,3 +274,5 @@ def test_openai_judge_in_generate_cli_fails_cleanly_and_never_writes_the_key(tin
     assert row["scores"] == ([1.0, 0.0] if len(a) > len(b) else [0.0, 1.0] if len(a) < len(b) else [0.5, 0.5])
     assert all(KEY not in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert KEY not in capsys.readouterr().out
+    # --cache-dir holds the judge's answers too, not $PREFTUNE_CACHE
+    assert list((tmp_path / "own" / "judges").glob("openai-*.jsonl")) and not (tmp_path / "cache").exists()

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from ..core.config import Config
 from ..core.errors import InputError
 from .options import Command
 
@@ -33,7 +34,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (decode rows = this x K)")
     p.add_argument("--output", required=True, help="samples JSONL, one row per prompt")
-    p.add_argument("--judge", help="reward-model:PATH | python:module:function | openai:MODEL@BASE_URL")
+    p.add_argument("--judge", help="reward-model:PATH | python:module:function | openai:MODEL@BASE_URL | "
+                   "MODULE:KIND:ARGS")
+    p.add_argument("--cache-dir", help="judge caches (default $PREFTUNE_CACHE or ~/.cache/preftune)")
     p.add_argument("--pairs", help="also write best-vs-worst prompt/chosen/rejected pairs here (needs --judge)")
     p.add_argument("--min-gap", type=float, default=0.0, help="drop prompts whose best-worst score gap is below")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -65,66 +68,79 @@ def progress_printer(total: int, label: str = "generate") -> tuple[Callable[[int
 
 def _run(args: argparse.Namespace) -> int:
     """``preftune generate``: validate everything, generate, judge, then write every output at once."""
-    from ..core.config import Config
-    from ..core.files import atomic_write_json, write_jsonl
-    from ..data.rows import load_prompts
-    from ..data.tokenize import encode_prompts
     from ..generation.judges import parse_judge
     from ..generation.pairs import make_pairs, score_rows
-    from ..generation.sampler import _check_sampling, check_context, check_engine, generate, generate_vllm
-    from ..modeling.model import load_adapter, load_model, load_tokenizer
 
-    _check_sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
+    cfg = _checked_config(args)
+    judge = parse_judge(args.judge, cfg) if args.judge else None  # a bad spec fails before the model loads
+    rows = _sample(args, cfg)
+    if judge is not None:
+        score_rows(rows, judge)
+    pairs, stats = make_pairs(rows, min_gap=args.min_gap) if args.pairs else (None, None)
+    _write(args, rows, pairs, stats)  # every check passed and every judge answered: only now write
+    return 0
+
+
+def _checked_config(args: argparse.Namespace) -> Config:
+    """Every check on the flags that needs no model: sampling values, what pairs need, the device and engine."""
+    from ..generation.sampler import check_engine, check_sampling
+
+    check_sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
     if args.min_gap < 0 or not math.isfinite(args.min_gap):
         raise InputError(f"invalid value {args.min_gap!r}", field="min_gap")
     if args.pairs and not args.judge:
         raise InputError("--pairs needs a --judge to rank completions", field="pairs")
     if args.pairs and args.num_samples < 2:
         raise InputError("--pairs needs --num-samples of at least 2", field="pairs")
-    cfg = Config(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    cfg = Config(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                 cache_dir=args.cache_dir)
     cfg.check_device()
     check_engine(args.engine, cfg.resolved_device())
-    judge = parse_judge(args.judge, device=cfg.resolved_device()) if args.judge else None
-    rows_in = load_prompts(args.prompts, args.prompts_split)
+    return cfg
+
+
+def _sample(args: argparse.Namespace, cfg: Config) -> list[dict]:
+    """K completions per prompt, through vLLM or transformers (with progress lines)."""
+    from ..data.rows import load_prompts
+    from ..data.tokenize import encode_prompts
+    from ..generation.sampler import check_context, generate, generate_vllm
+    from ..modeling.model import load_adapter, load_model, load_tokenizer
+
+    rows = load_prompts(args.prompts, args.prompts_split)
     tok = load_tokenizer(cfg)
-    ids = encode_prompts(rows_in, tok, apply_chat_template=args.apply_chat_template)
+    ids = encode_prompts(rows, tok, apply_chat_template=args.apply_chat_template)
     kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, seed=args.seed)
     if args.engine == "vllm":
         from transformers import AutoConfig
 
-        check_context(AutoConfig.from_pretrained(args.model), rows_in, ids, args.max_new_tokens)
-        rows = generate_vllm(args.model, tok, rows_in, ids, adapter=args.adapter, dtype=args.dtype, **kw)
-    else:
-        model = load_model(cfg)
-        check_context(model, rows_in, ids, args.max_new_tokens)
-        if args.adapter:
-            model = load_adapter(model, args.adapter)
-        update, close = progress_printer(len(rows_in))
-        try:
-            rows = generate(model, tok, rows_in, batch_size=args.batch_size, progress=update,
-                            apply_chat_template=args.apply_chat_template, **kw)
-        finally:
-            close()
-    if judge is not None:
-        score_rows(rows, judge)
-    out_rows = [{"id": r["id"], "prompt": r["prompt"], "completions": r["completions"],
-                 **({"scores": r["scores"]} if "scores" in r else {}), "finish_reasons": r["finish_reasons"]}
-                for r in rows]
-    pairs = stats = None
-    if args.pairs:
-        pairs, stats = make_pairs(rows, min_gap=args.min_gap)
-    # every check passed and every judge answered: only now write, each file atomically
-    write_jsonl(args.output, out_rows)
-    n = sum(len(r["completions"]) for r in rows)
-    print(f"generate: {n} completions for {len(rows)} prompts -> {args.output}")
+        check_context(AutoConfig.from_pretrained(args.model), rows, ids, args.max_new_tokens)
+        return generate_vllm(args.model, tok, rows, ids, adapter=args.adapter, dtype=args.dtype, **kw)
+    model = load_model(cfg)
+    check_context(model, rows, ids, args.max_new_tokens)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    update, close = progress_printer(len(rows))
+    try:
+        return generate(model, tok, rows, batch_size=args.batch_size, progress=update, prompt_ids=ids, **kw)
+    finally:
+        close()
+
+
+def _write(args: argparse.Namespace, rows: list[dict], pairs: list[dict] | None, stats: dict | None) -> None:
+    """The samples (with their scores when judged), and the pairs with their stats, each file atomically."""
+    from ..core.files import atomic_write_json, write_jsonl
+
+    write_jsonl(args.output, [{"id": r["id"], "prompt": r["prompt"], "completions": r["completions"],
+                               **({"scores": r["scores"]} if "scores" in r else {}),
+                               "finish_reasons": r["finish_reasons"]} for r in rows])
+    print(f"generate: {sum(len(r['completions']) for r in rows)} completions for {len(rows)} prompts -> {args.output}")
     if pairs is not None and stats is not None:
         write_jsonl(args.pairs, pairs)
         atomic_write_json(f"{args.pairs}.stats.json", stats)
         d = stats["dropped"]
         print(f"pairs: {stats['pairs']} of {stats['prompts']} prompts -> {args.pairs} (dropped: {d['identical']} "
               f"with identical completions, {d['gap']} with a score gap below {args.min_gap} or none)")
-    return 0
 
 
 GENERATE = Command("generate", "sample K completions per prompt; optionally judge them and write pairs", _arguments,

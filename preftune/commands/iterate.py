@@ -41,10 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from(args, skip=ITERATE_SKIP)
     from ..training.rounds import iterate
 
-    result = iterate(cfg, prompts=args.prompts, judge=args.judge, rounds=args.rounds, num_samples=args.num_samples,
-                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                     pair_rule=args.pair_rule, min_gap=args.min_gap, reference=args.reference,
-                     gen_eval_prompts=args.gen_eval_prompts, prompts_split=args.prompts_split)
+    result = iterate(cfg, prompts=args.prompts, judge_spec=args.judge, rounds=args.rounds,
+                     num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, pair_rule=args.pair_rule, min_gap=args.min_gap,
+                     reference=args.reference, gen_eval_prompts=args.gen_eval_prompts, prompts_split=args.prompts_split)
     for r in result["rounds"]:
         print(f"round {r['round']}: {r['pairs']} pairs (judge {r['chosen_score']:.3g} vs {r['rejected_score']:.3g}); "
               f"held-out accuracy {r['eval_accuracy']:.3f}; win rate {r['win_rate']:.3f} (LC {r['lc_win_rate']:.3f}) "

@@ -88,7 +88,7 @@ class Config:
     log_every: int = 1                   # write a training line to metrics.jsonl every N steps
     save_every: int = 50                 # checkpoint every N steps (0 = only at the end)
     resume: bool = False                 # continue the run in `output` from its last checkpoint
-    cache_dir: str | None = None         # reference log-prob cache; default $PREFTUNE_CACHE or ~/.cache/preftune
+    cache_dir: str | None = None         # every cache (reference log-probs, judge answers); default $PREFTUNE_CACHE or ~/.cache/preftune
     quiet: bool = False                  # no progress lines
     report_to: list[str] = field(default_factory=lambda: ["none"])  # trackers: tensorboard, mlflow, wandb, trackio or none
     # --- speed (each lever exact, each can be turned off) ---------------------------------------
@@ -184,7 +184,7 @@ class Config:
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir)
-        return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+        return Path(os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
 
 
 FIELDS = {f.name: f for f in fields(Config)}

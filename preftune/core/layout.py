@@ -45,6 +45,10 @@ ROUND_PREFIX = "round-"
 SAMPLES, SAMPLES_PARTIAL = "samples.jsonl", "samples.partial.jsonl"
 PAIRS, PAIR_STATS = "pairs.jsonl", "pairs.stats.json"
 START = "start"                    # --reference round: the previous round merged
+# --- the cache folder (--cache-dir, $PREFTUNE_CACHE or ~/.cache/preftune), shared by runs ---------------------
+REFERENCE_CACHE = "reference"      # reference log-probs, one .safetensors per (model, pairs, arithmetic, layout)
+JUDGE_CACHE = "judges"             # judge answers, one append-only .jsonl per judge identity
+FINGERPRINTS = "fingerprints.json"  # content hashes of model files, memoized by (path, size, mtime)
 # --- other tools' files preftune reads -----------------------------------------------------------------------
 TRL_STATE = "trainer_state.json"
 

@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.config import Config
 from ..core.errors import InputError
+from ..core.layout import GEN_EVAL
+from ..data.rows import Content, PromptRow
+from ..data.tokenize import Pair
+from ..generation.judges import Judge, parse_judge
 from .stats import lc_win_rate, wilson_interval
 
 
@@ -59,22 +64,7 @@ def degeneration(texts: Sequence[str], n: int = 3) -> dict:
             "distinct_2": len(set(grams[2])) / len(grams[2]) if grams[2] else 1.0}
 
 
-def judge_pairs(judge: Any, prompts: Sequence[Any], policy: Sequence[str],
-                reference: Sequence[str]) -> tuple[list[float], list[float] | None, list[float] | None]:
-    """(preference of policy over reference in {1, 0.5, 0}, policy scores, reference scores).
-
-    A pointwise judge scores both sides (equal scores are a tie); a pairwise judge is asked directly.
-    """
-    from ..data.rows import as_text
-
-    if judge.kind == "pointwise":
-        scores = judge.score(list(prompts) + list(prompts), list(policy) + list(reference))
-        sp, sr = scores[:len(policy)], scores[len(policy):]
-        return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sp, sr)], sp, sr
-    return judge.compare([as_text(p) for p in prompts], list(policy), list(reference)), None, None
-
-
-def summarize(rows: Sequence[dict], *, judge: str, max_new_tokens: int, temperature: float, seed: int) -> dict:
+def summarize(rows: Sequence[dict], *, judge_spec: str, max_new_tokens: int, temperature: float, seed: int) -> dict:
     """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this)."""
     prefs = [r["preference"] for r in rows]
     lc, se = lc_win_rate(prefs, [len(r["policy"]) for r in rows], [len(r["reference"]) for r in rows])
@@ -86,13 +76,13 @@ def summarize(rows: Sequence[dict], *, judge: str, max_new_tokens: int, temperat
                        "hit_max_share": sum(r[f"{side}_finish"] == "length" for r in rows) / len(rows),
                        **degeneration([r[side] for r in rows])}
     ref_len = sides["reference"]["mean_len"]
-    return {"judge": judge, "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
+    return {"judge": judge_spec, "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
             "seed": seed, **win_rate(prefs), "lc_win_rate": lc, "lc_win_rate_se": se,
             "len_ratio": sides["policy"]["mean_len"] / ref_len if ref_len else None, **sides}
 
 
-def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: Any, *, n_prompts: int,
-                   max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Content], judge: Judge, *,
+                   n_prompts: int, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                    out_dir: str | Path | None = None, batch_size: int = 8, reference_model: Any = None,
                    apply_chat_template: bool = False, prompt_ids: Sequence[list[int]] | None = None) -> dict:
     """Policy vs reference on the first ``n_prompts`` prompts; returns ``gen_eval`` and writes gen_eval.jsonl.
@@ -119,7 +109,7 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: An
         reference = generate(reference_model if reference_model is not None else model, tokenizer, rows_in, **kw)
     pol = [r["completions"][0] for r in policy]
     ref = [r["completions"][0] for r in reference]
-    prefs, sp, sr = judge_pairs(judge, [r.prompt for r in rows_in], pol, ref)
+    prefs, sp, sr = judge.prefer([r.prompt for r in rows_in], pol, ref)  # scores None from a pairwise judge
     rows = []
     for i, (r, p, q) in enumerate(zip(rows_in, policy, reference)):
         rows.append({"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
@@ -127,27 +117,24 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[Any], judge: An
                      "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
                      "policy_score": sp[i] if sp else None, "reference_score": sr[i] if sr else None,
                      "preference": prefs[i]})
-    result = summarize(rows, judge=getattr(judge, "spec", str(judge)), max_new_tokens=max_new_tokens,
-                       temperature=temperature, seed=seed)
+    result = summarize(rows, judge_spec=judge.spec, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     if out_dir is not None:
-        write_jsonl(Path(out_dir) / "gen_eval.jsonl", rows)
+        write_jsonl(Path(out_dir) / GEN_EVAL, rows)
     return result
 
 
-def check_gen_eval(cfg: Any) -> Any:
+def check_gen_eval(cfg: Config) -> Judge | None:
     """Parse the judge of a validated config (Config.validate checks the gen_* ranges), before a run writes
     anything.
 
     Returns the judge, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
     """
-    from ..generation.judges import parse_judge
-
     if cfg.gen_eval_prompts == 0 or not cfg.judge:
         return None
-    return parse_judge(cfg.judge, device=cfg.resolved_device())
+    return parse_judge(cfg.judge, cfg)
 
 
-def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out: str | Path, judge: Any,
+def run_gen_eval(cfg: Config, model: Any, tokenizer: Any, pairs: Sequence[Pair], out: str | Path, judge: Judge,
                  reference_model: Any = None) -> dict:
     """``behaviour_eval`` on the first ``cfg.gen_eval_prompts`` distinct prompts of the tokenized held-out pairs.
 
@@ -155,7 +142,6 @@ def run_gen_eval(cfg: Any, model: Any, tokenizer: Any, pairs: Sequence[Any], out
     The reference is ``reference_model`` (iterate's original model), else the adapter disabled; full fine-tuning
     (no adapter to disable) loads the base model again.
     """
-    from ..data.rows import PromptRow
     from ..modeling.model import is_peft, load_model
 
     seen: set[str] = set()

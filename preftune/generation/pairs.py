@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+
+from .judges import Judge
 
 PAIR_RULES: dict[str, Callable[[list[float], random.Random], tuple[int, int]]] = {
     "max_min": lambda s, rng: (max(range(len(s)), key=s.__getitem__), min(range(len(s)), key=s.__getitem__)),
@@ -53,29 +54,7 @@ def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0, rule: str = "max_m
     return pairs, stats
 
 
-def score_rows(rows: list[dict], judge: Any) -> None:
-    """Add ``scores`` to each row. A pairwise judge scores each completion by its mean preference over the
-    others of the same prompt (round robin, ties one half)."""
-    from ..data.rows import as_text
-
-    if judge.kind == "pointwise":
-        flat_p = [r["prompt"] for r in rows for _ in r["completions"]]
-        flat_c = [c for r in rows for c in r["completions"]]
-        scores = judge.score(flat_p, flat_c)
-        it = iter(scores)
-        for r in rows:
-            r["scores"] = [next(it) for _ in r["completions"]]
-        return
-    asks = [(ri, i, j) for ri, r in enumerate(rows) for i in range(len(r["completions"]))
-            for j in range(i + 1, len(r["completions"]))]
-    prefs = judge.compare([as_text(rows[ri]["prompt"]) for ri, _, _ in asks],
-                          [rows[ri]["completions"][i] for ri, i, _ in asks],
-                          [rows[ri]["completions"][j] for ri, _, j in asks])
-    for r in rows:
-        r["scores"] = [0.0] * len(r["completions"])
-    for (ri, i, j), p in zip(asks, prefs):
-        k = len(rows[ri]["completions"]) - 1
-        rows[ri]["scores"][i] += p / k
-        rows[ri]["scores"][j] += (1 - p) / k
-
-
+def score_rows(rows: list[dict], judge: Judge) -> None:
+    """Add ``scores`` to each row: the judge's score of each of its completions (``Judge.score_groups``)."""
+    for r, scores in zip(rows, judge.score_groups([r["prompt"] for r in rows], [r["completions"] for r in rows])):
+        r["scores"] = scores

@@ -212,7 +212,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Content],
 
         rows = generate(model, tok, ["sort: 3 1 2 ="], num_samples=4, temperature=0.8, seed=0)
     """
-    _check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size)
+    check_sampling(num_samples, max_new_tokens, temperature, top_p, batch_size)
     rows = as_rows(prompts)
     ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(rows, tokenizer,
                                                                           apply_chat_template=apply_chat_template)
@@ -227,8 +227,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Content],
             for r, s in zip(rows, samples)]
 
 
-def _check_sampling(num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
+def check_sampling(num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
                     batch_size: int) -> None:
+    """Sampling settings out of range are bad input, one line naming the field."""
     checks = [("num_samples", num_samples >= 1, num_samples), ("max_new_tokens", max_new_tokens >= 1, max_new_tokens),
               ("temperature", math.isfinite(temperature) and temperature >= 0, temperature),
               ("top_p", 0 < top_p <= 1, top_p), ("batch_size", batch_size >= 1, batch_size)]
@@ -270,11 +271,3 @@ def check_engine(engine: str, device: str) -> None:
                              field="engine")
         if not torch.cuda.is_available() or device == "cpu":
             raise InputError("vllm needs a CUDA GPU; use --engine transformers", field="engine")
-
-
-# --- pairs -------------------------------------------------------------------------------------------------
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------
-
-

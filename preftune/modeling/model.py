@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..core.config import Config
 from ..core.errors import InputError
+from ..core.layout import FINGERPRINTS
 from .precision import DTYPES, SDPA_FP32, resolve_dtype
 
 
@@ -180,7 +181,7 @@ def fingerprint(model_path: str, cache_dir: Path) -> str:
     Hashing content (not names) means a fine-tuned model saved over the same folder gets a new key.
     """
     folder = _local_folder(model_path)
-    memo_path = cache_dir / "fingerprints.json"
+    memo_path = cache_dir / FINGERPRINTS
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..core.files import DamagedFile, read_tensors, write_tensors
+from ..core.layout import REFERENCE_CACHE
 from ..core.runtime import Runtime, current
 from .logprobs import prefix_sharing_blocker, score_pairs
 from .model import is_peft
@@ -62,7 +63,7 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     shared = share_prompt and prefix_sharing_blocker(model) is None
     size = f"b{batch_size}" if tokens is None else f"t{tokens}"
     layout = f"{'shared' if shared else 'plain'}-{size}" + (f"-w{rt.world_size}" if rt.distributed else "")
-    path = Path(cache_dir) / "reference" / f"{cache_key(fingerprint, pairs, arith)}.{layout}.safetensors"
+    path = Path(cache_dir) / REFERENCE_CACHE / f"{cache_key(fingerprint, pairs, arith)}.{layout}.safetensors"
     logps = None
     if path.exists():
         try:  # checked against the checksum written with it: a damaged or altered entry is recomputed

@@ -36,7 +36,7 @@ REFERENCES = ("initial", "round")
 CHUNK = 8  # prompts generated per checkpointed chunk, each with its own seed
 
 
-def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples: int = 4,
+def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_samples: int = 4,
             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, pair_rule: str = "max_min",
             min_gap: float = 0.0, reference: str = "initial", gen_eval_prompts: int = 64,
             prompts_split: str = "train") -> dict[str, Any]:
@@ -51,10 +51,10 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
 
     settings = {"rounds": rounds, "num_samples": num_samples, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "pair_rule": pair_rule, "min_gap": min_gap, "reference": reference,
-                "gen_eval_prompts": gen_eval_prompts, "judge": judge, "prompts": prompts}
+                "gen_eval_prompts": gen_eval_prompts, "judge": judge_spec, "prompts": prompts}
     _check(base, settings)
     rows = load_prompts(prompts, prompts_split)
-    the_judge = parse_judge(judge, device=base.resolved_device())
+    judge = parse_judge(judge_spec, base)
     out = RoundsDir(Path(base.output))
     out.path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.meta, {"settings": settings, "base_model": base.model})
@@ -69,15 +69,16 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
         # 1. samples from the current policy, in seeded chunks appended as they finish
         if not folder.samples.exists():
             done = _generate(replace(base, model=start), tok, init, rows, folder, r, settings)
-            score_rows(done, the_judge)  # a judge error is one line; the partial samples stay for the re-run
+            score_rows(done, judge)  # a judge error is one line; the partial samples stay for the re-run
             write_jsonl(folder.samples, done)
             folder.samples_partial.unlink(missing_ok=True)
         # 2. pairs
         if not folder.pairs.exists():
             pairs, stats = make_pairs(read_jsonl(folder.samples), rule=pair_rule, min_gap=min_gap, seed=base.seed + r)
             if not pairs:
-                raise InputError(f"round {r} produced no pairs: judge {judge}, min_gap {min_gap}, {stats['prompts']} "
-                                 f"prompts, dropped {stats['dropped']}", path=str(folder.samples), field="judge")
+                raise InputError(f"round {r} produced no pairs: judge {judge_spec}, min_gap {min_gap}, "
+                                 f"{stats['prompts']} prompts, dropped {stats['dropped']}", path=str(folder.samples),
+                                 field="judge")
             atomic_write_json(folder.pair_stats, stats)
             write_jsonl(folder.pairs, pairs)
         # 3. train the objective on them, continuing the previous round
@@ -90,7 +91,7 @@ def iterate(base: Config, *, prompts: str, judge: str, rounds: int, num_samples:
                 original = load_model(base)
             policy = load_adapter(load_model(cfg), str(folder.adapter))
             gen = replace(cfg, gen_eval_prompts=gen_eval_prompts, gen_max_new_tokens=max_new_tokens, gen_temperature=0.0)
-            result.gen_eval = run_gen_eval(gen, policy, tok, prepare_data(cfg, tok).eval, folder.path, the_judge,
+            result.gen_eval = run_gen_eval(gen, policy, tok, prepare_data(cfg, tok).eval, folder.path, judge,
                                            reference_model=original)
             folder.write_summary(result)
         summary.append(_round_line(r, folder, result))

@@ -1,0 +1,154 @@
+"""The pairwise HTTP judge: an OpenAI-compatible ``/chat/completions`` endpoint (hosted or local), urllib only.
+
+    parse_judge("openai:gpt-4o-mini@https://api.openai.com/v1").compare(["q"], ["a"], ["b"])   # [0.5]
+
+Each comparison is asked twice with the order swapped; disagreement is a tie, so position bias (a judge that
+always answers "1") shows up as ties, never as wins. The key comes from $PREFTUNE_JUDGE_API_KEY or
+$OPENAI_API_KEY and is never written anywhere. Settings from the environment: PREFTUNE_JUDGE_TIMEOUT (s, 60),
+PREFTUNE_JUDGE_RETRIES (4), PREFTUNE_JUDGE_BACKOFF (s, 1.0; doubled per retry), PREFTUNE_JUDGE_CONCURRENCY (8).
+Any failure is an InputError: one line, exit code 2 from the CLI.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ...core.errors import InputError
+from .base import DiskCache, PairwiseJudge, content_hash, one_line
+from .registry import judge_kind
+
+JUDGE_PROMPT = (
+    "You are comparing two responses to the same instruction. Pick the response that follows the instruction "
+    "better: more helpful, correct and relevant. Ignore which one comes first and how long each one is.\n\n"
+    "## Instruction\n{instruction}\n\n## Response 1\n{response_1}\n\n## Response 2\n{response_2}\n\n"
+    'Answer with a single character: "1" if Response 1 is better, "2" if Response 2 is better.'
+)
+PROMPT_VERSION = 1  # bump when JUDGE_PROMPT changes: cached answers of another prompt are not reused
+KEY_VARIABLES = ("PREFTUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
+
+
+@judge_kind("openai", mode="pairwise", usage="openai:MODEL@http(s)://HOST[:PORT]/PATH", needs=("cache_dir",),
+            env=KEY_VARIABLES)
+def openai_chat(args: str, cache_dir: Path) -> OpenAIJudge:
+    model, sep, url = args.partition("@")
+    parsed = urllib.parse.urlparse(url)
+    if not sep or not model or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError
+    return OpenAIJudge(model, url, cache_dir)
+
+
+class _Fatal(Exception):
+    """An answer that retrying cannot fix (401, 403, 404, 400)."""
+
+
+class OpenAIJudge(PairwiseJudge):
+    """Pairwise over an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    def __init__(self, model: str, base_url: str, cache_dir: Path) -> None:
+        self.model, self.base_url = model, base_url.rstrip("/")
+        self.timeout = _env_float("PREFTUNE_JUDGE_TIMEOUT", 60.0)
+        self.retries = int(_env_float("PREFTUNE_JUDGE_RETRIES", 4))
+        self.backoff = _env_float("PREFTUNE_JUDGE_BACKOFF", 1.0)
+        self.concurrency = max(1, int(_env_float("PREFTUNE_JUDGE_CONCURRENCY", 8)))
+        # identity without the key: the cache is shared by anyone asking the same model the same question
+        self._cache = DiskCache(cache_dir, f"openai-{content_hash('openai', model, self.base_url, PROMPT_VERSION)}")
+        self.calls = 0  # HTTP requests made (tests and logs: a cached re-run makes none)
+        self._lock = threading.Lock()
+
+    def _ask_once(self, content: str) -> str:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
+                           "temperature": 0, "max_tokens": 4}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = next((os.environ[v] for v in KEY_VARIABLES if os.environ.get(v)), None)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST")
+        with self._lock:
+            self.calls += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code in (400, 401, 403, 404):
+                raise _Fatal(f"HTTP {e.code} {e.reason}") from None
+            raise RuntimeError(f"HTTP {e.code} {e.reason}") from None
+        try:
+            text = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RuntimeError(f"not a chat-completions answer: {raw[:60]!r}") from None
+        answer = str(text).strip().strip('".\'*').strip()
+        if answer not in ("1", "2"):
+            raise RuntimeError(f"answer {str(text)[:40]!r} is neither '1' nor '2'")
+        return answer
+
+    def _ask(self, content: str) -> str:
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._ask_once(content)
+            except _Fatal as e:
+                raise InputError(f"judge {self.spec}: {e}", field="judge") from None
+            # 5xx, 429, garbage, timeouts, refused connections, torn responses: worth another try
+            except (RuntimeError, OSError, http.client.HTTPException) as e:
+                last = one_line(e)
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2**attempt)
+        raise InputError(f"judge {self.spec}: no usable answer after {self.retries + 1} tries ({last})",
+                         field="judge")
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        if not len(prompts) == len(a) == len(b):
+            raise ValueError("prompts, a and b differ in length")
+        contents = []
+        for p, x, y in zip(prompts, a, b):  # (a first, b first) for each comparison
+            if x == y:  # identical responses are a tie by definition: nothing to pay for
+                contents += ["", ""]
+                continue
+            contents.append(JUDGE_PROMPT.format(instruction=p, response_1=x, response_2=y))
+            contents.append(JUDGE_PROMPT.format(instruction=p, response_1=y, response_2=x))
+        keys = [content_hash(self.model, c) for c in contents]
+        cached = self._cache.load()
+        todo = {k: c for k, c in zip(keys, contents) if c and k not in cached}
+        if todo:
+            answers: dict[str, str] = {}
+            failure: InputError | None = None
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                futures = {k: pool.submit(self._ask, c) for k, c in todo.items()}
+                for k, fut in futures.items():
+                    try:
+                        answers[k] = fut.result()
+                    except InputError as e:
+                        failure = failure or e
+            self._cache.add(answers)  # what was paid for is kept even when another request failed (cached grows)
+            if failure is not None:
+                raise failure
+        out = []
+        for i in range(0, len(keys), 2):
+            a_wins_first, a_wins_second = cached.get(keys[i]) == "1", cached.get(keys[i + 1]) == "2"
+            out.append(0.5 if not contents[i] else 1.0 if a_wins_first and a_wins_second else
+                       0.0 if not a_wins_first and not a_wins_second else 0.5)
+        return out
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"${name}={raw!r} is not a number", field="judge") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"${name}={raw!r} must be a number >= 0", field="judge")
+    return value
