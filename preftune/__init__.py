@@ -18,7 +18,7 @@ from typing import Any
 
 from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
-from .core.layout import RunSummary
+from .core.layout import Decision, RunSummary
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "plan", "Plan",
            "PlanCell", "objective", "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
@@ -64,15 +64,18 @@ def ablate(config: Config, grid: dict[str, list[Any]] | None = None, parallel: i
     return run_matrix(config, grid or dict(DEFAULT_GRID), parallel=parallel, backend=backend, ray=ray)
 
 
-def decide(matrix_dir: str, **kw: Any) -> dict[str, Any]:
-    """Statistics and the verdict over a matrix folder (or ``preftune iterate``'s rounds); writes decision.json."""
+def decide(folder: str, **kw: Any) -> Decision:
+    """Statistics and the verdict over a matrix folder (or ``preftune iterate``'s rounds); writes decision.json.
+
+    ``kw``: ``alpha``, ``baseline`` ({"objective": ..., "lora_rank": ...}), ``n_boot``.
+    """
     from pathlib import Path
 
+    from .core.layout import write_decision
     from .verdict.decide import decide as _decide
-    from .verdict.decide import decide_rounds, write_decision
 
-    decision = (decide_rounds if (Path(matrix_dir) / "iterate.json").exists() else _decide)(matrix_dir, **kw)
-    write_decision(matrix_dir, decision)
+    decision = _decide(folder, **kw)
+    write_decision(Path(folder), decision)
     return decision
 
 

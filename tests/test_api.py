@@ -54,7 +54,7 @@ def test_readme_api_twice_in_one_process(tiny_world, tmp_path):
         assert preftune.ablate(m, {"objective": ["dpo", "simpo"], "lora_rank": [4]}) == {"finished": 2, "failed": 0}
         md, html = preftune.report(str(root / "matrix"))          # decides first: no decision.json yet
         d = preftune.decide(str(root / "matrix"))
-        assert d["verdict"] in ("switch", "keep", "not_decisive") and all("code" in r for r in d["reasons"])
+        assert d.verdict in ("switch", "keep", "not_decisive") and all("code" in r for r in d.reasons)
         assert md.exists() and html.exists()
         assert preftune.review(str(root / "s")).findings
         metrics = preftune.evaluate(base(tiny_world, root / "e"), adapter=str(root / "s" / "adapter"))
@@ -86,8 +86,8 @@ def test_user_objective_through_every_stage(tiny_world, user_module, parallel):
     cell = out / "cells" / "objective=myloss:slic,lora_rank=4"
     assert json.loads((cell / "summary.json").read_text())["params"]["delta"] == 2.0
     d = preftune.decide(str(out))
-    assert {c["objective"] for c in d["cells"]} == {"dpo", "myloss:slic"}
-    assert any(r["code"] == "comparison" for r in d["reasons"])
+    assert {c.objective for c in d.cells} == {"dpo", "myloss:slic"}
+    assert any(r["code"] == "comparison" for r in d.reasons)
     md, html = preftune.report(str(out))
     assert "myloss:slic" in html.read_text()
     assert preftune.review(str(cell)).findings

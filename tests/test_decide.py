@@ -10,7 +10,8 @@ import pytest
 from test_review import metrics, pairs, ramp, write_run
 
 from preftune.core.errors import InputError
-from preftune.verdict.decide import decide, write_decision
+from preftune.core.layout import Decision, write_decision
+from preftune.verdict.decide import decide
 
 
 def split(n: int, both: int, only_a: int, only_b: int) -> tuple[list[bool], list[bool]]:
@@ -59,36 +60,36 @@ def switch_matrix(root: Path) -> Path:
     ])
 
 
-def why(d: dict, code: str) -> list[dict]:
+def why(d: Decision, code: str) -> list[dict]:
     """The reasons of ``d`` with ``code`` (decision.json's machine-readable reasons)."""
-    return [r for r in d["reasons"] if r["code"] == code]
+    return [r for r in d.reasons if r["code"] == code]
 
 
-def comparison(d: dict, a: str, b: str, yardstick: str = "own") -> dict:
-    return next(c for c in d["comparisons"] if c["a"] == a and c["b"] == b and c["yardstick"] == yardstick)
+def comparison(d: Decision, a: str, b: str, yardstick: str = "own") -> dict:
+    return next(c for c in d.comparisons if c["a"] == a and c["b"] == b and c["yardstick"] == yardstick)
 
 
 def test_switch(tmp_path):
     d = decide(switch_matrix(tmp_path / "m"), n_boot=2000)
-    assert d["verdict"] == "switch", d["reasons"]
-    assert (d["objective"], d["lora_rank"]) == ("simpo", 8)  # rule 2: lower rank, not different
-    assert d["baseline"] == {"objective": "dpo", "lora_rank": 16}
+    assert d.verdict == "switch", d.reasons
+    assert (d.objective, d.lora_rank) == ("simpo", 8)  # rule 2: lower rank, not different
+    assert d.baseline == {"objective": "dpo", "lora_rank": 16}
     c = comparison(d, "objective=simpo,lora_rank=16", "objective=dpo,lora_rank=16")
     assert (c["a_only"], c["b_only"], c["n"]) == (80, 10, 400)
     assert c["acc_a"] == pytest.approx(0.75) and c["acc_b"] == pytest.approx(0.575)
     assert c["diff"] == pytest.approx(0.175) and c["ci"][0] < 0.175 < c["ci"][1] and c["ci"][0] > 0.1
     assert c["mcnemar_p"] < 1e-10 and c["pairs_needed"] < 400
-    assert {x["yardstick"] for x in d["comparisons"]} == {"own", "refrel", "lennorm"}
+    assert {x["yardstick"] for x in d.comparisons} == {"own", "refrel", "lennorm"}
     [lower] = why(d, "lower_rank_equivalent")
     assert (lower["objective"], lower["lora_rank"], lower["best_rank"]) == ("simpo", 8, 16) and lower["mcnemar_p"] > 0.05
-    basis = d["basis"]
+    basis = d.basis
     assert (basis["code"], basis["from"], basis["to"], basis["lora_rank"]) == ("switch", "dpo", "simpo", 8)
     assert (basis["a_only"] - basis["b_only"], basis["n"]) == (70, 400) and basis["yardstick"] in ("refrel", "lennorm")
-    assert len(d["explanation"]) == len(d["reasons"]) and d["summary"].startswith("Switch from dpo to simpo")
-    assert len(d["cells"]) == 4 and all(c["findings"] for c in d["cells"])
-    cell16 = next(c for c in d["cells"] if c["name"] == "objective=dpo,lora_rank=16")
-    assert cell16["accuracy"] == pytest.approx(0.575) and cell16["ci"][0] < 0.575 < cell16["ci"][1]
-    assert cell16["margin_gap"] == pytest.approx(sum(ramp(0.0, 3.0, 40)[-4:]) / 4 - 0.3)
+    assert len(d.explanation) == len(d.reasons) and d.summary.startswith("Switch from dpo to simpo")
+    assert len(d.cells) == 4 and all(c.findings for c in d.cells)
+    cell16 = next(c for c in d.cells if c.name == "objective=dpo,lora_rank=16")
+    assert cell16.accuracy == pytest.approx(0.575) and cell16.ci[0] < 0.575 < cell16.ci[1]
+    assert cell16.margin_gap == pytest.approx(sum(ramp(0.0, 3.0, 40)[-4:]) / 4 - 0.3)
 
 
 def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
@@ -96,10 +97,10 @@ def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
     root = write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=1.0, held=0.8),
                                          cell("simpo", 8, simpo, train_top=5.0, held=0.2)])
     d = decide(root, n_boot=500)
-    assert d["verdict"] == "not_decisive"
+    assert d.verdict == "not_decisive"
     [r] = why(d, "margins_not_cleaner")
     assert r["gap_share"] > r["baseline_gap_share"] and r["gap_share"] > 0.25
-    assert d["basis"]["blocked"] == [r]
+    assert d.basis["blocked"] == [r]
 
 
 def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
@@ -109,7 +110,7 @@ def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
         for row in c["rows"]:
             row["refrel_margin"], row["lennorm_margin"] = 1.0, 0.1
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=500)
-    assert d["verdict"] == "not_decisive", d["reasons"]
+    assert d.verdict == "not_decisive", d.reasons
     [r] = why(d, "own_reward_only")
     assert r["own"]["mcnemar_p"] < 0.05 and r["own"]["diff"] > 0
     assert (r["best"]["yardstick"], r["best"]["diff"], r["best"]["mcnemar_p"]) == ("refrel", 0.0, 1.0)
@@ -118,7 +119,7 @@ def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
 def test_keep_when_baseline_significantly_better(tmp_path):
     dpo, simpo = split(400, 220, 80, 10)
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo)]), n_boot=500)
-    assert d["verdict"] == "keep" and d["objective"] == "dpo", d["reasons"]
+    assert d.verdict == "keep" and d.objective == "dpo", d.reasons
     [r] = why(d, "baseline_better")
     assert r["a"] == "objective=simpo,lora_rank=8" and r["diff"] < 0 and r["mcnemar_p"] < 0.05
 
@@ -127,7 +128,7 @@ def test_keep_when_equal_and_enough_pairs(tmp_path):
     dpo, simpo = split(1000, 700, 20, 20)
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=1.0, held=0.8),
                                              cell("simpo", 8, simpo, train_top=2.0, held=0.5)]), n_boot=500)
-    assert d["verdict"] == "keep", d["reasons"]
+    assert d.verdict == "keep", d.reasons
     [r] = why(d, "no_difference")
     assert r["mcnemar_p"] == 1.0 and r["n"] == 1000 and r["pairs_to_detect"] <= 1000
 
@@ -136,12 +137,12 @@ def test_not_decisive_on_a_small_heldout_set(tmp_path):
     dpo, simpo = split(40, 22, 2, 5)
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.8)]),
                n_boot=500)
-    assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
+    assert d.verdict == "not_decisive" and d.objective == "dpo"
     c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
     assert c["mcnemar_p"] > 0.05 and c["pairs_needed"] > 40
     [r] = why(d, "not_significant")
     assert (r["pairs_needed"], r["seeds"], r["powered"]) == (c["pairs_needed"], 1, False)
-    assert d["basis"]["pairs_needed"] == c["pairs_needed"]
+    assert d.basis["pairs_needed"] == c["pairs_needed"]
 
 
 def test_fallback_orpo(tmp_path):
@@ -156,24 +157,24 @@ def test_fallback_orpo(tmp_path):
         cell("orpo", 4, good),
     ])
     d = decide(root, n_boot=500)
-    assert d["verdict"] == "fallback_orpo", d["reasons"]
-    assert (d["objective"], d["lora_rank"]) == ("orpo", 4)
+    assert d.verdict == "fallback_orpo", d.reasons
+    assert (d.objective, d.lora_rank) == ("orpo", 4)
     assert why(d, "cell_not_finished") == [{"code": "cell_not_finished", "cell": "objective=ipo,lora_rank=8",
                                             "status": "failed", "error": "TrainingDiverged: loss is nan at step 12"}]
     [r] = why(d, "all_unstable")
     assert {c["cell"]: c["problems"] for c in r["cells"]} == {"objective=dpo,lora_rank=8": ["nonfinite"],
                                                             "objective=simpo,lora_rank=8": ["at_chance"]}
     assert r["failed"] == [{"cell": "objective=ipo,lora_rank=8", "error": "TrainingDiverged: loss is nan at step 12"}]
-    assert d["basis"] == {"code": "fallback", "objective": "orpo", "lora_rank": 4, "accuracy": 0.7, "behaviour": []}
-    failed = next(c for c in d["cells"] if c["status"] == "failed")
-    assert failed["error"].startswith("TrainingDiverged") and "accuracy" not in failed
+    assert d.basis == {"code": "fallback", "objective": "orpo", "lora_rank": 4, "accuracy": 0.7, "behaviour": []}
+    failed = next(c for c in d.cells if c.status == "failed")
+    assert failed.error.startswith("TrainingDiverged") and "accuracy" not in failed.to_dict()
 
 
 def test_everything_unstable_is_not_decisive(tmp_path):
     chance = [i % 2 == 0 for i in range(200)]
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, chance), cell("orpo", 8, chance)]), n_boot=200)
-    assert d["verdict"] == "not_decisive" and d["objective"] == "dpo"
-    assert d["basis"]["code"] == "all_at_chance" and [c["cell"] for c in d["basis"]["cells"]] == \
+    assert d.verdict == "not_decisive" and d.objective == "dpo"
+    assert d.basis["code"] == "all_at_chance" and [c["cell"] for c in d.basis["cells"]] == \
         ["objective=dpo,lora_rank=8"]  # the fallback objective is not judged
 
 
@@ -185,7 +186,7 @@ def test_flipped_labels_never_switch(tmp_path, seed):
     cells = [cell(obj, rank, [rng.random() < 0.5 for _ in range(n)], train_top=rng.uniform(0.5, 3), held=0.01)
              for obj in ("dpo", "simpo") for rank in (16, 8)]
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
-    assert d["verdict"] == "not_decisive", d["reasons"]  # at chance without divergence: a data problem
+    assert d.verdict == "not_decisive", d.reasons  # at chance without divergence: a data problem
 
 
 def test_winner_must_beat_chance(tmp_path):
@@ -194,7 +195,7 @@ def test_winner_must_beat_chance(tmp_path):
     simpo[300:376] = [True] * 76         # simpo 0.54, interval reaches below 0.5
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.5)]),
                n_boot=200)
-    assert d["verdict"] == "not_decisive", d["reasons"]
+    assert d.verdict == "not_decisive", d.reasons
     [r] = why(d, "not_above_chance")
     assert r["acc_a"] == pytest.approx(0.54) and r["ci_low"] < 0.5
 
@@ -221,43 +222,43 @@ def test_seeds_are_pooled_per_pair(tmp_path):
     cells = [cell("dpo", 8, a1, seed=1), cell("dpo", 8, a2, seed=2),
              cell("simpo", 8, b1, seed=1, **clean), cell("simpo", 8, b2, seed=2, **clean)]
     d = decide(write_matrix(tmp_path / "m", cells, factors), n_boot=500)
-    groups = {g["name"]: g for g in d["groups"]}
+    groups = {g["name"]: g for g in d.groups}
     dpo = groups["objective=dpo,lora_rank=8"]
     assert dpo["seeds"] == [1, 2] and dpo["accuracy"] == pytest.approx((170 / n + 180 / n) / 2)
     assert dpo["seed_accuracies"] == pytest.approx([170 / n, 180 / n])
     c = comparison(d, "objective=simpo,lora_rank=8", "objective=dpo,lora_rank=8")
     # per pair over seeds: dpo right on 20 pairs in both seeds, simpo on 50; 10 pairs split one each (a tie)
     assert c["n"] == n and (c["a_only"], c["b_only"]) == (50, 20)
-    assert d["verdict"] == "switch", d["reasons"]
-    assert len(d["cells"]) == 4
+    assert d.verdict == "switch", d.reasons
+    assert len(d.cells) == 4
 
 
 def test_baseline_argument_and_failed_baseline(tmp_path):
     root = switch_matrix(tmp_path / "m")
     d = decide(root, baseline={"objective": "simpo", "lora_rank": 16}, n_boot=200)
-    assert d["baseline"] == {"objective": "simpo", "lora_rank": 16} and d["verdict"] != "switch"
+    assert d.baseline == {"objective": "simpo", "lora_rank": 16} and d.verdict != "switch"
     with pytest.raises(InputError, match="baseline"):
         decide(root, baseline={"objective": "kto", "lora_rank": 16})
     dpo, simpo = split(100, 50, 5, 30)
     failed = write_matrix(tmp_path / "f", [cell("dpo", 8, dpo, status="failed", error="OOM"),
                                            cell("simpo", 8, simpo)])
     d = decide(failed, n_boot=200)
-    assert d["verdict"] == "not_decisive" and d["basis"] == {"code": "baseline_missing", "objective": "dpo",
+    assert d.verdict == "not_decisive" and d.basis == {"code": "baseline_missing", "objective": "dpo",
                                                              "lora_rank": 8, "behaviour": []}
-    assert (d["objective"], d["lora_rank"]) == ("dpo", 8)
+    assert (d.objective, d.lora_rank) == ("dpo", 8)
 
 
 def test_write_decision_is_strict_json(tmp_path):
     root = switch_matrix(tmp_path / "m")
     d = decide(root, n_boot=200)
-    d["cells"][0]["margin"] = float("nan")
+    d.cells[0].margin = float("nan")
     path = write_decision(root, d)
     loaded = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert path == root / "decision.json" and loaded["verdict"] == "switch" and loaded["cells"][0]["margin"] is None
 
 
 def test_bad_matrix(tmp_path):
-    with pytest.raises(InputError, match="matrix.json: cannot read"):
+    with pytest.raises(InputError, match="matrix.json: missing: not a matrix folder"):
         decide(tmp_path)
     (tmp_path / "matrix.json").write_text('{"cells": [{"status": "finished"}]}')
     with pytest.raises(InputError, match="'cells'"):
@@ -280,7 +281,7 @@ def test_significantly_worse_on_the_other_yardstick_is_not_a_switch(tmp_path):
     cells = [with_yardsticks(cell("dpo", 8, dpo), dpo, base_len),
              with_yardsticks(cell("simpo", 8, simpo, train_top=0.9, held=1.0), simpo, worse_len)]
     d = decide(write_matrix(tmp_path / "m", cells), n_boot=300)
-    assert d["verdict"] == "not_decisive"
+    assert d.verdict == "not_decisive"
     [r] = why(d, "worse_other_yardstick")
     assert r["yardstick"] == "refrel" and [(w["yardstick"], w["a_only"], w["b_only"]) for w in r["worse"]] == \
         [("lennorm", 0, 60)]
@@ -292,9 +293,9 @@ def test_stand_in_rank_and_single_objective(tmp_path):
     assert why(d, "stand_in") == [{"code": "stand_in", "objective": "simpo", "lora_rank": 16,
                                    "cell": "objective=simpo,lora_rank=8"}]
     d = decide(write_matrix(tmp_path / "b", [cell("dpo", 16, simpo), cell("dpo", 8, dpo)]), n_boot=200)
-    assert d["verdict"] == "not_decisive" and why(d, "single_objective") == [{"code": "single_objective",
+    assert d.verdict == "not_decisive" and why(d, "single_objective") == [{"code": "single_objective",
                                                                               "objective": "dpo"}]
-    assert d["basis"] == {"code": "single_objective", "objective": "dpo", "lora_rank": 8, "behaviour": []}
+    assert d.basis == {"code": "single_objective", "objective": "dpo", "lora_rank": 8, "behaviour": []}
     [r] = why(d, "lower_rank_equivalent")  # 5 more of 200 at rank 8 is no difference: the lower rank
     assert (r["lora_rank"], r["best_rank"]) == (8, 16)
 
@@ -309,13 +310,13 @@ def test_fallback_without_orpo_cells_and_orpo_unstable_too(tmp_path):
     good, chance = split(200, 140, 0, 0)[0], [i % 2 == 0 for i in range(200)]
     d = decide(write_matrix(tmp_path / "a", [cell("dpo", 8, good, lines=_nan_lines()), cell("ipo", 8, chance)]),
                n_boot=200)
-    assert d["verdict"] == "fallback_orpo" and d["objective"] == "orpo"
-    assert d["basis"] == {"code": "fallback_not_run", "objective": "orpo", "behaviour": []}
+    assert d.verdict == "fallback_orpo" and d.objective == "orpo"
+    assert d.basis == {"code": "fallback_not_run", "objective": "orpo", "behaviour": []}
     assert why(d, "family_not_tried") == [{"code": "family_not_tried", "family": "reference-free"}]
     d = decide(write_matrix(tmp_path / "b", [cell("dpo", 8, good, lines=_nan_lines()), cell("orpo", 8, chance)]),
                n_boot=200)
-    assert d["verdict"] == "not_decisive" and d["basis"]["code"] == "fallback_unstable"
-    assert d["basis"]["cells"] == [{"cell": "objective=orpo,lora_rank=8", "problems": ["at_chance"]}]
+    assert d.verdict == "not_decisive" and d.basis["code"] == "fallback_unstable"
+    assert d.basis["cells"] == [{"cell": "objective=orpo,lora_rank=8", "problems": ["at_chance"]}]
 
 
 def test_identical_cells_are_equal_not_cleaner_and_never_print_none(tmp_path):
@@ -324,7 +325,7 @@ def test_identical_cells_are_equal_not_cleaner_and_never_print_none(tmp_path):
     d = decide(write_matrix(tmp_path / "m", [cell("dpo", 8, perfect), cell("cdpo", 8, perfect)]), n_boot=200)
     [r] = why(d, "not_significant")
     assert (r["margins"], r["power_unknown"], r["pairs_to_detect"]) == ("equal", "ceiling", None)
-    text = " ".join(d["explanation"]) + d["summary"]
+    text = " ".join(d.explanation) + d.summary
     assert "None" not in text and "nan" not in text and "cleaner (" not in text
 
 
@@ -346,7 +347,7 @@ def test_learning_is_judged_on_yardsticks_against_step_0(tmp_path):
     dpo = cell("dpo", 8, right, lines=lines({"eval_refrel/accuracy": 0.5, "eval_lennorm/accuracy": 0.6},
                                             {"eval_refrel/accuracy": 0.9, "eval_lennorm/accuracy": 0.9}))
     d = decide(write_matrix(tmp_path / "m", [dpo, simpo]), n_boot=200)
-    found = {c["name"]: {f["code"]: f["data"] for f in c["findings"]} for c in d["cells"]}
+    found = {c.name: {f["code"]: f["data"] for f in c.findings} for c in d.cells}
     gains = found["objective=simpo,lora_rank=8"]["not_learned"]["yardsticks"]
     assert gains["lennorm"]["step0"] == 0.9 and gains["lennorm"]["final"] == 0.9 and not gains["lennorm"]["learned"]
     assert gains["refrel"]["final"] == 0.5 and not gains["refrel"]["learned"]
@@ -364,7 +365,7 @@ def test_significant_alone_but_not_over_two_challengers(tmp_path):
     [r] = why(d, "not_significant_adjusted")
     assert r["cell"] == "objective=simpo,lora_rank=8" and r["challengers"] == 2 and r["level"] == 0.025
     assert r["mcnemar_p"] == pytest.approx(2 * 0.019210815429688, rel=1e-6)  # two yardsticks, raw p 0.0192
-    assert d["verdict"] == "not_decisive" and d["basis"]["blocked"] == [r]
+    assert d.verdict == "not_decisive" and d.basis["blocked"] == [r]
 
 
 def with_generations(root: Path, name: str, prefs: list[float], policy_len: list[int], ref_len: list[int],
@@ -393,7 +394,7 @@ def test_pairs_up_behaviour_down_blocks_the_switch(tmp_path):
     with_generations(root, "objective=dpo,lora_rank=8", [1.0] * 70 + [0.0] * 30, lens, lens)
     with_generations(root, "objective=simpo,lora_rank=8", [1.0] * 30 + [0.0] * 70, lens, lens)
     d = decide(root, n_boot=300)
-    assert d["verdict"] == "not_decisive"
+    assert d.verdict == "not_decisive"
     [b] = why(d, "behaviour_comparison")
     assert (b["yardstick"], b["n"], b["a_only"], b["b_only"]) == ("behaviour", 100, 0, 40)
     assert (b["win_rate_a"], b["win_rate_b"]) == (0.3, 0.7)
@@ -401,7 +402,7 @@ def test_pairs_up_behaviour_down_blocks_the_switch(tmp_path):
     assert dis["pairs"]["diff"] > 0 and dis["behaviour"]["diff"] == pytest.approx(-0.4)
     [w] = why(d, "worse_other_yardstick")
     assert [x["yardstick"] for x in w["worse"]] == ["behaviour"]
-    assert d["basis"]["behaviour"] == [dis] and "Behaviour:" in d["summary"]
+    assert d.basis["behaviour"] == [dis] and "Behaviour:" in d.summary
 
 
 def test_a_behaviour_win_that_is_only_length(tmp_path):
@@ -421,7 +422,7 @@ def test_a_behaviour_win_that_is_only_length(tmp_path):
     assert lc["lc_win_rate_a"] - lc["lc_win_rate_b"] < 0.15
     [shift] = why(d, "win_with_length_shift")
     assert shift["len_change"] == pytest.approx(34 / 21 - 1)
-    found = {c["name"]: {f["code"] for f in c["findings"]} for c in d["cells"]}
+    found = {c.name: {f["code"] for f in c.findings} for c in d.cells}
     assert "length_exploitation" in found["objective=simpo,lora_rank=8"]
     assert "length_exploitation" not in found["objective=dpo,lora_rank=8"]
 
@@ -444,36 +445,36 @@ def iterate_folder(root: Path, rounds: list[tuple[list[bool], list[float], list[
     (root / "iterate.json").write_text(json.dumps({"settings": {"reference": "initial"}}))
     for r, (correct, prefs, lengths) in enumerate(rounds, 1):
         c = with_yardsticks(cell("dpo", 8, correct), correct, correct)
-        write_run(root / f"round-{r}", c["lines"], c["rows"])
-        with_generations(root / f"round-{r}", "", prefs, lengths, [20] * len(prefs))
+        run = write_run(root / f"round-{r}", c["lines"], c["rows"])
+        with_generations(run, "", prefs, lengths, [20] * len(prefs))
+        summary = json.loads((run / "summary.json").read_text())  # a whole one: a round counts once it finished
+        (run / "summary.json").write_text(json.dumps({"steps": 40, "params": {}, **summary}))
     return root
 
 
 def test_rounds_gain_pairs_only_and_length_only(tmp_path):
     """decide over iterate rounds: a gain on pairs and behaviour continues; a log-prob gain while the win rate
     falls, or a win-rate gain that is only length, stops (and does not count as beating the first round)."""
-    from preftune.verdict.decide import decide_rounds
-
     before, after = split(300, 150, 5, 40)  # round 2 ranks 35 more held-out pairs right: significant
     n, same = 100, [20] * 100
-    up = decide_rounds(iterate_folder(tmp_path / "up", [(before, [0.5] * n, same),
-                                                        (after, [1.0] * 70 + [0.0] * 30, same)]), n_boot=200)
-    assert (up["verdict"], up["last_beats_first"], up["basis"]["code"]) == ("continue", True, "round_gain")
-    assert set(up["basis"]["yardsticks"]) == {"behaviour", "refrel", "lennorm"} and not why(up, "round_pairs_only")
+    up = decide(iterate_folder(tmp_path / "up", [(before, [0.5] * n, same),
+                                                 (after, [1.0] * 70 + [0.0] * 30, same)]), n_boot=200)
+    assert (up.verdict, up.last_beats_first, up.basis["code"]) == ("continue", True, "round_gain")
+    assert set(up.basis["yardsticks"]) == {"behaviour", "refrel", "lennorm"} and not why(up, "round_pairs_only")
 
-    down = decide_rounds(iterate_folder(tmp_path / "down", [(before, [1.0] * 50 + [0.0] * 50, same),
-                                                            (after, [1.0] * 46 + [0.0] * 54, same)]), n_boot=200)
-    assert (down["verdict"], down["last_beats_first"], down["basis"]["pairs_only"]) == ("stop", False, True)
+    down = decide(iterate_folder(tmp_path / "down", [(before, [1.0] * 50 + [0.0] * 50, same),
+                                                     (after, [1.0] * 46 + [0.0] * 54, same)]), n_boot=200)
+    assert (down.verdict, down.last_beats_first, down.basis["pairs_only"]) == ("stop", False, True)
     [r] = why(down, "round_pairs_only")
     assert (r["round"], r["b"], r["yardsticks"]) == ("round-2", "round-1", ["refrel", "lennorm"])
     assert (r["acc_a"], r["acc_b"], r["a_only"], r["b_only"]) == (0.46, 0.5, 0, 4) and r["mcnemar_p"] > 0.05
-    assert "got worse" in down["summary"]
+    assert "got worse" in down.summary
 
     longer = [40 if i % 5 else 10 for i in range(n)]  # wins exactly where it writes twice as long
-    length = decide_rounds(iterate_folder(tmp_path / "len", [
+    length = decide(iterate_folder(tmp_path / "len", [
         (before, [1.0 if i % 2 else 0.0 for i in range(n)], [20 + i % 3 for i in range(n)]),
         (before, [1.0 if x > 20 else 0.0 for x in longer], longer)]), n_boot=200)
-    assert (length["verdict"], length["basis"]["length_only"], length["basis"]["yardsticks"]) == \
+    assert (length.verdict, length.basis["length_only"], length.basis["yardsticks"]) == \
         ("stop", True, ["behaviour"])
     [lo] = why(length, "round_length_only")
     assert lo["win_rate_a"] == pytest.approx(0.8) and lo["lc_win_rate_a"] - lo["lc_win_rate_b"] < 0.15

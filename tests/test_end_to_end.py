@@ -25,7 +25,7 @@ def test_flipped_labels_are_never_a_switch(tmp_path):
     world = build_world(tmp_path / "world", variant="flipped", n_train=128, n_eval=160)
     run_matrix(base_config(world, tmp_path / "m"), dict(DEFAULT_GRID))
     d = decide(tmp_path / "m", n_boot=1000)
-    assert d["verdict"] == "not_decisive", d["summary"]
+    assert d.verdict == "not_decisive", d.summary
 
 
 def test_chosen_shorter_is_flagged_as_length_biased(tmp_path):
@@ -53,6 +53,6 @@ def test_a_real_gap_is_a_switch(tmp_path):
     world = build_world(tmp_path / "world", n_train=256, n_eval=200)
     run_matrix(base_config(world, tmp_path / "m", max_steps=24, lora_rank=8), {"objective": ["sft", "dpo"]})
     d = decide(tmp_path / "m", n_boot=1000)
-    assert (d["verdict"], d["objective"]) == ("switch", "dpo"), d["explanation"]
-    assert d["basis"]["a_only"] - d["basis"]["b_only"] >= 20 and d["basis"]["mcnemar_p"] < 1e-4
-    assert [r["code"] for r in d["reasons"]] == ["comparison", "switch_rule_met"]
+    assert (d.verdict, d.objective) == ("switch", "dpo"), d.explanation
+    assert d.basis["a_only"] - d.basis["b_only"] >= 20 and d.basis["mcnemar_p"] < 1e-4
+    assert [r["code"] for r in d.reasons] == ["comparison", "switch_rule_met"]

@@ -83,9 +83,9 @@ def test_two_rounds_layout_continuation_decide_and_report(sft_world, tmp_path):
     cfg2 = config.from_file(out / "round-2" / "config.yaml")
     assert cfg2.init_adapter == str(out / "round-1" / "adapter") and cfg2.model == str(sft_world[1])
     d = preftune.decide(str(out))
-    assert d["verdict"] in ("continue", "stop") and [r["code"] for r in d["reasons"]] == ["round_comparison"]
-    assert d["basis"]["code"] in ("round_gain", "round_no_gain") and (out / "decision.json").exists()
-    assert set(d["reasons"][0]["compared"]) == {"behaviour", "refrel", "lennorm"}
+    assert d.verdict in ("continue", "stop") and [r["code"] for r in d.reasons] == ["round_comparison"]
+    assert d.basis["code"] in ("round_gain", "round_no_gain") and (out / "decision.json").exists()
+    assert set(d.reasons[0]["compared"]) == {"behaviour", "refrel", "lennorm"}
     md, html = preftune.report(str(out))
     assert "| 2 | " in md.read_text() and "win rate" in html.read_text()
 
@@ -121,10 +121,10 @@ def test_round_two_beats_round_one_against_the_original(tmp_path):
     assert r2["win_rate"] >= r1["win_rate"] + 0.02, (r1["win_rate"], r2["win_rate"])  # seen: 0.577 -> 0.616
     assert r2["win_rate_ci"][0] > 0.5 and r2["lc_win_rate"] > r1["lc_win_rate"]
     d = preftune.decide(str(out))
-    beh = next(c for c in d["comparisons"] if c["yardstick"] == "behaviour")
+    beh = next(c for c in d.comparisons if c["yardstick"] == "behaviour")
     assert (beh["a"], beh["b"], beh["n"]) == ("round-2", "round-1", 512)
     assert beh["diff"] > 0 and beh["mcnemar_p"] < 0.05, beh  # the paired test over the same 512 prompts
-    assert d["verdict"] == "continue" and d["last_beats_first"] is True
+    assert d.verdict == "continue" and d.last_beats_first is True
 
 
 @pytest.mark.parametrize("args,words", [

@@ -106,9 +106,9 @@ def test_kto_in_a_mixed_matrix(tmp_path, tiny_world):
     kto = json.loads((out / "cells" / "objective=kto,lora_rank=8" / "summary.json").read_text())
     assert kto["data"]["train"]["kept"] == 256   # the unpaired view of the same 128 pairs
     d = preftune.decide(str(out))
-    compared = {(r["a"], r["yardstick"]) for r in d["reasons"] if r["code"] == "comparison"}
+    compared = {(r["a"], r["yardstick"]) for r in d.reasons if r["code"] == "comparison"}
     assert ("objective=kto,lora_rank=8", "own") in compared
-    kto_cmp = [c for c in d["comparisons"] if c["a"] == "objective=kto,lora_rank=8"]
+    kto_cmp = [c for c in d.comparisons if c["a"] == "objective=kto,lora_rank=8"]
     assert {c["yardstick"] for c in kto_cmp} >= {"refrel", "lennorm"} and all(c["n"] == 64 for c in kto_cmp)
     md, html = preftune.report(str(out))
     assert "objective=kto,lora_rank=8" in html.read_text()

@@ -48,8 +48,7 @@ def test_ray_backend_matches_local_and_retries_a_killed_worker(tiny_world, tmp_p
     assert marker.exists()  # a worker did die mid-cell, after its step-2 checkpoint, and the matrix finished
 
     got = preftune.decide(str(on_ray))
-    assert (got["verdict"], got["objective"], got["lora_rank"]) == (want["verdict"], want["objective"],
-                                                                    want["lora_rank"])
+    assert (got.verdict, got.objective, got.lora_rank) == (want.verdict, want.objective, want.lora_rank)
     meta_l, meta_r = (json.loads((d / "matrix.json").read_text()) for d in (local, on_ray))
     assert meta_l == meta_r  # factors, names, values, statuses: decide and report see the same matrix
     for c in meta_l["cells"]:

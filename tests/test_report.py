@@ -10,7 +10,8 @@ from test_decide import cell, split, write_matrix
 from test_review import healthy_lines, pairs, write_run
 
 from preftune.core.errors import InputError
-from preftune.verdict.decide import decide, write_decision
+from preftune.core.layout import Decision, write_decision
+from preftune.verdict.decide import decide
 from preftune.verdict.report import write_report, write_run_report
 
 PAYLOAD = "<script>document.body.setAttribute('data-pwned','1')</script>"
@@ -37,7 +38,7 @@ def expected_svgs(finished: int, with_lengths: bool = True) -> int:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> tuple[Path, dict]:
+def report(tmp_path_factory) -> tuple[Path, Decision]:
     root = hostile_matrix(tmp_path_factory.mktemp("report") / "m")
     decision = decide(root, n_boot=500)
     write_decision(root, decision)
@@ -48,15 +49,15 @@ def report(tmp_path_factory) -> tuple[Path, dict]:
 def test_report_files_are_self_contained_and_escaped(report):
     root, decision = report
     page = (root / "report.html").read_text()
-    assert decision["verdict"] == "switch"
-    assert decision["summary"] in page and page.index(decision["summary"]) < page.index("<table")
+    assert decision.verdict == "switch"
+    assert decision.summary in page and page.index(decision.summary) < page.index("<table")
     assert page.count("<svg") == expected_svgs(3)
     assert "<script" not in page.lower() and "<img" not in page.lower()
     assert "&lt;script&gt;document.body.setAttribute(&#x27;data-pwned&#x27;,&#x27;1&#x27;)" in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "Example held-out pairs" in page
     assert not re.search(r"<[^<>]*\s(src|href)\s*=|https?://|@import|url\(", page)  # nothing to fetch
     md = (root / "report.md").read_text()
-    assert md.startswith("# preftune report: m\n") and f"**{decision['summary']}**" in md
+    assert md.startswith("# preftune report: m\n") and f"**{decision.summary}**" in md
     assert "| objective=dpo,lora_rank=16 | finished | 0.567 [" in md and "&lt;script&gt;" in md
     assert "<script" not in md
 

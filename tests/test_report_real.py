@@ -19,10 +19,12 @@ import pytest
 from test_report import expected_svgs, hostile_matrix
 
 from preftune.core.config import Config
+from preftune.core.layout import write_decision
 from preftune.evaluation import stats
 from preftune.training.matrix import run_matrix
-from preftune.verdict.decide import decide, write_decision
-from preftune.verdict.report import pair_texts, write_report
+from preftune.verdict.decide import decide
+from preftune.verdict.matrix_page import pair_texts
+from preftune.verdict.report import write_report
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 SVG_BREAK = "</svg></pre><img src=x onerror=\"window.__pwned = 2\">"
@@ -106,7 +108,7 @@ def test_grid_matches_summaries_with_wilson_intervals(real):
         assert all(f"{t.split(' ', 1)[0]} <b>{t.split(' ', 1)[1]}</b>" in square for t in texts), (name, square)
         row = next(line for line in md.splitlines() if line.startswith(f"| {s['objective']} |"))
         assert " / ".join(texts) in row
-    rec = f"data-objective='{decision['objective']}' data-rank='{decision['lora_rank']}'"
+    rec = f"data-objective='{decision.objective}' data-rank='{decision.lora_rank}'"
     assert page.count("<td class='rec'") == 1 and f"<td class='rec' {rec}>" in page
 
 
@@ -159,7 +161,7 @@ def test_real_report_in_chromium(real, browser, tmp_path):
     root, decision = real
     page, seen = open_page(browser, root / "report.html")
     verdict = page.locator("#verdict")
-    assert verdict.is_visible() and verdict.inner_text() == decision["summary"]
+    assert verdict.is_visible() and verdict.inner_text() == decision.summary
     box = verdict.bounding_box()
     assert box is not None and box["y"] < 200 and box["height"] > 10   # at the top, not pushed off-screen
     probe = page.evaluate(PROBE)
@@ -206,7 +208,7 @@ def test_hostile_names_and_errors_in_chromium(browser, tmp_path):
                           "document.querySelectorAll('script, img').length, document.body.innerText]")
     assert probe[:2] == [None, 0] and seen["dialogs"] == []
     assert "crashed <script>document.body.setAttribute('data-pwned','1')</script> & <b>bold</b>" in probe[2]
-    assert page.locator("#verdict").inner_text() == decision["summary"]
+    assert page.locator("#verdict").inner_text() == decision.summary
     page.close()
 
 

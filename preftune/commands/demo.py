@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 from ..core.config import DEFAULT_GRID, Config
+from ..core.layout import Decision, write_decision
 from ..tinyworld import build_world
 from ..training.loop import train
 from ..training.matrix import run_matrix
-from ..verdict.decide import decide, write_decision
+from ..verdict.decide import decide
 from ..verdict.report import write_report
 
 
-def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
+def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> Decision:
     out = Path(output)
     t0 = time.perf_counter()
     size = dict(hidden=64, layers=2, heads=4) if quick else dict(hidden=128, layers=4, heads=4)
@@ -49,14 +50,14 @@ def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict:
     decision = decide(out / "matrix")
     write_decision(out / "matrix", decision)
     md, html = write_report(out / "matrix")
-    print(f"\n[demo] verdict: {decision['verdict']} -> {decision['objective']} r={decision['lora_rank']}")
-    print(f"[demo] {decision.get('summary', '')}")
-    for reason in decision["explanation"]:
+    print(f"\n[demo] verdict: {decision.verdict} -> {decision.objective} r={decision.lora_rank}")
+    print(f"[demo] {decision.summary}")
+    for reason in decision.explanation:
         print(f"  - {reason}")
-    for c in decision["cells"]:
-        g = c.get("gen_eval")
+    for c in decision.cells:
+        g = c.gen_eval
         if g:
-            print(f"[demo] behaviour of {c['name']}: win rate {g['win_rate']:.3f} against the reference "
+            print(f"[demo] behaviour of {c.name}: win rate {g['win_rate']:.3f} against the reference "
                   f"(length-controlled {g['lc_win_rate']:.3f}) on {g['prompts']} held-out prompts, judged by the "
                   f"ground truth; generated length {g['policy_len']:.1f} vs {g['reference_len']:.1f} tokens")
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s\n[demo] report: {html}\n[demo] markdown: {md}\n"

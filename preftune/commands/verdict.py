@@ -36,19 +36,18 @@ def _parse_baseline(text: str | None) -> dict[str, Any] | None:
 
 def _decide(args: argparse.Namespace) -> int:
     from ..core.files import check_writable_dir
-    from ..verdict.decide import decide, decide_rounds, write_decision
+    from ..core.layout import write_decision
+    from ..verdict.decide import decide
 
-    rounds = (Path(args.matrix) / "iterate.json").exists()
-    decision = decide_rounds(args.matrix, alpha=args.alpha) if rounds else \
-        decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
+    d = decide(args.matrix, alpha=args.alpha, baseline=_parse_baseline(args.baseline))
     check_writable_dir(args.matrix)
-    write_decision(args.matrix, decision)
-    print(f"verdict: {decision['verdict']} " + (f"(last round beats the first: {decision['last_beats_first']}; "
-          f"best {decision['best_round']})" if rounds else f"-> {decision['objective']} r={decision['lora_rank']}"))
-    print(decision["summary"])
-    for reason in decision["explanation"]:
+    write_decision(Path(args.matrix), d)
+    print(f"verdict: {d.verdict} " + (f"(last round beats the first: {d.last_beats_first}; best {d.best_round})"
+                                      if d.rounds else f"-> {d.objective} r={d.lora_rank}"))
+    print(d.summary)
+    for reason in d.explanation:
         print(f"  - {reason}")
-    if args.fallback and decision["verdict"] == "fallback_orpo":
+    if args.fallback and d.verdict == "fallback_orpo":
         from ..training.matrix import run_fallback
 
         run_fallback(args.matrix)

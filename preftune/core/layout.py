@@ -108,7 +108,8 @@ class RunSummary:
         if "sha256" in d and json_digest({k: v for k, v in d.items() if k != "sha256"}) != d["sha256"]:
             raise DamagedFile("damaged: its content does not match the checksum written with it", path=str(path))
         known = {f.name for f in fields(cls)}
-        for key, kind in (("objective", str), ("status", str), ("lora_rank", int), ("steps", int)):
+        for key, kind in (("objective", str), ("status", str), ("lora_rank", int), ("steps", int), ("seed", int),
+                          ("params", dict)):
             if not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
                 raise InputError(f"missing or not {kind.__name__}", path=str(path), field=key)
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -24,7 +24,7 @@ import yaml
 
 from ..core.errors import InputError
 from ..core.files import atomic_dir
-from ..core.layout import RunDir, RunSummary, matrix_of, read_decision
+from ..core.layout import Decision, RunDir, RunSummary, matrix_of, read_decision
 
 
 def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: str | None = None) -> Path:
@@ -169,15 +169,15 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
                 lines.append(f"| {label} | {_cell(first.get(key, ''))} | {_cell(final[key])} |")
     decision = _decision(run)
     if decision is not None:
-        chosen = (decision.get("objective") == objective and decision.get("lora_rank") == rank)
+        chosen = (decision.objective == objective and decision.lora_rank == rank)
         lines += ["", "## Matrix verdict", "",
                   f"This run is cell `{run.name}` of the matrix `{run.parent.parent}`. `preftune decide`: "
-                  f"**{decision.get('verdict')}** -> {decision.get('objective')} r={decision.get('lora_rank')}"
+                  f"**{decision.verdict}** -> {decision.objective} r={decision.lora_rank}"
                   f" ({'this cell' if chosen else 'another cell'}).", ""]
-        if decision.get("summary"):
-            lines += [str(decision["summary"]), ""]
+        if decision.summary:
+            lines += [str(decision.summary), ""]
         # decision.json: "explanation" holds the rendered sentences ("reasons" the same as data records)
-        sentences = decision.get("explanation") or [r for r in decision.get("reasons", []) if isinstance(r, str)]
+        sentences = decision.explanation or [r for r in decision.reasons if isinstance(r, str)]
         lines += [f"- {r}" for r in sentences]
     elif matrix_of(run) is not None:
         lines += ["", "## Matrix verdict", "", f"Cell `{run.name}` of `{run.parent.parent}`; no decision.json yet "
@@ -185,12 +185,12 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _decision(run: Path) -> dict | None:
-    """The decision of the matrix ``run`` is a cell of, as data; None when it is no cell or undecided."""
+def _decision(run: Path) -> Decision | None:
+    """The decision of the matrix ``run`` is a cell of; None when it is no cell or undecided."""
     matrix = matrix_of(run)
     if matrix is None or not matrix.decision.exists():
         return None
-    return read_decision(matrix.path).to_dict()
+    return read_decision(matrix.path)
 
 
 def _cell(v: Any) -> str:
