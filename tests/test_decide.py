@@ -352,7 +352,7 @@ def test_learning_is_judged_on_yardsticks_against_step_0(tmp_path):
     assert gains["lennorm"]["step0"] == 0.9 and gains["lennorm"]["final"] == 0.9 and not gains["lennorm"]["learned"]
     assert gains["refrel"]["final"] == 0.5 and not gains["refrel"]["learned"]
     assert "not_learned" not in found["objective=dpo,lora_rank=8"]
-    [r] = why(d, "challenger_unstable")
+    [r] = why(d, "challenger_not_learned")
     assert r["cell"] == "objective=simpo,lora_rank=8" and r["problems"] == ["not_learned"]
 
 
@@ -478,3 +478,61 @@ def test_rounds_gain_pairs_only_and_length_only(tmp_path):
         ("stop", True, ["behaviour"])
     [lo] = why(length, "round_length_only")
     assert lo["win_rate_a"] == pytest.approx(0.8) and lo["lc_win_rate_a"] - lo["lc_win_rate_b"] < 0.15
+
+
+def _learning_cell(objective: str, rank: int, learned: bool, n: int = 200) -> dict:
+    """A cell whose yardsticks rose from the step-0 tie (``learned``) or stayed at it."""
+    right = [i < (150 if learned else 100) for i in range(n)]
+    final = 0.75 if learned else 0.5
+    out = metrics(ramp(0.0, 1.0, 40), [0.0, 0.5], [0.5, final])
+    out[0].update({"eval_refrel/accuracy": 0.5, "eval_lennorm/accuracy": 0.5})
+    out[-1].update({"eval_refrel/accuracy": final, "eval_lennorm/accuracy": final})
+    c = cell(objective, rank, right, lines=out)
+    return with_yardsticks(c, right, right)
+
+
+def test_learned_nothing_is_not_called_unstable_and_favours_no_one(tmp_path):
+    """Issue 24 item 12: a cell that learned nothing is `not_learned`, not `unstable`; when the baseline learned
+    nothing too, its trouble favours no one."""
+    cells = [_learning_cell("dpo", 8, False), _learning_cell("simpo", 8, False), _learning_cell("ipo", 8, True)]
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
+    [b] = why(d, "baseline_not_learned")
+    [c] = [r for r in why(d, "challenger_not_learned") if "simpo" in r["cell"]]
+    assert b["problems"] == ["not_learned"] and c["favours"] is None and c["baseline_state"] == "not_learned"
+    assert not why(d, "challenger_unstable") and not why(d, "baseline_unstable")
+    text = " ".join(d.explanation) + d.summary
+    assert "unstable" not in text and "favours the baseline" not in text and "learned nothing" in text
+
+
+def test_a_diverged_challenger_favours_a_baseline_that_learned(tmp_path):
+    diverged = _learning_cell("simpo", 8, False)
+    diverged["lines"] = metrics(ramp(0.0, 1.0, 40), [0.0, 0.5], [0.5, 0.5], loss=[0.7] * 30 + [9.0] * 10)
+    d = decide(write_matrix(tmp_path / "m", [_learning_cell("dpo", 8, True), diverged]), n_boot=200)
+    [c] = why(d, "challenger_diverged")
+    assert c["favours"] == "baseline" and "divergence" in c["problems"]
+
+
+def test_the_one_cell_that_learned_is_named(tmp_path):
+    """Issue 24 item 13: only simpo at rank 4 rose above step 0 while the verdict compares the rank-8 cells:
+    the verdict names it, with its numbers and the run that would test it."""
+    cells = [_learning_cell("dpo", 8, False), _learning_cell("dpo", 4, False), _learning_cell("simpo", 8, False),
+             _learning_cell("simpo", 4, True)]
+    d = decide(write_matrix(tmp_path / "m", cells), n_boot=200)
+    assert d.verdict == "not_decisive"
+    [r] = why(d, "learned_elsewhere")
+    assert (r["cell"], r["objective"], r["lora_rank"]) == ("objective=simpo,lora_rank=4", "simpo", 4)
+    assert r["step0"] == 0.5 and r["final"] == 0.75 and r["ci_low"] > 0.5
+    assert "objective=simpo,lora_rank=4" in d.summary and "--baseline objective=simpo,lora_rank=4" in d.summary
+
+
+def test_a_damaged_cell_summary_is_reported_by_name(tmp_path):
+    from preftune.core.layout import RunDir, RunSummary
+
+    root = switch_matrix(tmp_path / "m")
+    run = RunDir(root / "cells" / "objective=simpo,lora_rank=8")
+    run.write_summary(RunSummary("simpo", 8, 42, 40, "finished", {"beta": 2.0}))
+    run.summary.write_text(run.summary.read_text().replace('"steps": 40', '"steps": 41'))
+    d = decide(root, n_boot=200)
+    [r] = why(d, "cell_not_finished")
+    assert r["cell"] == "objective=simpo,lora_rank=8" and r["status"] == "damaged" and "damaged" in r["error"]
+    assert all("lora_rank=8" not in c["a"] or "simpo" not in c["a"] for c in d.comparisons)

@@ -62,7 +62,7 @@ def _read_json(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read: {e}", path=str(path)) from None
     except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON ({e.msg}): a damaged file", path=str(path), line=e.lineno) from None
+        raise DamagedFile(f"not valid JSON ({e.msg}): a damaged file", path=str(path), line=e.lineno) from None
 
 
 def _need_dict(obj: Any, path: Path) -> dict:
@@ -102,11 +102,18 @@ class RunSummary:
             del d["gen_eval"]
         return {**d, "sha256": json_digest(d)}  # checked on read: a damaged summary is never trusted
 
-    @classmethod
-    def from_dict(cls, d: Any, path: Path) -> RunSummary:
+    @staticmethod
+    def verify(d: Any, path: Path) -> dict[str, Any]:
+        """``d`` when it is the object that was written (its sha256 matches; summaries of older versions carry
+        none); DamagedFile otherwise."""
         d = _need_dict(d, path)
         if "sha256" in d and json_digest({k: v for k, v in d.items() if k != "sha256"}) != d["sha256"]:
             raise DamagedFile("damaged: its content does not match the checksum written with it", path=str(path))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path) -> RunSummary:
+        d = cls.verify(d, path)
         known = {f.name for f in fields(cls)}
         for key, kind in (("objective", str), ("status", str), ("lora_rank", int), ("steps", int), ("seed", int),
                           ("params", dict)):
@@ -282,6 +289,10 @@ class RunDir(_Folder):
 
     def read_summary(self) -> RunSummary:
         return RunSummary.from_dict(_read_json(self.summary, "a finished run (no summary.json)"), self.summary)
+
+    def verify_summary(self) -> None:
+        """DamagedFile when summary.json is garbled or not what was written (no check of its fields)."""
+        RunSummary.verify(_read_json(self.summary, "a finished run (no summary.json)"), self.summary)
 
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write_json(self.summary, summary.to_dict())

@@ -24,9 +24,10 @@ from typing import Any
 from ..core import objectives
 from ..core.config import load_yaml
 from ..core.errors import InputError
+from ..core.files import DamagedFile
 from ..core.layout import CellEntry, CellResult, MatrixDir, RunDir
 from ..evaluation import stats, yardsticks
-from ..evaluation.review import UNSTABLE, Review, diagnose, margin_gap
+from ..evaluation.review import NUMERIC, UNSTABLE, Review, diagnose, learning, margin_gap
 from ..evaluation.runlog import Log, load
 
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
@@ -46,6 +47,7 @@ class Group:
     lora_rank: int
     cells: list[CellResult] = field(default_factory=list)
     correct: dict[str, dict[str, float]] = field(default_factory=dict)   # yardstick -> id -> mean over seeds
+    gains: dict[str, dict[str, Any]] = field(default_factory=dict)       # yardstick -> step 0 vs end (1st seed)
 
     def mean(self, key: str) -> float | None:
         xs = [x for c in self.cells if (x := getattr(c, key)) is not None and math.isfinite(x)]
@@ -66,7 +68,15 @@ class Group:
 
     @property
     def unstable(self) -> bool:
+        """Diverged, or learned nothing on the held-out pairs: either way not a setup to recommend."""
         return any(c.unstable for c in self.cells)
+
+    @property
+    def state(self) -> str:
+        """``diverged`` (NaN/inf or a diverging loss), ``not_learned`` (no yardstick rose above its step-0
+        accuracy, or at chance), or ``learned``: two different troubles, never both called unstable."""
+        problems = set(self.problems())
+        return "diverged" if problems & set(NUMERIC) else "not_learned" if problems else "learned"
 
     @property
     def spec(self) -> objectives.Objective:
@@ -108,6 +118,12 @@ def load_cell(entry: CellEntry, run: RunDir) -> tuple[CellResult, Log | None]:
                      values.get("seed"))
     if not out.finished:
         return out, None
+    if run.summary.exists():
+        try:
+            run.verify_summary()  # checked against its checksum: a damaged cell is reported by name, not compared
+        except DamagedFile as e:
+            out.status, out.error = "damaged", str(e)
+            return out, None
     cfg = load_yaml(run.config)
     for k in ("objective", "lora_rank", "seed"):
         if getattr(out, k) is None:
@@ -153,7 +169,8 @@ def group(loaded: list[tuple[CellResult, Log]], by: tuple[str, ...]) -> list[Gro
     sticks: dict[tuple, list[dict]] = {}
     for cell, log in loaded:
         key = tuple(getattr(cell, k) for k in by)
-        groups.setdefault(key, Group(cell.name, cell.objective, cell.lora_rank)).cells.append(cell)
+        g = groups.setdefault(key, Group(cell.name, cell.objective, cell.lora_rank, gains=learning(log)))
+        g.cells.append(cell)
         sticks.setdefault(key, []).append(_per_seed(log))
     for key, g in groups.items():
         if len(g.cells) > 1:

@@ -51,7 +51,14 @@ _PROBLEMS = {"nonfinite": "non-finite values (NaN/inf)", "divergence": "a diverg
 
 
 def _problems(codes: list[str]) -> str:
-    return ", ".join(_PROBLEMS.get(c, c) for c in codes) or "unstable"
+    return ", ".join(_PROBLEMS.get(c, c) for c in codes) or "no finding"
+
+
+def _favours(d: dict) -> str:
+    """Said only when it is true: a challenger's trouble favours the baseline when the baseline learned."""
+    if d.get("favours") is None and "baseline_state" in d:
+        return f": no switch, and the baseline {'learned nothing' if d['baseline_state'] == 'not_learned' else 'diverged'} too"
+    return ": favours the baseline" if d.get("favours") else ": no switch"
 
 
 def _not_significant(d: dict) -> str:
@@ -82,7 +89,8 @@ def _not_significant(d: dict) -> str:
 NO_SWITCH: dict[str, tuple[str, Callable[[dict], str]]] = {
     "not_significant_adjusted": ("its p is not below alpha", lambda d: f"p is not below alpha/{d['challengers']} = "
                                  f"{_p(d['level'])}, {d['challengers']} challengers tested"),
-    "challenger_unstable": ("it is unstable", lambda d: _problems(d["problems"])),
+    "challenger_diverged": ("it diverged", lambda d: _problems(d["problems"])),
+    "challenger_not_learned": ("it learned nothing on the held-out pairs", lambda d: _problems(d["problems"])),
     "not_above_chance": ("it is not above chance", lambda d: f"its accuracy interval on the {d['yardstick']} "
                          f"yardstick starts at {_n(d['ci_low'])}"),
     "margins_not_cleaner": ("its margins are not cleaner", lambda d: _margins(d)),
@@ -99,11 +107,11 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
                              f"{_problems(c['problems'])})" for c in d["cells"])
     + ". No objective learned a held-out preference, so switching objective (ORPO included) would not help: "
       "check that chosen/rejected labels are meaningful (not random or flipped), or train longer",
-    "all_unstable": lambda d: "every preference-objective cell is unstable: "
+    "all_unstable": lambda d: "no preference-objective cell is usable, and some diverged: "
     + "; ".join(f"{c['cell']} ({_problems(c['problems'])})" for c in d["cells"])
     + "".join(f"; {c['cell']} failed: {c['error']}" for c in d["failed"]),
     "family_not_tried": lambda d: f"no {d['family']} objective was in the matrix; it was not tried",
-    "fallback_unstable": lambda d: f"the {d['objective']} cells are unstable too: "
+    "fallback_unstable": lambda d: f"the {d['objective']} cells diverged or learned nothing too: "
     + "; ".join(f"{c['cell']} ({_problems(c['problems'])})" for c in d["cells"]),
     "fallback_not_run": lambda d: f"{d['objective']} was not in the matrix: run it to confirm it trains stably",
     "baseline_missing": lambda d: f"the baseline cell ({d['objective']}, rank {d['lora_rank']}) did not finish: "
@@ -125,15 +133,22 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     **{code: (lambda d, c=code: f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch: {NO_SWITCH[c][0]} "
               f"({NO_SWITCH[c][1](d)})") for code in ("not_significant_adjusted", "not_above_chance",
                                                      "margins_not_cleaner", "margins_equal", "worse_other_yardstick")},
-    "challenger_unstable": lambda d: f"{d['cell']} is unstable ({_problems(d['problems'])})"
-    + (": favours the baseline" if d.get("favours") else ": no switch"),
+    "challenger_diverged": lambda d: f"{d['cell']} diverged ({_problems(d['problems'])})" + _favours(d),
+    "challenger_not_learned": lambda d: f"{d['cell']} learned nothing on the held-out pairs "
+    f"({_problems(d['problems'])})" + _favours(d),
     "switch_rule_met": lambda d: f"switch: {d['cell']} ranks {d['a_only'] - d['b_only']} more pairs correctly on "
     f"the {d['yardstick']} yardstick, adjusted p={_p(d['mcnemar_p'])} < {_p(d['level'])} (alpha {d['alpha']} over "
     f"{d['challengers']} challenger(s)), accuracy interval {_n(d['ci_low'])}-{_n(d['ci_high'])} above chance, "
     f"cleaner margins: {_margins(d)}",
     "direct_vs_baseline": lambda d: f"{d['a']} vs the baseline {d['b']} directly: {_cmp(d)}",
-    "baseline_unstable": lambda d: f"the baseline {d['cell']} is unstable ({_problems(d['problems'])}): not a "
+    "baseline_diverged": lambda d: f"the baseline {d['cell']} diverged ({_problems(d['problems'])}): not a "
     "position to keep",
+    "baseline_not_learned": lambda d: f"the baseline {d['cell']} learned nothing on the held-out pairs "
+    f"({_problems(d['problems'])}): not a position to keep",
+    "learned_elsewhere": lambda d: f"{d['cell']} did learn ({d['yardstick']} {_n(d['step0'])} -> {_n(d['final'])}, "
+    f"95% interval from {_n(d['ci_low'])}) but the verdict rests on other cells: to test it, decide with "
+    f"--baseline objective={d['objective']},lora_rank={d['lora_rank']} (or run the other objectives at rank "
+    f"{d['lora_rank']} with more seeds)",
     "baseline_not_above_chance": lambda d: f"the baseline {d['cell']}'s held-out accuracy {_n(d['accuracy'])} has a "
     f"95% interval {_n(d['ci'][0])}-{_n(d['ci'][1])} that includes chance: no evidence it learned the preference, "
     "nothing to keep",
@@ -185,8 +200,9 @@ def render(reason: Reason | dict) -> str:
 def render_summary(basis: Reason | dict) -> str:
     """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
-    notes = d.get("behaviour") or []
-    return SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+    notes, elsewhere = d.get("behaviour") or [], d.get("elsewhere") or []
+    return (SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+            + ("" if not elsewhere else " Meanwhile " + "; ".join(render(n) for n in elsewhere) + "."))
 
 
 def _first(d: dict) -> str:
@@ -210,12 +226,13 @@ SUMMARIES: dict[str, Callable[[dict], str]] = {
     f"{d['a_only'] - d['b_only']} more of {d['n']} held-out pairs correctly on the {d['yardstick']} yardstick "
     f"(McNemar p={_p(d['mcnemar_p'])}, adjusted) with cleaner margins.",
     "keep": lambda d: f"Keep {d['objective']} (rank {d['lora_rank']}): on {d['pairs']} held-out pairs every other "
-    f"objective was significantly worse, unstable, or no different where a {d['meaningful'] * 100:.0f}-point "
+    f"objective was significantly worse, diverged, learned nothing, or was no different where a {d['meaningful'] * 100:.0f}-point "
     "difference would have shown.",
     "fallback": lambda d: f"Fall back to {d['objective'].upper()} (rank {d['lora_rank']}): every preference-objective "
-    f"cell was unstable; it reached held-out accuracy {_n(d['accuracy'])}.",
-    "fallback_not_run": lambda d: f"Fall back to {d['objective'].upper()}: every preference-objective cell was unstable.",
-    "fallback_unstable": lambda d: "Not decisive: every cell, the fallback included, is unstable or learned nothing; "
+    f"cell diverged or learned nothing, and one diverged; it reached held-out accuracy {_n(d['accuracy'])}.",
+    "fallback_not_run": lambda d: f"Fall back to {d['objective'].upper()}: every preference-objective cell diverged or "
+    "learned nothing, and one diverged.",
+    "fallback_unstable": lambda d: "Not decisive: every cell, the fallback included, diverged or learned nothing; "
     "check the data (are labels meaningful?) and the learning rate.",
     "all_at_chance": lambda d: "Not decisive: no objective learned a held-out preference (no cell rose above its "
     "step-0 accuracy and none diverged); check the labels or train longer.",

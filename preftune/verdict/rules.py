@@ -71,7 +71,10 @@ def decide_matrix(st: Stats, baseline: dict) -> Decision:
         if verdict:
             break
     name, chosen, basis = verdict  # the last rule always decides
-    basis = Reason(basis.code, {**basis.data, "behaviour": [r.to_dict() for r in case.notes]})
+    elsewhere = learned_elsewhere(case) if name == "not_decisive" else []
+    reasons += elsewhere
+    basis = Reason(basis.code, {**basis.data, "behaviour": [r.to_dict() for r in case.notes],
+                                **({"elsewhere": [r.to_dict() for r in elsewhere]} if elsewhere else {})})
     fallback = objectives.fallback() if name == "fallback_orpo" else baseline["objective"]
     return Decision(verdict=name, summary=render_summary(basis), basis=basis.to_dict(),
                     reasons=[r.to_dict() for r in reasons], explanation=[render(r) for r in reasons],
@@ -199,6 +202,24 @@ TABLE: tuple[Callable[[Case], Found], ...] = (unfinished, fallback, baseline_mis
                                               switch, keep)
 
 
+def learned_elsewhere(case: Case) -> list[Reason]:
+    """Cells that learned while the verdict rests on others that didn't: named, with the run that would test
+    them (their rank as the baseline's, so a challenger meets them at it)."""
+    if case.base is not None and case.base.state == "learned":
+        return []  # the verdict rests on a baseline that learned: nothing is hidden behind it
+    compared = {id(case.base)} | {id(c) for c, _ in case.challengers}
+    out = []
+    for g in case.st.groups:
+        if id(g) in compared or g.state != "learned" or not g.gains:
+            continue
+        best = max(g.gains.items(), key=lambda kv: kv[1]["ci"][0] - kv[1]["step0"])
+        out.append(Reason("learned_elsewhere", {
+            "cell": g.name, "objective": g.objective, "lora_rank": g.lora_rank, "yardstick": best[0],
+            "step0": best[1]["step0"], "final": best[1]["final"], "ci_low": best[1]["ci"][0],
+            "baseline": {"objective": case.baseline["objective"], "lora_rank": case.baseline["lora_rank"]}}))
+    return out
+
+
 # --- the steps inside them -----------------------------------------------------------------------------------------
 
 def behaviour(case: Case, c: Group, primary: dict) -> list[Reason]:
@@ -252,7 +273,7 @@ def switch_conditions(case: Case, c: Group, cmp: dict, k: int) -> tuple[list[Rea
     common = {"cell": c.name, "objective": c.objective, **short(cmp)}
     conditions = (  # the switch conditions in order: the first one failed is the reason the lift is no switch
         (cmp["mcnemar_p"] >= level, lambda: ("not_significant_adjusted", {"level": level, "challengers": k})),
-        (c.unstable, lambda: ("challenger_unstable", {"problems": c.problems()})),
+        (c.unstable, lambda: (f"challenger_{c.state}", {"problems": c.problems()})),
         (lo <= 0.5, lambda: ("not_above_chance", {"ci_low": lo})),
         (clean != "cleaner", lambda: ("margins_equal" if clean == "equal" else "margins_not_cleaner",
                                       margins(c, base))),
@@ -271,14 +292,15 @@ def keep_clauses(case: Case) -> tuple[list[Reason], bool, int | None]:
     the held-out pairs that would settle the open ones)."""
     base, out, settled, need = case.base, [], True, []
     if base.unstable:
-        out.append(Reason("baseline_unstable", {"cell": base.name, "problems": base.problems()}))
+        out.append(Reason(f"baseline_{base.state}", {"cell": base.name, "problems": base.problems()}))
     elif base.ci[0] <= 0.5:
         out.append(Reason("baseline_not_above_chance", {"cell": base.name, "accuracy": base.accuracy,
                                                         "ci": list(base.ci)}))
     for c, cmp in case.challengers:
-        if c.unstable:
-            out.append(Reason("challenger_unstable", {"cell": c.name, "objective": c.objective,
-                                                      "problems": c.problems(), "favours": "baseline"}))
+        if c.unstable:  # it favours the baseline only when the baseline itself learned
+            out.append(Reason(f"challenger_{c.state}", {"cell": c.name, "objective": c.objective,
+                                                        "problems": c.problems(), "baseline_state": base.state,
+                                                        "favours": "baseline" if base.state == "learned" else None}))
             continue
         significant = cmp["mcnemar_p"] < case.st.alpha
         if significant and cmp["diff"] < 0:
