@@ -227,3 +227,34 @@ def test_pair_texts_from_a_split_data_file_and_conversations(tiny_world, tmp_pat
     (run / "config.yaml").write_text(f"data: {tmp_path / 'x.jsonl'}\neval_data: {conv}\neval_split: test\n")
     assert pair_texts(run) == {"conv.json:0": {"prompt": "user: Hi", "chosen": "assistant: Hello!",
                                                "rejected": "assistant: Go away."}}
+
+
+OVERLAPS = """() => {
+  const box = el => el.getBoundingClientRect();
+  const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  const acc = [...document.querySelectorAll("svg[aria-label='held-out accuracy']")][0];
+  const chance = [...acc.querySelectorAll('text')].find(t => t.textContent === 'chance');
+  const bars = [...acc.querySelectorAll("line[stroke-width='3'], circle")];
+  const out = {chance_hits_bar: bars.some(b => hit(box(chance), box(b))), label_hits_tick: false};
+  for (const svg of document.querySelectorAll("svg[aria-label^='margins:']")) {
+    const label = [...svg.querySelectorAll('text')].find(t => t.getAttribute('transform'));
+    const ticks = [...svg.querySelectorAll("text[text-anchor='end']")];
+    if (ticks.some(t => hit(box(label), box(t)))) out.label_hits_tick = true;
+  }
+  return out;
+}"""
+
+
+def test_labels_do_not_overlap_and_long_prompts_show_their_end(real, browser, tmp_path):
+    """Issue 24 item 20: the "chance" label clears the interval bars, the rotated "reward margin" label clears
+    the tick labels, the grid says plainly what a not-decisive verdict means, and a long prompt shows its end."""
+    root, decision = real
+    page, _ = open_page(browser, root / "report.html")
+    assert page.evaluate(OVERLAPS) == {"chance_hits_bar": False, "label_hits_tick": False}
+    assert "until settled" not in page.content()
+    page.close()
+    from preftune.verdict.matrix_page import shown
+
+    prompt = "Human: " + "earlier turn. " * 300 + "Human: the LAST question?\n\nAssistant:"
+    text = shown(prompt, 600, end=True)
+    assert "the LAST question?" in text and text.startswith("Human: earlier") and " characters … " in text

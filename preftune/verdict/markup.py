@@ -27,7 +27,7 @@ tr.rec{background:#eff6ff}.warn{color:#b45309}.error{color:#b91c1c}.info{color:#
 ul.f{margin:0;padding-left:16px}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #e5e7eb;
  border-radius:6px;padding:8px}.card h3{font-size:13px;margin:0 0 4px;word-break:break-all}
 svg text{font:11px system-ui,sans-serif;fill:#374151}pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0;
- background:#f9fafb;padding:4px 6px;border-radius:4px;unicode-bidi:isolate;max-height:16em;overflow-y:auto}
+ background:#f9fafb;padding:4px 6px;border-radius:4px;unicode-bidi:isolate}
 .cc{font-size:10px;color:#b91c1c;border:1px solid #fca5a5;border-radius:3px;padding:0 2px;margin:0 1px}
 table.m2{width:auto}table.m2 td,table.m2 th{padding:6px 14px;border:1px solid #e5e7eb}
 table.m2 td.rec{background:#eff6ff;outline:2px solid #2563eb;outline-offset:-2px}.ys{white-space:nowrap}

@@ -30,7 +30,7 @@ def _ci(c: CellResult) -> str:
 
 
 def _pick(d: Decision) -> str:
-    return "until settled, stay with" if d.verdict == "not_decisive" else "recommended"
+    return "not decided yet: stay with" if d.verdict == "not_decisive" else "recommended"
 
 
 def _cell_numbers(c: CellResult) -> list[str]:
@@ -207,10 +207,10 @@ def _behaviour_html(d: Decision, logs: dict[str, Log]) -> str:
     first = logs[cells[0].name].generations[:3]
     by_cell = {c.name: {r["id"]: r for r in logs[c.name].generations} for c in cells}
     examples = "".join(
-        f"<div class='card' style='flex:1 1 100%'><h3>{esc(r['id'])}</h3><b>prompt</b><pre>{esc(str(r['prompt'])[:400])}"
-        f"</pre><b>reference</b><pre>{esc(r['reference'][:400])}</pre>"
+        f"<div class='card' style='flex:1 1 100%'><h3>{esc(r['id'])}</h3><b>prompt</b><pre>{shown(as_text(r['prompt']), 400, end=True)}"
+        f"</pre><b>reference</b><pre>{shown(r['reference'], 400)}</pre>"
         + "".join(f"<b>{esc(name)}</b> <span class='meta'>preference {num(rows_[r['id']]['preference'])}</span>"
-                  f"<pre>{esc(rows_[r['id']]['policy'][:400])}</pre>"
+                  f"<pre>{shown(rows_[r['id']]['policy'], 400)}</pre>"
                   for name, rows_ in by_cell.items() if r["id"] in rows_) + "</div>"
         for r in first)
     return ("<h2>Behaviour</h2><p class='meta'>What each cell's policy writes, judged against the reference's "
@@ -249,19 +249,30 @@ def pair_texts(run_dir: str | Path) -> dict[str, dict[str, str]]:
     return {ex.id: {k: as_text(getattr(ex, k)) for k in TEXT_KEYS} for ex in examples}
 
 
-def shown(text: str, limit: int = EXAMPLE_CHARS) -> str:
+def shown(text: str, limit: int = EXAMPLE_CHARS, *, end: bool = False) -> str:
     """Escaped text with invisible and direction-changing characters (zero-width, RLO, ...) shown as markers,
-    so a reader sees exactly what the model saw and nothing reorders or hides the rest of the page."""
+    so a reader sees exactly what the model saw and nothing reorders or hides the rest of the page. Past
+    ``limit`` characters the middle is cut (``end``: a prompt keeps its end, the last turn, which matters most)
+    or the tail is."""
     more = len(text) - limit
+    if more <= 0:
+        return _marked(text)
+    if end:
+        head = limit // 4
+        return (_marked(text[:head]) + f"<span class='info'> … {more:,} characters … </span>"
+                + _marked(text[len(text) - (limit - head):]))
+    return _marked(text[:limit]) + f"<span class='info'> … {more:,} more characters</span>"
+
+
+def _marked(text: str) -> str:
     out = []
-    for ch in text[:limit]:
+    for ch in text:
         cat = unicodedata.category(ch)
         if (cat == "Cf" or cat == "Cc" and ch not in "\n\t") or ch in "\u2028\u2029":
             out.append(f"<span class='cc' title='{unicodedata.name(ch, 'control character')}'>U+{ord(ch):04X}</span>")
         else:
             out.append(esc(ch))
-    tail = f"<span class='info'> … {more:,} more characters</span>" if more > 0 else ""
-    return "".join(out) + tail
+    return "".join(out)
 
 
 def example_pairs(d: Decision, logs: dict[str, Log]) -> str:
@@ -291,5 +302,6 @@ def example_pairs(d: Decision, logs: dict[str, Log]) -> str:
                                                     if p["id"] in other else "")
         cards.append(f"<div class='card' style='flex:1 1 45%'><h3>{esc(p['id'])} · {margins}</h3>"
                      + (f"<p class='meta'>{label}</p>" if label else "")
-                     + "".join(f"<b>{k}</b><pre>{shown(str(p[k]))}</pre>" for k in TEXT_KEYS) + "</div>")
+                     + "".join(f"<b>{k}</b><pre>{shown(str(p[k]), end=k == 'prompt')}</pre>" for k in TEXT_KEYS)
+                     + "</div>")
     return f"<h2>Example held-out pairs</h2><div class='grid' id='examples'>{''.join(cards)}</div>"

@@ -33,7 +33,7 @@ def _span(values: Sequence[float], pad: float = 0.05) -> tuple[float, float]:
 def _axes(w: int, h: int, xr: tuple[float, float], yr: tuple[float, float], title: str, xlabel: str,
           ylabel: str, xticks: bool = True) -> tuple[list[str], Callable[[float], float], Callable[[float], float]]:
     """SVG opening, frame, ticks and labels; and the data-to-pixel maps."""
-    left, right, top, bottom = 46, 10, 22, 34
+    left, right, top, bottom = 58, 10, 22, 34  # 58: the rotated y label clears tick labels like "-0.25"
     sx = lambda v: left + (v - xr[0]) / (xr[1] - xr[0]) * (w - left - right)  # noqa: E731
     sy = lambda v: h - bottom - (v - yr[0]) / (yr[1] - yr[0]) * (h - top - bottom)  # noqa: E731
     out = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' aria-label='{esc(title)}'>",
@@ -47,8 +47,8 @@ def _axes(w: int, h: int, xr: tuple[float, float], yr: tuple[float, float], titl
         out.append(f"<line x1='{left}' x2='{w - right}' y1='{sy(t):.1f}' y2='{sy(t):.1f}' stroke='#f3f4f6'/>"
                    f"<text x='{left - 4}' y='{sy(t) + 4:.1f}' text-anchor='end'>{num(t)}</text>")
     out.append(f"<text x='{(left + w - right) / 2}' y='{h - 4}' text-anchor='middle'>{esc(xlabel)}</text>"
-               f"<text x='12' y='{(top + h - bottom) / 2}' text-anchor='middle' "
-               f"transform='rotate(-90 12 {(top + h - bottom) / 2})'>{esc(ylabel)}</text>")
+               f"<text x='11' y='{(top + h - bottom) / 2}' text-anchor='middle' "
+               f"transform='rotate(-90 11 {(top + h - bottom) / 2})'>{esc(ylabel)}</text>")
     return out, sx, sy
 
 
@@ -148,18 +148,19 @@ def interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
     if not rows:
         return "<p class='meta'>no finished cells</p>"
     label_w, w, row_h = 12 + 6.5 * min(48, max(len(r[0]) for r in rows)), 900, 24
-    h = 40 + row_h * len(rows)
+    top = 30  # a band above the first row holds the "chance" label, so no interval bar runs through it
+    h = top + 18 + row_h * len(rows)
     lo = min(0.4, math.floor(min(r[2] for r in rows) * 10) / 10)
     sx = lambda v: label_w + (v - lo) / (1 - lo) * (w - label_w - 170)  # noqa: E731  (170 px for the numbers)
     out = [f"<svg width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' aria-label='held-out accuracy'>"
            "<title>held-out accuracy with 95% intervals</title>"]
     for t in _ticks(lo, 1.0, 6):
-        out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='8' y2='{h - 22}' stroke='#f3f4f6'/>"
+        out.append(f"<line x1='{sx(t):.1f}' x2='{sx(t):.1f}' y1='{top - 8}' y2='{h - 22}' stroke='#f3f4f6'/>"
                    f"<text x='{sx(t):.1f}' y='{h - 8}' text-anchor='middle'>{num(t)}</text>")
-    out.append(f"<line x1='{sx(0.5):.1f}' x2='{sx(0.5):.1f}' y1='8' y2='{h - 22}' stroke='#9ca3af' "
-               f"stroke-dasharray='4 3'/><text x='{sx(0.5) + 3:.1f}' y='18'>chance</text>")
+    out.append(f"<line x1='{sx(0.5):.1f}' x2='{sx(0.5):.1f}' y1='{top - 8}' y2='{h - 22}' stroke='#9ca3af' "
+               f"stroke-dasharray='4 3'/><text x='{sx(0.5):.1f}' y='{top - 12}' text-anchor='middle'>chance</text>")
     for i, (name, acc, a, b, rec) in enumerate(rows):
-        y = 22 + i * row_h
+        y = top + 8 + i * row_h
         color = TRAIN_COLOR if rec else "#4b5563"
         clipped = name if len(name) <= 48 else name[:47] + "…"
         out.append(f"<text x='{label_w - 8}' y='{y + 4}' text-anchor='end'>{esc(clipped)}</text>"
