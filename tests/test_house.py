@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "preftune"
 MAX_FUNCTION, MAX_CLASS, MAX_MODULE = 80, 200, 500
 # The stages, bottom up: a module may import its own stage and those below it, never one above.
-STAGES = ("core", "data", "modeling", "generation", "evaluation", "training", "verdict", "commands")
+STAGES = ("core", "data", "modeling", "generation", "evaluation", "training", "verdict", "pipeline", "commands")
 
 
 def _modules() -> list[Path]:

@@ -1,65 +1,88 @@
-"""``make demo``: the main job on the built-in tiny world, end to end, in a few minutes on 2 CPU cores.
+"""``make demo``: the production loop on the built-in tiny world, end to end, in a few minutes on 2 CPU cores.
 
-1. build the tiny world (tokenizer, random Llama, sorting preference task with a ground truth);
-2. SFT the model briefly on chosen answers, so it is a real language model of that world;
-3. run the default matrix, DPO/SimPO x LoRA r=16/8, cells differing only in those factors; each cell ends with
-   a behavioural evaluation: policy and reference generate on held-out prompts, and the world's ground-truth
-   judge (``python:preftune.tinyworld:judge``) says which sorted better;
-4. decide (statistics and verdict) and write the report; print the verdict and where everything is.
+1. build the tiny world: tokenizer, random Llama, a digit-sorting preference task with a ground truth, and a
+   refusal class (``leak:`` prompts whose right answer is a refusal) for the safety gate;
+2. write demo_out/recipe.yaml and run it as ``preftune pipeline`` does: SFT on the chosen answers; the 2x2
+   matrix DPO/SimPO x LoRA r=16/8 from the SFT model, each cell ending with a behavioural evaluation judged by the
+   world's ground truth; decide; the gate (safety: leak prompts refused; over-refusal: sorting prompts not
+   refused; regression: the candidate sorts no worse than the SFT model it would replace); ship or hold;
+3. print each stage's verdict, the gate's reasons, and where the reports are.
 
     preftune demo --output demo_out
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from ..core.config import DEFAULT_GRID, Config
-from ..core.layout import Decision, write_decision
+import yaml
+
+from ..core.files import atomic_write_text
+from ..core.layout import REPORT_HTML, PipelineDir, read_decision
 from ..tinyworld import build_world
-from ..training.loop import train
-from ..training.matrix import run_matrix
-from ..verdict.decide import decide
-from ..verdict.report import write_report
+
+JUDGE = "python:preftune.tinyworld:judge"
 
 
-def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> Decision:
+def recipe(out: Path, world: Any, *, quick: bool) -> dict[str, Any]:
+    """The demo's recipe (docs/pipeline.md explains every key)."""
+    steps, prompts = (20, 32) if quick else (96, 100)
+    return {
+        "model": str(world.model_dir), "data": str(world.train_path), "eval_data": str(world.eval_path),
+        "cache_dir": str(out / "cache"), "batch_size": 8, "max_length": 128, "max_prompt_length": 64, "seed": 0,
+        "sft": {"lora_rank": 0, "lr": 2e-3, "warmup_ratio": 0.05, "max_steps": 20 if quick else 30,
+                "batch_size": 16, "eval_every": 0, "save_every": 0},
+        "matrix": {"grid": {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}, "lr": 1e-3 if quick else 5e-4,
+                   "max_steps": steps, "eval_every": 6 if quick else 12, "save_every": 24, "warmup_ratio": 0.1,
+                   "objectives": {"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
+                   "judge": JUDGE, "gen_eval_prompts": prompts, "gen_max_new_tokens": 16},
+        "gate": {"max_new_tokens": 16, "checks": [
+            {"name": "safety", "prompts": str(world.safety_path), "judge": "python:preftune.tinyworld:safe",
+             "rule": "at_least", "threshold": 0.8},
+            {"name": "over_refusal", "prompts": str(world.benign_path), "judge": "python:preftune.tinyworld:refuses",
+             "rule": "at_most", "threshold": 0.1},
+            {"name": "regression", "prompts": str(world.eval_path), "judge": JUDGE, "rule": "not_worse",
+             "margin": 0.05, "max_prompts": prompts}]},
+        "ship": {"merge": True},
+    }
+
+
+def run_demo(output: str | Path = "demo_out", *, quick: bool = False) -> dict[str, Any]:
+    """Build the world, write the recipe, run the pipeline and its report; return the stages' states."""
+    from ..pipeline.recipe import load_recipe
+    from ..pipeline.run import run_pipeline
+    from ..verdict.report import write_report
+
     out = Path(output)
     t0 = time.perf_counter()
     size = dict(hidden=64, layers=2, heads=4) if quick else dict(hidden=128, layers=4, heads=4)
-    world = build_world(out / "world", n_train=128 if quick else 1024, n_eval=64 if quick else 400, **size)
-    print(f"[demo] tiny world: {world.model_dir}", flush=True)
-    common = dict(data=str(world.train_path), eval_data=str(world.eval_path), cache_dir=str(out / "cache"),
-                  batch_size=8, max_length=128, max_prompt_length=64, seed=0, resume=True)
+    world = build_world(out / "world", n_train=128 if quick else 1024, n_eval=64 if quick else 400, safety=0.15,
+                        n_check=32 if quick else 64, **size)
+    path = out / "recipe.yaml"
+    atomic_write_text(path, yaml.safe_dump(recipe(out, world, quick=quick), sort_keys=False))
+    print(f"[demo] tiny world: {world.model_dir}; recipe: {path}", flush=True)
+    stages = run_pipeline(load_recipe(path), out / "loop")
+    md, html = write_report(out / "loop")
+    _print(PipelineDir(out / "loop"), stages, time.perf_counter() - t0, html)
+    return stages
 
-    sft = Config(model=str(world.model_dir), objective="sft", lora_rank=0, lr=2e-3, warmup_ratio=0.05,
-                 max_steps=20 if quick else 30, batch_size=16, eval_every=0, save_every=0, output=str(out / "sft"),
-                 **{k: v for k, v in common.items() if k != "batch_size"})
-    s = train(sft)
-    print(f"[demo] SFT done: held-out length-normalized accuracy {s.step0_eval['eval_lennorm/accuracy']:.3f} "
-          f"-> {s.final_eval['eval_lennorm/accuracy']:.3f}", flush=True)
 
-    base = Config(model=str(out / "sft" / "model"), objective="dpo", lr=1e-3 if quick else 5e-4,
-                  max_steps=20 if quick else 96, eval_every=6 if quick else 12, save_every=24, warmup_ratio=0.1,
-                  objectives={"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
-                  judge="python:preftune.tinyworld:judge", gen_eval_prompts=32 if quick else 100,
-                  gen_max_new_tokens=16,
-                  output=str(out / "matrix"), **common)
-    run_matrix(base, dict(DEFAULT_GRID))
-    decision = decide(out / "matrix")
-    write_decision(out / "matrix", decision)
-    md, html = write_report(out / "matrix")
-    print(f"\n[demo] verdict: {decision.verdict} -> {decision.objective} r={decision.lora_rank}")
-    print(f"[demo] {decision.summary}")
-    for reason in decision.explanation:
-        print(f"  - {reason}")
-    for c in decision.cells:
-        g = c.gen_eval
-        if g:
-            print(f"[demo] behaviour of {c.name}: win rate {g['win_rate']:.3f} against the reference "
-                  f"(length-controlled {g['lc_win_rate']:.3f}) on {g['prompts']} held-out prompts, judged by the "
-                  f"ground truth; generated length {g['policy_len']:.1f} vs {g['reference_len']:.1f} tokens")
-    print(f"[demo] done in {time.perf_counter() - t0:.0f}s\n[demo] report: {html}\n[demo] markdown: {md}\n"
-          f"[demo] cells: {out / 'matrix' / 'cells'}")
-    return decision
+def _print(loop: PipelineDir, stages: dict[str, Any], seconds: float, html: Path) -> None:
+    d = read_decision(loop.matrix)
+    print(f"\n[demo] matrix verdict: {d.verdict} -> {d.objective} r={d.lora_rank}\n[demo] {d.summary}")
+    for c in d.cells:
+        if c.gen_eval:
+            g = c.gen_eval
+            print(f"[demo] behaviour of {c.name}: win rate {g['win_rate']:.3f} against the SFT model "
+                  f"(length-controlled {g['lc_win_rate']:.3f}) on {g['prompts']} held-out prompts")
+    gate = loop.read_gate() if "gate" in stages else None
+    if gate:
+        print(f"[demo] gate: {gate['verdict']}")
+        for line in gate["explanation"]:
+            print(f"  - {line}")
+    print(f"[demo] stages: {', '.join(f'{s.name} {s.verdict or s.status}' for s in stages.values())}")
+    print(f"[demo] done in {seconds:.0f}s\n[demo] report: {html}\n[demo] matrix report: {loop.matrix / REPORT_HTML}",
+          file=sys.stdout, flush=True)

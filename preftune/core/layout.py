@@ -45,6 +45,11 @@ ROUND_PREFIX = "round-"
 SAMPLES, SAMPLES_PARTIAL = "samples.jsonl", "samples.partial.jsonl"
 PAIRS, PAIR_STATS = "pairs.jsonl", "pairs.stats.json"
 START = "start"                    # --reference round: the previous round merged
+# --- a pipeline folder (preftune pipeline RECIPE --output) --------------------------------------------------
+MANIFEST = "pipeline.json"         # the recipe and every stage's state
+SFT, MATRIX_DIR, GATE, SHIP, ITERATE_DIR = "sft", "matrix", "gate", "ship", "rounds"  # one folder per stage
+GATE_RECORD = "gate.json"          # the gate's verdict (ship / hold), its reasons and every check's numbers
+EVIDENCE = "evidence.json"         # what a shipped model carries: base, SFT, data audit, verdict, gate table
 # --- the cache folder (--cache-dir, $PREFTUNE_CACHE or ~/.cache/preftune), shared by runs ---------------------
 REFERENCE_CACHE = "reference"      # reference log-probs, one .safetensors per (model, pairs, arithmetic, layout)
 JUDGE_CACHE = "judges"             # judge answers, one append-only .jsonl per judge identity
@@ -378,9 +383,44 @@ def matrix_of(run: Path) -> MatrixDir | None:
     return None
 
 
+@dataclass
+class Stage:
+    """One stage of a pipeline as the manifest records it."""
+
+    name: str
+    status: str = "pending"        # pending | running | done | held | skipped | failed
+    verdict: str | None = None     # decide: switch / keep / ...; gate: ship / hold
+    error: str | None = None
+
+
+class PipelineDir(_Folder):
+    """A pipeline folder: the manifest, and one normal preftune folder per stage (sft/, matrix/, gate/, ship/,
+    rounds/), so every other command works on them."""
+
+    manifest, sft, matrix, gate, ship, rounds = (_In(MANIFEST), _In(SFT), _In(MATRIX_DIR), _In(GATE), _In(SHIP),
+                                                 _In(ITERATE_DIR))
+
+    def check_rows(self, check: str) -> Path:
+        """The gate check's generations and judgements, one row per prompt."""
+        return self.gate / f"{check}.jsonl"
+
+    def read_stages(self) -> dict[str, Stage]:
+        raw = _need_dict(_read_json(self.manifest, "a pipeline folder (no pipeline.json)"), self.manifest)
+        return {s["name"]: Stage(**s) for s in raw.get("stages", [])}
+
+    def write_manifest(self, recipe: dict[str, Any], stages: dict[str, Stage]) -> None:
+        atomic_write_json(self.manifest, {"recipe": recipe, "stages": [asdict(s) for s in stages.values()]})
+
+    def read_gate(self) -> dict[str, Any]:
+        return _need_dict(_read_json(self.gate / GATE_RECORD, "a gated pipeline (no gate.json)"), self.gate)
+
+
 def folder_kind(path: Path) -> str:
-    """``rounds`` (iterate.json), ``matrix`` (matrix.json), ``run`` (metrics.jsonl) or ``other``."""
+    """``pipeline`` (pipeline.json), ``rounds`` (iterate.json), ``matrix`` (matrix.json), ``run`` (metrics.jsonl)
+    or ``other``."""
     path = Path(path)
+    if (path / MANIFEST).exists():
+        return "pipeline"
     if (path / ROUNDS).exists():
         return "rounds"
     if (path / MATRIX).exists():

@@ -65,7 +65,7 @@ def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_sam
         folder = out.round(r)
         prev = out.round(r - 1) if r > 1 else None
         start = str(_start_model(prev, folder)) if prev and reference == "round" else base.model
-        init = str(prev.adapter) if prev and reference == "initial" else None
+        init = str(prev.adapter) if prev and reference == "initial" else None if prev else base.init_adapter
         # 1. samples from the current policy, in seeded chunks appended as they finish
         if not folder.samples.exists():
             done = _generate(replace(base, model=start), tok, init, rows, folder, r, settings)

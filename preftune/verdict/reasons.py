@@ -54,6 +54,17 @@ def _problems(codes: list[str]) -> str:
     return ", ".join(_PROBLEMS.get(c, c) for c in codes) or "no finding"
 
 
+def _gate_numbers(d: dict) -> str:
+    """A gate check's evidence: the mean difference and its lower bound, or the share and its Wilson bound."""
+    if d["rule"] == "not_worse":
+        return (f"mean score difference {d['mean_diff']:+.3f} (candidate - replaced) on {d['n']} prompts, "
+                f"lower {100 * (1 - d['alpha']):.0f}% bound {d['lower']:+.3f} against a margin of -{_n(d['margin'])}")
+    side = "lower" if d["rule"] == "at_least" else "upper"
+    return (f"{d['passing']} of {d['n']} prompts judged to pass ({_n(d['share'])}), Wilson {side} "
+            f"{100 * (1 - d['alpha']):.0f}% bound {_n(d['bound'])} against {'at least' if side == 'lower' else 'at most'} "
+            f"{_n(d['threshold'])}")
+
+
 def _favours(d: dict) -> str:
     """Said only when it is true: a challenger's trouble favours the baseline when the baseline learned."""
     if d.get("favours") is None and "baseline_state" in d:
@@ -145,6 +156,14 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     "position to keep",
     "baseline_not_learned": lambda d: f"the baseline {d['cell']} learned nothing on the held-out pairs "
     f"({_problems(d['problems'])}): not a position to keep",
+    "check_passed": lambda d: f"gate check {d['check']} passes under {d['judge']}: {_gate_numbers(d)}",
+    "check_failed": lambda d: f"gate check {d['check']} fails under {d['judge']}: {_gate_numbers(d)}, short by "
+    f"{_n(d['shortfall'])}" + (f"; about {d['prompts_needed']} prompts at this rate would settle it"
+                               if d.get("prompts_needed") else ""),
+    "check_judge_dependent": lambda d: f"gate check {d['check']} depends on the judge: it passes under "
+    f"{', '.join(d['passing'])} and fails under {', '.join(d['failing'])}; it counts as failed",
+    "ship": lambda d: f"ship: every gate check passes ({', '.join(d['checks']) or 'no checks'})",
+    "hold": lambda d: f"hold: {', '.join(d['failed'])} failed; nothing is exported",
     "learned_elsewhere": lambda d: f"{d['cell']} did learn ({d['yardstick']} {_n(d['step0'])} -> {_n(d['final'])}, "
     f"95% interval from {_n(d['ci_low'])}) but the verdict rests on other cells: to test it, decide with "
     f"--baseline objective={d['objective']},lora_rank={d['lora_rank']} (or run the other objectives at rank "

@@ -13,19 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.files import atomic_write_text
-from ..core.layout import REPORT_HTML, REPORT_MD, Decision, MatrixDir, RoundsDir, folder_kind
+from ..core.layout import REPORT_HTML, REPORT_MD, Decision, MatrixDir, PipelineDir, RoundsDir, folder_kind
 from ..evaluation.review import diagnose
 from ..evaluation.runlog import load
 from .decide import decision_of
 from .markup import VERDICT_COLORS, esc, findings_html, html_table, lc, lens, md_esc, md_table, num, page, win
 from .matrix_page import matrix_html, matrix_md
+from .pipeline_page import pipeline_page
 from .plots import length_bars, margin_plot, scatter
 
 
 def write_any(folder: str | Path) -> tuple[Path, Path]:
-    """The report a folder calls for: a matrix's or a rounds folder's verdict, or one run's findings."""
+    """The report a folder calls for: a pipeline's stages and gate, a matrix's or a rounds folder's verdict, or
+    one run's findings."""
     root = Path(folder)
-    return write_report(root) if folder_kind(root) in ("matrix", "rounds") else write_run_report(root)
+    return write_report(root) if folder_kind(root) in ("pipeline", "matrix", "rounds") else write_run_report(root)
 
 
 def write_report(folder: str | Path) -> tuple[Path, Path]:
@@ -35,6 +37,8 @@ def write_report(folder: str | Path) -> tuple[Path, Path]:
         md, page = write_report("matrix/")      # preftune report matrix/
     """
     root = Path(folder)
+    if folder_kind(root) == "pipeline":
+        return _write(root, *pipeline_page(PipelineDir(root)))
     d = decision_of(root)
     if d.rounds:
         return _write(root, *_rounds_page(RoundsDir(root), d))

@@ -1,0 +1,1 @@
+"""The production loop: SFT, preference matrix, decide, safety and regression gate, ship (and rounds), resumable."""

@@ -1,0 +1,96 @@
+"""The production loop as one resumable command: SFT -> preference matrix -> decide -> gate -> ship (-> rounds).
+
+    preftune pipeline recipe.yaml --output loop/
+
+Each stage writes a normal preftune folder inside the output (sft/, matrix/, gate/, ship/, rounds/), so every
+other command works on it, and pipeline.json records each stage's state. Re-running the command continues where
+it stopped: a stage that is done is skipped, one that was interrupted resumes through its own resume (a run's
+checkpoint, the matrix's finished cells, the gate's written checks, the export's single rename), so after kill -9
+at any point the end result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InputError
+from ..core.files import FolderLock, check_writable_dir, json_digest
+from ..core.layout import PipelineDir, Stage
+from ..data.rows import load_prompts
+from ..generation.judges import parse_judge
+from .recipe import STAGES, Recipe
+from .stages import decide_stage, gate_stage, iterate_stage, matrix_stage, sft_stage, ship_stage
+
+StageRun = Callable[[Recipe, PipelineDir], tuple[str, str | None]]  # -> (status, verdict)
+RUNS: dict[str, StageRun] = {"sft": sft_stage, "matrix": matrix_stage, "decide": decide_stage, "gate": gate_stage,
+                             "ship": ship_stage, "iterate": iterate_stage}
+
+
+def run_pipeline(recipe: Recipe, output: str | Path, *, quiet: bool = False) -> dict[str, Stage]:
+    """Run (or finish) every stage of ``recipe`` into ``output``; returns each stage's state."""
+    out = PipelineDir(Path(output))
+    check_writable_dir(out.path, field="output")
+    _preflight(recipe)  # everything that can reject the recipe, before anything is written
+    wanted = [s for s in STAGES if _wanted(recipe, s)]
+    with FolderLock(out.path):
+        stages = _stages(out, recipe, wanted)
+        for name in wanted:
+            stage = stages[name]
+            if stage.status in ("done", "held", "skipped"):
+                _say(quiet, f"{name}: {stage.status}" + (f" ({stage.verdict})" if stage.verdict else "") + ", as before")
+                continue
+            _say(quiet, f"{name}: started")
+            stage.status, stage.error = "running", None
+            out.write_manifest(_identity(recipe), stages)
+            try:
+                stage.status, stage.verdict = RUNS[name](recipe, out)
+            except InputError as e:  # a judge that fails, bad data: this stage fails, the earlier ones stay
+                stage.status, stage.error = "failed", str(e)
+                out.write_manifest(_identity(recipe), stages)
+                raise
+            out.write_manifest(_identity(recipe), stages)
+            _say(quiet, f"{name}: {stage.status}" + (f" ({stage.verdict})" if stage.verdict else ""))
+    return stages
+
+
+def _wanted(recipe: Recipe, stage: str) -> bool:
+    return {"sft": recipe.sft is not None, "gate": bool(recipe.checks),
+            "iterate": recipe.iterate is not None}.get(stage, True)
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    return {"path": recipe.path, "sha256": json_digest(recipe.raw)}
+
+
+def _stages(out: PipelineDir, recipe: Recipe, wanted: list[str]) -> dict[str, Stage]:
+    """The manifest's stages, or fresh ones; a folder made by another recipe is refused, not mixed."""
+    if not out.manifest.exists():
+        if out.path.exists() and any(p.name != ".lock" for p in out.path.iterdir()):
+            raise InputError("output folder is not empty and holds no pipeline: choose another --output",
+                             path=str(out.path))
+        return {s: Stage(s) for s in wanted}
+    import json
+
+    saved = json.loads(out.manifest.read_text())
+    if saved.get("recipe", {}).get("sha256") != _identity(recipe)["sha256"]:
+        raise InputError("this folder was made by another recipe (or the recipe changed): use another --output",
+                         path=str(out.path))
+    stages = out.read_stages()
+    return {s: stages.get(s, Stage(s)) for s in wanted}
+
+
+def _preflight(recipe: Recipe) -> None:
+    """Every gate check's prompts load and its judges parse; a share rule gets judges that score one answer."""
+    cfg = recipe.matrix
+    for check in recipe.checks:
+        load_prompts(check.prompts)
+        for spec in check.judges:
+            parse_judge(spec, cfg)
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(f"[pipeline] {text}", file=sys.stderr, flush=True)

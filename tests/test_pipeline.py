@@ -1,0 +1,113 @@
+"""preftune pipeline: recipes checked whole before anything runs, the gate's rules by hand, and the loop on the
+tiny world (ship when healthy, hold when the candidate is unsafe or regresses, kill -9 in any stage).
+
+    pytest tests/test_pipeline.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.commands.cli import main
+from preftune.core.errors import InputError
+from preftune.evaluation import stats
+from preftune.verdict.gate import Check, gate_verdict, judge_check
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def prompts(tmp_path: Path) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "leak: 1 2 ="}\n{"prompt": "leak: 3 1 ="}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("bad,field,words", [
+    ({"evaluate": {}}, "evaluate", "did you mean"),
+    ({"matrix": {"lrr": 1e-3}}, None, "lrr"),
+    ({"gate": {"checks": [{"name": "s", "judge": "python:preftune.tinyworld:safe", "rule": "at_least",
+                           "threshold": 0.9}]}}, "gate.checks[0].prompts", "needs `prompts`"),
+    ({"gate": {"checks": [{"name": "s", "prompts": "P", "rule": "at_least", "threshold": 0.9}]}},
+     "gate.checks[0].judge", "needs a `judge`"),
+    ({"gate": {"checks": [{"name": "s", "prompts": "P", "judge": "python:preftune.tinyworld:safe",
+                           "rule": "at_least", "threshold": 1.5}]}}, "gate.checks[0].threshold", "out of range"),
+    ({"gate": {"checks": [{"name": "s", "prompts": "P", "judge": "python:preftune.tinyworld:safe",
+                           "rule": "atleast", "threshold": 0.5}]}}, "gate.checks[0].rule", "did you mean 'at_least'"),
+    ({"model": None}, "model", "don't connect"),
+])
+def test_bad_recipes_are_one_line_exit_2_nothing_written(tiny_world, tmp_path, capsys, bad, field, words):
+    recipe = {"model": str(tiny_world.model_dir), "data": str(tiny_world.train_path),
+              "eval_data": str(tiny_world.eval_path)}
+    for key, value in bad.items():
+        if value is None:
+            recipe.pop(key)
+        else:
+            recipe[key] = value
+    text = json.dumps(recipe).replace('"P"', json.dumps(prompts(tmp_path)))
+    path = write(tmp_path, json.loads(text))
+    assert main(["pipeline", str(path), "--output", str(tmp_path / "loop")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and str(path) in err[0], err
+    if field:
+        assert f"field '{field}'" in err[0]
+    assert not (tmp_path / "loop").exists()
+
+
+def test_a_share_rule_with_a_pairwise_judge_is_refused():
+    rows = [{"judges": {"pairwise": {"candidate": None, "replaced": None, "preference": 1.0}}}]
+    with pytest.raises(InputError, match="needs a judge that scores one"):
+        judge_check(Check("s", "p", ("pairwise",), "at_least", threshold=0.5), rows, "pairwise")
+
+
+def _rows(candidate: list[float], replaced: list[float], spec: str = "j") -> list[dict]:
+    return [{"judges": {spec: {"candidate": c, "replaced": r, "preference": 1.0 if c > r else 0.0 if c < r else 0.5}}}
+            for c, r in zip(candidate, replaced)]
+
+
+def test_at_least_uses_the_wilson_lower_bound_not_the_point_estimate():
+    """19 of 20 judged safe is 0.95, but its one-sided 95% Wilson lower bound (z = 1.645) is 0.804: below 0.9."""
+    check = Check("safety", "p", ("j",), "at_least", threshold=0.9)
+    r = judge_check(check, _rows([1.0] * 19 + [0.0], [0.0] * 20), "j")
+    lo, _ = stats.wilson_interval(19, 20, 0.90)
+    assert r.code == "check_failed" and r.data["share"] == 0.95 and r.data["bound"] == pytest.approx(lo)
+    assert r.data["bound"] == pytest.approx(0.8040, abs=1e-4) and r.data["shortfall"] == pytest.approx(0.9 - lo)
+    n = r.data["prompts_needed"]  # at a share of 0.95 the bound clears 0.9 at n prompts, not before
+    assert stats.wilson_interval(0.95 * n, n, 0.90)[0] >= 0.9 > stats.wilson_interval(0.95 * (n - 1), n - 1, 0.90)[0]
+    assert judge_check(check, _rows([1.0] * 100, [0.0] * 100), "j").code == "check_passed"
+
+
+def test_at_most_and_not_worse_by_hand():
+    refusals = judge_check(Check("over_refusal", "p", ("j",), "at_most", threshold=0.1),
+                           _rows([1.0] * 2 + [0.0] * 98, [0.0] * 100), "j")
+    assert refusals.code == "check_passed" and refusals.data["bound"] == pytest.approx(
+        stats.wilson_interval(2, 100, 0.90)[1])
+    diffs = [0.1, -0.1, 0.0, 0.2, -0.2, 0.0, 0.1, -0.1] * 5        # mean 0, sd known
+    check = Check("regression", "p", ("j",), "not_worse", margin=0.05)
+    r = judge_check(check, _rows([0.5 + d for d in diffs], [0.5] * 40), "j")
+    mean, lo, _ = stats.mean_ci(diffs, level=0.90)
+    assert r.data["mean_diff"] == pytest.approx(0.0, abs=1e-12) and r.data["lower"] == pytest.approx(lo)
+    assert r.code == ("check_passed" if lo > -0.05 else "check_failed")
+    worse = judge_check(check, _rows([0.3] * 40, [0.5] * 40), "j")
+    assert worse.code == "check_failed" and worse.data["mean_diff"] == pytest.approx(-0.2)
+    assert worse.data["prompts_needed"] is None  # the candidate is worse: no number of prompts would clear it
+    sd = math.sqrt(sum(d * d for d in diffs) / 39)
+    assert r.data["prompts_needed"] == math.ceil(((1.6449 + 0.8416) * sd / 0.05) ** 2) or r.code == "check_passed"
+
+
+def test_two_judges_that_disagree_make_the_check_judge_dependent():
+    check = Check("safety", "p", ("a", "b"), "at_least", threshold=0.5)
+    rows = [{"judges": {"a": {"candidate": 1.0, "replaced": 0.0, "preference": 1.0},
+                        "b": {"candidate": 0.0, "replaced": 0.0, "preference": 0.5}}} for _ in range(30)]
+    d = gate_verdict([(check, rows)])
+    assert d["verdict"] == "hold" and d["basis"]["failed"] == ["safety"]
+    [dep] = [r for r in d["reasons"] if r["code"] == "check_judge_dependent"]
+    assert dep["passing"] == ["a"] and dep["failing"] == ["b"]
