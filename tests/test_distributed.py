@@ -85,6 +85,17 @@ def test_torchrun_two_processes_equal_one(tiny_world, one_process, tmp_path):
     assert any(p.name.endswith("-w2.safetensors") for p in (tmp_path / "cache" / "reference").iterdir())
 
 
+def test_torchrun_trdpo_equals_one_process(tiny_world, tmp_path):
+    """TR-DPO: every rank syncs its reference adapter alike, and each synced period's reference pass splits
+    over the ranks as the first one does."""
+    sync = ("--ref-sync-steps", "2", "--ref-sync-alpha", "0.5")
+    assert main(flags(tiny_world, tmp_path / "one", 8, *sync)) == 0
+    res = torchrun(flags(tiny_world, tmp_path / "ddp", 4, *sync))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["ref_sync"]["syncs"] == 1
+
+
 def test_torchrun_kill_9_then_resume(tiny_world, one_process, tmp_path):
     out = tmp_path / "ddp"
     marker = tmp_path / "killed"

@@ -14,7 +14,7 @@ from .options import Command, add_config_flags, config_from, speaks
 EVAL_SKIP = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "split_seed",
              "max_train_pairs", "lr", "batch_size", "grad_accum", "max_steps", "epochs", "scheduler", "warmup_ratio",
              "weight_decay", "max_grad_norm", "seed", "eval_every", "log_every", "save_every", "resume", "report_to",
-             "group_by_length", "gradient_checkpointing")
+             "group_by_length", "gradient_checkpointing", "ref_sync_steps", "ref_sync_alpha")
 
 
 def _train(args: argparse.Namespace) -> int:

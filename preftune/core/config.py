@@ -64,6 +64,8 @@ class Config:
     objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`) or module:name for your own
     nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
     objectives: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {name: {param: value}}
+    ref_sync_steps: int = 0              # TR-DPO: sync the reference to the policy every N steps (TRL's default 512); 0 = fixed reference; LoRA only
+    ref_sync_alpha: float = 0.6          # TR-DPO: at each sync reference = alpha * policy + (1 - alpha) * reference; 1 = copy
     # --- optimisation ----------------------------------------------------------------------------
     lr: float = 5e-6                     # peak learning rate (AdamW)
     batch_size: int = 8                  # pairs per forward; pairs per optimizer step = batch_size * grad_accum
@@ -145,6 +147,8 @@ class Config:
             ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 0, ">= 0 (0 = end only)"),
             ("logit_chunk", self.logit_chunk >= 1, ">= 1"),
             ("reference_tokens", self.reference_tokens >= 0, ">= 0"), ("threads", opt(self.threads, lambda v: v >= 1), ">= 1"),
+            ("ref_sync_steps", self.ref_sync_steps >= 0, ">= 0 (0 = off)"),
+            ("ref_sync_alpha", 0 < self.ref_sync_alpha <= 1, "in (0, 1] (1 = copy the policy)"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -152,6 +156,11 @@ class Config:
         if self.batch_size < obj.min_batch_size:
             raise InputError(f"{self.batch_size}: must be at least {obj.min_batch_size} for '{obj.name}' (its reference "
                              f"point is estimated from the other rows of a micro-batch)", field="batch_size")
+        if self.ref_sync_steps and not (self.lora_rank and obj.needs_reference):
+            why = (f"'{obj.name}' has no reference to sync" if self.lora_rank else
+                   "the synced reference is a second LoRA adapter: full fine-tuning (lora_rank 0) would need a second "
+                   "copy of the model")
+            raise InputError(f"{self.ref_sync_steps}: {why}; set ref_sync_steps 0", field="ref_sync_steps")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
             raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "

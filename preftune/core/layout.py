@@ -33,6 +33,7 @@ EVAL_METRICS = "metrics.json"      # preftune eval's own folder
 TENSORBOARD, MLRUNS, WANDB = "tensorboard", "mlruns", "wandb"
 # --- one checkpoint --------------------------------------------------------------------------------------------
 TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"
+REFERENCE_ADAPTER = "reference_adapter.safetensors"  # TR-DPO's synced reference (--ref-sync-steps), once it has one
 # --- a matrix folder (preftune ablate --output) -------------------------------------------------------------------
 MATRIX = "matrix.json"             # MatrixIndex
 BASE_CONFIG = "base_config.yaml"   # the config before per-cell values
@@ -96,6 +97,7 @@ class RunSummary:
     timing: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] | None = None
     gen_eval: dict[str, Any] | None = None  # runs with a behavioural evaluation only
+    ref_sync: dict[str, Any] | None = None  # TR-DPO runs only: {steps, alpha, syncs, rank}
 
     @property
     def finished(self) -> bool:
@@ -103,8 +105,9 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["gen_eval"] is None:  # absent, as in every summary.json before behaviour existed
-            del d["gen_eval"]
+        for key in ("gen_eval", "ref_sync"):  # absent, as in every summary.json from before they existed
+            if d[key] is None:
+                del d[key]
         return {**d, "sha256": json_digest(d)}  # checked on read: a damaged summary is never trusted
 
     @staticmethod

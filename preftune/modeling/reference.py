@@ -5,8 +5,9 @@ autocast, fp32 upcast).
 Tokenized ids already encode the tokenizer, the data and the truncation settings, so a second run with the
 same key reads the cache exactly and any difference in them gives another key.
 
-For LoRA runs the reference is the same model with adapters disabled (no second copy in memory); for full
-fine-tuning it is computed before the first update.
+For LoRA runs the reference is the same model with adapters disabled (no second copy in memory), or TR-DPO's
+reference adapter (``under``, its weights' hash in ``fingerprint``); for full fine-tuning it is computed before the
+first update.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ def cache_key(model_fingerprint: str, pairs: Sequence, arith: Arithmetic) -> str
 def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str, arith: Arithmetic,
                     cache_dir: Path, pad_id: int, batch_size: int = 32, share_prompt: bool = True,
                     chunk: int = 1024, rt: Runtime | None = None,
-                    tokens: int | None = None) -> tuple[torch.Tensor, bool]:
+                    tokens: int | None = None,
+                    under: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, bool]:
     """(N, 2) reference log-probs (chosen, rejected) and whether they came from the cache.
 
     ``fingerprint`` (``model.fingerprint``) and ``arith`` (``model.arithmetic``) key the cache with the
     pairs; ``arith`` also says how a miss is computed (an upcast happens only then).
+
+    ``under`` is what makes ``model`` the reference; default: its adapter disabled (LoRA), as is (full).
 
     ``tokens`` sizes the batches by padded tokens (``logprobs.token_batches``) instead of ``batch_size`` pairs.
 
@@ -74,8 +78,9 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     if all(rt.gather(logps is not None)):  # every rank agrees, or all compute: a collective needs them all
         return logps, True
     lo, hi = rt.shard(len(pairs))
-    no_adapter = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-    with no_adapter, arith.applied(model):
+    if under is None:
+        under = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+    with under, arith.applied(model):
         logps, _, _ = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
                                   share_prompt=share_prompt, chunk=chunk, autocast_bf16=arith.autocast_bf16,
                                   tokens=tokens)                                                    # (hi-lo, 2)

@@ -1,5 +1,5 @@
 """Weights and checkpoints, safetensors only: the adapter (or model) a run ends with, and the checkpoint a run
-resumes from (trainable weights, optimizer state, RNG state, step).
+resumes from (trainable weights, optimizer state, RNG state, step, and TR-DPO's reference adapter).
 
     folder = save_checkpoint(run, 50, trainable, opt)        # runs/x/checkpoints/step-0000050/
     step = load_checkpoint(latest_checkpoint(run), trainable, opt)
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..core.files import DamagedFile, atomic_dir, atomic_write_json, read_tensors, write_tensors
-from ..core.layout import ADAPTER, FULL_MODEL, OPTIMIZER, STATE, TRAINABLE, RunDir
+from ..core.layout import ADAPTER, FULL_MODEL, OPTIMIZER, REFERENCE_ADAPTER, STATE, TRAINABLE, RunDir
 from ..modeling.model import is_peft
 
 Trainable = list[tuple[str, Tensor]]
@@ -35,12 +35,16 @@ def save_weights(run: RunDir, model: torch.nn.Module, tok: Any, state_dict: dict
             tok.save_pretrained(d)
 
 
-def save_checkpoint(run: RunDir, step: int, trainable: Trainable, opt: torch.optim.Optimizer) -> Path:
+def save_checkpoint(run: RunDir, step: int, trainable: Trainable, opt: torch.optim.Optimizer,
+                    reference: dict[str, Tensor] | None = None) -> Path:
     """Write ``checkpoints/step-N/`` in one rename, each tensor file with its checksum; the newest two stay, so a
-    damaged newest one falls back to the one before (:func:`latest_checkpoint`)."""
+    damaged newest one falls back to the one before (:func:`latest_checkpoint`). ``reference``: TR-DPO's
+    reference adapter (``ReferenceAdapter.factors``), when it has one."""
     folder = run.checkpoint(step)
     with atomic_dir(folder) as d:
         write_tensors(d / TRAINABLE, {n: p.detach() for n, p in trainable})
+        if reference:
+            write_tensors(d / REFERENCE_ADAPTER, reference)
         sd = opt.state_dict()
         tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
@@ -66,7 +70,13 @@ def _verified(folder: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[
         int(meta["step"]), meta["param_groups"]  # noqa: B018  (the two keys a resume needs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DamagedFile(f"damaged: not a checkpoint state ({type(e).__name__})", path=str(meta_path)) from None
+    read_reference(folder)  # checked with the rest, so a damaged one falls back to the checkpoint before
     return read_tensors(folder / TRAINABLE), read_tensors(folder / OPTIMIZER), meta
+
+
+def read_reference(folder: Path) -> dict[str, Tensor]:
+    """TR-DPO's reference adapter as the checkpoint holds it (checked); empty when it has none."""
+    return read_tensors(folder / REFERENCE_ADAPTER) if (folder / REFERENCE_ADAPTER).exists() else {}
 
 
 def latest_checkpoint(run: RunDir) -> Path | None:

@@ -1,8 +1,9 @@
 """The training loop: one function, top to bottom, for every objective.
 
 Runs differ only in their loss: tokenization, data order (a function of seed and epoch alone), optimizer,
-schedule and evaluation are shared. Reference log-probs are computed once up front (and cached on disk);
-reference-free objectives skip them for the training set.
+schedule and evaluation are shared. Reference log-probs are computed once up front (and cached on disk), or
+with TR-DPO once per sync period (training/reference.py); reference-free objectives skip them for the training
+set.
 
     preftune train --model M --data train.jsonl --eval-data heldout.jsonl --objective dpo --beta 0.1 \\
         --lora-rank 8 --lr 5e-6 --batch-size 8 --max-steps 100 --output runs/x
@@ -40,7 +41,6 @@ from ..evaluation.heldout import evaluate
 from ..modeling.logprobs import prefix_sharing_blocker
 from ..modeling.model import add_lora, checkpoint_layers, fingerprint, is_peft, load_model, load_tokenizer
 from ..modeling.precision import arithmetic, resolve_dtype
-from ..modeling.reference import reference_logps
 from .checkpoints import (
     checkpoint_step,
     crash_hook,
@@ -50,7 +50,8 @@ from .checkpoints import (
     save_weights,
 )
 from .distributed import full_state_dict, maybe_fsdp
-from .prepare import Prepared, Schedule, prepare_data, reference_requests
+from .prepare import Prepared, Schedule, prepare_data
+from .reference import TrainReference, prepare_reference
 from .state import Evaluate, Run
 from .step import train_step
 from .summary import CompileClock, write_summary
@@ -71,7 +72,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
     r = _load(cfg, rt, prepared, base_model, t_start)  # 1. everything that can reject the input, before writing
     with contextlib.ExitStack() as stack:
         _hold(r, stack, checkpoint, shared=base_model is not None)  # lock, config.yaml, trackers; shared model back
-        ref_eval, ref_train = _reference(r)             # 2. reference log-probs, once, before any update
+        ref_eval, train_ref = prepare_reference(r, checkpoint)  # 2. reference log-probs, before any update
         r.trainable = [(n, p) for n, p in r.model.named_parameters() if p.requires_grad]
         opt = torch.optim.AdamW([p for _, p in r.trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -83,17 +84,18 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
         r.clock = CompileClock() if cfg.compile else None
         total = r.schedule.total
         for step in range(start, total):                                  # 4. the loop
-            row = train_step(r, step, opt, ref_train)
+            row = train_step(r, step, opt, train_ref.at(step))
             done = step + 1
+            train_ref.after(done)  # TR-DPO: the reference adapter syncs to the policy, before a checkpoint holds it
             if r.rt.is_main and (done % cfg.log_every == 0 or done == total):
                 _log(r, row)
             progress.step(done, row)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
                 progress.eval(evaluate_at(done)[0])
             if cfg.save_every and done % cfg.save_every == 0 and done < total and r.rt.is_main and not r.fsdp:
-                save_checkpoint(r.dir, done, r.trainable, opt)  # every rank holds the same state: one copy
+                save_checkpoint(r.dir, done, r.trainable, opt, train_ref.state())  # every rank alike: one copy
                 crash_hook()
-        return _finish(r, evaluate_at, progress)                           # 5. final eval, weights, summary
+        return _finish(r, evaluate_at, progress, train_ref)                # 5. final eval, weights, summary
 
 
 def _open(cfg: Config, rt: Runtime) -> tuple[Path | None, RunSummary | None]:
@@ -165,29 +167,6 @@ def _hold(r: Run, stack: contextlib.ExitStack, checkpoint: Path | None, *, share
     stack.callback(r.tracker.close)
 
 
-def _reference(r: Run) -> tuple[Tensor, Tensor | None]:
-    """(held-out reference (N, 2), training reference (N, 2) or None): computed once, or read from the cache.
-    The training set's is full-size, NaN where the schedule never goes."""
-    t = time.perf_counter()
-    refs, cached = {}, {"train": True, "eval": True}
-    for name, req in reference_requests(r.cfg, r.data, r.schedule).items():
-        with phase(f"reference pass ({name})", total=len(req.pairs), quiet=r.quiet):
-            refs[name], cached[name] = reference_logps(
-                r.model, req.pairs, fingerprint=r.fingerprint, arith=req.arith, cache_dir=r.cfg.resolved_cache_dir(),
-                pad_id=r.tok.pad_token_id, batch_size=req.batch_size, tokens=req.tokens, rt=r.score_rt,
-                share_prompt=r.share, chunk=r.cfg.logit_chunk)
-        if not cached[name]:
-            r.timing["reference_tokens"] += sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                                                for p in req.pairs)
-    ref_train = None
-    if "train" in refs:
-        ref_train = torch.full((len(r.data.train), 2), float("nan"))
-        ref_train[r.schedule.visited] = refs["train"]
-    r.timing["reference_s"] = time.perf_counter() - t
-    r.timing["reference_cached"] = cached
-    return refs["eval"], ref_train
-
-
 def _evaluate(r: Run, ref_eval: Tensor, step: int) -> tuple[dict, list[dict]]:
     """Held-out metrics at ``step`` (logged) and the per-pair rows."""
     t = time.perf_counter()
@@ -232,9 +211,10 @@ def _start(r: Run, stack: contextlib.ExitStack, checkpoint: Path | None, opt: to
     return start, progress
 
 
-def _finish(r: Run, evaluate_at: Evaluate, progress: Progress) -> RunSummary:
+def _finish(r: Run, evaluate_at: Evaluate, progress: Progress, train_ref: TrainReference) -> RunSummary:
     """Final eval, per-pair rows, weights, behaviour, summary; every rank returns rank 0's summary."""
     total = r.schedule.total
+    ref_sync = train_ref.finish()  # TR-DPO's adapter dropped: only the policy is saved
     final, rows = evaluate_at(total)
     progress.eval(final)
     if r.rt.distributed:  # throughput in summary.json counts every rank's tokens
@@ -248,7 +228,7 @@ def _finish(r: Run, evaluate_at: Evaluate, progress: Progress) -> RunSummary:
     # behaviour: a judge failure raises before summary.json exists, so a matrix records this cell as failed
     gen_eval = run_gen_eval(r.cfg, r.model, r.tok, r.data.eval, r.dir.path, r.judge) if r.judge else None
     summary = write_summary(r.cfg, r.dir, steps=total, status="finished", data=r.data, timing=r.timing,
-                            t_start=r.t_start, model_info=r.model_info, gen_eval=gen_eval)
+                            t_start=r.t_start, model_info=r.model_info, gen_eval=gen_eval, ref_sync=ref_sync)
     shutil.rmtree(r.dir.checkpoints, ignore_errors=True)  # finished: optimizer state is dead weight
     progress.done(summary.timing, r.dir.path)
     return r.rt.broadcast(summary)

@@ -115,7 +115,17 @@ class Schedule:
     @functools.cached_property
     def visited(self) -> list[int]:
         """Indices of every training pair some step will use, sorted."""
-        return sorted({i for step in range(self.total) for i in self.batch(step)})
+        return self.visited_in(0, self.total)
+
+    def visited_in(self, lo: int, hi: int) -> list[int]:
+        """Indices of every training pair steps ``lo`` .. ``hi - 1`` use, sorted."""
+        return sorted({i for step in range(lo, hi) for i in self.batch(step)})
+
+    def period(self, step: int) -> tuple[int, int]:
+        """The steps [lo, hi) that train against the same reference as ``step``: the whole run, or with TR-DPO
+        (``ref_sync_steps``) its sync period."""
+        lo = step // self.cfg.ref_sync_steps * self.cfg.ref_sync_steps if self.cfg.ref_sync_steps else 0
+        return lo, min(lo + (self.cfg.ref_sync_steps or self.total), self.total)
 
 
 class Request(NamedTuple):
@@ -127,8 +137,9 @@ class Request(NamedTuple):
     arith: Arithmetic
 
 
-def reference_requests(cfg: Config, data: Prepared, schedule: Schedule) -> dict[str, Request]:
-    """The reference log-prob sets a run asks for, with their batch sizes and arithmetic.
+def reference_requests(cfg: Config, data: Prepared, schedule: Schedule, step: int = 0) -> dict[str, Request]:
+    """The reference log-prob sets a run asks for (training pairs: those of ``step``'s period, see
+    :meth:`Schedule.period`), with their batch sizes and arithmetic.
 
     Held-out always (both yardsticks need it), in evaluation's own batch layout and arithmetic so that at step
     0 policy and reference are bit-identical and every reference-relative margin is an exact tie. Training
@@ -140,8 +151,8 @@ def reference_requests(cfg: Config, data: Prepared, schedule: Schedule) -> dict[
     dtype = resolve_dtype(cfg)
     sets = {"eval": Request(data.eval, cfg.eval_batch_size, None, arithmetic(cfg, dtype, held_out=True))}
     if objectives.get(cfg.objective).needs_reference:
-        sets["train"] = Request([data.train[i] for i in schedule.visited], max(32, cfg.eval_batch_size),
-                                cfg.reference_tokens or None, arithmetic(cfg, dtype))
+        sets["train"] = Request([data.train[i] for i in schedule.visited_in(*schedule.period(step))],
+                                max(32, cfg.eval_batch_size), cfg.reference_tokens or None, arithmetic(cfg, dtype))
     return sets
 
 

@@ -59,7 +59,7 @@ def new_timing() -> dict[str, Any]:
 
 def write_summary(cfg: Config, run: RunDir, *, steps: int, status: str, data: Prepared | None,
                   timing: dict[str, Any], t_start: float, model_info: dict[str, Any] | None = None,
-                  gen_eval: dict[str, Any] | None = None) -> RunSummary:
+                  gen_eval: dict[str, Any] | None = None, ref_sync: dict[str, Any] | None = None) -> RunSummary:
     """Build summary.json from metrics.jsonl and the run's counters, write it, and return it."""
     rows = read_jsonl(run.metrics) if run.metrics.exists() else []
     evals = [r for r in rows if "eval_loss" in r]
@@ -80,6 +80,6 @@ def write_summary(cfg: Config, run: RunDir, *, steps: int, status: str, data: Pr
         data={k: v.to_dict() for k, v in data.stats.items()} if data else None,
         length_bias=stats.length_bias([len(p.chosen_ids) for p in data.eval],
                                       [len(p.rejected_ids) for p in data.eval]) if data else None,
-        timing=timing, model=model_info, gen_eval=gen_eval)
+        timing=timing, model=model_info, gen_eval=gen_eval, ref_sync=ref_sync)
     run.write_summary(summary)
     return summary
