@@ -229,12 +229,12 @@ def behaviour(case: Case, c: Group, primary: dict) -> list[Reason]:
     judges = [against_reference(case.st, g) for g in (base, c) if g.name not in case.judged]
     case.judged |= {base.name, c.name}
     judges = [r for r in (*judges, between(case.st, c, base)) if r]
-    notes += [r for r in judges if r.code == "judge_dependent"]
+    notes += [r for r in judges if r.code == "judge_dependent" and r.data["against"] == base.name]
     case.notes += notes
     # not significant: the prompts that would detect the observed difference, as pairs_needed for pairs
     need = {"prompts_needed": b["pairs_needed"]} if b["mcnemar_p"] >= case.st.alpha else {}
     return [Reason("behaviour_comparison", {**short(b), **nums, **need}), *notes,
-            *(r for r in judges if r.code == "judge_robust")]
+            *(r for r in judges if r not in notes)]
 
 
 def length_notes(c: Group, nums: dict[str, float | None]) -> list[Reason]:
