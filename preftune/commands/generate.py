@@ -3,7 +3,7 @@ best-vs-worst pairs.
 
     preftune generate --model M [--adapter A] --prompts heldout.jsonl --num-samples 4 --max-new-tokens 64 \
         --temperature 0.8 --top-p 0.95 --seed 0 --output samples.jsonl \
-        [--judge python:preftune.tinyworld:judge --pairs pairs.jsonl --min-gap 0.1]
+        [--judge python:preftune.tinyworld:judge [--judge SPEC ...] --pairs pairs.jsonl --min-gap 0.1]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (decode rows = this x K)")
     p.add_argument("--output", required=True, help="samples JSONL, one row per prompt")
-    p.add_argument("--judge", help="reward-model:PATH | python:module:function | openai:MODEL@BASE_URL | "
-                   "MODULE:KIND:ARGS")
+    p.add_argument("--judge", action="append", help="reward-model:PATH | python:module:function | "
+                   "openai:MODEL@BASE_URL | MODULE:KIND:ARGS; repeat for several (the first ranks --pairs)")
     p.add_argument("--cache-dir", help="judge caches (default $PREFTUNE_CACHE or ~/.cache/preftune)")
     p.add_argument("--pairs", help="also write best-vs-worst prompt/chosen/rejected pairs here (needs --judge)")
     p.add_argument("--min-gap", type=float, default=0.0, help="drop prompts whose best-worst score gap is below")
@@ -68,14 +68,16 @@ def progress_printer(total: int, label: str = "generate") -> tuple[Callable[[int
 
 def _run(args: argparse.Namespace) -> int:
     """``preftune generate``: validate everything, generate, judge, then write every output at once."""
-    from ..generation.judges import parse_judge
-    from ..generation.pairs import make_pairs, score_rows
+    from ..generation.judges import parse_judges
+    from ..generation.pairs import make_pairs
 
     cfg = _checked_config(args)
-    judge = parse_judge(args.judge, cfg) if args.judge else None  # a bad spec fails before the model loads
+    judges = parse_judges(args.judge or [], cfg)  # a bad spec fails before the model loads
     rows = _sample(args, cfg)
-    if judge is not None:
-        score_rows(rows, judge)
+    for judge in judges:  # every judge scores the same samples; the first one's scores make the pairs
+        for r, scores in zip(rows, judge.score_groups([r["prompt"] for r in rows], [r["completions"] for r in rows])):
+            r.setdefault("judges", {})[judge.spec] = scores
+            r.setdefault("scores", scores)
     pairs, stats = make_pairs(rows, min_gap=args.min_gap) if args.pairs else (None, None)
     _write(args, rows, pairs, stats)  # every check passed and every judge answered: only now write
     return 0
@@ -133,6 +135,7 @@ def _write(args: argparse.Namespace, rows: list[dict], pairs: list[dict] | None,
 
     write_jsonl(args.output, [{"id": r["id"], "prompt": r["prompt"], "completions": r["completions"],
                                **({"scores": r["scores"]} if "scores" in r else {}),
+                               **({"judges": r["judges"]} if len(r.get("judges", ())) > 1 else {}),
                                "finish_reasons": r["finish_reasons"]} for r in rows])
     print(f"generate: {sum(len(r['completions']) for r in rows)} completions for {len(rows)} prompts -> {args.output}")
     if pairs is not None and stats is not None:

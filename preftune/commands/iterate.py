@@ -21,7 +21,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--prompts", required=True, help="training prompts: any data file with a `prompt` field")
     p.add_argument("--prompts-split", default="train", help="split of --prompts for a datasets source")
-    p.add_argument("--judge", required=True, help="reward-model:PATH | python:module:function | openai:MODEL@URL")
+    p.add_argument("--judge", required=True, action="append", help="reward-model:PATH | python:module:function | "
+                   "openai:MODEL@URL; repeat for several: the first ranks the samples, every one judges behaviour")
     p.add_argument("--rounds", type=int, default=3, help="rounds of generate, judge, pair, train (default 3)")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt per round (default 4)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -41,7 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from(args, skip=ITERATE_SKIP)
     from ..training.rounds import iterate
 
-    result = iterate(cfg, prompts=args.prompts, judge_spec=args.judge, rounds=args.rounds,
+    specs = args.judge[0] if len(args.judge) == 1 else args.judge
+    result = iterate(cfg, prompts=args.prompts, judge_spec=specs, rounds=args.rounds,
                      num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, pair_rule=args.pair_rule, min_gap=args.min_gap,
                      reference=args.reference, gen_eval_prompts=args.gen_eval_prompts, prompts_split=args.prompts_split)

@@ -41,6 +41,8 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *, 
         f = config_mod.FIELDS[name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"metavar": name.upper()}
+        if config_mod.repeatable(name):  # --judge A --judge B
+            kind["action"] = "append"
         shown = ",".join(default) if isinstance(default, list) else default
         g.add_argument(flag(name), default=argparse.SUPPRESS, help=f"{text} (default {shown})", **kind)
         if name == "objective":

@@ -15,6 +15,7 @@ class InputError(Exception):
         where = "" if path is None else f"{path}: " if line is None else f"{path}:{line}: "
         what = f"field '{field}': " if field is not None else ""
         self.path, self.line, self.field = path, line, field  # for callers (and tests) that need the parts
+        self.message = message
         super().__init__(f"{where}{what}{message}")
 
 

@@ -9,12 +9,15 @@ every policy completion is judged against the reference's:
     gen["win_rate"], gen["lc_win_rate"], gen["policy"]["mean_len"]
 
 It returns the ``gen_eval`` dict of summary.json and writes ``gen_eval.jsonl``, one row per prompt, from which
-every number of ``gen_eval`` can be recomputed (see ``summarize``).
+every number of ``gen_eval`` can be recomputed (see ``summarize``). Given several judges (``--judge A --judge
+B``), the generations are made once and each judge judges them: the first judge's numbers stay at the top level,
+each judge's are under ``judges``, and ``agreement`` says how each two agree (Cohen's kappa).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,9 @@ from ..core.errors import InputError
 from ..core.layout import GEN_EVAL
 from ..data.rows import Content, PromptRow
 from ..data.tokenize import Pair
-from ..generation.judges import Judge, parse_judge
-from .stats import lc_win_rate, wilson_interval
+from ..generation.judges import Judge, parse_judges
+from ..generation.judges.base import one_line
+from .stats import agreement, lc_win_rate, wilson_interval
 
 
 def win_rate(prefs: Sequence[float], level: float = 0.95) -> dict:
@@ -64,10 +68,15 @@ def degeneration(texts: Sequence[str], n: int = 3) -> dict:
             "distinct_2": len(set(grams[2])) / len(grams[2]) if grams[2] else 1.0}
 
 
-def summarize(rows: Sequence[dict], *, judge_spec: str, max_new_tokens: int, temperature: float, seed: int) -> dict:
-    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this)."""
-    prefs = [r["preference"] for r in rows]
-    lc, se = lc_win_rate(prefs, [len(r["policy"]) for r in rows], [len(r["reference"]) for r in rows])
+def summarize(rows: Sequence[dict], *, judge_spec: str | Sequence[str], max_new_tokens: int, temperature: float,
+              seed: int) -> dict:
+    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this).
+
+    The top level holds the first judge's numbers (each row's ``preference``), as with one judge; with several,
+    ``judges`` holds each judge's numbers under its spec and ``agreement`` each two judges' agreement on the
+    same prompts (each row's ``judges``).
+    """
+    specs = [judge_spec] if isinstance(judge_spec, str) else list(judge_spec)
     sides = {}
     for side in ("policy", "reference"):
         tokens = [r[f"{side}_tokens"] for r in rows]
@@ -76,24 +85,47 @@ def summarize(rows: Sequence[dict], *, judge_spec: str, max_new_tokens: int, tem
                        "hit_max_share": sum(r[f"{side}_finish"] == "length" for r in rows) / len(rows),
                        **degeneration([r[side] for r in rows])}
     ref_len = sides["reference"]["mean_len"]
-    return {"judge": judge_spec, "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "seed": seed, **win_rate(prefs), "lc_win_rate": lc, "lc_win_rate_se": se,
-            "len_ratio": sides["policy"]["mean_len"] / ref_len if ref_len else None, **sides}
+    first = judged(rows, rows)  # the rows' own keys are the first judge's verdicts
+    position = {k: first.pop(k) for k in list(first) if k.startswith("position_")}
+    out = {"judge": specs[0], "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
+           "seed": seed, **first, "len_ratio": sides["policy"]["mean_len"] / ref_len if ref_len else None, **sides,
+           **position}
+    if len(specs) > 1:
+        verdicts = {s: [r["judges"][s] for r in rows] for s in specs}
+        out["judges"] = {s: judged(v, rows) for s, v in verdicts.items()}
+        out["agreement"] = [{"a": s, "b": t, **agreement([v["preference"] for v in verdicts[s]],
+                                                         [v["preference"] for v in verdicts[t]])}
+                            for s, t in itertools.combinations(specs, 2)]
+    return out
 
 
-def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Content], judge: Judge, *,
-                   n_prompts: int, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+def judged(verdicts: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """One judge's numbers from its per-prompt verdicts: win rate, LC win rate, and its position bias when it
+    asked both orders (the share of comparisons whose answer flipped with the order)."""
+    prefs = [v["preference"] for v in verdicts]
+    lc, se = lc_win_rate(prefs, [len(r["policy"]) for r in rows], [len(r["reference"]) for r in rows])
+    flips = [f for v in verdicts if (f := v.get("position_flip")) is not None]
+    position = {"position_bias": sum(flips) / len(flips), "position_flips": sum(flips),
+                "position_compared": len(flips)} if flips else {}
+    return {**win_rate(prefs), "lc_win_rate": lc, "lc_win_rate_se": se, **position}
+
+
+def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Content], judge: Judge | Sequence[Judge],
+                   *, n_prompts: int, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                    out_dir: str | Path | None = None, batch_size: int = 8, reference_model: Any = None,
                    apply_chat_template: bool = False, prompt_ids: Sequence[list[int]] | None = None) -> dict:
     """Policy vs reference on the first ``n_prompts`` prompts; returns ``gen_eval`` and writes gen_eval.jsonl.
 
     The reference is ``reference_model`` when given, else the peft model with its adapter disabled. Lengths
-    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them).
+    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them). Several
+    judges judge the same generations: they are made once, and a second judge costs its judging alone.
     """
     from ..core.files import write_jsonl
     from ..generation.sampler import as_rows, generate
     from ..modeling.model import is_peft
 
+    judges = [judge] if isinstance(judge, Judge) else list(judge)
+    Config(judge=[j.spec for j in judges]).check_judges()  # each judge's numbers go under its own name
     rows_in = as_rows(prompts)[:n_prompts]
     ids = list(prompt_ids)[:n_prompts] if prompt_ids is not None else None
     if not rows_in:
@@ -109,33 +141,49 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
         reference = generate(reference_model if reference_model is not None else model, tokenizer, rows_in, **kw)
     pol = [r["completions"][0] for r in policy]
     ref = [r["completions"][0] for r in reference]
-    prefs, sp, sr = judge.prefer([r.prompt for r in rows_in], pol, ref)  # scores None from a pairwise judge
+    verdicts = {j.spec: _verdicts(j, [r.prompt for r in rows_in], pol, ref) for j in judges}
     rows = []
     for i, (r, p, q) in enumerate(zip(rows_in, policy, reference)):
         rows.append({"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
                      "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
                      "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
-                     "policy_score": sp[i] if sp else None, "reference_score": sr[i] if sr else None,
-                     "preference": prefs[i]})
-    result = summarize(rows, judge_spec=judge.spec, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                     **verdicts[judges[0].spec][i],
+                     **({"judges": {s: v[i] for s, v in verdicts.items()}} if len(judges) > 1 else {})})
+    result = summarize(rows, judge_spec=list(verdicts), max_new_tokens=max_new_tokens, temperature=temperature,
+                       seed=seed)
     if out_dir is not None:
         write_jsonl(Path(out_dir) / GEN_EVAL, rows)
     return result
 
 
-def check_gen_eval(cfg: Config) -> Judge | None:
-    """Parse the judge of a validated config (Config.validate checks the gen_* ranges), before a run writes
+def _verdicts(judge: Judge, prompts: list[Content], policy: list[str], reference: list[str]) -> list[dict]:
+    """One judge's verdict per prompt (preference, scores, position flip), or one line naming the judge."""
+    try:
+        prefs, sp, sr = judge.prefer(prompts, policy, reference)  # scores None from a pairwise judge
+        flips = judge.position_flips(prompts, policy, reference)
+    except InputError as e:
+        if judge.spec and judge.spec in str(e):
+            raise
+        raise InputError(f"judge {judge.spec}: {e.message}", path=e.path, line=e.line, field="judge") from None
+    except Exception as e:  # a user's judge can raise anything: the cell fails, naming it
+        raise InputError(f"judge {judge.spec}: {type(e).__name__}: {one_line(e)}", field="judge") from None
+    return [{"policy_score": sp[i] if sp else None, "reference_score": sr[i] if sr else None, "preference": p,
+             **({"position_flip": flips[i]} if flips is not None else {})} for i, p in enumerate(prefs)]
+
+
+def check_gen_eval(cfg: Config) -> list[Judge] | None:
+    """Parse the judges of a validated config (Config.validate checks the gen_* ranges), before a run writes
     anything.
 
-    Returns the judge, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
+    Returns the judges, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
     """
     if cfg.gen_eval_prompts == 0 or not cfg.judge:
         return None
-    return parse_judge(cfg.judge, cfg)
+    return parse_judges(cfg.judges(), cfg)
 
 
-def run_gen_eval(cfg: Config, model: Any, tokenizer: Any, pairs: Sequence[Pair], out: str | Path, judge: Judge,
-                 reference_model: Any = None) -> dict:
+def run_gen_eval(cfg: Config, model: Any, tokenizer: Any, pairs: Sequence[Pair], out: str | Path,
+                 judge: Judge | Sequence[Judge], reference_model: Any = None) -> dict:
     """``behaviour_eval`` on the first ``cfg.gen_eval_prompts`` distinct prompts of the tokenized held-out pairs.
 
     Prompts go in as the ids training scored, so chat templates and truncation match the log-prob yardsticks.

@@ -92,6 +92,47 @@ def pairs_needed(acc_a: float, acc_b: float, discordant: float, *, alpha: float 
     return math.ceil((za * math.sqrt(psi) + zb * math.sqrt(max(psi - delta * delta, 0.0))) ** 2 / delta**2)
 
 
+def seeds_needed(sd: float, diff: float, *, alpha: float = 0.05, power: float = 0.8) -> int | None:
+    """Seeds per side a two-sample test of seed means needs to detect ``diff`` with seed-to-seed std ``sd``:
+    n = 2·((z_{1−α/2} + z_{power})·sd / diff)². None when diff or sd is 0."""
+    if diff == 0 or sd <= 0:
+        return None
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return math.ceil(2 * (z * sd / abs(diff)) ** 2)
+
+
+def _kappas(tables: np.ndarray) -> np.ndarray:
+    """Cohen's kappa of (..., 3, 3) contingency counts; nan where chance agreement is total (p_e = 1)."""
+    n = tables.sum(axis=(-2, -1))
+    p_o = np.trace(tables, axis1=-2, axis2=-1) / n
+    p_e = (tables.sum(axis=-1) * tables.sum(axis=-2)).sum(axis=-1) / n**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p_e < 1, (p_o - p_e) / (1 - p_e), np.nan)
+
+
+def agreement(a: ArrayLike, b: ArrayLike, *, n_boot: int = 2000, seed: int = 0,
+              level: float = 0.95) -> dict[str, Any]:
+    """How two judges agree on the same prompts: the share with the same outcome (win 1 / tie 0.5 / loss 0) and
+    Cohen's kappa κ = (p_o − p_e) / (1 − p_e), p_e = Σ_k p_a(k)·p_b(k), with a percentile bootstrap interval
+    over prompts. Resampling prompts only matters through the 3×3 table of outcome pairs, so each replicate is
+    one multinomial draw of it. κ is None when p_e = 1 (both judges always give the same single outcome).
+
+        agreement([1, 1, 0, 0.5], [1, 0, 0, 0.5])   # {"n": 4, "agree": 0.75, "kappa": 0.636..., "kappa_ci": [...]}
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0 or not np.all(np.isin(np.concatenate([x, y]), (0, 0.5, 1))):
+        raise ValueError("need two equal-length non-empty sequences of outcomes 0, 0.5 or 1")
+    table = np.zeros((3, 3))
+    np.add.at(table, ((x * 2).astype(int), (y * 2).astype(int)), 1)
+    kappa = float(_kappas(table))
+    boots = _kappas(np.random.default_rng(seed).multinomial(x.size, table.ravel() / x.size,
+                                                            size=n_boot).reshape(n_boot, 3, 3))
+    lo, hi = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2]) if np.isfinite(boots).any() else (np.nan,) * 2
+    ok = lambda v: float(v) if math.isfinite(v) else None  # noqa: E731  (strict JSON: no nan)
+    return {"n": int(x.size), "agree": float(np.trace(table)) / x.size, "kappa": ok(kappa),
+            "kappa_ci": [ok(lo), ok(hi)]}
+
+
 def _t_quantile(p: float, df: int) -> float:
     """Student-t quantile: exact for df 1 and 2, Cornish–Fisher in z above (0.12% low at df 3)."""
     if df == 1:

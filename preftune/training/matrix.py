@@ -135,12 +135,14 @@ def run_matrix(base: Config, grid: dict[str, list[Any]], *, parallel: int = 1, b
 def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
             keep: tuple[dict, list[CellEntry]] | None = None, ray: RayOptions | None = None) -> dict[str, int]:
     """run_matrix; ``keep`` = (factors, cells) listed in matrix.json beside the planned ones (the fallback)."""
+    from ..evaluation.behaviour import check_gen_eval
     from ..modeling.model import load_tokenizer
     from .prepare import prepare_data
 
     for name in grid.get("objective", []):  # a module:name objective registers itself (and its entry's schema)
         objectives.get(name)
     base.validate()
+    check_gen_eval(base)  # every judge parses (one line naming a bad one) before the matrix folder is written
     check_writable_dir(base.output, field="output")  # the Python API gets the CLI's early checks too
     check_writable_dir(base.resolved_cache_dir(), field="cache_dir")
     trackers.check(base.report_to)  # once, before the matrix folder is written, not once per failing cell

@@ -36,14 +36,15 @@ REFERENCES = ("initial", "round")
 CHUNK = 8  # prompts generated per checkpointed chunk, each with its own seed
 
 
-def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_samples: int = 4,
+def iterate(base: Config, *, prompts: str, judge_spec: str | list[str], rounds: int, num_samples: int = 4,
             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, pair_rule: str = "max_min",
             min_gap: float = 0.0, reference: str = "initial", gen_eval_prompts: int = 64,
             prompts_split: str = "train") -> dict[str, Any]:
-    """Run (or finish) every round into ``base.output``; returns iter/summary.json's dict."""
+    """Run (or finish) every round into ``base.output``; returns iter/summary.json's dict. Several judges
+    (``judge_spec`` a list): the first scores the samples into pairs, every one judges the behaviour."""
     from ..data.rows import load_prompts
     from ..evaluation.behaviour import run_gen_eval
-    from ..generation.judges import parse_judge
+    from ..generation.judges import parse_judges
     from ..generation.pairs import score_rows
     from ..modeling.model import load_adapter, load_model, load_tokenizer
     from .loop import train
@@ -54,7 +55,7 @@ def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_sam
                 "gen_eval_prompts": gen_eval_prompts, "judge": judge_spec, "prompts": prompts}
     _check(base, settings)
     rows = load_prompts(prompts, prompts_split)
-    judge = parse_judge(judge_spec, base)
+    judges = parse_judges([judge_spec] if isinstance(judge_spec, str) else judge_spec, base)
     out = RoundsDir(Path(base.output))
     out.path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.meta, {"settings": settings, "base_model": base.model})
@@ -69,14 +70,14 @@ def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_sam
         # 1. samples from the current policy, in seeded chunks appended as they finish
         if not folder.samples.exists():
             done = _generate(replace(base, model=start), tok, init, rows, folder, r, settings)
-            score_rows(done, judge)  # a judge error is one line; the partial samples stay for the re-run
+            score_rows(done, judges[0])  # a judge error is one line; the partial samples stay for the re-run
             write_jsonl(folder.samples, done)
             folder.samples_partial.unlink(missing_ok=True)
         # 2. pairs
         if not folder.pairs.exists():
             pairs, stats = make_pairs(read_jsonl(folder.samples), rule=pair_rule, min_gap=min_gap, seed=base.seed + r)
             if not pairs:
-                raise InputError(f"round {r} produced no pairs: judge {judge_spec}, min_gap {min_gap}, "
+                raise InputError(f"round {r} produced no pairs: judge {judges[0].spec}, min_gap {min_gap}, "
                                  f"{stats['prompts']} prompts, dropped {stats['dropped']}", path=str(folder.samples),
                                  field="judge")
             atomic_write_json(folder.pair_stats, stats)
@@ -91,7 +92,7 @@ def iterate(base: Config, *, prompts: str, judge_spec: str, rounds: int, num_sam
                 original = load_model(base)
             policy = load_adapter(load_model(cfg), str(folder.adapter))
             gen = replace(cfg, gen_eval_prompts=gen_eval_prompts, gen_max_new_tokens=max_new_tokens, gen_temperature=0.0)
-            result.gen_eval = run_gen_eval(gen, policy, tok, prepare_data(cfg, tok).eval, folder.path, judge,
+            result.gen_eval = run_gen_eval(gen, policy, tok, prepare_data(cfg, tok).eval, folder.path, judges,
                                            reference_model=original)
             folder.write_summary(result)
         summary.append(_round_line(r, folder, result))

@@ -36,7 +36,7 @@ class Run:
     schedule: Schedule
     model: torch.nn.Module
     tok: Any
-    judge: Judge | None
+    judge: list[Judge] | None  # the behavioural evaluation's judges
     fsdp: bool
     score_rt: Runtime                 # who scores the reference and held-out pairs: every rank, or each one alone
     eval_arith: Arithmetic

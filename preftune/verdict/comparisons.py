@@ -36,6 +36,13 @@ COMMON = tuple(y.name for y in yardsticks.logprob_yardsticks())  # objective-fre
 YARDSTICKS = {"own": "margin", **{y: f"{y}_margin" for y in COMMON}}
 BEHAVIOUR = yardsticks.BEHAVIOUR     # what the model writes, judged against the reference (cells with gen_eval)
 GEN_KEYS = ("prompts", "win_rate", "win_rate_ci", "tie_rate", "lc_win_rate", "lc_win_rate_se", "len_ratio")
+POSITION_KEYS = ("position_bias", "position_flips", "position_compared")  # a pairwise judge asking both orders
+JUDGE_KEYS = ("win_rate", "win_rate_ci", "tie_rate", "lc_win_rate", "lc_win_rate_se", *POSITION_KEYS)
+
+
+def judge_yardstick(spec: str) -> str:
+    """The yardstick of one judge's preferences when a cell has several judges: ``behaviour[SPEC]``."""
+    return f"{BEHAVIOUR}[{spec}]"
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Group:
     cells: list[CellResult] = field(default_factory=list)
     correct: dict[str, dict[str, float]] = field(default_factory=dict)   # yardstick -> id -> mean over seeds
     gains: dict[str, dict[str, Any]] = field(default_factory=dict)       # yardstick -> step 0 vs end (1st seed)
+    seed_correct: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # yardstick -> per seed
 
     def mean(self, key: str) -> float | None:
         xs = [x for c in self.cells if (x := getattr(c, key)) is not None and math.isfinite(x)]
@@ -81,6 +89,11 @@ class Group:
     @property
     def spec(self) -> objectives.Objective:
         return objectives.get(self.objective)
+
+    @property
+    def judges(self) -> list[str]:
+        """The specs of the judges every seed was judged by, when there are several (first judge first)."""
+        return [k[len(BEHAVIOUR) + 1:-1] for k in self.correct if k.startswith(f"{BEHAVIOUR}[")]
 
     def gen(self, key: str) -> float | None:
         """A behavioural number (gen_eval) averaged over the seeds, None without a behavioural evaluation."""
@@ -144,7 +157,10 @@ def load_cell(entry: CellEntry, run: RunDir) -> tuple[CellResult, Log | None]:
     out.unstable, out.findings = rev.unstable, [f.to_dict() for f in rev.findings]
     if g := log.gen_eval:  # what the cell's policy writes, against the shared reference generations
         out.gen_eval = {**{k: g.get(k) for k in GEN_KEYS}, "policy_len": g["policy"]["mean_len"],
-                        "reference_len": g["reference"]["mean_len"]}
+                        "reference_len": g["reference"]["mean_len"], **{k: g[k] for k in POSITION_KEYS if k in g}}
+        if "judges" in g:  # several judges: each one's numbers, and how each two agree
+            out.gen_eval["judges"] = {s: {k: v[k] for k in JUDGE_KEYS if k in v} for s, v in g["judges"].items()}
+            out.gen_eval["agreement"] = g.get("agreement", [])
     return out, log
 
 
@@ -159,7 +175,12 @@ def _correct(rows: list[dict], key: str) -> dict[str, float] | None:
 def _per_seed(log: Log) -> dict[str, dict[str, float] | None]:
     """Per yardstick, {pair or prompt id: 1.0 right / 0.0 wrong} of one cell (behaviour: the judge's preference)."""
     out = {ys: _correct(log.pairs or [], key) for ys, key in YARDSTICKS.items()}
-    out[BEHAVIOUR] = log.generations and {str(r["id"]): float(r["preference"]) for r in log.generations}
+    gens = log.generations
+    out[BEHAVIOUR] = gens and {str(r["id"]): float(r["preference"]) for r in gens}
+    if gens and all(isinstance(r.get("judges"), dict) for r in gens):  # several judges: each one's preferences
+        for spec in gens[0]["judges"]:
+            out[judge_yardstick(spec)] = {str(r["id"]): float(r["judges"][spec]["preference"]) for r in gens
+                                          if spec in r["judges"]}
     return out
 
 
@@ -175,11 +196,12 @@ def group(loaded: list[tuple[CellResult, Log]], by: tuple[str, ...]) -> list[Gro
     for key, g in groups.items():
         if len(g.cells) > 1:
             g.name = f"objective={g.objective},lora_rank={g.lora_rank}"
-        for ys in (*YARDSTICKS, BEHAVIOUR):
-            per_seed = [s[ys] for s in sticks[key]]
+        for ys in sticks[key][0]:
+            per_seed = [s.get(ys) for s in sticks[key]]
             if all(per_seed):
                 ids = set.intersection(*(set(p) for p in per_seed))
                 g.correct[ys] = {i: statistics.fmean(p[i] for p in per_seed) for i in sorted(ids)}
+                g.seed_correct[ys] = per_seed
     return list(groups.values())
 
 

@@ -17,10 +17,11 @@ from ..data.rows import as_text, load_examples
 from ..evaluation import stats, yardsticks
 from ..evaluation.runlog import Log
 from .comparisons import COMMON
+from .judges_page import judges_section
 from .markup import VERDICT_COLORS, esc, findings_html, html_table, lc, lens, md_esc, md_table, num, win
 from .plots import interval_plot, length_bars, length_hist, lengths, margin_plot, scatter
 from .reasons import render
-from .rules import RULES
+from .rules import ROBUSTNESS_RULES, RULES
 
 
 def _ci(c: CellResult) -> str:
@@ -68,8 +69,9 @@ def matrix_md(d: Decision, logs: dict[str, Log], title: str) -> str:
     if gens:
         out += ["", "## Behaviour", "", "What each cell's policy writes, judged against the reference's generation on "
                 "the same held-out prompts.", ""] + md_table(BEHAVIOUR_HEAD, [_behaviour_row(c) for c in gens])
+    out += judges_section(logs)[0]
     out += ["", "## Comparisons", ""] + md_table(COMPARISON_HEAD, [_comparison_row(c) for c in d.comparisons])
-    out += ["", "## Verdict rules", ""] + [f"{i}. {r}" for i, r in enumerate(RULES, 1)]
+    out += ["", "## Verdict rules", ""] + [f"{i}. {r}" for i, r in enumerate(rules(d), 1)]
     return "\n".join(out) + "\n"
 
 
@@ -96,14 +98,20 @@ def matrix_html(d: Decision, logs: dict[str, Log], title: str) -> str:
                      "</p><div class='grid'>" + length_bars(logs[with_len[0].name]) + "".join(
                          f"<div class='card'><h3>{esc(c.name)}</h3>{scatter(logs[c.name], c.name)}</div>"
                          for c in with_len) + "</div>")
-    parts.append(_behaviour_html(d, logs))
+    parts.append(_behaviour_html(d, logs) + judges_section(logs)[1])
     if d.comparisons:
         sticks = "".join(f"; {esc(y.name)}: {esc(y.help)}" for y in yardsticks.REGISTRY.values())
         parts.append(f"<h2>Paired comparisons</h2><p class='meta'>Same held-out pairs, joined by id. own: the run's "
                      f"reward{sticks}.</p>" + html_table(COMPARISON_HEAD, [_comparison_row(c) for c in d.comparisons], 3))
     parts.append(example_pairs(d, logs))
-    parts.append("<h2>Verdict rules</h2><ol>" + "".join(f"<li>{esc(r)}</li>" for r in RULES) + "</ol>")
+    parts.append("<h2>Verdict rules</h2><ol>" + "".join(f"<li>{esc(r)}</li>" for r in rules(d)) + "</ol>")
     return "".join(parts)
+
+
+def rules(d: Decision) -> tuple[str, ...]:
+    """The verdict rules, with the robustness rules where they can apply (several seeds or judges)."""
+    several = d.groups or any(c.gen_eval and "judges" in c.gen_eval for c in d.cells)
+    return RULES + (ROBUSTNESS_RULES if several else ())
 
 
 def _cells_html(d: Decision, rec: tuple | None) -> str:

@@ -96,6 +96,59 @@ def _not_significant(d: dict) -> str:
     return text + "; the seed means are identical or do not vary"
 
 
+_WAYS = {"better": "significantly better", "worse": "significantly worse", "not_significant": "no significant "
+         "difference"}
+
+
+def _judge(r: dict) -> str:
+    """One judge's numbers: a cell against the reference (win rate), or against another cell (per prompt)."""
+    if "win_rate" in r:
+        return (f"{r['judge']}: win rate {_n(r['win_rate'])}, {r['wins']} prompts won and {r['losses']} lost of "
+                f"{r['n']} (p={_p(r['mcnemar_p'])})")
+    need = f", about {r['prompts_needed']} prompts would detect it" if r.get("prompts_needed") else ""
+    return (f"{r['judge']}: {_n(r['acc_a'])} vs {_n(r['acc_b'])}, {r['a_only']} prompts favour the first and "
+            f"{r['b_only']} the second (p={_p(r['mcnemar_p'])}{need})")
+
+
+def _judges(d: dict) -> str:
+    against = "the reference" if d["against"] == "reference" else d["against"]
+    if d["code"] == "judge_robust":
+        return f"what {d['cell']} writes against {against}: every judge finds {_WAYS[d['direction']]}"
+    first, odd = d["judges"][0], [r for r in d["judges"] if r["judge"] in d["disagreeing"]]
+    return (f"what {d['cell']} writes against {against} depends on the judge: {first['judge']} finds "
+            f"{_WAYS[first['direction']]}, but " + ", ".join(f"{r['judge']} finds {_WAYS[r['direction']]}"
+                                                            for r in odd))
+
+
+def _judge_reason(d: dict) -> str:
+    numbers = f" ({'; '.join(_judge(r) for r in d['judges'])})"
+    if "mcnemar_p" in d:  # it blocked a switch that the held-out pairs support
+        return f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch: {_judges(d)}{numbers}"
+    return _judges(d) + numbers
+
+
+def _seed_spread(d: dict) -> str:
+    lead = (f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch" if d["diff"] > 0 else
+            f"{d['b']} is better than {d['a']} (p={_p(d['mcnemar_p'])}) but that does not settle it")
+    seeds = (f"about {d['seeds_needed']} seeds per cell would settle it" if d["seeds_needed"] else
+             "no number of seeds would separate them")
+    return (f"{lead}: on the {d['yardstick']} yardstick the seed means differ by {d['seed_diff']:+.3f}, within "
+            f"the seed-to-seed spread (std {_n(d['seed_sd_a'])} over {d['seeds_a']} seeds vs {_n(d['seed_sd_b'])} "
+            f"over {d['seeds_b']}; accuracies {', '.join(_n(x) for x in d['seed_accuracies_a'])} vs "
+            f"{', '.join(_n(x) for x in d['seed_accuracies_b'])}): {seeds}")
+
+
+def _behaviour(d: dict) -> str:
+    text = (f"what they write: {d['a']} wins {_n(d['win_rate_a'])} (length-controlled {_n(d['lc_win_rate_a'])}) "
+            f"against the reference vs {_n(d['win_rate_b'])} ({_n(d['lc_win_rate_b'])}) for {d['b']}; per prompt, "
+            f"{d['a_only']} prompts favour the first, {d['b_only']} the second (p={_p(d['mcnemar_p'])}, {d['n']} "
+            f"prompts); generated length {_n(d['policy_len_a'])} vs {_n(d['policy_len_b'])} tokens")
+    if "prompts_needed" not in d:
+        return text
+    return text + (f"; about {d['prompts_needed']} prompts would detect the observed difference "
+                   f"{d['diff']:+.3f}" if d["prompts_needed"] else "; the two win equally often on balance")
+
+
 # A significant lift that failed one switch condition: (the clause, its numbers).
 NO_SWITCH: dict[str, tuple[str, Callable[[dict], str]]] = {
     "not_significant_adjusted": ("its p is not below alpha", lambda d: f"p is not below alpha/{d['challengers']} = "
@@ -177,10 +230,10 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     f"are not cleaner, and {d['n']} pairs were enough to detect a {d['meaningful'] * 100:.0f}-point difference "
     f"(needs {d['pairs_to_detect']}): favours the baseline",
     "not_significant": _not_significant,
-    "behaviour_comparison": lambda d: f"what they write: {d['a']} wins {_n(d['win_rate_a'])} (length-controlled "
-    f"{_n(d['lc_win_rate_a'])}) against the reference vs {_n(d['win_rate_b'])} ({_n(d['lc_win_rate_b'])}) for "
-    f"{d['b']}; per prompt, {d['a_only']} prompts favour the first, {d['b_only']} the second (p={_p(d['mcnemar_p'])}"
-    f", {d['n']} prompts); generated length {_n(d['policy_len_a'])} vs {_n(d['policy_len_b'])} tokens",
+    "behaviour_comparison": _behaviour,
+    "judge_robust": _judge_reason,
+    "judge_dependent": _judge_reason,
+    "within_seed_spread": _seed_spread,
     "pairs_behaviour_disagree": lambda d: f"{d['cell']}: pairs and behaviour disagree: "
     + ("it ranks more held-out pairs correctly" if d["pairs"]["diff"] > 0 else "it ranks fewer held-out pairs "
        "correctly") + f" ({d['pairs']['yardstick']} {d['pairs']['diff']:+.3f}, p={_p(d['pairs']['mcnemar_p'])}) but "
@@ -261,6 +314,9 @@ SUMMARIES: dict[str, Callable[[dict], str]] = {
         "only length" if d["length_only"] else "a gain on held-out pairs while what it writes got worse"
         if d.get("pairs_only") else "no significant gain") + f" over {d['previous']}; {_first(d)}.",
     "single_round": lambda d: f"Stop: only {d['round']} finished, nothing to compare it with.",
+    "round_judge_dependent": lambda d: f"Stop iterating: {d['round']}'s only gain over {d['previous']} is in what "
+    f"it writes, and the judges disagree on it ({', '.join(d['disagreeing'])} against {d['judges'][0]['judge']}); "
+    f"{_first(d)}.",
     "baseline_missing": lambda d: "Not decisive: the baseline cell did not finish.",
     "single_objective": lambda d: f"Not decisive: only {d['objective']} finished, so the objective was not tested; "
     f"rank {d['lora_rank']} is recommended.",
@@ -272,5 +328,13 @@ def _blocked(d: dict) -> str:
     """A significant lift that failed a switch condition, as a clause of the summary."""
     if d["code"] == "own_reward_only":
         return render(d).split(": ", 1)[1]
+    if d["code"] == "within_seed_spread":
+        return (f"{d['objective']} differs from the baseline by {d['seed_diff']:+.3f} on the {d['yardstick']} "
+                "yardstick, within the seed-to-seed spread" + (f" (about {d['seeds_needed']} seeds per cell would "
+                                                                "settle it)" if d["seeds_needed"] else ""))
+    if d["code"] == "judge_dependent":
+        return (f"{d['objective']} ranks more held-out pairs correctly on the {d['yardstick']} yardstick "
+                f"(p={_p(d['mcnemar_p'])}) but the judges disagree on what it writes ({', '.join(d['disagreeing'])} "
+                f"against {d['judges'][0]['judge']})")
     return (f"{d['objective']} ranks more held-out pairs correctly on the {d['yardstick']} yardstick "
             f"(p={_p(d['mcnemar_p'])}) but {NO_SWITCH[d['code']][0]}")

@@ -17,6 +17,7 @@ from ..core.layout import REPORT_HTML, REPORT_MD, Decision, MatrixDir, PipelineD
 from ..evaluation.review import diagnose
 from ..evaluation.runlog import load
 from .decide import decision_of
+from .judges_page import judges_section
 from .markup import VERDICT_COLORS, esc, findings_html, html_table, lc, lens, md_esc, md_table, num, page, win
 from .matrix_page import matrix_html, matrix_md
 from .pipeline_page import pipeline_page
@@ -78,11 +79,13 @@ def _rounds_page(rounds: RoundsDir, d: Decision) -> tuple[str, str]:
     rows = [[f"{r['round']}", f"{r['pairs']} ({sum(r['dropped'].values())})",
              f"{num(r['chosen_score'])} / {num(r['rejected_score'])}", num(r["eval_accuracy"], ".3f"),
              win(r), lc(r), lens(r)] for r in rounds.read_lines()]
+    judges_md, judges_html = judges_section({r.name: load(r.path) for r in rounds.rounds() if r.finished()})
     md = "\n".join([f"# preftune iterate: {md_esc(name)}", "", f"**{md_esc(d.summary)}**", ""]
-                   + md_table(head, rows) + ["", "## Why", ""] + [f"- {md_esc(t)}" for t in d.explanation]) + "\n"
+                   + md_table(head, rows) + judges_md + ["", "## Why", ""] + [f"- {md_esc(t)}" for t in d.explanation]) \
+        + "\n"
     color = VERDICT_COLORS["switch" if d.verdict == "continue" else "not_decisive"]
     body = (f"<h1>preftune iterate: {esc(name)}</h1><p class='verdict' id='verdict' style='--c:{color}'>"
             f"{esc(d.summary)}</p><p class='meta'>Win rates are against the original reference, on the same held-out"
-            " prompts every round, so rounds compare.</p>" + html_table(head, rows) + "<h2>Why</h2><ol>"
+            " prompts every round, so rounds compare.</p>" + html_table(head, rows) + judges_html + "<h2>Why</h2><ol>"
             + "".join(f"<li>{esc(t)}</li>" for t in d.explanation) + "</ol>")
     return md, body

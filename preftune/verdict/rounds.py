@@ -8,6 +8,8 @@ every round shares (``--reference initial``: all of them; ``round``: the referen
 ``continue`` when the last round gained significantly over the one before on one of them, the gain is not only
 length, and what the policy writes did not get worse (a log-prob gain with a lower win rate is
 ``round_pairs_only``: what users ship is the generations); else ``stop``. "Beats the first" follows the same rule.
+With several judges, a gain that is behaviour alone counts only when every judge sees it (``judge_robust``); a
+judge-dependent one stops the rounds (``round_judge_dependent``, naming the judges that disagree).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..core.layout import CellEntry, Decision, RoundsDir
 from ..evaluation import yardsticks
 from .comparisons import BEHAVIOUR, Group, Stats, load_cell, short
 from .reasons import Reason, render, render_summary
+from .robust import against_reference, between
 
 
 def decide_rounds(rounds: RoundsDir, *, alpha: float = 0.05, n_boot: int = 10000) -> Decision:
@@ -34,11 +37,14 @@ def decide_rounds(rounds: RoundsDir, *, alpha: float = 0.05, n_boot: int = 10000
     first, last = st.groups[0], st.groups[-1]
     beats, basis = False, Reason("single_round", {"round": last.name})
     if last is not first:
-        up, fell = _gain(st, sticks, last, first, reasons)
+        up, fell, refused = _gain(st, sticks, last, first, reasons)
         beats, prev = bool(up) and fell is None, st.groups[-2]
         if prev is not first:
-            up, fell = _gain(st, sticks, last, prev, reasons)
-        basis = _basis(last, prev, up, fell, beats, reasons)
+            up, fell, refused = _gain(st, sticks, last, prev, reasons)
+        basis = _basis(last, prev, up, fell, beats, reasons) if up or not refused else Reason(
+            "round_judge_dependent", {"round": last.name, "previous": prev.name, "last_beats_first": beats,
+                                      "disagreeing": refused.data["disagreeing"], "judges": refused.data["judges"]})
+    reasons += [r for r in [against_reference(st, last)] if r]
     best = max(st.groups, key=lambda g: (g.gen("win_rate") or 0.0, g.accuracy))
     return Decision(verdict="continue" if basis.code == "round_gain" else "stop", summary=render_summary(basis),
                     basis=basis.to_dict(), reasons=[r.to_dict() for r in reasons],
@@ -46,17 +52,24 @@ def decide_rounds(rounds: RoundsDir, *, alpha: float = 0.05, n_boot: int = 10000
                     cells=st.cells, last_beats_first=beats, best_round=best.name)
 
 
-def _gain(st: Stats, sticks: list[str], a: Group, b: Group, reasons: list[Reason]) -> tuple[list[dict], dict | None]:
+def _gain(st: Stats, sticks: list[str], a: Group,
+          b: Group, reasons: list[Reason]) -> tuple[list[dict], dict | None, Reason | None]:
     """(significant gains of ``a`` over ``b``, the behaviour comparison when it falls while only log-prob
-    yardsticks rose); the round_comparison reason goes to ``reasons``."""
+    yardsticks rose, the judge_dependent reason when a behaviour gain was left out because the judges disagree
+    on it); the round_comparison reason (and with several judges, judge_robust/judge_dependent) go to ``reasons``."""
     cmps = [c for c in (st.compare(a, b, y) for y in sticks) if c]
     up = [c for c in cmps if c["diff"] > 0 and c["mcnemar_p"] < st.alpha]
     down = [c for c in cmps if c["diff"] < 0 and c["mcnemar_p"] < st.alpha]
     reasons.append(Reason("round_comparison", {"a": a.name, "b": b.name, "gains": [short(c) for c in up],
                                                "losses": [short(c) for c in down],
                                                "compared": [c["yardstick"] for c in cmps]}))
+    split = between(st, a, b)
+    reasons += [split] if split else []
+    refused = split if split and split.code == "judge_dependent" and any(c["yardstick"] == BEHAVIOUR for c in up) \
+        else None
+    up = [c for c in up if not (refused and c["yardstick"] == BEHAVIOUR)]  # never act on it
     fell = next((c for c in cmps if c["yardstick"] == BEHAVIOUR and c["diff"] < 0), None)
-    return up, fell if up else None
+    return up, fell if up else None, refused
 
 
 def _basis(last: Group, prev: Group, up: list[dict], fell: dict | None, beats: bool,

@@ -11,7 +11,6 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 from ..core import objectives
@@ -20,6 +19,7 @@ from ..evaluation import stats
 from ..evaluation.review import NUMERIC
 from .comparisons import BEHAVIOUR, MEANINGFUL, Group, Stats, cleaner, margins, short
 from .reasons import Reason, render, render_summary
+from .robust import against_reference, between, judged_worse, seed_spread
 
 RULES = (
     "switch: objectives are compared on the two common yardsticks (reference-relative and length-normalized), "
@@ -43,6 +43,17 @@ RULES = (
     "different while the challenger's margins are not cleaner and the pairs were enough to detect a 5-point "
     "accuracy difference; otherwise not_decisive, with the held-out pairs or seeds that would settle it.",
 )
+# Shown in the report when a folder has several judges or seeds (where they can apply).
+ROBUSTNESS_RULES = (
+    "judges: a behavioural result (a cell against the reference, two cells against each other) is judge_robust "
+    "when every judge gives it the same way (significantly better, significantly worse, or neither), else "
+    "judge_dependent. A switch is refused while any judge, not all, finds the challenger writing significantly "
+    "worse, and a round's gain that is behaviour alone does not continue the rounds when it is judge_dependent: "
+    "the verdict never acts on behaviour the judges disagree about.",
+    "seeds: with several seeds per cell, a difference between objectives whose seed means differ by no more than "
+    "either objective's seed-to-seed standard deviation is within_seed_spread: no switch and no keep on it "
+    "(not_decisive), with the seeds per cell that would settle it.",
+)
 LENGTH_SHIFT = 0.2                    # a behaviour win with generations 20% longer or shorter is suspect
 DIVERGED_WORDS = ("nan", "inf", "diverg")
 
@@ -60,6 +71,7 @@ class Case:
     challengers: list[tuple[Group, dict]] = field(default_factory=list)  # (group, its primary comparison)
     blocked: list[Reason] = field(default_factory=list)  # significant lifts that failed another switch condition
     notes: list[Reason] = field(default_factory=list)    # where behaviour disagrees with the pairs: the summary says
+    judged: set[str] = field(default_factory=set)        # cells whose judges were compared against the reference
 
 
 def decide_matrix(st: Stats, baseline: dict) -> Decision:
@@ -235,8 +247,15 @@ def behaviour(case: Case, c: Group, primary: dict) -> list[Reason]:
         notes.append(Reason("pairs_behaviour_disagree", {"cell": c.name, "pairs": short(primary),
                                                          "behaviour": short(b)}))
     notes += length_notes(c, nums)
+    judges = [against_reference(case.st, g) for g in (base, c) if g.name not in case.judged]
+    case.judged |= {base.name, c.name}
+    judges = [r for r in (*judges, between(case.st, c, base)) if r]
+    notes += [r for r in judges if r.code == "judge_dependent" and r.data["against"] == base.name]
     case.notes += notes
-    return [Reason("behaviour_comparison", {**short(b), **nums}), *notes]
+    # not significant: the prompts that would detect the observed difference, as pairs_needed for pairs
+    need = {"prompts_needed": b["pairs_needed"]} if b["mcnemar_p"] >= case.st.alpha else {}
+    return [Reason("behaviour_comparison", {**short(b), **nums, **need}), *notes,
+            *(r for r in judges if r not in notes)]
 
 
 def length_notes(c: Group, nums: dict[str, float | None]) -> list[Reason]:
@@ -267,17 +286,21 @@ def switch_conditions(case: Case, c: Group, cmp: dict, k: int) -> tuple[list[Rea
             return case.blocked[-1:], False
         return [], False
     behaviour = [b] if (b := st.compare(c, base, BEHAVIOUR)) else []
-    worse = [y for y in st.common(c, base) + behaviour
-             if y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < alpha]
+    split, spread = between(st, c, base), seed_spread(st, c, base, cmp)
+    worse = [y for y in st.common(c, base) + behaviour  # a behaviour loss the judges disagree about: below
+             if y["yardstick"] != cmp["yardstick"] and y["diff"] < 0 and y["mcnemar_p"] < alpha
+             and not (y["yardstick"] == BEHAVIOUR and split and split.code == "judge_dependent")]
     level, (lo, hi), clean = alpha / k, stats.wilson_interval(cmp["acc_a"] * cmp["n"], cmp["n"]), cleaner(c, base)
     common = {"cell": c.name, "objective": c.objective, **short(cmp)}
     conditions = (  # the switch conditions in order: the first one failed is the reason the lift is no switch
         (cmp["mcnemar_p"] >= level, lambda: ("not_significant_adjusted", {"level": level, "challengers": k})),
+        (spread is not None, lambda: ("within_seed_spread", spread.data)),
         (c.unstable, lambda: (f"challenger_{c.state}", {"problems": c.problems()})),
         (lo <= 0.5, lambda: ("not_above_chance", {"ci_low": lo})),
         (clean != "cleaner", lambda: ("margins_equal" if clean == "equal" else "margins_not_cleaner",
                                       margins(c, base))),
-        (bool(worse), lambda: ("worse_other_yardstick", {"worse": [short(y) for y in worse]})))
+        (bool(worse), lambda: ("worse_other_yardstick", {"worse": [short(y) for y in worse]})),
+        (judged_worse(split), lambda: ("judge_dependent", split.data)))
     for failed, why in conditions:
         if failed:
             code, data = why()
@@ -304,7 +327,11 @@ def keep_clauses(case: Case) -> tuple[list[Reason], bool, int | None]:
             continue
         significant = cmp["mcnemar_p"] < case.st.alpha
         if significant and cmp["diff"] < 0:
-            out.append(Reason("baseline_better", short(cmp)))
+            spread = seed_spread(case.st, c, base, cmp)
+            if spread is not None:  # the baseline's lead is no larger than the seeds' own spread: not settled
+                settled = False
+                case.blocked.append(spread)
+            out.append(spread or Reason("baseline_better", short(cmp)))
             continue
         margin = cleaner(c, base)
         to_detect = cmp["pairs_to_detect"]
@@ -334,8 +361,7 @@ def settle(case: Case, c: Group, cmp: dict) -> dict:
         return out
     sd = math.sqrt((statistics.variance(accs[0]) + statistics.variance(accs[1])) / 2)
     d = abs(statistics.fmean(accs[0]) - statistics.fmean(accs[1]))
-    z = NormalDist().inv_cdf(1 - case.st.alpha / 2) + NormalDist().inv_cdf(0.8)
-    return {**out, "seed_sd": sd, "seeds_needed": math.ceil(2 * (z * sd / d) ** 2) if d > 0 and sd > 0 else None}
+    return {**out, "seed_sd": sd, "seeds_needed": stats.seeds_needed(sd, d, alpha=case.st.alpha)}
 
 
 def rank(case: Case, anchor: Group) -> tuple[Group, list[Reason]]:

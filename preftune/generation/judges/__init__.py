@@ -7,9 +7,9 @@ from . import remote  # noqa: F401
 # isort: on
 from .base import DiskCache, Judge, PairwiseJudge, PointwiseJudge, Preferences, PythonJudge
 from .local import RewardModelJudge
-from .registry import KINDS, JudgeKind, judge_kind, parse_judge
+from .registry import KINDS, JudgeKind, judge_kind, parse_judge, parse_judges
 from .remote import JUDGE_PROMPT, PROMPT_VERSION, OpenAIJudge
 
 __all__ = ["JUDGE_PROMPT", "KINDS", "PROMPT_VERSION", "DiskCache", "Judge", "JudgeKind", "OpenAIJudge",
            "PairwiseJudge", "PointwiseJudge", "Preferences", "PythonJudge", "RewardModelJudge", "judge_kind",
-           "parse_judge"]
+           "parse_judge", "parse_judges"]

@@ -40,6 +40,13 @@ class Judge(ABC):
     def score_groups(self, prompts: Sequence[Content], groups: Sequence[Sequence[str]]) -> list[list[float]]:
         """A score per completion of each prompt's group (its K samples), higher is better."""
 
+    def position_flips(self, prompts: Sequence[Content], a: Sequence[str],
+                       b: Sequence[str]) -> list[bool | None] | None:
+        """After ``prefer``: per comparison, whether the answer flipped when the order of a and b was swapped
+        (None where nothing was asked). None from a judge that sees no order (pointwise) or asks one order only;
+        a pairwise judge that asks both orders says so here, and its position bias is measured."""
+        return None
+
 
 class PointwiseJudge(Judge):
     """Scores each completion alone; subclasses implement ``score``."""
@@ -153,7 +160,7 @@ def one_line(e: BaseException) -> str:
 def check_scores(spec: str, scores: Sequence[Any], n: int) -> list[float]:
     """``n`` finite numbers as floats, or an InputError naming the judge."""
     if len(scores) != n:
-        raise InputError(f"judge returned {len(scores)} scores for {n} completions", field="judge")
+        raise InputError(f"judge {spec} returned {len(scores)} scores for {n} completions", field="judge")
     out = []
     for s in scores:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):

@@ -33,12 +33,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ...core.config import Config
+from ...core.config import Config, refuse_credentials
 from ...core.errors import InputError, did_you_mean
 from .base import Judge, PairwiseJudge, PointwiseJudge, PythonJudge, one_line
 
@@ -105,6 +105,7 @@ def parse_judge(judge_spec: str, cfg: Config | None = None) -> Judge:
     if not isinstance(judge_spec, str) or not judge_spec.strip():
         raise InputError("empty judge spec", field="judge")
     spec = judge_spec.strip()
+    refuse_credentials(spec)  # before any message could quote it
     head, sep, rest = spec.partition(":")
     if sep and head in KINDS:
         return KINDS[head].make(spec, rest, cfg or Config(device="cpu"))
@@ -116,6 +117,21 @@ def parse_judge(judge_spec: str, cfg: Config | None = None) -> Judge:
         return KINDS[name].make(spec, args, cfg or Config(device="cpu"))
     raise InputError(f"cannot parse {spec!r}: unknown judge kind '{head}'{did_you_mean(head, list(KINDS))}; "
                      f"expected one of {', '.join(k.usage for k in KINDS.values())}, MODULE:KIND:ARGS", field="judge")
+
+
+def parse_judges(specs: Sequence[str], cfg: Config | None = None) -> list[Judge]:
+    """Every judge of a list (``--judge A --judge B``), in order, or one line naming the first bad spec or a
+    spec given twice -- before anything is generated or written."""
+    Config(judge=list(specs)).check_judges()
+    judges = []
+    for spec in specs:
+        try:
+            judges.append(parse_judge(spec, cfg))
+        except InputError as e:
+            if spec.strip() in str(e):
+                raise
+            raise InputError(f"judge {spec.strip()}: {e.message}", path=e.path, line=e.line, field=e.field) from None
+    return judges
 
 
 def import_from_cwd(module: str) -> ModuleType:

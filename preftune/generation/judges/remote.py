@@ -3,8 +3,10 @@
     parse_judge("openai:gpt-4o-mini@https://api.openai.com/v1").compare(["q"], ["a"], ["b"])   # [0.5]
 
 Each comparison is asked twice with the order swapped; disagreement is a tie, so position bias (a judge that
-always answers "1") shows up as ties, never as wins. The key comes from $PREFTUNE_JUDGE_API_KEY or
-$OPENAI_API_KEY and is never written anywhere. Settings from the environment: PREFTUNE_JUDGE_TIMEOUT (s, 60),
+always answers "1") shows up as ties, never as wins, and is measured (``position_flips``: gen_eval's
+``position_bias``). The key comes from $PREFTUNE_JUDGE_API_KEY or $OPENAI_API_KEY and is never written anywhere:
+what a server sends back is quoted with the key (and any prefix of it) cut out, and a URL with credentials in
+it is refused. Settings from the environment: PREFTUNE_JUDGE_TIMEOUT (s, 60),
 PREFTUNE_JUDGE_RETRIES (4), PREFTUNE_JUDGE_BACKOFF (s, 1.0; doubled per retry), PREFTUNE_JUDGE_CONCURRENCY (8).
 Any failure is an InputError: one line, exit code 2 from the CLI.
 """
@@ -24,7 +26,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ...core.config import refuse_credentials
 from ...core.errors import InputError
+from ...data.rows import Content, as_text
 from .base import DiskCache, PairwiseJudge, content_hash, one_line
 from .registry import judge_kind
 
@@ -56,6 +60,7 @@ class OpenAIJudge(PairwiseJudge):
     """Pairwise over an OpenAI-compatible ``/chat/completions`` endpoint."""
 
     def __init__(self, model: str, base_url: str, cache_dir: Path) -> None:
+        refuse_credentials(base_url)
         self.model, self.base_url = model, base_url.rstrip("/")
         self.timeout = _env_float("PREFTUNE_JUDGE_TIMEOUT", 60.0)
         self.retries = int(_env_float("PREFTUNE_JUDGE_RETRIES", 4))
@@ -69,11 +74,11 @@ class OpenAIJudge(PairwiseJudge):
     def _ask_once(self, content: str) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
                            "temperature": 0, "max_tokens": 4}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = next((os.environ[v] for v in KEY_VARIABLES if os.environ.get(v)), None)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST")
+        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        key = api_key()
+        if key:  # never carried over a redirect to another host
+            req.add_unredirected_header("Authorization", f"Bearer {key}")
         with self._lock:
             self.calls += 1
         try:
@@ -93,31 +98,45 @@ class OpenAIJudge(PairwiseJudge):
         return answer
 
     def _ask(self, content: str) -> str:
+        """The answer, or one line -- with the key cut out of whatever the server sent back (a body, an answer or
+        a status line that echoes the request's headers)."""
         last = ""
         for attempt in range(self.retries + 1):
             try:
                 return self._ask_once(content)
             except _Fatal as e:
-                raise InputError(f"judge {self.spec}: {e}", field="judge") from None
+                raise InputError(redact(f"judge {self.spec}: {e}"), field="judge") from None
             # 5xx, 429, garbage, timeouts, refused connections, torn responses: worth another try
-            except (RuntimeError, OSError, http.client.HTTPException) as e:
+            except (RuntimeError, OSError, ValueError, http.client.HTTPException) as e:
                 last = one_line(e)
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2**attempt)
-        raise InputError(f"judge {self.spec}: no usable answer after {self.retries + 1} tries ({last})",
+        raise InputError(redact(f"judge {self.spec}: no usable answer after {self.retries + 1} tries ({last})"),
                          field="judge")
 
-    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+    def _asks(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(questions, cache keys): (a first, b first) for each comparison; "" where a and b are identical."""
         if not len(prompts) == len(a) == len(b):
             raise ValueError("prompts, a and b differ in length")
         contents = []
-        for p, x, y in zip(prompts, a, b):  # (a first, b first) for each comparison
+        for p, x, y in zip(prompts, a, b):
             if x == y:  # identical responses are a tie by definition: nothing to pay for
                 contents += ["", ""]
                 continue
             contents.append(JUDGE_PROMPT.format(instruction=p, response_1=x, response_2=y))
             contents.append(JUDGE_PROMPT.format(instruction=p, response_1=y, response_2=x))
-        keys = [content_hash(self.model, c) for c in contents]
+        return contents, [content_hash(self.model, c) for c in contents]
+
+    def position_flips(self, prompts: Sequence[Content], a: Sequence[str],
+                       b: Sequence[str]) -> list[bool | None] | None:
+        """Whether the answer changed side with the order: "1" both times (or "2" both times) is a flip."""
+        contents, keys = self._asks([as_text(p) for p in prompts], a, b)
+        cached = self._cache.load()
+        return [None if not contents[i] or keys[i] not in cached or keys[i + 1] not in cached else
+                (cached[keys[i]] == "1") != (cached[keys[i + 1]] == "2") for i in range(0, len(keys), 2)]
+
+    def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        contents, keys = self._asks(prompts, a, b)
         cached = self._cache.load()
         todo = {k: c for k, c in zip(keys, contents) if c and k not in cached}
         if todo:
@@ -139,6 +158,30 @@ class OpenAIJudge(PairwiseJudge):
             out.append(0.5 if not contents[i] else 1.0 if a_wins_first and a_wins_second else
                        0.0 if not a_wins_first and not a_wins_second else 0.5)
         return out
+
+
+def api_key() -> str | None:
+    return next((os.environ[v] for v in KEY_VARIABLES if os.environ.get(v)), None)
+
+
+def redact(text: str) -> str:
+    """``text`` with the API key, and every prefix of it longer than 4 characters, replaced by ``[key]``: a
+    server's echo cut at any length never shows a usable part of the key."""
+    key = api_key()
+    if not key:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        n = 0
+        while i + n < len(text) and n < len(key) and text[i + n] == key[n]:
+            n += 1
+        if n >= min(5, len(key)):
+            out.append("[key]")
+            i += n
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def _env_float(name: str, default: float) -> float:
