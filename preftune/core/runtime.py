@@ -134,3 +134,23 @@ def current() -> Runtime:
         return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     return _SINGLE
+
+
+def crash_hook(point: str) -> None:
+    """Tests of kill -9 + resume need a death at a known point, every time: PREFTUNE_TEST_KILL_AT="GLOB|MARKER"
+    makes the first process that reaches a point matching GLOB (the one that creates MARKER) SIGKILL itself.
+    PREFTUNE_TEST_KILL_AFTER_CHECKPOINT=MARKER is the same for every checkpoint. Unset, this does nothing.
+    Points: ``checkpoint <run folder>`` after a checkpoint, ``pipeline <stage>`` inside a pipeline stage."""
+    import fnmatch
+    import signal
+
+    glob, _, marker = os.environ.get("PREFTUNE_TEST_KILL_AT", "").partition("|")
+    if os.environ.get("PREFTUNE_TEST_KILL_AFTER_CHECKPOINT"):
+        glob, marker = "checkpoint *", os.environ["PREFTUNE_TEST_KILL_AFTER_CHECKPOINT"]
+    if not marker or not fnmatch.fnmatch(point, glob):
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -14,6 +14,7 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import atomic_write_json
 from ..core.layout import GATE_RECORD, MatrixDir, PipelineDir, RunDir, read_decision, write_decision
+from ..core.runtime import crash_hook
 from ..data.rows import load_prompts
 from ..evaluation.checks import answer_and_judge
 from ..generation.judges import parse_judge
@@ -61,6 +62,7 @@ def decide_stage(recipe: Recipe, out: PipelineDir) -> tuple[str, str | None]:
 
     d = decide(out.matrix, alpha=recipe.alpha, baseline=recipe.baseline)
     write_decision(out.matrix, d)
+    crash_hook("pipeline decide")
     write_report(out.matrix)
     return "done", f"{d.verdict} -> {d.objective} r={d.lora_rank}"
 
@@ -88,6 +90,7 @@ def gate_stage(recipe: Recipe, out: PipelineDir) -> tuple[str, str | None]:
                                 out=out.check_rows(check.name), reference_model=reference, seed=cfg.seed,
                                 batch_size=cfg.eval_batch_size)
         evidence.append((check, rows))
+        crash_hook(f"pipeline gate {check.name}")
     record = gate_verdict(evidence)
     atomic_write_json(out.gate / GATE_RECORD, record)
     return "done", record["verdict"]
@@ -113,6 +116,7 @@ def ship_stage(recipe: Recipe, out: PipelineDir) -> tuple[str, str | None]:
     if not (out.ship / "README.md").exists():  # export writes the folder in one rename: present means whole
         export(chosen_cell(out).path, out.ship, merge=recipe.merge, dtype=recipe.dtype,
                evidence=evidence(recipe, out, gate))
+        crash_hook("pipeline ship")
     return "done", "merged model" if recipe.merge else "adapter"
 
 

@@ -8,9 +8,7 @@ resumes from (trainable weights, optimizer state, RNG state, step, and TR-DPO's 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,17 +112,3 @@ def load_checkpoint(folder: Path, trainable: Trainable, opt: torch.optim.Optimiz
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
-
-
-def crash_hook() -> None:
-    """Tests of kill -9 + resume (torchrun, Ray retries) need a death right after a checkpoint, every time:
-    PREFTUNE_TEST_KILL_AFTER_CHECKPOINT=MARKER makes the first process that gets here (the one that creates
-    MARKER) SIGKILL itself. Unset, this does nothing."""
-    marker = os.environ.get("PREFTUNE_TEST_KILL_AFTER_CHECKPOINT")
-    if not marker:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -43,7 +43,6 @@ from ..modeling.model import add_lora, checkpoint_layers, fingerprint, is_peft, 
 from ..modeling.precision import arithmetic, resolve_dtype
 from .checkpoints import (
     checkpoint_step,
-    crash_hook,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -94,7 +93,7 @@ def train(cfg: Config, *, prepared: Prepared | None = None, base_model: torch.nn
                 progress.eval(evaluate_at(done)[0])
             if cfg.save_every and done % cfg.save_every == 0 and done < total and r.rt.is_main and not r.fsdp:
                 save_checkpoint(r.dir, done, r.trainable, opt, train_ref.state())  # every rank alike: one copy
-                crash_hook()
+                runtime.crash_hook(f"checkpoint {r.dir.path}")
         return _finish(r, evaluate_at, progress, train_ref)                # 5. final eval, weights, summary
 
 
