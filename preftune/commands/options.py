@@ -42,7 +42,8 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *, 
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"metavar": name.upper()}
         shown = ",".join(default) if isinstance(default, list) else default
-        g.add_argument(flag(name), default=argparse.SUPPRESS, help=f"{text} (default {shown})", **kind)
+        help = f"{text} (default {shown})".replace("%", "%%")  # argparse formats help with %
+        g.add_argument(flag(name), default=argparse.SUPPRESS, help=help, **kind)
         if name == "objective":
             for short in config_mod.SHORTHANDS:
                 g.add_argument(flag(short), default=argparse.SUPPRESS, metavar=short.upper(),
