@@ -25,7 +25,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     from ..core.config import FIELDS
 
     p.add_argument("data", metavar="DATA", help="training pairs: any data file or source train reads")
-    p.add_argument("--output", dest="audit_file", metavar="FILE", help="write the findings here as audit.json (docs/formats.md)")
+    p.add_argument("--output", dest="audit_file", metavar="FILE",
+                   help="write the findings here as audit.json (docs/formats.md)")
     p.add_argument("--sample", type=int, default=256, metavar="N",
                    help="training pairs scored by --model and judged by --judge (default 256)")
     add_config_flags(p, skip=tuple(f for f in FIELDS if f not in USED))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import re
 import reprlib
@@ -56,7 +57,7 @@ class Config:
     eval_split: str = "test"             # split of `eval_data` for a datasets source
     eval_fraction: float = 0.1           # share of distinct prompts held out when no `eval_data` is given
     split_seed: int = 0                  # seed of the held-out split; separate from `seed` so a seed grid keeps one held-out set
-    columns: dict[str, str] = field(default_factory=dict)  # the file's column names: prompt=question,chosen=response_j,rejected=response_k
+    columns: dict[str, str] = field(default_factory=dict)  # your file's column names: prompt=question,chosen=answer_a
     bad_rows: str = "error"              # error (the first bad row stops the run) | skip (count, name and skip them)
     max_bad_rows: float = 0.01           # with bad_rows skip: most rows skipped, a count (>= 1) or a share of the rows (< 1)
     max_length: int | str = 512          # tokens of prompt + completion, per side; auto = what keeps 95% of training pairs whole
@@ -113,7 +114,8 @@ class Config:
         ``max_length``: the length ``auto`` resolved to (training resolves it from the data)."""
         length = max_length if max_length is not None else self.max_length
         if not isinstance(length, int):
-            raise InputError("auto is resolved from the training data; give a number of tokens here", field="max_length")
+            raise InputError("auto is resolved from the training data; give a number of tokens here",
+                             field="max_length")
         return self.max_prompt_length if self.max_prompt_length is not None else max(1, length // 2)
 
     def resolved_alpha(self) -> float:
@@ -166,7 +168,8 @@ class Config:
         if self.batch_size < obj.min_batch_size:
             raise InputError(f"{self.batch_size}: must be at least {obj.min_batch_size} for '{obj.name}' (its reference "
                              f"point is estimated from the other rows of a micro-batch)", field="batch_size")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < (self.max_length if fixed else 2**62):
+        below = self.max_length if fixed else math.inf  # auto: checked once it is resolved (training/prepare.py)
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < below:
             given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
             raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "
                              f"{given}); leave it unset to use half of max_length", field="max_prompt_length")

@@ -196,7 +196,8 @@ class Auditor:
             "of": "log2((chosen + 1) / (rejected + 1))"})
 
     def counts_record(self) -> dict[str, Any]:
-        return {"rows": self.rows, "pairs": self.pairs, "prompts": len(self.prompts), "bad_rows": sum(self.bad.values()),
+        return {"rows": self.rows, "pairs": self.pairs, "prompts": len(self.prompts),
+                "bad_rows": sum(self.bad.values()),
                 "heldout_pairs": self.heldout_pairs, "heldout_prompts": len(self.held)}
 
 

@@ -23,8 +23,8 @@ FIELDS = ("prompt", "chosen", "rejected", "completion", "label")  # what --colum
 # Where an assistant turn starts in a plain-string dialogue; the prompt ends right after the last one both
 # sides share: a line starting with "Assistant:" (or "### Assistant:", "### Response:"), or the chat markers
 # "<|assistant|>", "<|im_start|>assistant" and "[/INST]".
-TURN = re.compile(r"(?:^|\n)[ \t]*(?:#+[ \t]*)?(?:assistant|response)[ \t]*:|<\|assistant\|>|<\|im_start\|>assistant\n?"
-                  r"|\[/INST\]", re.IGNORECASE)
+TURN = re.compile(r"(?:^|\n)[ \t]*(?:#+[ \t]*)?(?:assistant|response)[ \t]*:"
+                  r"|<\|assistant\|>|<\|im_start\|>assistant\n?|\[/INST\]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

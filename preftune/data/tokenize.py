@@ -79,12 +79,13 @@ class DataStats:
                       for p, c, r in self.lengths)
         return max(2, _rank(need, share))
 
-    def line(self, split: str, max_length: int) -> str:
+    def line(self, split: str, max_length: int, max_prompt_length: int | None = None) -> str:
         """One console line: what truncation at ``max_length`` did to this split, and what would keep 95% whole."""
         q = self.percentiles()
         lens = "; ".join(f"{k} tokens p50 {v['p50']} / p95 {v['p95']} / max {v['max']}" for k, v in q.items())
-        return (f"data {split}: {self.rows} rows, {self.kept} kept, {self.truncated} truncated, {self.dropped} dropped "
-                f"at --max-length {max_length}; {lens}; --max-length {self.whole_at()} keeps 95% of pairs whole")
+        whole = self.whole_at(0.95, max_prompt_length)
+        return (f"data {split}: {self.rows} rows, {self.kept} kept, {self.truncated} truncated, {self.dropped} "
+                f"dropped at --max-length {max_length}; {lens}; --max-length {whole} keeps 95% of pairs whole")
 
 
 def _rank(xs: list[int], q: float) -> int:
@@ -186,8 +187,9 @@ def _encode(examples: Sequence[Example], tok: Any, apply_chat_template: bool,
 
 NO_TEMPLATE = ("the tokenizer has no chat template, which message-list (conversational) rows need: give one with "
                "--chat-template FILE")
-NO_TEMPLATE_WRAPPED = ("the tokenizer has no chat template, which --apply-chat-template needs to wrap plain-string "
-                       "rows as user/assistant turns: give one with --chat-template FILE, or drop --apply-chat-template")
+NO_TEMPLATE_WRAPPED = ("the tokenizer has no chat template, which --apply-chat-template needs to wrap "
+                       "plain-string rows as user/assistant turns: give one with --chat-template FILE, or drop "
+                       "--apply-chat-template")
 
 
 def _with_eos(text: str, eos: str) -> str:

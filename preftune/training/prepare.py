@@ -84,7 +84,7 @@ def prepare_data(cfg: Config, tokenizer: Any) -> Prepared:
         for line in obj.advice(counts, cfg.objective_params()):
             print(f"preftune: warning: {line}", file=sys.stderr)
     notes = [n for n in (loaded.note(cfg.data), held_loaded.note(cfg.eval_data or "")) if n]
-    notes += [s.line(name, length) for name, s in stats.items()]
+    notes += [s.line(name, length, cfg.max_prompt_length) for name, s in stats.items()]
     audit = _preflight(cfg, loaded, held_loaded, audited, stats, length) if cfg.audit else None
     return Prepared(tokenizer, train, held, stats, notes, audit)
 

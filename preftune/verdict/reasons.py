@@ -186,8 +186,8 @@ def render_summary(basis: Reason | dict) -> str:
     """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
     notes, data = d.get("behaviour") or [], d.get("data") or []
-    return SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".") \
-        + ("" if not data else " Data: " + "; ".join(render(n) for n in data) + ".")
+    return (SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+            + ("" if not data else " Data: " + "; ".join(render(n) for n in data) + "."))
 
 
 def _first(d: dict) -> str:
@@ -265,8 +265,9 @@ AUDIT: dict[str, Callable[[dict], str]] = {
     "bad_rows": lambda d: (f"{d['bad']} of {d['rows']} rows are bad (" + ", ".join(
         f"{k.replace('_', ' ')}: {n}" for k, n in d["kinds"].items()) + "): training stops at the first one unless "
         "--bad-rows skip") if d["bad"] else f"no bad rows in {d['rows']}",
-    "duplicate_pairs": lambda d: f"{d['rows']} rows repeat an earlier pair exactly ({_pct(d['rows'] / max(1, d['pairs']))} of "
-    f"{d['pairs']} pairs): each copy counts again in training" if d["rows"] else "no row repeats an earlier pair",
+    "duplicate_pairs": lambda d: f"{d['rows']} rows repeat an earlier pair exactly "
+    f"({_pct(d['rows'] / max(1, d['pairs']))} of {d['pairs']} pairs): each copy counts again in training"
+    if d["rows"] else "no row repeats an earlier pair",
     "near_duplicate_prompts": lambda d: f"{d['prompts']} prompts differ from another only in case, punctuation or "
     f"spacing ({d['groups']} groups among {d['distinct_prompts']} distinct prompts)" if d["prompts"] else
     f"no two of the {d['distinct_prompts']} distinct prompts differ only in case, punctuation or spacing",
@@ -285,12 +286,13 @@ AUDIT: dict[str, Callable[[dict], str]] = {
     "length_rule": lambda d: _rule(d) + f"; the reference alone agrees with the rule on {_pct(d['reference_agrees'])} "
     "of the pairs it decides",
     "truncation": _cut,
-    "reference_ranking": lambda d: f"before training, the reference ranks the {d['pairs']} held-out pairs: " + "; ".join(
-        f"{y['yardstick']} {_n(y['accuracy'])} (95% CI {_n(y['ci'][0])}-{_n(y['ci'][1])})" for y in d["yardsticks"])
+    "reference_ranking": lambda d: f"before training, the reference ranks the {d['pairs']} held-out pairs: "
+    + "; ".join(f"{y['yardstick']} {_n(y['accuracy'])} (95% CI {_n(y['ci'][0])}-{_n(y['ci'][1])})"
+                for y in d["yardsticks"])
     + " (a reference-relative yardstick ties every pair at step 0)",
-    "label_noise": lambda d: f"the reference ranks {_pct(d['against'])} of {d['pairs']} training pairs strongly against "
-    f"their label (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])}; length-normalized margin below -{_n(d['threshold'])} "
-    "nats per token): a label-noise estimate",
+    "label_noise": lambda d: f"the reference ranks {_pct(d['against'])} of {d['pairs']} training pairs strongly "
+    f"against their label (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])}; length-normalized margin below "
+    f"-{_n(d['threshold'])} nats per token): a label-noise estimate",
     "judge_agreement": lambda d: f"judge {d['judge']} agrees with the labels on {_pct(d['agreement'])} of {d['pairs']} "
     f"sampled pairs (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])}, {d['ties']} ties)",
     "length_learned": lambda d: f"{d['cell']} learned the data's {d['teaches']} prior: on {d['pairs']} held-out pairs "
