@@ -7,7 +7,7 @@ import random
 import pytest
 
 from preftune.core.errors import InputError
-from preftune.data import rows as data
+from preftune.data import shapes
 from preftune.data.rows import Example, load_examples
 from preftune.data.split import batch_order, split_by_prompt
 from preftune.data.tokenize import tokenize_examples
@@ -89,10 +89,12 @@ BAD = [  # (file lines, message start, message part)
     (["[1, 2]"], "bad.jsonl:1: ", "row must be an object"),
     ([{"prompt": "a", "rejected": "c"}], "bad.jsonl:1: field 'chosen': ", "missing"),
     ([{"chosen": "b", "rejected": "c"}], "bad.jsonl:1: field 'prompt': ", "missing"),
-    ([ROW, {**ROW, "chosen": ""}], "bad.jsonl:2: field 'chosen': ", data.BAD_VALUE),
-    ([{**ROW, "prompt": " \n"}], "bad.jsonl:1: field 'prompt': ", data.BAD_VALUE),
-    ([{**ROW, "rejected": 3}], "bad.jsonl:1: field 'rejected': ", data.BAD_VALUE),
-    ([{**ROW, "rejected": []}], "bad.jsonl:1: field 'rejected': ", data.BAD_VALUE),
+    ([ROW, {**ROW, "chosen": ""}], "bad.jsonl:2: field 'chosen': ", "empty; --bad-rows skip skips such rows"),
+    ([{**ROW, "prompt": " \n"}], "bad.jsonl:1: field 'prompt': ", "whitespace only"),
+    ([{**ROW, "rejected": 3}], "bad.jsonl:1: field 'rejected': ", "must be a string or a list of messages, got int"),
+    ([{**ROW, "rejected": []}], "bad.jsonl:1: field 'rejected': ", "an empty list of messages"),
+    ([{**CONV, "chosen": [USER, {"role": "assistant", "content": " "}]}], "bad.jsonl:1: field 'chosen[1]': ",
+     "content is whitespace only"),
     ([{**CONV, "chosen": [{"role": "user"}]}], "bad.jsonl:1: field 'chosen[0]': ", "'role' and 'content'"),
     ([{**CONV, "chosen": ["hi"]}], "bad.jsonl:1: field 'chosen[0]': ", "'role' and 'content'"),
     ([{**ROW, "rejected": " 1 3"}], "bad.jsonl:1: field 'rejected': ", "identical to chosen"),
@@ -186,7 +188,7 @@ def test_tokenize_matches_trl(tok, tiny_world):
     for rows, kw in [(std, {}), ([CONV], {}), (wrapped, {}), (std, {"apply_chat_template": True})]:
         trl_rows = wrapped if kw else rows
         ds = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), Dataset.from_list(trl_rows), tok, args, "t")
-        examples = [data._example(r, f"t:{i}", "t", i) for i, r in enumerate(rows)]
+        examples = [shapes.example(r, f"t:{i}", "t", i) for i, r in enumerate(rows)]
         pairs, _ = _tokenize(examples, tok, max_length=10_000, max_prompt_length=5_000, **kw)
         assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == \
             [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]

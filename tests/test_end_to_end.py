@@ -6,6 +6,7 @@ import json
 
 from preftune.commands.cli import main
 from preftune.core.config import Config
+from preftune.core.layout import read_audit
 from preftune.evaluation.review import review
 from preftune.tinyworld import build_world
 from preftune.training.loop import train
@@ -36,6 +37,8 @@ def test_chosen_shorter_is_flagged_as_length_biased(tmp_path):
     findings = {f.code: f for f in review(out).findings}
     assert "length_bias" in findings, [f.sentence for f in review(out).findings]
     assert "shorter" in findings["length_bias"].sentence and "SimPO" in findings["length_bias"].sentence
+    bias = read_audit(out).find("length_bias")  # the preflight saw it in the training pairs, before any step
+    assert bias["teaches"] == "brevity" and bias["rule"] == "shorter" and bias["ci"][0] > 0.5
 
 
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):

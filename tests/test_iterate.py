@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 import preftune
 from preftune.commands.cli import main
 from preftune.core import config
+from preftune.core.layout import read_audit, write_audit
 from preftune.generation.pairs import make_pairs
 from preftune.tinyworld import build_world
 from preftune.training.loop import train
@@ -88,6 +90,15 @@ def test_two_rounds_layout_continuation_decide_and_report(sft_world, tmp_path):
     assert set(d.reasons[0]["compared"]) == {"behaviour", "refrel", "lennorm"}
     md, html = preftune.report(str(out))
     assert "| 2 | " in md.read_text() and "win rate" in html.read_text()
+    # the preflight: the prompts against the held-out pairs once, and each round's own pairs
+    audit = read_audit(out)
+    assert audit.counts["rows"] == 128 and audit.find("heldout_leak")["exact"] == 0
+    assert all((out / f"round-{r}" / "audit.json").is_file() for r in (1, 2))
+    leak = {**audit.find("heldout_leak"), "exact": 5, "leaked_pairs": 5, "severity": "warn"}
+    write_audit(out, replace(audit, findings=[leak]))  # had 5 held-out prompts been among the prompts
+    d = preftune.decide(str(out))
+    assert [r["code"] for r in d.reasons] == ["heldout_leak", "round_comparison"]
+    assert d.basis["data"][0]["exact"] == 5 and "Data: 5 of 48 held-out prompts" in d.summary
 
 
 def test_round_two_beats_round_one_against_the_original(tmp_path):

@@ -45,6 +45,9 @@ CASES = {
     "review MISSING": ("review {T}/missing", "{T}/missing"),
     "decide FILE": ("decide {T}/afile", "{T}/afile"),
     "decide MISSING": ("decide {T}/missing", "{T}/missing"),
+    "audit MISSING": ("audit {T}/missing.jsonl", "{T}/missing.jsonl"),
+    "audit --eval-data FOLDER": ("audit {W}/train.jsonl --eval-data {T}/adir", "{T}/adir"),
+    "audit --output FILE/sub": ("audit {W}/train.jsonl --output {T}/afile/audit.json", "{T}/afile"),
 }
 
 

@@ -17,12 +17,12 @@ import threading
 from typing import Any
 
 from ..core.errors import InputError, TrainingDiverged, did_you_mean
-from . import export, generate, iterate, matrix, pipeline, plan, run, verdict, world
+from . import audit, export, generate, iterate, matrix, pipeline, plan, run, verdict, world
 from .options import Command, speaks
 
 COMMANDS: tuple[Command, ...] = (
-    run.TRAIN, run.EVAL, matrix.ABLATE, verdict.REVIEW, verdict.DECIDE, verdict.REPORT, pipeline.PIPELINE, world.DEMO,
-    world.WORLD, generate.GENERATE, iterate.ITERATE, plan.PLAN, export.EXPORT, world.OBJECTIVES)
+    run.TRAIN, run.EVAL, audit.AUDIT, matrix.ABLATE, verdict.REVIEW, verdict.DECIDE, verdict.REPORT, pipeline.PIPELINE,
+    world.DEMO, world.WORLD, generate.GENERATE, iterate.ITERATE, plan.PLAN, export.EXPORT, world.OBJECTIVES)
 EXAMPLE = """example:
   preftune ablate --model M --data train.jsonl --eval-data heldout.jsonl --output matrix   # DPO/SimPO x r16/r8
   preftune decide matrix                        # which objective and rank won, how sure, and why

@@ -44,7 +44,8 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *, 
         if config_mod.repeatable(name):  # --judge A --judge B
             kind["action"] = "append"
         shown = ",".join(default) if isinstance(default, list) else default
-        g.add_argument(flag(name), default=argparse.SUPPRESS, help=f"{text} (default {shown})", **kind)
+        help = f"{text} (default {shown})".replace("%", "%%")  # argparse formats help with %
+        g.add_argument(flag(name), default=argparse.SUPPRESS, help=help, **kind)
         if name == "objective":
             for short in config_mod.SHORTHANDS:
                 g.add_argument(flag(short), default=argparse.SUPPRESS, metavar=short.upper(),

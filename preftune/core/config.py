@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import re
 import reprlib
@@ -56,10 +57,15 @@ class Config:
     eval_split: str = "test"             # split of `eval_data` for a datasets source
     eval_fraction: float = 0.1           # share of distinct prompts held out when no `eval_data` is given
     split_seed: int = 0                  # seed of the held-out split; separate from `seed` so a seed grid keeps one held-out set
-    max_length: int = 512                # tokens of prompt + completion, per side
+    columns: dict[str, str] = field(default_factory=dict)  # your file's column names: prompt=question,chosen=answer_a
+    bad_rows: str = "error"              # error (the first bad row stops the run) | skip (count, name and skip them)
+    max_bad_rows: float = 0.01           # with bad_rows skip: most rows skipped, a count (>= 1) or a share of the rows (< 1)
+    max_length: int | str = 512          # tokens of prompt + completion, per side; auto = what keeps 95% of training pairs whole
     max_prompt_length: int | None = None  # prompt tokens kept (cut from the left); None = half of max_length
     apply_chat_template: bool = False    # wrap plain-string pairs as user/assistant turns
+    chat_template: str | None = None     # a Jinja chat template file (or a tokenizer folder with one) for a tokenizer without one
     max_train_pairs: int | None = None   # take the first N training pairs (after the split)
+    audit: bool = True                   # check the data before training: one line, audit.json (preftune audit)
     # --- objective -------------------------------------------------------------------------------
     objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`) or module:name for your own
     nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
@@ -104,9 +110,15 @@ class Config:
     gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, one more forward (see `preftune plan`)
 
     # ---------------------------------------------------------------------------------------------
-    def prompt_length(self) -> int:
-        """Prompt tokens kept: ``max_prompt_length``, or half of ``max_length`` when unset (so it follows it)."""
-        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
+    def prompt_length(self, max_length: int | None = None) -> int:
+        """Prompt tokens kept: ``max_prompt_length``, or half of ``max_length`` when unset (so it follows it).
+
+        ``max_length``: the length ``auto`` resolved to (training resolves it from the data)."""
+        length = max_length if max_length is not None else self.max_length
+        if not isinstance(length, int):
+            raise InputError("auto is resolved from the training data; give a number of tokens here",
+                             field="max_length")
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, length // 2)
 
     def resolved_alpha(self) -> float:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
@@ -126,6 +138,8 @@ class Config:
         self.objectives = checked
         _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
         _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _choice("bad_rows", self.bad_rows, ("error", "skip"))
+        fixed = isinstance(self.max_length, int)
         self.check_device()
         self.check_judges()
         opt = lambda v, ok: v is None or ok(v)  # noqa: E731  (unset optional values are fine)
@@ -134,7 +148,9 @@ class Config:
             ("lora_alpha", opt(self.lora_alpha, lambda v: v > 0), "> 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
-            ("split_seed", self.split_seed >= 0, ">= 0"), ("max_length", self.max_length >= 2, ">= 2"),
+            ("split_seed", self.split_seed >= 0, ">= 0"),
+            ("max_length", self.max_length == "auto" or fixed and self.max_length >= 2, ">= 2 or auto"),
+            ("max_bad_rows", self.max_bad_rows >= 0, ">= 0 (a count, or a share below 1)"),
             ("max_train_pairs", opt(self.max_train_pairs, lambda v: v >= 1), ">= 1"),
             ("lr", self.lr > 0, "> 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
             ("grad_accum", self.grad_accum >= 1, ">= 1"), ("max_steps", opt(self.max_steps, lambda v: v >= 1), ">= 1"),
@@ -162,7 +178,8 @@ class Config:
                    "the synced reference is a second LoRA adapter: full fine-tuning (lora_rank 0) would need a second "
                    "copy of the model")
             raise InputError(f"{self.ref_sync_steps}: {why}; set ref_sync_steps 0", field="ref_sync_steps")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+        below = self.max_length if fixed else math.inf  # auto: checked once it is resolved (training/prepare.py)
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < below:
             given = "its default" if self.max_length == FIELDS["max_length"].default else "given"
             raise InputError(f"{self.max_prompt_length} must be at least 1 and below max_length ({self.max_length}, "
                              f"{given}); leave it unset to use half of max_length", field="max_prompt_length")
@@ -266,44 +283,58 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
         if type(None) in types:
             return None
         raise InputError("must not be empty", path=source, field=key)
-    lists = [t for t in types if get_origin(t) is list]
-    # a field that takes text or a list (judge): a list is a list, one item is that text, text is never split
-    base = lists[0] if isinstance(value, list) and lists else next(t for t in types if t is not type(None))
-    if str in types and lists and isinstance(value, list) and len(value) <= 1:
+    bases = [t for t in types if t is not type(None)]
+    lists = [t for t in bases if get_origin(t) is list]
+    if str in bases and lists and isinstance(value, list) and len(value) <= 1:  # judge: one item is that text
         return str(value[0]) if value else None
-    origin = get_origin(base)
+    for base in bases[:-1]:  # `int | str`: the first type that takes the value (max_length: 512 or auto)
+        try:
+            return _convert(base, value, key, source)
+        except (ValueError, TypeError, KeyError):
+            pass
     try:
-        if base is bool:
-            return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-        if origin is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError
-            return [str(v) for v in value]
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise ValueError
-            for name, over in value.items():
-                if not isinstance(over, dict):
-                    raise InputError("must map an objective name to {key: value}", path=source, field=f"{key}.{name}")
-            # values are checked against each objective's schema in validate() (objectives.resolve_params)
-            return {str(name): {str(k): v for k, v in over.items()} for name, over in value.items()}
+        return _convert(bases[-1], value, key, source)
     except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
-        raise InputError(f"{reprlib.repr(value)} is not a valid {getattr(base, '__name__', base)}", path=source,
-                         field=key) from None
+        kind = " or ".join(getattr(b, "__name__", str(b)) for b in bases)
+        raise InputError(f"{reprlib.repr(value)} is not a valid {kind}", path=source, field=key) from None
+
+
+def _convert(base: Any, value: Any, key: str, source: str) -> Any:
+    origin = get_origin(base)
+    if base is bool:
+        return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
+    if base is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        return [str(v) for v in value]
+    if origin is dict and get_args(base)[1] is str:  # columns: "prompt=question,chosen=a" or {prompt: question}
+        if isinstance(value, str):
+            value = dict(part.split("=", 1) for part in value.split(",") if part.strip())
+        if not isinstance(value, dict) or not all(isinstance(v, str) and v.strip() for v in value.values()):
+            raise ValueError
+        return {str(k).strip(): v.strip() for k, v in value.items()}
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        for name, over in value.items():
+            if not isinstance(over, dict):
+                raise InputError("must map an objective name to {key: value}", path=source, field=f"{key}.{name}")
+        # values are checked against each objective's schema in validate() (objectives.resolve_params)
+        return {str(name): {str(k): v for k, v in over.items()} for name, over in value.items()}
     return value
 
 

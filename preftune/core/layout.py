@@ -28,6 +28,7 @@ ADAPTER = "adapter"                # peft adapter (LoRA runs)
 FULL_MODEL = "model"               # the whole model + tokenizer (full fine-tuning)
 CHECKPOINTS = "checkpoints"        # step-NNNNNNN/ folders, the newest complete one kept
 REVIEW = "review.json"             # preftune review
+AUDIT = "audit.json"               # the data audit (train's preflight, preftune audit); a matrix and rounds folder too
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 EVAL_METRICS = "metrics.json"      # preftune eval's own folder
 TENSORBOARD, MLRUNS, WANDB = "tensorboard", "mlruns", "wandb"
@@ -128,6 +129,42 @@ class RunSummary:
             if not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
                 raise InputError(f"missing or not {kind.__name__}", path=str(path), field=key)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Audit:
+    """audit.json: what the data audit found, each finding a code with its numbers and a few escaped-on-render
+    examples (docs/formats.md, "audit.json")."""
+
+    sources: dict[str, Any]                 # data, eval_data (or the split that made the held-out side), model, judge
+    counts: dict[str, Any]                  # rows, pairs, prompts, heldout_pairs, heldout_prompts, skipped
+    findings: list[dict[str, Any]]          # {"code", "severity": info | warn, <numbers>, "examples": [...]}
+
+    def find(self, code: str) -> dict[str, Any] | None:
+        return next((f for f in self.findings if f.get("code") == code), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return clean_json(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path) -> Audit:
+        d = _need_dict(d, path)
+        if not isinstance(d.get("findings"), list) or not all(isinstance(f, dict) and "code" in f
+                                                                for f in d["findings"]):
+            raise InputError("needs a 'findings' list of objects with a 'code'", path=str(path), field="findings")
+        return cls(d.get("sources") or {}, d.get("counts") or {}, d["findings"])
+
+
+def read_audit(folder: Path) -> Audit | None:
+    """The folder's audit.json, or None when it has none (folders from before the audit, ``--no-audit``)."""
+    file = Path(folder) / AUDIT
+    return Audit.from_dict(_read_json(file, "an audit"), file) if file.is_file() else None
+
+
+def write_audit(folder: Path, audit: Audit) -> Path:
+    file = Path(folder) / AUDIT
+    atomic_write_json(file, audit.to_dict())
+    return file
 
 
 @dataclass
@@ -288,6 +325,7 @@ class RunDir(_Folder):
 
     config, metrics, eval_pairs, summary = _In(CONFIG), _In(METRICS), _In(EVAL_PAIRS), _In(SUMMARY)
     gen_eval, adapter, full_model, checkpoints = _In(GEN_EVAL), _In(ADAPTER), _In(FULL_MODEL), _In(CHECKPOINTS)
+    audit = _In(AUDIT)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -333,7 +371,7 @@ class RoundDir(RunDir):
 class MatrixDir(_Folder):
     """A matrix folder: matrix.json, the base config, one run folder per cell, the decision."""
 
-    index, base_config, decision = _In(MATRIX), _In(BASE_CONFIG), _In(DECISION)
+    index, base_config, decision, audit = _In(MATRIX), _In(BASE_CONFIG), _In(DECISION), _In(AUDIT)
 
     def cell(self, name: str) -> RunDir:
         return RunDir(self.path / CELLS / name)
@@ -354,7 +392,7 @@ class MatrixDir(_Folder):
 class RoundsDir(_Folder):
     """A rounds folder (``preftune iterate``): iterate.json, summary.json with one line per round, round-N/."""
 
-    meta, summary, decision = _In(ROUNDS), _In(SUMMARY), _In(DECISION)
+    meta, summary, decision, audit = _In(ROUNDS), _In(SUMMARY), _In(DECISION), _In(AUDIT)
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.path / f"{ROUND_PREFIX}{r}")

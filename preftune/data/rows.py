@@ -1,69 +1,174 @@
 """Preference data as files hold it: read a JSONL / JSON / Parquet file or a ``datasets`` source, and validate
-every row into an :class:`Example` (or a :class:`PromptRow` for generation), naming file, line and field.
+every row into an :class:`Example` (or a :class:`PromptRow` for generation), naming file, line and field, under
+a row policy that stops at the first bad row (the default) or skips, counts and names them.
 
     examples = load_examples("data/train.jsonl")             # InputError on any bad row
+    loaded = read_examples("hh.jsonl", policy=RowPolicy(bad_rows="skip"))   # loaded.skipped: the rows left out
     prompts = load_prompts("heldout.jsonl")                  # the prompt of every row
 
-Rows hold ``prompt``, ``chosen`` and ``rejected``, either strings (standard) or lists of ``{role, content}``
-messages (conversational). Whole conversations without a ``prompt`` are split at their longest common
-message prefix, as ``trl.data_utils.extract_prompt`` does. Extra columns are ignored.
+Row shapes (standard, conversational, implicit prompts, unpaired) are in shapes.py. JSONL is read line by line,
+so ``iter_rows`` streams a file of any size (the audit reads it that way). Extra columns are ignored.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InputError
-from ..core.files import parse_jsonl
+from ..core.errors import InputError, did_you_mean
+from .shapes import FIELDS, BadRow, Content, Example, as_text, check, example, mapped
 
-Content = str | list  # a string, or a list of {role, content} messages
-BAD_VALUE = "must be a non-empty string or a list of messages"
+__all__ = ["BadRow", "Content", "Example", "Loaded", "PromptRow", "RowPolicy", "as_text", "iter_rows",
+           "load_examples", "load_prompts", "read_examples"]
+NAMED = 5  # skipped rows named on the console and in summary.json
 
 
 @dataclass(frozen=True)
-class Example:
-    """One validated pair before tokenization."""
+class RowPolicy:
+    """What to do with a bad row (``--bad-rows``, ``--max-bad-rows``) and the file's column names (``--columns``)."""
 
-    id: str  # "<file name>:<line>" (JSONL, 1-based) or "<file or dataset name>:<row>" (0-based)
-    prompt: Content
-    chosen: Content
-    rejected: Content
-    label: bool | None = None  # unpaired rows: chosen is the completion, True = thumbs up (see unpaired_view)
+    columns: dict[str, str] = field(default_factory=dict)
+    bad_rows: str = "error"        # error | skip
+    max_bad_rows: float = 0.01     # a count (>= 1) or a share of the rows read (< 1)
 
-    def prompt_key(self) -> str:
-        """Canonical text of the prompt: pairs sharing it land on the same side of a split."""
-        return as_text(self.prompt)
+    @classmethod
+    def of(cls, cfg: Any) -> RowPolicy:
+        """The policy a Config (or anything with these three attributes) asks for."""
+        return cls(dict(cfg.columns), cfg.bad_rows, cfg.max_bad_rows)
+
+    def check(self) -> None:
+        for key in self.columns:
+            if key not in FIELDS:
+                raise InputError(f"unknown field '{key}'{did_you_mean(key, list(FIELDS))}; --columns maps "
+                                 f"{', '.join(FIELDS)} to your file's column names", field="columns")
+
+    def cap(self, rows: int) -> int:
+        """The most rows that may be skipped out of ``rows``."""
+        share = self.max_bad_rows
+        return rows if math.isinf(share) else int(share) if share >= 1 else math.ceil(round(share * rows, 9))
+
+
+@dataclass
+class Loaded:
+    """The examples of a source, and the rows the policy skipped (each a BadRow naming file, line and why)."""
+
+    examples: list[Example]
+    skipped: list[BadRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json's record of the skipped rows (empty when none were)."""
+        if not self.skipped:
+            return {}
+        return {"skipped": len(self.skipped), "skipped_rows": [str(b) for b in self.skipped[:NAMED]]}
+
+    def note(self, source: str) -> str | None:
+        """One console line: how many rows were skipped, of which kinds, and the first few by file and line."""
+        if not self.skipped:
+            return None
+        kinds: dict[str, int] = {}
+        for b in self.skipped:
+            kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        named = ", ".join(f"{b.path}:{b.line}" for b in self.skipped[:NAMED])
+        more = f" and {len(self.skipped) - NAMED} more" if len(self.skipped) > NAMED else ""
+        return (f"skipped {len(self.skipped)} of {len(self.skipped) + len(self.examples)} rows of {source} ("
+                + ", ".join(f"{k}: {n}" for k, n in kinds.items()) + f"): {named}{more}")
 
 
 # --- loading -----------------------------------------------------------------------------------------------
 
-def load_examples(source: str, split: str = "train") -> list[Example]:
+def load_examples(source: str, split: str = "train", policy: RowPolicy | None = None) -> list[Example]:
     """Read and validate every row of a ``.jsonl``, ``.json`` or ``.parquet`` file, or a ``datasets`` source."""
-    name, rows = _read(source, split)
-    examples = [(line, _example(row, f"{name}:{line}", source, line)) for line, row in rows]
-    if not examples:
+    return read_examples(source, split, policy).examples
+
+
+def read_examples(source: str, split: str = "train", policy: RowPolicy | None = None) -> Loaded:
+    """Every row under ``policy``: the examples, and the bad rows it skipped. InputError when a bad row meets
+    ``--bad-rows error``, when every row is bad, or when more are bad than ``--max-bad-rows`` allows."""
+    policy = policy or RowPolicy()
+    out = Loaded([], [])
+    first: tuple[int, bool] | None = None  # (line, paired) of the first good row: a file holds one kind
+    for line, ex in iter_rows(source, split, policy):
+        if isinstance(ex, BadRow):
+            out.skipped.append(ex)
+            continue
+        if first is None:
+            first = (line, ex.label is None)
+        elif (ex.label is None) != first[1]:
+            raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per "
+                             "file", path=source, line=line)
+        out.examples.append(ex)
+    bad, rows = len(out.skipped), len(out.skipped) + len(out.examples)
+    if not rows:
         raise InputError("no rows", path=source)
-    odd = next((line for line, ex in examples if (ex.label is None) != (examples[0][1].label is None)), None)
-    if odd is not None:
-        raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per file",
-                         path=source, line=odd)
-    return [ex for _, ex in examples]
+    if not out.examples:
+        raise InputError(f"every row is bad ({bad} rows; the first: {out.skipped[0]})", path=source)
+    if bad > policy.cap(rows):
+        raise InputError(f"{bad} of {rows} rows are bad, more than --max-bad-rows {policy.max_bad_rows:g} allows "
+                         f"({policy.cap(rows)}); the first: {out.skipped[0]}", path=source)
+    return out
+
+
+def iter_rows(source: str, split: str = "train",
+              policy: RowPolicy | None = None) -> Iterator[tuple[int, Example | BadRow]]:
+    """(line or row number, its Example or the BadRow saying what is wrong), one row at a time. Under
+    ``--bad-rows error`` the first bad row raises instead, suggesting ``--bad-rows skip``."""
+    policy = policy or RowPolicy()
+    policy.check()
+    name, rows = _read(source, split)
+    for line, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            yield line, example(mapped(row, policy.columns, source, line), f"{name}:{line}", source, line)
+        except BadRow as e:
+            if policy.bad_rows != "skip":
+                raise InputError(f"{e.what}; --bad-rows skip skips such rows", path=e.path, line=e.line,
+                                 field=e.field) from None
+            yield line, e
 
 
 def _read(source: str, split: str) -> tuple[str, Iterable[tuple[int, Any]]]:
     """(the name row ids start with, rows) of a data file or a ``datasets`` source."""
     path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return path.name, _read_jsonl(path, source)
+    if suffix in (".json", ".parquet"):
         return path.name, _read_file(path, source, split)
     return source.rstrip("/").rsplit("/", 1)[-1], _read_dataset(source, split)
 
 
+def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line, parsed row) of every non-blank line, streamed; an unparsable line comes as a BadRow.
+    Lines are split on ``\\n`` only: U+2028 may sit inside a JSON string."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (a generator: closed when the iteration ends)
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
+    offset = 0
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # the line and the byte offset, so `xxd -s` finds it
+                raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                                 f"(byte {e.start} of the line)", path=source, line=number) from None
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield number, BadRow(f"invalid JSON: {e.msg} (column {e.colno})", kind="not_json", path=source,
+                                     line=number)
+
+
 def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
-    """(line or row number, raw row) pairs; JSONL lines are 1-based, rows of other formats 0-based."""
+    """(row number, raw row) pairs of a Parquet or JSON file, 0-based."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -78,13 +183,10 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        # Name the line like every other bad row does, and the byte offset, so `xxd -s` finds it.
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
         raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
                          f"(byte {column} of the line)", path=source, line=line) from None
-    if path.suffix.lower() == ".jsonl":
-        return parse_jsonl(text, source, skip_torn=False)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -121,86 +223,6 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _example(row: Any, id: str, source: str, line: int) -> Example:
-    if not isinstance(row, dict):
-        raise InputError(f"row must be an object, got {type(row).__name__}", path=source, line=line)
-    if "completion" in row or "label" in row:
-        return _unpaired(row, id, source, line)
-    for field in ("chosen", "rejected"):
-        if field not in row:
-            raise InputError("missing", path=source, line=line, field=field)
-        _check(row[field], field, source, line)
-    chosen, rejected = row["chosen"], row["rejected"]
-    conversational = isinstance(chosen, list)
-    if isinstance(rejected, list) != conversational:
-        raise InputError("chosen and rejected must both be strings or both message lists",
-                         path=source, line=line, field="rejected")
-    if chosen == rejected:
-        raise InputError("identical to chosen", path=source, line=line, field="rejected")
-    if "prompt" not in row or row["prompt"] is None:
-        if not conversational:
-            raise InputError("missing", path=source, line=line, field="prompt")
-        prompt, chosen, rejected = _extract_prompt(chosen, rejected)
-        if not prompt:
-            raise InputError("missing, and chosen and rejected share no leading messages to take it from",
-                             path=source, line=line, field="prompt")
-    else:
-        prompt = row["prompt"]
-        _check(prompt, "prompt", source, line)
-        if isinstance(prompt, list) != conversational:
-            kind = "a list of messages" if conversational else "a string"
-            raise InputError(f"must be {kind}, like chosen and rejected", path=source, line=line, field="prompt")
-    return Example(id, prompt, chosen, rejected)
-
-
-def _unpaired(row: dict, id: str, source: str, line: int) -> Example:
-    """A thumbs-up/down row: ``{"prompt", "completion", "label": true|false}`` (text or messages), as TRL's KTO."""
-    for field in ("prompt", "completion"):
-        if row.get(field) is None:
-            raise InputError("missing (an unpaired row has prompt, completion and label)", path=source, line=line,
-                             field=field)
-        _check(row[field], field, source, line)
-    if not isinstance(row.get("label"), bool):
-        got = "missing" if "label" not in row else f"{row['label']!r} is not true/false"
-        raise InputError(f"{got}: an unpaired row's label says thumbs up (true) or down (false)", path=source,
-                         line=line, field="label")
-    if isinstance(row["prompt"], list) != isinstance(row["completion"], list):
-        raise InputError("prompt and completion must both be strings or both message lists", path=source,
-                         line=line, field="completion")
-    return Example(id, row["prompt"], row["completion"], row["completion"], row["label"])
-
-
-def _check(value: Any, field: str, source: str, line: int) -> None:
-    if isinstance(value, str):
-        if value.strip():
-            return
-    elif isinstance(value, list) and value:
-        for i, m in enumerate(value):
-            ok = isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"].strip()
-            if not ok or not isinstance(m.get("content"), str) or not m["content"].strip():
-                raise InputError("each message needs a non-empty string 'role' and 'content'",
-                                 path=source, line=line, field=f"{field}[{i}]")
-        return
-    raise InputError(BAD_VALUE, path=source, line=line, field=field)
-
-
-def _extract_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
-    """Longest common message prefix as prompt; mirrors trl.data_utils.extract_prompt.
-
-    Like TRL, when one conversation is a prefix of the other, the shorter one keeps its last turn as completion.
-    """
-    n = min(len(chosen), len(rejected))
-    idx = next((i for i in range(n) if chosen[i] != rejected[i]), n - 1)
-    return chosen[:idx], chosen[idx:], rejected[idx:]
-
-
-def as_text(content: Content) -> str:
-    """A prompt or completion as plain text: a string as is, chat messages as "role: content" lines."""
-    if isinstance(content, str):
-        return content
-    return "\n".join(f"{m['role']}: {m['content']}" for m in content)
-
-
 @dataclass(frozen=True)
 class PromptRow:
     """One prompt to generate from, with where it came from (for one-line errors)."""
@@ -211,28 +233,32 @@ class PromptRow:
     line: int          # JSONL line (1-based) or row (0-based)
 
 
-def load_prompts(source: str, split: str = "train") -> list[PromptRow]:
+def load_prompts(source: str, split: str = "train", policy: RowPolicy | None = None) -> list[PromptRow]:
     """Prompts of any data file preftune reads: rows with a ``prompt`` (string or messages), or pairs.
 
-    Rows need no chosen/rejected; conversational pairs without a ``prompt`` give their common message prefix.
+    Rows need no chosen/rejected; pairs without a ``prompt`` give their implicit one (shapes.implicit_prompt).
 
         rows = load_prompts("heldout.jsonl")          # InputError "<file>:<line>: field 'prompt': missing"
     """
+    policy = policy or RowPolicy()
+    policy.check()
     name, rows = _read(source, split)
     out = []
     for line, row in rows:
-        if not isinstance(row, dict):
-            raise InputError(f"row must be an object, got {type(row).__name__}", path=source, line=line)
-        if row.get("prompt") is None and "chosen" in row and "rejected" in row:
-            prompt = _example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
-        elif row.get("prompt") is None:
-            raise InputError("missing", path=source, line=line, field="prompt")
-        else:
-            prompt = row["prompt"]
-            _check(prompt, "prompt", source, line)
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            row = mapped(row, policy.columns, source, line)
+            if row.get("prompt") is None and "chosen" in row and "rejected" in row:
+                prompt = example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
+            elif row.get("prompt") is None:
+                raise BadRow("missing", kind="missing", path=source, line=line, field="prompt")
+            else:
+                prompt = row["prompt"]
+                check(prompt, "prompt", source, line)
+        except BadRow as e:  # a prompt file is small and hand-made: the first bad row stops it
+            raise InputError(e.what, path=e.path, line=e.line, field=e.field) from None
         out.append(PromptRow(f"{name}:{line}", prompt, source, line))
     if not out:
         raise InputError("no rows", path=source)
     return out
-
-

@@ -59,15 +59,20 @@ def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tupl
 
     Keys are sorted before the seeded shuffle, so the split does not depend on row order.
     """
-    keys = sorted({ex.prompt_key() for ex in examples})
-    random.Random(seed).shuffle(keys)
-    n_eval = 0
-    if fraction > 0 and len(keys) >= 2:
-        # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, whose ceil is 4
-        n_eval = min(math.ceil(round(fraction * len(keys), 9)), len(keys) - 1)  # keep a training prompt
-    held = set(keys[:n_eval])
+    held = held_out_keys({ex.prompt_key() for ex in examples}, fraction, seed)
     return ([ex for ex in examples if ex.prompt_key() not in held],
             [ex for ex in examples if ex.prompt_key() in held])
+
+
+def held_out_keys(keys: set[str], fraction: float, seed: int) -> set[str]:
+    """The prompts (keys) the split holds out; the audit uses it to see the split train will make."""
+    order = sorted(keys)
+    random.Random(seed).shuffle(order)
+    n_eval = 0
+    if fraction > 0 and len(order) >= 2:
+        # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, whose ceil is 4
+        n_eval = min(math.ceil(round(fraction * len(order), 9)), len(order) - 1)  # keep a training prompt
+    return set(order[:n_eval])
 
 
 def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int,

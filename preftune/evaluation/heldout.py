@@ -21,7 +21,7 @@ from ..core.errors import InputError
 from ..core.files import atomic_write_json, atomic_write_text, check_writable_dir, write_jsonl
 from ..core.layout import EVAL_METRICS, RunDir
 from ..core.runtime import Runtime, current, init
-from ..data.rows import load_examples
+from ..data.rows import RowPolicy, load_examples
 from ..data.tokenize import tokenize_examples
 from ..modeling.logprobs import score_pairs
 from ..modeling.model import fingerprint, load_model, load_tokenizer
@@ -128,7 +128,7 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
     judge = check_gen_eval(cfg)  # a bad judge spec fails here, before anything is loaded or written
     tok = load_tokenizer(cfg)
-    examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split)
+    examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split, RowPolicy.of(cfg))
     pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
                                  apply_chat_template=cfg.apply_chat_template, source=source)
     dtype = resolve_dtype(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write_json, clean_json
-from ..core.layout import REVIEW
+from ..core.layout import REVIEW, Audit, matrix_of, read_audit
 from . import stats
 from .runlog import Log, load
 from .yardsticks import logprob_yardsticks
@@ -61,7 +61,16 @@ def review(path: str | Path) -> Review:
         print([f.sentence for f in r.findings])
     """
     log = load(path)
-    return Review(log.source, log.kind, diagnose(log))
+    return Review(log.source, log.kind, diagnose(log, audit_of(path)))
+
+
+def audit_of(path: str | Path) -> Audit | None:
+    """The data audit behind a run folder: its own audit.json, or its matrix's (a matrix audits once)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    matrix = matrix_of(path)
+    return read_audit(path) or (read_audit(matrix.path) if matrix else None)
 
 
 def write_review(review: Review, out_dir: str | Path | None = None) -> Path | None:
@@ -81,10 +90,10 @@ def write_review(review: Review, out_dir: str | Path | None = None) -> Path | No
 
 # --- diagnosis -----------------------------------------------------------------------------------------------
 
-def diagnose(log: Log) -> list[Finding]:
-    """All findings for a loaded log; a single info finding 'healthy' when nothing warns."""
+def diagnose(log: Log, audit: Audit | None = None) -> list[Finding]:
+    """All findings for a loaded log (and its data audit); a single info finding 'healthy' when nothing warns."""
     findings = (_instability(log) + _overoptimization(log) + _margin_gap(log) + _displacement(log)
-                + _noise(log) + _length_bias(log) + _behaviour(log))
+                + _noise(log) + _length_bias(log) + _behaviour(log) + _leak(audit))
     if not any(f.severity != "info" for f in findings):
         findings.insert(0, _healthy(log))
     return findings
@@ -328,6 +337,20 @@ def _behaviour(log: Log) -> list[Finding]:
                        f"{_n(lc)}; generated length {_n(pol['mean_len'])} vs {_n(ref['mean_len'])} tokens",
                        {k: g[k] for k in ("win_rate", "win_rate_ci", "tie_rate", "lc_win_rate", "prompts")}))
     return out
+
+
+def _leak(audit: Audit | None) -> list[Finding]:
+    """Held-out prompts that also appear in training (the data audit): the held-out accuracy is inflated."""
+    leak = audit.find("heldout_leak") if audit else None
+    if not leak or not leak["exact"] + leak["near"]:
+        return []
+    n = leak["exact"] + leak["near"]
+    return [Finding("heldout_leak", "warn",
+                    f"{n} of {leak['heldout_prompts']} held-out prompts ({leak['exact']} exactly, {leak['near']} "
+                    f"nearly) also appear in training, {leak['leaked_pairs']} of {leak['heldout_pairs']} held-out "
+                    "pairs: the held-out accuracy is inflated by prompts seen in training (audit.json)",
+                    {k: leak[k] for k in ("heldout_prompts", "exact", "near", "share", "heldout_pairs",
+                                          "leaked_pairs")})]
 
 
 def _healthy(log: Log) -> Finding:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..core.config import Config
 from ..core.errors import InputError
 from ..core.layout import FINGERPRINTS
+from ..data.tokenize import use_chat_template
 from .precision import DTYPES, SDPA_FP32, resolve_dtype
 
 
@@ -32,7 +33,7 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
         if tok.eos_token_id is None:
             raise InputError("tokenizer has neither a pad nor an eos token", path=name, field="tokenizer")
         tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
-    return tok
+    return use_chat_template(tok, cfg.chat_template) if cfg.chat_template else tok  # --chat-template
 
 
 def flex_backward(device: str) -> bool:

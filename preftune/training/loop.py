@@ -49,7 +49,7 @@ from .checkpoints import (
     save_weights,
 )
 from .distributed import full_state_dict, maybe_fsdp
-from .prepare import Prepared, Schedule, prepare_data
+from .prepare import Prepared, Schedule, announce, prepare_data
 from .reference import TrainReference, prepare_reference
 from .state import Evaluate, Run
 from .step import train_step
@@ -161,6 +161,8 @@ def _hold(r: Run, stack: contextlib.ExitStack, checkpoint: Path | None, *, share
     if r.rt.is_main:
         stack.enter_context(FolderLock(r.dir.path))
         atomic_write_text(r.dir.config, dump_yaml(r.cfg))
+        if checkpoint is None:  # the data's lines and audit.json, once every check passed (a resumed run has them)
+            announce(r.data, r.dir.path, quiet=r.quiet)
     r.tracker = trackers.Trackers(trackers.check(r.cfg.report_to) if r.rt.is_main else [], r.cfg, r.dir.path,
                                   resume_step=checkpoint_step(checkpoint))
     stack.callback(r.tracker.close)

@@ -46,10 +46,11 @@ from ..core.layout import CellEntry, MatrixDir, MatrixIndex, RunDir
 
 # Fields that change the tokenized data; cells that agree on them share one Prepared.
 DATA_FIELDS = ("model", "tokenizer", "data", "data_split", "eval_data", "eval_split", "eval_fraction", "split_seed",
-               "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs")
+               "max_length", "max_prompt_length", "apply_chat_template", "max_train_pairs", "columns", "bad_rows",
+               "max_bad_rows", "chat_template")
 NOT_A_FACTOR = ("output", "resume", "objectives", "cache_dir", "quiet")
 # Settings a re-run may change without invalidating a cell's results (the parallel path sets some of them).
-RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir", "report_to")
+RERUN_FREE = ("output", "resume", "quiet", "threads", "cache_dir", "report_to", "audit")
 _CHILD = ("import sys; from preftune.training.matrix import _cell_main; "
           "sys.exit(_cell_main(sys.argv[1], int(sys.argv[2])))")
 
@@ -137,7 +138,7 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     """run_matrix; ``keep`` = (factors, cells) listed in matrix.json beside the planned ones (the fallback)."""
     from ..evaluation.behaviour import check_gen_eval
     from ..modeling.model import load_tokenizer
-    from .prepare import prepare_data
+    from .prepare import announce, prepare_data
 
     for name in grid.get("objective", []):  # a module:name objective registers itself (and its entry's schema)
         objectives.get(name)
@@ -154,13 +155,16 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     for _, _, cfg in cells:               # and every cell's data is readable and tokenizes
         key = _data_key(cfg)
         if key not in prepared:
-            tkey = (cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+            tkey = (cfg.tokenizer or cfg.model, cfg.trust_remote_code, cfg.chat_template)
             if tkey not in toks:
                 toks[tkey] = load_tokenizer(cfg)
-            prepared[key] = prepare_data(cfg, toks[tkey])
+            prepared[key] = prepare_data(replace(cfg, audit=cfg.audit and not prepared), toks[tkey])
 
     with FolderLock(out.path):
         _check_settings(out.path, cells)
+        first = next(iter(prepared.values()))  # the data's lines and audit.json, once for the matrix
+        announce(first, out.path, quiet=base.quiet)
+        prepared = {k: replace(p, notes=[], audit=None) for k, p in prepared.items()}
         atomic_write_text(out.base_config, dump_yaml(base))
         status = _load_status(cells)
         factors, kept = keep or (grid, [])
@@ -303,7 +307,7 @@ def _child_config(out: MatrixDir, name: str, cfg: Config, threads: int) -> Path:
     """The exact config a cell runs in another process (a ``--parallel`` child or a Ray task), written to
     ``matrix/.cells/<name>.yaml``: the cell's own, with threads, no progress bars and the parent's cache."""
     cfg_path = out.child_config(name)
-    child = replace(cfg, threads=cfg.threads or threads, quiet=True,
+    child = replace(cfg, threads=cfg.threads or threads, quiet=True, audit=False,
                     cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
     atomic_write_text(cfg_path, dump_yaml(child))
     return cfg_path

@@ -12,16 +12,19 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..core import objectives
 from ..core.config import Config
 from ..core.errors import InputError
+from ..core.layout import Audit, write_audit
 from ..core.progress import phase
-from ..data.rows import load_examples
+from ..data.audit import audit_examples, headline, truncation
+from ..data.rows import Example, Loaded, RowPolicy, read_examples
 from ..data.split import batch_order, heldout_pairs, split_by_prompt, unpaired_view
-from ..data.tokenize import DataStats, Pair, tokenize_examples
+from ..data.tokenize import DataStats, Encoded, Pair, encode_examples, truncate
 from ..modeling.precision import Arithmetic, arithmetic, resolve_dtype
 
 
@@ -33,15 +36,25 @@ class Prepared:
     train: list[Pair]
     eval: list[Pair]
     stats: dict[str, DataStats]
+    notes: list[str] = field(default_factory=list)  # console lines, said once every check has passed (announce)
+    audit: Audit | None = None                      # the preflight's audit (cfg.audit), written by announce
 
 
 def prepare_data(cfg: Config, tokenizer: Any) -> Prepared:
-    """Load, validate, split and tokenize. Raises InputError before anything is written."""
-    examples = load_examples(cfg.data, cfg.data_split)
+    """Load, validate, split and tokenize, and audit the data. Raises InputError before anything is written."""
+    policy = RowPolicy.of(cfg)
+    loaded = read_examples(cfg.data, cfg.data_split, policy)
+    held_loaded = Loaded([], [])
+    examples = loaded.examples
     if cfg.eval_data:
-        heldout = load_examples(cfg.eval_data, cfg.eval_split)
+        held_loaded = read_examples(cfg.eval_data, cfg.eval_split, policy)
+        heldout = held_loaded.examples
     elif cfg.eval_fraction > 0:
         examples, heldout = split_by_prompt(examples, cfg.eval_fraction, cfg.split_seed)
+        if not heldout:  # one distinct prompt: the split keeps it for training
+            raise InputError("one distinct prompt: holding it out for evaluation (--eval-fraction) would leave no "
+                             "training pairs; give held-out pairs with --eval-data FILE", path=cfg.data,
+                             field="eval_data")
     else:
         raise InputError("no held-out pairs: give --eval-data FILE or --eval-fraction > 0", field="eval_data")
     if cfg.max_train_pairs:
@@ -51,19 +64,78 @@ def prepare_data(cfg: Config, tokenizer: Any) -> Prepared:
         takes = ", ".join(o.name for o in objectives.REGISTRY.values() if o.data == "unpaired")
         raise InputError(f"unpaired rows (prompt/completion/label) need an objective that takes them ({takes}); "
                          f"'{obj.name}' trains on pairs", path=cfg.data, field="objective")
+    audited = (examples, heldout)
     heldout = heldout_pairs(heldout, cfg.eval_data or cfg.data)  # every objective is judged on pairs
     if obj.data == "unpaired":
         examples = unpaired_view(examples, cfg.batch_size, cfg.seed)
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
-              apply_chat_template=cfg.apply_chat_template)
     with phase("tokenize", total=len(examples) + len(heldout), quiet=cfg.quiet):
-        train, train_stats = tokenize_examples(examples, tokenizer, source=cfg.data, **kw)
-        held, held_stats = tokenize_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
+        kw = dict(apply_chat_template=cfg.apply_chat_template)
+        encoded = encode_examples(examples, tokenizer, source=cfg.data, **kw)
+        held_encoded = encode_examples(heldout, tokenizer, source=cfg.eval_data or cfg.data, **kw)
+    length = max_length(cfg, tokenizer, encoded)
+    cut = dict(max_length=length, max_prompt_length=cfg.prompt_length(length))
+    train, train_stats = truncate(examples, encoded, source=cfg.data, **cut)
+    held, held_stats = truncate(heldout, held_encoded, source=cfg.eval_data or cfg.data, **cut)
+    stats = {"train": train_stats, "eval": held_stats}
+    for s, source in ((train_stats, loaded), (held_stats, held_loaded)):
+        s.skipped, s.max_length = source.to_dict(), None if isinstance(cfg.max_length, int) else length
     if obj.advice and not cfg.quiet:
         counts = {"desirable": sum(p.label is True for p in train), "undesirable": sum(p.label is False for p in train)}
         for line in obj.advice(counts, cfg.objective_params()):
             print(f"preftune: warning: {line}", file=sys.stderr)
-    return Prepared(tokenizer, train, held, {"train": train_stats, "eval": held_stats})
+    notes = [n for n in (loaded.note(cfg.data), held_loaded.note(cfg.eval_data or "")) if n]
+    notes += [s.line(name, length, cfg.max_prompt_length) for name, s in stats.items()]
+    audit = _preflight(cfg, loaded, held_loaded, audited, stats, length) if cfg.audit else None
+    return Prepared(tokenizer, train, held, stats, notes, audit)
+
+
+def max_length(cfg: Config, tokenizer: Any, encoded: list[Encoded]) -> int:
+    """``--max-length``, or for ``auto`` the smallest that keeps 95% of the training pairs whole, capped by the
+    model's context (the tokenizer's ``model_max_length`` and the model's ``max_position_embeddings``)."""
+    if isinstance(cfg.max_length, int):
+        return cfg.max_length
+    need = DataStats(lengths=[(len(p), len(c), len(r)) for p, c, r in encoded]).whole_at(0.95, cfg.max_prompt_length)
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None), _positions(cfg)) if n and n < 10**7]
+    length = min([need, *limits])
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= length:
+        raise InputError(f"{cfg.max_prompt_length} leaves no room for completions in --max-length auto ({length}, "
+                         f"the model's context {min(limits)})", field="max_prompt_length")
+    return length
+
+
+def _positions(cfg: Config) -> int | None:
+    """The model's position limit from its config.json, None when it has none (or can't be read yet: loading the
+    model says why)."""
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code),
+                       "max_position_embeddings", None)
+    except Exception:  # a bad --model is reported by load_model, with its own one line
+        return None
+
+
+def _preflight(cfg: Config, loaded: Loaded, held: Loaded, audited: tuple[list[Example], list[Example]],
+               stats: dict[str, DataStats], length: int) -> Audit:
+    """The model-free audit of the rows this run trains and is judged on, plus what truncation does to them."""
+    sources = {"data": cfg.data, "eval_data": cfg.eval_data} if cfg.eval_data else \
+        {"data": cfg.data, "eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed}
+    audit = audit_examples([*loaded.skipped, *audited[0]], [*held.skipped, *audited[1]], sources)
+    audit.findings.append({**truncation(stats, length, cfg.max_prompt_length), "examples": []})
+    return audit
+
+
+def announce(data: Prepared, folder: Path | None, *, quiet: bool) -> None:
+    """Say what the data is -- one line per split, the rows skipped, the audit's line -- and write audit.json into
+    ``folder``: once a run (or a matrix, for all its cells) has passed every check."""
+    path = write_audit(folder, data.audit) if data.audit is not None and folder is not None else None
+    if quiet:
+        return
+    for line in data.notes:
+        print(f"preftune: {line}", file=sys.stderr)
+    if data.audit is not None:
+        print(f"preftune: audit: {headline(data.audit)}" + (f" (details in {path})" if path else ""),
+              file=sys.stderr)
 
 
 class Schedule:

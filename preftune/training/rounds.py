@@ -22,6 +22,7 @@ is also its reference.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
-from ..core.layout import RoundDir, RoundsDir, RunSummary
+from ..core.layout import RoundDir, RoundsDir, RunSummary, write_audit
 from ..generation.pairs import PAIR_RULES, make_pairs
 
 REFERENCES = ("initial", "round")
@@ -42,7 +43,8 @@ def iterate(base: Config, *, prompts: str, judge_spec: str | list[str], rounds: 
             prompts_split: str = "train") -> dict[str, Any]:
     """Run (or finish) every round into ``base.output``; returns iter/summary.json's dict. Several judges
     (``judge_spec`` a list): the first scores the samples into pairs, every one judges the behaviour."""
-    from ..data.rows import load_prompts
+    from ..data.audit import audit_prompts, headline
+    from ..data.rows import Example, RowPolicy, load_prompts
     from ..evaluation.behaviour import run_gen_eval
     from ..generation.judges import parse_judges
     from ..generation.pairs import score_rows
@@ -54,11 +56,17 @@ def iterate(base: Config, *, prompts: str, judge_spec: str | list[str], rounds: 
                 "max_new_tokens": max_new_tokens, "pair_rule": pair_rule, "min_gap": min_gap, "reference": reference,
                 "gen_eval_prompts": gen_eval_prompts, "judge": judge_spec, "prompts": prompts}
     _check(base, settings)
-    rows = load_prompts(prompts, prompts_split)
+    rows = load_prompts(prompts, prompts_split, RowPolicy.of(base))
     judges = parse_judges([judge_spec] if isinstance(judge_spec, str) else judge_spec, base)
+    audit = audit_prompts([Example(r.id, r.prompt, "", "") for r in rows], str(base.eval_data), base.eval_split,
+                          base.columns) if base.audit else None
     out = RoundsDir(Path(base.output))
     out.path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.meta, {"settings": settings, "base_model": base.model})
+    if audit is not None:  # the prompts against the held-out pairs, once; each round's train audits its own pairs
+        write_audit(out.path, audit)
+        if not base.quiet and any(f["severity"] == "warn" for f in audit.findings):
+            print(f"preftune: warning: audit: {headline(audit)} (details in {out.audit})", file=sys.stderr)
     tok = load_tokenizer(base)
     original = None   # the starting model, loaded once: every round's behaviour reference
     summary: list[dict] = []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.layout import DECISION, Decision, MatrixDir, RoundsDir, folder_kind, read_decision
 from .comparisons import Stats
+from .data import data_reasons
 from .rounds import decide_rounds
 from .rules import decide_matrix
 
@@ -27,7 +28,7 @@ def decide(folder: str | Path, *, alpha: float = 0.05, baseline: dict | None = N
     if folder_kind(Path(folder)) == "rounds":
         return decide_rounds(RoundsDir(folder), alpha=alpha, n_boot=n_boot)
     st = Stats.of_matrix(MatrixDir(folder), alpha, n_boot)
-    return decide_matrix(st, st.baseline(baseline))
+    return decide_matrix(st, st.baseline(baseline), data_reasons(MatrixDir(folder), st.cells))
 
 
 def decision_of(folder: str | Path) -> Decision:

@@ -54,12 +54,13 @@ def _behaviour_row(c: CellResult) -> list[str]:
     return [c.name, win(g), num(g["tie_rate"], ".2f"), lc(g), lens(g)]
 
 
-def matrix_md(d: Decision, logs: dict[str, Log], title: str) -> str:
+def matrix_md(d: Decision, logs: dict[str, Log], title: str, data: list[str] | None = None) -> str:
     out = [f"# preftune report: {md_esc(title)}", "", f"**{md_esc(d.summary)}**", "",
            f"verdict `{d.verdict}` · {_pick(d)} {md_esc(d.objective)}, rank {md_esc(d.lora_rank)} · baseline "
            f"{md_esc(d.baseline['objective'])}, rank {md_esc(d.baseline['lora_rank'])} · plots in report.html", ""]
     out += _grid_md(d, logs)
     out += ["## Why", ""] + [f"- {md_esc(render(r))}" for r in d.reasons]
+    out += ["", *data][:-1] if data else []  # the data audit's section (verdict/data.py), when there is one
     out += ["", "## Cells", ""] + md_table(
         ("cell", "status", "accuracy [95% CI]", "pairs", "held-out margin", "margin gap", "margin std", "findings"),
         [[c.name, c.status, *_cell_numbers(c),
@@ -75,7 +76,7 @@ def matrix_md(d: Decision, logs: dict[str, Log], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def matrix_html(d: Decision, logs: dict[str, Log], title: str) -> str:
+def matrix_html(d: Decision, logs: dict[str, Log], title: str, data: str = "") -> str:
     rec = (d.objective, d.lora_rank) if d.verdict != "not_decisive" else None
     color = VERDICT_COLORS.get(d.verdict, "#374151")
     parts = [f"<h1>preftune report: {esc(title)}</h1>",
@@ -83,7 +84,7 @@ def matrix_html(d: Decision, logs: dict[str, Log], title: str) -> str:
              f"<p class='meta'>verdict <b>{esc(d.verdict)}</b> · {_pick(d)} {esc(d.objective)}, rank "
              f"{esc(d.lora_rank)} · baseline {esc(d.baseline['objective'])}, rank {esc(d.baseline['lora_rank'])}</p>",
              _grid_html(d, logs),
-             "<h2>Why</h2><ol>" + "".join(f"<li>{esc(render(r))}</li>" for r in d.reasons) + "</ol>",
+             "<h2>Why</h2><ol>" + "".join(f"<li>{esc(render(r))}</li>" for r in d.reasons) + "</ol>", data,
              _cells_html(d, rec)]
     finished = [c for c in d.cells if c.name in logs]
     parts.append("<h2>Held-out accuracy</h2>" + interval_plot(

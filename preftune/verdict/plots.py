@@ -168,3 +168,19 @@ def interval_plot(rows: list[tuple[str, float, float, float, bool]]) -> str:
                    f"<circle cx='{sx(acc):.1f}' cy='{y}' r='5' fill='{color}'/>"
                    f"<text x='{sx(1) + 14:.1f}' y='{y + 4}'>{acc:.3f} [{a:.3f}, {b:.3f}]</text>")
     return "".join(out) + "</svg>"
+
+
+def length_ratio_plot(hist: dict, w: int = 420, h: int = 210) -> str:
+    """The data audit's length-bias histogram: training pairs by log2 of the chosen/rejected length ratio; bars
+    left of 0 are pairs whose chosen is shorter."""
+    edges, counts = hist["edges"], hist["counts"]
+    out, sx, sy = _axes(w, h, (edges[0], edges[-1]), (0, max(counts + [1]) * 1.15), "length bias of the training "
+                        "pairs", "log2 (chosen + 1) / (rejected + 1), characters", "pairs")
+    for a, b, n in zip(edges, edges[1:], counts):
+        color = TRAIN_COLOR if b <= 0 else HELD_COLOR
+        out.append(f"<rect x='{sx(a):.1f}' y='{sy(n):.1f}' width='{sx(b) - sx(a) - 1:.1f}' "
+                   f"height='{sy(0) - sy(n):.1f}' fill='{color}' fill-opacity='0.7'/>")
+    out.append(f"<line x1='{sx(0):.1f}' x2='{sx(0):.1f}' y1='22' y2='{h - 34}' stroke='#9ca3af' "
+               f"stroke-dasharray='3 3'/>")
+    out.append(_legend([("chosen shorter", TRAIN_COLOR), ("chosen as long or longer", HELD_COLOR)], 50))
+    return "".join(out) + "</svg>"

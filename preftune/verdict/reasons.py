@@ -272,8 +272,10 @@ def render(reason: Reason | dict) -> str:
 def render_summary(basis: Reason | dict) -> str:
     """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
-    notes, elsewhere = d.get("behaviour") or [], d.get("elsewhere") or []
+    notes, data = d.get("behaviour") or [], d.get("data") or []
+    elsewhere = d.get("elsewhere") or []
     return (SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
+            + ("" if not data else " Data: " + "; ".join(render(n) for n in data) + ".")
             + ("" if not elsewhere else " Meanwhile " + "; ".join(render(n) for n in elsewhere) + "."))
 
 
@@ -338,3 +340,65 @@ def _blocked(d: dict) -> str:
                 f"against {d['judges'][0]['judge']})")
     return (f"{d['objective']} ranks more held-out pairs correctly on the {d['yardstick']} yardstick "
             f"(p={_p(d['mcnemar_p'])}) but {NO_SWITCH[d['code']][0]}")
+
+
+# --- the data audit (data/audit.py, evaluation/audit.py): its findings, and the reasons decide draws from them ---
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
+
+
+def _rule(d: dict) -> str:
+    return (f"chosen is shorter in {_pct(d['chosen_shorter'])}, longer in {_pct(d['chosen_longer'])}, equal in "
+            f"{_pct(d['equal'])} of {d['pairs']} pairs ({d['unit']}); the rule 'prefer the {d['rule']}' gets "
+            f"{_pct(d['rule_accuracy'])} of the labels right (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])})"
+            + (f": training will also teach a {d['teaches']} prior" if d["teaches"] else ": no length prior to learn"))
+
+
+def _cut(d: dict) -> str:
+    splits = "; ".join(f"{name} {s['truncated']} of {s['rows']} pairs truncated, {s['dropped']} dropped"
+                       for name, s in d["splits"].items())
+    whole = f"; --max-length {d['whole_at']} keeps 95% of training pairs whole" if d.get("whole_at") else ""
+    return f"at --max-length {d['max_length']}: {splits}{whole}"
+
+
+AUDIT: dict[str, Callable[[dict], str]] = {
+    "bad_rows": lambda d: (f"{d['bad']} of {d['rows']} rows are bad (" + ", ".join(
+        f"{k.replace('_', ' ')}: {n}" for k, n in d["kinds"].items()) + "): training stops at the first one unless "
+        "--bad-rows skip") if d["bad"] else f"no bad rows in {d['rows']}",
+    "duplicate_pairs": lambda d: f"{d['rows']} rows repeat an earlier pair exactly "
+    f"({_pct(d['rows'] / max(1, d['pairs']))} of {d['pairs']} pairs): each copy counts again in training"
+    if d["rows"] else "no row repeats an earlier pair",
+    "near_duplicate_prompts": lambda d: f"{d['prompts']} prompts differ from another only in case, punctuation or "
+    f"spacing ({d['groups']} groups among {d['distinct_prompts']} distinct prompts)" if d["prompts"] else
+    f"no two of the {d['distinct_prompts']} distinct prompts differ only in case, punctuation or spacing",
+    "contradictions": lambda d: f"{d['rows']} rows label a pair the opposite way of an earlier row (same prompt, "
+    "chosen and rejected swapped): training pulls both ways" if d["rows"] else "no pair is labelled both ways",
+    "chosen_equals_rejected": lambda d: f"{d['rows']} rows have chosen equal to rejected once whitespace is ignored: "
+    "nothing to prefer but whitespace" if d["rows"] else "no pair has chosen equal to rejected",
+    "same_answers": lambda d: f"{d['rows']} pairs repeat the chosen and rejected of a pair under another prompt: they "
+    "differ only in the prompt" if d["rows"] else "no two pairs differ only in the prompt",
+    "heldout_leak": lambda d: (f"{d['exact'] + d['near']} of {d['heldout_prompts']} held-out prompts "
+                               f"({_pct(d['share'])}; {d['exact']} exactly, {d['near']} nearly) also appear in "
+                               f"training, {d['leaked_pairs']} of {d['heldout_pairs']} held-out pairs: held-out "
+                               "accuracy is inflated by prompts seen in training")
+    if d["exact"] + d["near"] else "no held-out prompt appears in training, exactly or nearly",
+    "length_bias": _rule,
+    "length_rule": lambda d: _rule(d) + f"; the reference alone agrees with the rule on {_pct(d['reference_agrees'])} "
+    "of the pairs it decides",
+    "truncation": _cut,
+    "reference_ranking": lambda d: f"before training, the reference ranks the {d['pairs']} held-out pairs: "
+    + "; ".join(f"{y['yardstick']} {_n(y['accuracy'])} (95% CI {_n(y['ci'][0])}-{_n(y['ci'][1])})"
+                for y in d["yardsticks"])
+    + " (a reference-relative yardstick ties every pair at step 0)",
+    "label_noise": lambda d: f"the reference ranks {_pct(d['against'])} of {d['pairs']} training pairs strongly "
+    f"against their label (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])}; length-normalized margin below "
+    f"-{_n(d['threshold'])} nats per token): a label-noise estimate",
+    "judge_agreement": lambda d: f"judge {d['judge']} agrees with the labels on {_pct(d['agreement'])} of {d['pairs']} "
+    f"sampled pairs (95% CI {_pct(d['ci'][0])}-{_pct(d['ci'][1])}, {d['ties']} ties)",
+    "length_learned": lambda d: f"{d['cell']} learned the data's {d['teaches']} prior: on {d['pairs']} held-out pairs "
+    f"of unequal length, training moved it toward the {d['rule']} completion in {_pct(d['follows'])} (95% CI "
+    f"{_pct(d['ci'][0])}-{_pct(d['ci'][1])}); the held-out labels pick that one in {_pct(d['labels_follow'])}, the "
+    f"training labels in {_pct(d['rule_accuracy'])}",
+}
+TEMPLATES.update(AUDIT)

@@ -13,9 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.files import atomic_write_text
-from ..core.layout import REPORT_HTML, REPORT_MD, Decision, MatrixDir, PipelineDir, RoundsDir, folder_kind
-from ..evaluation.review import diagnose
+from ..core.layout import (
+    REPORT_HTML,
+    REPORT_MD,
+    Decision,
+    MatrixDir,
+    PipelineDir,
+    RoundsDir,
+    folder_kind,
+    read_audit,
+)
+from ..evaluation.review import audit_of, diagnose
 from ..evaluation.runlog import load
+from .data import data_section
 from .decide import decision_of
 from .judges_page import judges_section
 from .markup import VERDICT_COLORS, esc, findings_html, html_table, lc, lens, md_esc, md_table, num, page, win
@@ -44,7 +54,9 @@ def write_report(folder: str | Path) -> tuple[Path, Path]:
     if d.rounds:
         return _write(root, *_rounds_page(RoundsDir(root), d))
     logs = {c.name: load(MatrixDir(root).cell(c.name).path) for c in d.cells if c.finished}
-    return _write(root, matrix_md(d, logs, root.name), matrix_html(d, logs, root.name))
+    audit = read_audit(root)
+    md, html = data_section(audit) if audit else ([], "")
+    return _write(root, matrix_md(d, logs, root.name, md), matrix_html(d, logs, root.name, html))
 
 
 def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -54,13 +66,15 @@ def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     """
     root = Path(run_dir)
     log = load(root)
-    items = [(f.severity, f.code, f.sentence) for f in diagnose(log)]
+    audit = audit_of(root)
+    items = [(f.severity, f.code, f.sentence) for f in diagnose(log, audit)]
+    data_md, data_html = data_section(audit) if audit else ([], "")
     md = f"# preftune run report: {md_esc(root.name)}\n\n" + "".join(
-        f"- **{s}** {c}: {md_esc(t)}\n" for s, c, t in items)
+        f"- **{s}** {c}: {md_esc(t)}\n" for s, c, t in items) + "".join(f"\n{line}" for line in data_md)
     body = (f"<h1>preftune run report: {esc(root.name)}</h1><h2>Findings</h2>{findings_html(items)}"
             f"<h2>Plots</h2><div class='grid'>{margin_plot(log, 'training vs held-out margin')}"
             + (scatter(log, "margin vs length difference") + length_bars(log) if log.pairs else "")
-            + "</div>")
+            + "</div>" + data_html)
     return _write(root, md, body)
 
 

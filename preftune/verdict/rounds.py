@@ -15,9 +15,10 @@ judge-dependent one stops the rounds (``round_judge_dependent``, naming the judg
 from __future__ import annotations
 
 from ..core.errors import InputError
-from ..core.layout import CellEntry, Decision, RoundsDir
+from ..core.layout import CellEntry, Decision, RoundsDir, read_audit
 from ..evaluation import yardsticks
 from .comparisons import BEHAVIOUR, Group, Stats, load_cell, short
+from .data import leak_reasons
 from .reasons import Reason, render, render_summary
 from .robust import against_reference, between
 
@@ -33,7 +34,8 @@ def decide_rounds(rounds: RoundsDir, *, alpha: float = 0.05, n_boot: int = 10000
         cell.round = r.number
     st = Stats(loaded, alpha, n_boot, by=("round",))  # a matrix's statistics, over rounds
     sticks = [BEHAVIOUR] + [y.name for y in yardsticks.logprob_yardsticks() if same_ref or not y.needs_reference]
-    reasons: list[Reason] = []
+    data = leak_reasons(read_audit(rounds.path))  # held-out prompts among the prompts the rounds trained on
+    reasons: list[Reason] = list(data)
     first, last = st.groups[0], st.groups[-1]
     beats, basis = False, Reason("single_round", {"round": last.name})
     if last is not first:
@@ -45,6 +47,8 @@ def decide_rounds(rounds: RoundsDir, *, alpha: float = 0.05, n_boot: int = 10000
             "round_judge_dependent", {"round": last.name, "previous": prev.name, "last_beats_first": beats,
                                       "disagreeing": refused.data["disagreeing"], "judges": refused.data["judges"]})
     reasons += [r for r in [against_reference(st, last)] if r]
+    if data:
+        basis = Reason(basis.code, {**basis.data, "data": [r.to_dict() for r in data]})
     best = max(st.groups, key=lambda g: (g.gen("win_rate") or 0.0, g.accuracy))
     return Decision(verdict="continue" if basis.code == "round_gain" else "stop", summary=render_summary(basis),
                     basis=basis.to_dict(), reasons=[r.to_dict() for r in reasons],

@@ -74,9 +74,10 @@ class Case:
     judged: set[str] = field(default_factory=set)        # cells whose judges were compared against the reference
 
 
-def decide_matrix(st: Stats, baseline: dict) -> Decision:
-    """Run the rules table over a matrix's statistics; the Decision with every reason on the way."""
-    case, reasons, verdict = Case(st, baseline), [], None
+def decide_matrix(st: Stats, baseline: dict, data: list[Reason] | None = None) -> Decision:
+    """Run the rules table over a matrix's statistics; the Decision with every reason on the way. ``data``: what
+    the data audit says about it (verdict/data.py), first among the reasons; a leak is noted in the summary too."""
+    case, reasons, verdict = Case(st, baseline), list(data or []), None
     for rule in TABLE:
         found, verdict = rule(case)
         reasons += found
@@ -85,8 +86,10 @@ def decide_matrix(st: Stats, baseline: dict) -> Decision:
     name, chosen, basis = verdict  # the last rule always decides
     elsewhere = learned_elsewhere(case) if name == "not_decisive" else []
     reasons += elsewhere
+    leaks = [r.to_dict() for r in data or [] if r.code == "heldout_leak"]  # the accuracy it rests on is inflated
     basis = Reason(basis.code, {**basis.data, "behaviour": [r.to_dict() for r in case.notes],
-                                **({"elsewhere": [r.to_dict() for r in elsewhere]} if elsewhere else {})})
+                                **({"elsewhere": [r.to_dict() for r in elsewhere]} if elsewhere else {}),
+                                **({"data": leaks} if leaks else {})})
     fallback = objectives.fallback() if name == "fallback_orpo" else baseline["objective"]
     return Decision(verdict=name, summary=render_summary(basis), basis=basis.to_dict(),
                     reasons=[r.to_dict() for r in reasons], explanation=[render(r) for r in reasons],
