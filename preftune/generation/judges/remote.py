@@ -22,14 +22,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ...core.config import refuse_credentials
 from ...core.errors import InputError
 from ...data.rows import Content, as_text
-from .base import DiskCache, PairwiseJudge, content_hash, one_line
+from .base import DiskCache, PairwiseJudge, PointwiseJudge, content_hash, one_line
 from .registry import judge_kind
 
 JUDGE_PROMPT = (
@@ -56,24 +56,26 @@ class _Fatal(Exception):
     """An answer that retrying cannot fix (401, 403, 404, 400)."""
 
 
-class OpenAIJudge(PairwiseJudge):
-    """Pairwise over an OpenAI-compatible ``/chat/completions`` endpoint."""
+class ChatEndpoint:
+    """One model behind an OpenAI-compatible ``/chat/completions`` URL: questions asked concurrently, each answer
+    checked by ``parse`` (an answer that doesn't parse is retried, then a failure, never a default), answers cached
+    by question, the key sent only in the header and cut out of every message."""
 
-    def __init__(self, model: str, base_url: str, cache_dir: Path) -> None:
+    def __init__(self, spec: str, model: str, base_url: str, cache_dir: Path, cache_name: str, max_tokens: int) -> None:
         refuse_credentials(base_url)
-        self.model, self.base_url = model, base_url.rstrip("/")
+        self.spec, self.model, self.base_url, self.max_tokens = spec, model, base_url.rstrip("/"), max_tokens
         self.timeout = _env_float("PREFTUNE_JUDGE_TIMEOUT", 60.0)
         self.retries = int(_env_float("PREFTUNE_JUDGE_RETRIES", 4))
         self.backoff = _env_float("PREFTUNE_JUDGE_BACKOFF", 1.0)
         self.concurrency = max(1, int(_env_float("PREFTUNE_JUDGE_CONCURRENCY", 8)))
-        # identity without the key: the cache is shared by anyone asking the same model the same question
-        self._cache = DiskCache(cache_dir, f"openai-{content_hash('openai', model, self.base_url, PROMPT_VERSION)}")
+        # named without the key: the cache is shared by anyone asking the same model the same question
+        self.cache = DiskCache(cache_dir, cache_name)
         self.calls = 0  # HTTP requests made (tests and logs: a cached re-run makes none)
         self._lock = threading.Lock()
 
-    def _ask_once(self, content: str) -> str:
+    def _ask_once(self, content: str, parse: Callable[[str], str]) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
-                           "temperature": 0, "max_tokens": 4}).encode()
+                           "temperature": 0, "max_tokens": self.max_tokens}).encode()
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"}, method="POST")
         key = api_key()
@@ -92,18 +94,15 @@ class OpenAIJudge(PairwiseJudge):
             text = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise RuntimeError(f"not a chat-completions answer: {raw[:60]!r}") from None
-        answer = str(text).strip().strip('".\'*').strip()
-        if answer not in ("1", "2"):
-            raise RuntimeError(f"answer {str(text)[:40]!r} is neither '1' nor '2'")
-        return answer
+        return parse(str(text))
 
-    def _ask(self, content: str) -> str:
-        """The answer, or one line -- with the key cut out of whatever the server sent back (a body, an answer or
-        a status line that echoes the request's headers)."""
+    def ask(self, content: str, parse: Callable[[str], str]) -> str:
+        """The parsed answer, or one line -- with the key cut out of whatever the server sent back (a body, an
+        answer or a status line that echoes the request's headers)."""
         last = ""
         for attempt in range(self.retries + 1):
             try:
-                return self._ask_once(content)
+                return self._ask_once(content, parse)
             except _Fatal as e:
                 raise InputError(redact(f"judge {self.spec}: {e}"), field="judge") from None
             # 5xx, 429, garbage, timeouts, refused connections, torn responses: worth another try
@@ -113,6 +112,46 @@ class OpenAIJudge(PairwiseJudge):
                     time.sleep(self.backoff * 2**attempt)
         raise InputError(redact(f"judge {self.spec}: no usable answer after {self.retries + 1} tries ({last})"),
                          field="judge")
+
+    def answers(self, todo: dict[str, str], parse: Callable[[str], str]) -> dict[str, str]:
+        """Every cache key's answer: the cached ones, and the rest asked now (what was paid for is kept even when
+        another request failed)."""
+        cached = self.cache.load()
+        todo = {k: c for k, c in todo.items() if k not in cached}
+        if todo:
+            got: dict[str, str] = {}
+            failure: InputError | None = None
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                futures = {k: pool.submit(self.ask, c, parse) for k, c in todo.items()}
+                for k, fut in futures.items():
+                    try:
+                        got[k] = fut.result()
+                    except InputError as e:
+                        failure = failure or e
+            self.cache.add(got)
+            if failure is not None:
+                raise failure
+        return cached
+
+
+def _one_or_two(text: str) -> str:
+    answer = text.strip().strip('".\'*').strip()
+    if answer not in ("1", "2"):
+        raise RuntimeError(f"answer {text[:40]!r} is neither '1' nor '2'")
+    return answer
+
+
+class OpenAIJudge(PairwiseJudge):
+    """Pairwise over an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    def __init__(self, model: str, base_url: str, cache_dir: Path) -> None:
+        self.model = model
+        name = f"openai-{content_hash('openai', model, base_url.rstrip('/'), PROMPT_VERSION)}"
+        self.endpoint = ChatEndpoint("", model, base_url, cache_dir, name, max_tokens=4)
+
+    @property
+    def calls(self) -> int:
+        return self.endpoint.calls
 
     def _asks(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> tuple[list[str], list[str]]:
         """(questions, cache keys): (a first, b first) for each comparison; "" where a and b are identical."""
@@ -131,33 +170,82 @@ class OpenAIJudge(PairwiseJudge):
                        b: Sequence[str]) -> list[bool | None] | None:
         """Whether the answer changed side with the order: "1" both times (or "2" both times) is a flip."""
         contents, keys = self._asks([as_text(p) for p in prompts], a, b)
-        cached = self._cache.load()
+        cached = self.endpoint.cache.load()
         return [None if not contents[i] or keys[i] not in cached or keys[i + 1] not in cached else
                 (cached[keys[i]] == "1") != (cached[keys[i + 1]] == "2") for i in range(0, len(keys), 2)]
 
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        self.endpoint.spec = self.spec
         contents, keys = self._asks(prompts, a, b)
-        cached = self._cache.load()
-        todo = {k: c for k, c in zip(keys, contents) if c and k not in cached}
-        if todo:
-            answers: dict[str, str] = {}
-            failure: InputError | None = None
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = {k: pool.submit(self._ask, c) for k, c in todo.items()}
-                for k, fut in futures.items():
-                    try:
-                        answers[k] = fut.result()
-                    except InputError as e:
-                        failure = failure or e
-            self._cache.add(answers)  # what was paid for is kept even when another request failed (cached grows)
-            if failure is not None:
-                raise failure
+        got = self.endpoint.answers({k: c for k, c in zip(keys, contents) if c}, _one_or_two)
         out = []
         for i in range(0, len(keys), 2):
-            a_wins_first, a_wins_second = cached.get(keys[i]) == "1", cached.get(keys[i + 1]) == "2"
+            a_wins_first, a_wins_second = got.get(keys[i]) == "1", got.get(keys[i + 1]) == "2"
             out.append(0.5 if not contents[i] else 1.0 if a_wins_first and a_wins_second else
                        0.0 if not a_wins_first and not a_wins_second else 0.5)
         return out
+
+
+RUBRIC_PROMPT = (
+    "Judge the response below against this rubric.\n\n## Rubric\n{rubric}\n\n## Instruction\n{instruction}\n\n"
+    "## Response\n{response}\n\nAnswer on one line in exactly one of these forms: \"SCORE: N\" with N a whole "
+    "number from 0 (worst) to 10 (best), or \"VERDICT: PASS\" or \"VERDICT: FAIL\"."
+)
+RUBRIC_VERSION = 1  # bump when RUBRIC_PROMPT changes
+
+
+@judge_kind("openai-rubric", mode="pointwise", usage="openai-rubric:RUBRIC_FILE:MODEL@http(s)://HOST[:PORT]/PATH",
+            needs=("cache_dir",), env=KEY_VARIABLES)
+def openai_rubric(args: str, cache_dir: Path) -> RubricJudge:
+    """A rubric (a text file: what a good or safe answer is) scored by an OpenAI-compatible model."""
+    rubric_path, sep, rest = args.partition(":")
+    model, at, url = rest.partition("@")
+    parsed = urllib.parse.urlparse(url)
+    if not sep or not at or not model or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError
+    try:
+        rubric = Path(rubric_path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the rubric: {getattr(e, 'strerror', None) or e}", path=rubric_path,
+                         field="judge") from None
+    if not rubric:
+        raise InputError("the rubric file is empty: write what a good (or a safe) answer is", path=rubric_path,
+                         field="judge")
+    return RubricJudge(rubric, model, url, cache_dir)
+
+
+def parse_rubric_answer(text: str) -> str:
+    """``"0.7"`` from "SCORE: 7", ``"1"`` from "VERDICT: PASS", ``"0"`` from "VERDICT: FAIL"; RuntimeError (a
+    retry, then a judge failure -- never a pass) for anything else."""
+    line = text.strip().strip('".*`').strip().upper()
+    if line.startswith("SCORE:"):
+        n = line[len("SCORE:"):].strip()
+        if n.isdigit() and 0 <= int(n) <= 10:
+            return str(int(n) / 10)
+    elif line in ("VERDICT: PASS", "VERDICT: FAIL"):
+        return "1" if line.endswith("PASS") else "0"
+    raise RuntimeError(f"answer {text[:40]!r} is neither 'SCORE: N' (0-10) nor 'VERDICT: PASS' / 'VERDICT: FAIL'")
+
+
+class RubricJudge(PointwiseJudge):
+    """Each answer scored alone against a rubric: SCORE 0-10 as 0-1, PASS as 1, FAIL as 0."""
+
+    def __init__(self, rubric: str, model: str, base_url: str, cache_dir: Path) -> None:
+        self.rubric, self.model = rubric, model
+        name = f"rubric-{content_hash('rubric', model, base_url.rstrip('/'), rubric, RUBRIC_VERSION)}"
+        self.endpoint = ChatEndpoint("", model, base_url, cache_dir, name, max_tokens=12)
+
+    @property
+    def calls(self) -> int:
+        return self.endpoint.calls
+
+    def score(self, prompts: Sequence[Content], completions: Sequence[str]) -> list[float]:
+        self.endpoint.spec = self.spec
+        contents = [RUBRIC_PROMPT.format(rubric=self.rubric, instruction=as_text(p), response=c)
+                    for p, c in zip(prompts, completions)]
+        keys = [content_hash(self.model, c) for c in contents]
+        got = self.endpoint.answers(dict(zip(keys, contents)), parse_rubric_answer)
+        return [float(got[k]) for k in keys]
 
 
 def api_key() -> str | None:
