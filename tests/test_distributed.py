@@ -80,7 +80,7 @@ def test_torchrun_two_processes_equal_one(tiny_world, one_process, tmp_path):
     assert_same_run(one_process, out)
     # rank 0 alone wrote: no stray temp files or second lock, and the reference cache of the sharded layout
     assert not (out / ".lock").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "eval_pairs.jsonl",
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "audit.json", "config.yaml", "eval_pairs.jsonl",
                                                       "metrics.jsonl", "summary.json"]
     assert any(p.name.endswith("-w2.safetensors") for p in (tmp_path / "cache" / "reference").iterdir())
 

@@ -41,13 +41,20 @@ def test_chosen_shorter_is_flagged_as_length_biased(tmp_path):
     assert bias["teaches"] == "brevity" and bias["rule"] == "shorter" and bias["ci"][0] > 0.5
 
 
-def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+def test_quick_demo_runs_the_loop_end_to_end(tmp_path, capsys):
+    """make demo is the pipeline: a recipe written, every stage run, the gate's verdict and reasons printed."""
     assert main(["demo", "--quick", "--output", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "[demo] verdict:" in out and "report.html" in out
-    decision = json.loads((tmp_path / "demo" / "matrix" / "decision.json").read_text())
+    assert "[demo] matrix verdict:" in out and "[demo] gate:" in out and "report.html" in out
+    loop = tmp_path / "demo" / "loop"
+    decision = json.loads((loop / "matrix" / "decision.json").read_text())
     assert decision["verdict"] in ("switch", "keep", "not_decisive", "fallback_orpo")
-    assert (tmp_path / "demo" / "matrix" / "report.html").stat().st_size > 1000
+    gate = json.loads((loop / "gate" / "gate.json").read_text())
+    assert gate["verdict"] in ("ship", "hold") and [c["check"] for c in gate["checks"]] == [
+        "safety", "over_refusal", "regression"]
+    assert (loop / "ship").exists() == (gate["verdict"] == "ship")
+    assert (loop / "report.html").stat().st_size > 1000 and (loop / "matrix" / "report.html").stat().st_size > 1000
+    assert (tmp_path / "demo" / "recipe.yaml").exists()
 
 
 def test_a_real_gap_is_a_switch(tmp_path):

@@ -165,7 +165,7 @@ def test_real_report_in_chromium(real, browser, tmp_path):
     box = verdict.bounding_box()
     assert box is not None and box["y"] < 200 and box["height"] > 10   # at the top, not pushed off-screen
     probe = page.evaluate(PROBE)
-    assert probe["svgs"] and len(probe["svgs"]) == expected_svgs(4)
+    assert probe["svgs"] and len(probe["svgs"]) == expected_svgs(4) + 1  # + the data section's length histogram
     assert all(w > 0 and h > 0 for w, h in probe["svgs"]), probe["svgs"]
     assert (probe["pwned"], probe["scripts"], probe["imgs"], seen["dialogs"]) == (None, 0, 0, [])
     assert probe["overflow"] <= 0                                      # a 100 kB line wraps, no sideways scroll
