@@ -33,7 +33,7 @@ def recipe(out: Path, world: Any, *, quick: bool) -> dict[str, Any]:
     return {
         "model": str(world.model_dir), "data": str(world.train_path), "eval_data": str(world.eval_path),
         "cache_dir": str(out / "cache"), "batch_size": 8, "max_length": 128, "max_prompt_length": 64, "seed": 0,
-        "sft": {"lora_rank": 0, "lr": 2e-3, "warmup_ratio": 0.05, "max_steps": 20 if quick else 30,
+        "sft": {"lora_rank": 0, "lr": 3e-3, "warmup_ratio": 0.05, "max_steps": 80 if quick else 60,
                 "batch_size": 16, "eval_every": 0, "save_every": 0},
         "matrix": {"grid": {"objective": ["dpo", "simpo"], "lora_rank": [16, 8]}, "lr": 1e-3 if quick else 5e-4,
                    "max_steps": steps, "eval_every": 6 if quick else 12, "save_every": 24, "warmup_ratio": 0.1,
