@@ -1,7 +1,7 @@
 """preftune: preference optimization that decides.
 
-Train DPO, SimPO, ORPO, IPO, robust/cDPO, hinge and SFT (or your own objective) with LoRA in one engine,
-measure each on held-out pairs while it trains, and say which objective and which adapter rank won, how sure
+Train every objective TRL, CPO/KTO and open-instruct offer (DPO, IPO, APO, NCA, BCO, SimPO, ORPO, KTO, ...),
+weighted mixtures of them, or your own, with LoRA in one engine, measure each on held-out pairs while it trains, and say which objective and which adapter rank won, how sure
 that is, and why.
 
     >>> import preftune

@@ -77,7 +77,7 @@ def test_mixed_kinds_unpaired_to_a_paired_objective_and_batch_size_1(tmp_path, t
               str(tmp_path / "cache"), "--max-steps", "2"]
     assert main(["train", "--data", str(thumbs), "--objective", "dpo", "--output", str(tmp_path / "a"), *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "need an objective that takes them (kto)" in err[0] and not (tmp_path / "a").exists()
+    assert len(err) == 1 and "need an objective that takes them (kto, apo_zero_unpaired)" in err[0] and not (tmp_path / "a").exists()
     assert main(["train", "--data", str(thumbs), "--objective", "kto", "--batch-size", "1", "--output",
                  str(tmp_path / "b"), *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -151,8 +151,11 @@ def test_gradients_flow(name, rows):
 
 
 def test_needs_reference_flags():
-    assert {n for n, o in O.REGISTRY.items() if o.needs_reference} == {"dpo", "cdpo", "robust", "ipo", "hinge", "kto"}
-    assert {n for n, o in O.REGISTRY.items() if not o.needs_reference} == {"simpo", "orpo", "sft"}
+    assert {n for n, o in O.REGISTRY.items() if o.needs_reference} == {
+        "dpo", "cdpo", "robust", "ipo", "hinge", "kto", "sigmoid_norm", "dpo_norm", "exo_pair", "discopop", "aot",
+        "aot_unpaired", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "apo_zero_unpaired"}
+    assert {n for n, o in O.REGISTRY.items() if not o.needs_reference} == {"simpo", "orpo", "sft", "cpo_simpo",
+                                                                              "alphapo"}
     assert all(o.summary and o.fn.__doc__ for o in O.REGISTRY.values())
 
 
@@ -179,8 +182,8 @@ def test_unknown_hyperparameter_is_one_line_with_a_suggestion(name, given, close
 def test_every_objective_declares_family_and_schema():
     assert {o.family for o in O.REGISTRY.values()} <= set(O.FAMILIES)
     assert O.fallback() == "orpo" and [o.name for o in O.REGISTRY.values() if o.fallback] == ["orpo"]
-    assert {n for n, o in O.REGISTRY.items() if o.judged} == {"dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "kto"}
-    assert [o.name for o in O.REGISTRY.values() if o.data == "unpaired"] == ["kto"]
+    assert {n for n, o in O.REGISTRY.items() if o.judged} == set(O.REGISTRY) - {"orpo", "sft"}
+    assert [o.name for o in O.REGISTRY.values() if o.data == "unpaired"] == ["kto", "apo_zero_unpaired"]
     for o in O.REGISTRY.values():
         for key, p in o.params.items():
             assert p.default is None or p.check(p.default), (o.name, key)
@@ -229,8 +232,10 @@ def test_unknown_objective_suggests():
     msg = str(e.value)
     assert "field 'objective'" in msg and "unknown objective 'dpx' (did you mean 'dpo'?)" in msg
     assert "choose from dpo, cdpo" in msg
-    with pytest.raises(InputError, match="simpo, orpo, sft, kto$"):
+    with pytest.raises(InputError, match=f"choose from {', '.join(O.REGISTRY)}$"):
         O.get("zzzzzz")
+    assert list(O.REGISTRY)[:5] == ["dpo", "cdpo", "robust", "ipo", "hinge"] and list(O.REGISTRY)[-2:] == \
+        ["kto", "apo_zero_unpaired"]
 
 
 def test_nll_weight_adds_chosen_nll():

@@ -58,15 +58,22 @@ def _objectives(args: argparse.Namespace) -> int:
     if args.markdown:
         print(objectives_markdown(), end="")
         return 0
-    from ..core.objectives import REGISTRY
+    from ..core.objectives import MODIFIERS, REGISTRY
 
+    width = max(len(name) for name in REGISTRY)
     for o in REGISTRY.values():
         ref = "needs a reference" if o.needs_reference else "no reference"
         role = ", the fallback" if o.fallback else ""
-        print(f"{o.name:8s} {o.family}{role}, {ref}: {o.summary}")
+        print(f"{o.name:{width}s} {o.family}{role}, {ref}, {o.data}: {o.summary}")
         for key, p in o.params.items():
             default = "derived" if p.default is None else p.default
             print(f"    {key:18s} default {default!s:8s} {p.rule:12s} {p.help}")
+        if o.modifiers:
+            print(f"    takes {', '.join(m for m in MODIFIERS if m in o.modifiers)}")
+    print("\nmodifiers (config keys, for the objectives that take them):")
+    for m in MODIFIERS.values():
+        print(f"    {' + '.join(m.fields):{width + 26}s} {m.summary}")
+    print('\nmixtures: --objective "0.8*dpo + 0.2*bco_pair + 1*sft" (each term\'s hyperparameters from its own entry)')
     return 0
 
 
@@ -75,7 +82,25 @@ ACROSS = """## Across objectives
 
 - **`nll_weight`** (`--nll-weight W`, default 0, >= 0) adds W · (mean token NLL of chosen) to *any* objective,
   RPO-style, logged as `nll_loss`. No objective hides one: TRL's CPOTrainer with `loss_type="simpo"` keeps
-  `cpo_alpha=1.0` and so adds it silently; preftune's `simpo` doesn't. ORPO already contains it.
+  `cpo_alpha=1.0` and so adds it silently; preftune's `simpo` doesn't (`cpo_simpo` is that). ORPO already
+  contains it.
+- **Mixtures**: a weighted sum of objectives goes wherever an objective name goes, as TRL's `loss_type` list with
+  `loss_weights`: `--objective "0.8*dpo + 0.2*bco_pair + 1*sft"` (MPO), `--grid objective=dpo,"0.5*dpo+1*sft"`,
+  terms from your own modules too (`0.5*mymodule:slic + 1*sft`). Each term's hyperparameters come from its own
+  `objectives:` entry (`--beta` fills every term that takes it); all terms read one policy forward and one
+  reference pass, so a mixture costs what its dearest term costs ([bench](../bench/README.md)). It needs a
+  reference if any term does; its terms must all be paired or all unpaired; weights are finite numbers >= 0.
+  It logs each term's own loss as `loss/<name>` (TRL's `loss_type` name where there is one: `loss/sigmoid` for
+  `dpo`; TRL itself logs only the total) beside the total `loss`; its rewards are its first preference term's.
+- **Modifiers** (config keys, declared once in `preftune/core/objectives/modifiers.py`, applied to every
+  objective that lists them under "takes"; any other gets a one-line error):
+  `ld_alpha` (LD-DPO: each side's log-prob becomes shared + α·tail, the shared part being the first
+  min(|c|, |r|) completion tokens, for policy and reference; computed in the same forward), `use_weighting`
+  (WPO: each pair's loss times w_c·w_r, w = exp(mean token log p − log Σ_v p_v²) under the policy, no
+  gradient), `f_divergence_type` (`reverse_kl` default, `forward_kl`, `js_divergence`, `alpha_divergence` with
+  `f_alpha_divergence_coef`, default 0.5: how Δ scores each log-ratio). In a mixture every preference term must
+  take a modifier that is on; likelihood terms (`sft`) are left as they are, except by WPO's weight, as in TRL.
+  A matrix factor like any key: `--grid ld_alpha=0.3,0.7`.
 - **SimPO's `gamma`** is TRL's `simpo_gamma` (absolute, reward units); `gamma_beta_ratio` is the paper's γ/β.
 - **Reference passes.** Objectives that need no reference skip the reference pass over the training set. The
   held-out pairs' reference log-probs are computed for every objective (cheap, and cached), so both common
@@ -98,6 +123,8 @@ def _cell(value: object) -> str:
 
 
 def _objective_section(o: Objective) -> list[str]:
+    from ..core.objectives import MODIFIERS
+
     data = "paired (prompt/chosen/rejected rows)" if o.data == "paired" else \
         f"{o.data} (prompt/completion/label rows; pairs are unpaired for it)"
     facts = [f"family: {o.family}; reference model: {'needed' if o.needs_reference else 'not needed'}",
@@ -105,6 +132,9 @@ def _objective_section(o: Objective) -> list[str]:
     facts += ["the fallback: what `decide` recommends when every judged objective is unstable"] * o.fallback
     facts += [f"smallest batch size: {o.min_batch_size}"] * (o.min_batch_size > 1)
     facts += [f"give {' or '.join(f'`{k}`' for k in group)}, not both" for group in o.exclusive]
+    facts += [f"takes the modifiers {', '.join(f'`{m}`' for m in MODIFIERS if m in o.modifiers)}"] * bool(o.modifiers)
+    facts += [f"TRL: `DPOConfig(loss_type=\"{o.trl_loss_type}\")`; in a mixture its loss is logged as "
+              f"`loss/{o.trl_loss_type}`"] * bool(o.trl_loss_type)
     if o.advice:
         facts.append(f"warns about its training data: {_md(inspect.getdoc(o.advice) or '')}")
     lines = [f"## `{o.name}`", "", _cell(o.summary), "", *[f"- {f}" for f in facts], ""]
@@ -127,11 +157,14 @@ def objectives_markdown() -> str:
              "from. Generated from the registry (`preftune/core/objectives/`): edit the registry, not this page, then",
              "run `preftune objectives --markdown > docs/objectives.md`.", "",
              "Notation, per pair:", "", "```text", inspect.cleandoc(notation), "```", "",
-             "| objective | family | reference | data | hyperparameters (defaults) | summary |", "|---|---|---|---|---|---|"]
+             "Mixtures (`0.8*dpo + 0.2*bco_pair + 1*sft`) and the modifiers (`ld_alpha`, `use_weighting`,",
+             "`f_divergence_type`) are explained [at the end](#across-objectives).", "",
+             "| objective | family | reference | data | hyperparameters (defaults) | TRL DPO loss_type | summary |",
+             "|---|---|---|---|---|---|---|"]
     for o in built_in:
         params = ", ".join(f"`{k}`={'derived' if p.default is None else p.default}" for k, p in o.params.items())
         lines.append(f"| [`{o.name}`](#{o.name}) | {o.family} | {'needed' if o.needs_reference else 'free'} | "
-                     f"{o.data} | {params or '—'} | {_cell(o.summary)} |")
+                     f"{o.data} | {params or '—'} | {o.trl_loss_type or '—'} | {_cell(o.summary)} |")
     lines.append("")
     for o in built_in:
         lines += _objective_section(o)

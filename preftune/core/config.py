@@ -11,8 +11,9 @@ against the objective's own schema (``preftune objectives``)::
       simpo: {beta: 2.0, gamma_beta_ratio: 0.5}
 
 ``beta``, ``gamma``, ``gamma_beta_ratio`` and ``label_smoothing`` (flags ``--beta`` ...) are shorthands for the
-entry of the objective being run. Precedence: defaults < YAML shorthands < YAML ``objectives`` entry < command
-line (``--beta`` beats both).
+entry of the objective being run (of each term of a mixture that takes them). Precedence: defaults < YAML
+shorthands < YAML ``objectives`` entry < command line (``--beta`` beats both). The modifiers (``ld_alpha``,
+``use_weighting``, ``f_divergence_type``) are plain keys: they apply to whatever objective is run.
 
     preftune train --config run.yaml --lora-rank 16
 """
@@ -67,9 +68,13 @@ class Config:
     max_train_pairs: int | None = None   # take the first N training pairs (after the split)
     audit: bool = True                   # check the data before training: one line, audit.json (preftune audit)
     # --- objective -------------------------------------------------------------------------------
-    objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`) or module:name for your own
+    objective: str = "dpo"               # dpo, simpo, orpo, ... (`preftune objectives`), module:name for your own, or a mixture 0.8*dpo+0.2*bco_pair+1*sft
     nll_weight: float = 0.0              # extra NLL on chosen for any objective (RPO); 0 = off
     objectives: dict[str, dict[str, Any]] = field(default_factory=dict)  # per objective: {name: {param: value}}
+    ld_alpha: float | None = None        # LD-DPO length desensitization α in [0, 1] on the tokens past the shorter completion; None = off
+    use_weighting: bool = False          # WPO: weight each pair's loss by its policy probability
+    f_divergence_type: str = "reverse_kl"  # f-DPO divergence: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
     ref_sync_steps: int = 0              # TR-DPO: sync the reference to the policy every N steps (TRL's default 512); 0 = fixed reference; LoRA only
     ref_sync_alpha: float = 0.6          # TR-DPO: at each sync reference = alpha * policy + (1 - alpha) * reference; 1 = copy
     # --- optimisation ----------------------------------------------------------------------------
@@ -131,11 +136,13 @@ class Config:
         if not self.data and self.eval_data is None:
             raise InputError("no data given (--data FILE)", field="data")
         obj = objectives.get(self.objective)  # InputError with a suggestion (imports a module:name objective)
+        self.objective = objectives.canonical(self.objective)  # a mixture in one spelling
         checked: dict[str, dict[str, Any]] = {}
         for key, entry in self.objectives.items():  # every entry against its objective's schema, as numbers
             resolved = objectives.resolve_params(key, entry)
             checked[objectives.get(key).spec] = {k: resolved[k] for k in entry if k in resolved}
         self.objectives = checked
+        self.objective_params()  # the modifiers: valid values, and an objective that takes them
         _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
         _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
         _choice("bad_rows", self.bad_rows, ("error", "skip"))
@@ -206,13 +213,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def objective_params(self) -> dict[str, Any]:
-        """Hyperparameters handed to the objective function: its ``objectives`` entry over the schema's
-        defaults, plus ``nll_weight``."""
+        """What the objective is run with: its ``objectives`` entry over the schema's defaults (a mixture's terms
+        each from their own entry), ``nll_weight``, and the modifiers that are on."""
         from . import objectives
 
-        obj = objectives.get(self.objective)
-        entry = self.objectives.get(obj.spec, self.objectives.get(obj.name, {}))
-        return objectives.resolve_params(obj.name, {"nll_weight": self.nll_weight, **entry})
+        mods = {k: getattr(self, k) for m in objectives.MODIFIERS.values() for k in m.fields}
+        return objectives.run_params(self.objective, self.objectives, nll_weight=self.nll_weight, modifiers=mods)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -393,9 +399,12 @@ def build(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] |
     values = {k: coerce(k, v, source) for k, v in yaml_values.items()}
     values.update({k: coerce(k, v, "command line") for k, v in overrides.items()})
     if short_yaml or short_cli:
-        name = objectives.get(values.get("objective", Config.objective)).spec
-        entry = dict(values.get("objectives", {}))
-        values["objectives"] = {**entry, name: {**short_yaml, **entry.get(name, {}), **short_cli}}
+        name = values.get("objective", Config.objective)
+        entries = dict(values.get("objectives", {}))
+        low, high = objectives.spread(name, short_yaml), objectives.spread(name, short_cli)
+        for spec in {**low, **high}:
+            entries[spec] = {**low.get(spec, {}), **entries.get(spec, {}), **high.get(spec, {})}
+        values["objectives"] = entries
     return Config(**values)
 
 
@@ -409,7 +418,7 @@ def dump_yaml(cfg: Config) -> str:
     from . import objectives
 
     d = cfg.to_dict()
-    obj = objectives.get(cfg.objective)
-    params = {k: v for k, v in cfg.objective_params().items() if k != "nll_weight"}
-    d["objectives"] = {**{k: v for k, v in d["objectives"].items() if k != obj.name}, obj.spec: params}
+    own = objectives.entries_of(cfg.objective, cfg.objective_params())
+    names = {objectives.get(spec).name for spec in own}
+    d["objectives"] = {**{k: v for k, v in d["objectives"].items() if k not in names}, **own}
     return yaml.safe_dump(d, sort_keys=False)

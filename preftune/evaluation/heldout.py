@@ -23,7 +23,7 @@ from ..core.layout import EVAL_METRICS, RunDir
 from ..core.runtime import Runtime, current, init
 from ..data.rows import RowPolicy, load_examples
 from ..data.tokenize import tokenize_examples
-from ..modeling.logprobs import score_pairs
+from ..modeling.logprobs import score_pairs, with_shared_cuts
 from ..modeling.model import fingerprint, load_model, load_tokenizer
 from ..modeling.precision import Arithmetic, arithmetic, resolve_dtype
 from ..modeling.reference import reference_logps
@@ -58,11 +58,11 @@ def _accuracy(margin: Tensor) -> float:
     return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
 
 
-def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: dict,
-            ids: Sequence[str]) -> tuple[dict, list[dict]]:
-    """Metrics (``eval_`` keys) and per-pair rows from already computed log-probs. All inputs (N, 2)."""
-    lp = objectives.SeqLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=counts[:, 0],
-                             rejected_tokens=counts[:, 1], ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
+def heldout(logps: Tensor, counts: Tensor, ref: Tensor, objective: str, params: dict, ids: Sequence[str],
+            more: dict[str, Tensor] | None = None) -> tuple[dict, list[dict]]:
+    """Metrics (``eval_`` keys) and per-pair rows from already computed log-probs. All inputs (N, 2), ``more``
+    the extra sums the objective needs (``shared``, ``ref_shared``, ``sumsq``)."""
+    lp = objectives.SeqLogps.of(logps, counts, ref, more=more)
     out = objectives.compute(objective, lp, params)
     margin = out.chosen_rewards - out.rejected_rewards                      # (N,)
     sticks = {y.name: y.margin(lp) for y in yardsticks.logprob_yardsticks()}  # name -> (N,)
@@ -91,22 +91,33 @@ def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: st
     """Score ``pairs`` with the current policy. Returns (eval metrics, per-pair rows, tokens processed).
 
     ``arith`` (``model.arithmetic(cfg, dtype, held_out=True)``): how to compute (bf16 autocast, fp32 upcast).
+    What the objective needs beyond the sums is scored too: the shared parts (LD-DPO) as cut pairs after the
+    whole ones (``with_shared_cuts``; ``ref`` then has those rows too, from the reference pass), the rest
+    (WPO's ``sumsq``) from the same forward.
 
     Under torchrun each rank scores its contiguous shard (``rt.shard``: no pair twice, none padded in) and
     the shards are gathered in order, so every rank returns the same metrics and rows over all pairs.
     """
     rt = rt or current()
-    lo, hi = rt.shard(len(pairs))
+    needs = objectives.needs(objective, params)
+    scored = with_shared_cuts(pairs, needs)
+    lo, hi = rt.shard(len(scored))
     with arith.applied(model):
-        logps, counts, processed = score_pairs(model, pairs[lo:hi], pad_id=pad_id, batch_size=batch_size,
-                                               share_prompt=share_prompt, chunk=chunk,
-                                               autocast_bf16=arith.autocast_bf16)
+        logps, counts, processed, *extra = score_pairs(
+            model, scored[lo:hi], pad_id=pad_id, batch_size=batch_size, share_prompt=share_prompt, chunk=chunk,
+            autocast_bf16=arith.autocast_bf16, needs=sorted(needs - {"shared"}))
+    more = (extra or [{}])[0]
     if rt.distributed:
-        parts = rt.gather((logps, counts, processed))
+        parts = rt.gather((logps, counts, processed, more))
         logps = torch.cat([p[0] for p in parts])                                                   # (N, 2)
         counts = torch.cat([p[1] for p in parts])                                                  # (N, 2)
         processed = sum(p[2] for p in parts)
-    metrics, rows = heldout(logps, counts, ref, objective, params, [p.id for p in pairs])
+        more = {k: torch.cat([p[3][k] for p in parts]) for k in more}
+    n = len(pairs)
+    if "shared" in needs:  # rows n.. are the pairs cut to their shared part: the shared sums
+        more = {**more, "shared": logps[n:], "ref_shared": ref[n:]}
+    more = {k: v[:n] for k, v in more.items()}
+    metrics, rows = heldout(logps[:n], counts[:n], ref[:n], objective, params, [p.id for p in pairs], more)
     return metrics, rows, processed
 
 
@@ -140,7 +151,8 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
     cache_dir = cfg.resolved_cache_dir()
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, arith=arithmetic(cfg, dtype, held_out=True))
     rt = init()  # under torchrun the pairs are split across ranks; rank 0 writes
-    ref, _ = reference_logps(model, pairs, fingerprint=fingerprint(cfg.model, cache_dir), cache_dir=cache_dir,
+    ref, _ = reference_logps(model, with_shared_cuts(pairs, objectives.needs(cfg.objective, cfg.objective_params())),
+                             fingerprint=fingerprint(cfg.model, cache_dir), cache_dir=cache_dir,
                              pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, rt=rt, **fast)
     metrics, rows, _ = evaluate(model, pairs, ref, cfg.objective, cfg.objective_params(), pad_id=tok.pad_token_id,
                                 batch_size=cfg.eval_batch_size, rt=rt, **fast)

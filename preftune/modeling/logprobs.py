@@ -16,6 +16,7 @@ Two paths that give the same numbers (tested to 1e-5 in fp32):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,27 +127,66 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None,
-                 scale: float | None) -> Tensor:
+                 scale: float | None, sumsq: bool = False) -> Tensor:
     logits = head(hidden).float()                        # (m, V)
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+    if not sumsq:
+        return logp                                      # (m,)
+    with torch.no_grad():  # log Σ_v p_v² = logsumexp(2·logits) − 2·logsumexp(logits) (WPO's weight; TRL's kernel)
+        sq = torch.logsumexp(2 * logits, dim=-1) - 2 * lse
+    return torch.stack([logp, sq])                       # (2, m)
 
 
 def token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 1024,
-                softcap: float | None = None, scale: float | None = None) -> Tensor:
-    """Log-prob of each target token from its predicting hidden state: hidden (M, H), targets (M,) -> (M,) fp32."""
+                softcap: float | None = None, scale: float | None = None, sumsq: bool = False) -> Tensor:
+    """Log-prob of each target token from its predicting hidden state: hidden (M, H), targets (M,) -> (M,) fp32.
+    ``sumsq``: (2, M), row 1 the token's log Σ_v p_v² (no gradient), from the same logits."""
     out = []
     for i in range(0, hidden.shape[0], chunk):
         h, t = hidden[i:i + chunk], targets[i:i + chunk]
         vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
         if torch.is_grad_enabled() and h.shape[0] * vocab > _CHECKPOINT_LOGITS:
-            out.append(checkpoint(_chunk_logps, head, h, t, softcap, scale, use_reentrant=False))
+            out.append(checkpoint(_chunk_logps, head, h, t, softcap, scale, sumsq, use_reentrant=False))
         else:
-            out.append(_chunk_logps(head, h, t, softcap, scale))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            out.append(_chunk_logps(head, h, t, softcap, scale, sumsq))
+    if not out:
+        return hidden.new_zeros((2, 0) if sumsq else (0,), dtype=torch.float32)
+    return torch.cat(out, dim=-1)
+
+
+def shared_mask(batch: Batch) -> Tensor:
+    """(M,) True for the targets among the first min(|c|, |r|) completion tokens of their pair (LD-DPO's shared
+    part, counted as TRL counts: predicted completion tokens). make_batch appends each sequence's targets
+    contiguously and in order, so a target's rank in its sequence is its index minus the sequence's first."""
+    n_seq, m = 2 * batch.n_pairs, batch.seq.numel()
+    counts = torch.bincount(batch.seq, minlength=n_seq)                                      # (2n,)
+    shared = torch.minimum(counts[:batch.n_pairs], counts[batch.n_pairs:]).repeat(2)          # (2n,)
+    idx = torch.arange(m, device=batch.seq.device)
+    first = torch.full((n_seq,), m, device=idx.device).scatter_reduce(0, batch.seq, idx, "amin")
+    return (idx - first[batch.seq]) < shared[batch.seq]
+
+
+def cut_to_shared(pairs: Sequence) -> list:
+    """Each pair with both completions cut to min(|c|, |r|) tokens: scoring these gives the shared-part sums
+    (LD-DPO) through the plain path, as the reference pass does. (With no prompt the first completion token is
+    predicted on neither path, and the shared part is the same.)"""
+    out = []
+    for p in pairs:
+        keep = min(len(p.chosen_ids), len(p.rejected_ids))
+        out.append(dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:keep]), rejected_ids=list(p.rejected_ids[:keep])))
+    return out
+
+
+def with_shared_cuts(pairs: Sequence, needs: Sequence[str]) -> list:
+    """The pairs as held-out scoring and its reference score them: when the shared-part sums are needed
+    (LD-DPO), each pair whole and then each cut to its shared part (rows N..), one list so both are batched
+    alike in the policy's pass and the reference's (their step-0 tie stays exact)."""
+    return list(pairs) + cut_to_shared(pairs) if "shared" in needs else list(pairs)
 
 
 # Attention implementations that take the prefix-sharing mask: SDPA a 4D bool tensor, eager an additive
@@ -286,13 +326,17 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
-                autocast_bf16: bool = False, compile: bool = False) -> tuple[Tensor, Tensor]:
+def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024, autocast_bf16: bool = False,
+                compile: bool = False, needs: Sequence[str] = ()) -> tuple[Tensor, ...]:
     """Summed completion log-probs and token counts of every sequence in ``batch``.
 
     ``model`` is a transformers causal LM, possibly wrapped by peft. Returns (logps (2n,), counts (2n,)),
     fp32, chosen first: ``logps[:n]`` are the chosen sequences, ``logps[n:]`` the rejected ones.
     ``compile`` runs the decoder through ``compiled_decoder`` (equal to eager to 1e-5 in fp32).
+
+    ``needs`` (an objective's, ``objectives.needs``) asks for more per-sequence sums from the same forward, and
+    adds a third item, {need: (2n,)}: ``shared`` the sum over each pair's first min(|c|, |r|) completion tokens
+    (LD-DPO, with gradient), ``sumsq`` the sum of log Σ_v p_v² over the completion (WPO, without).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -311,11 +355,20 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024,
         cfg = lm.config
         logp = token_logps(head, hidden, batch.targets, chunk,
                            softcap=getattr(cfg, "final_logit_softcapping", None),
-                           scale=getattr(cfg, "logit_scale", None))                            # (M,)
+                           scale=getattr(cfg, "logit_scale", None), sumsq="sumsq" in needs)     # (M,) or (2, M)
     n_seq = 2 * batch.n_pairs
-    sums = torch.zeros(n_seq, dtype=torch.float32, device=device).index_add(0, batch.seq, logp.float())
+
+    def per_seq(values: Tensor) -> Tensor:                                                      # (M,) -> (2n,)
+        return torch.zeros(n_seq, dtype=torch.float32, device=device).index_add(0, batch.seq, values.float())
+
     counts = torch.bincount(batch.seq, minlength=n_seq).float()
-    return sums, counts
+    if not needs:
+        return per_seq(logp), counts
+    logp, sq = (logp[0], logp[1]) if "sumsq" in needs else (logp, None)
+    more = {"sumsq": per_seq(sq)} if sq is not None else {}
+    if "shared" in needs:
+        more["shared"] = per_seq(logp * shared_mask(batch))
+    return per_seq(logp), counts, more
 
 
 def token_batches(pairs: Sequence, order: Sequence[int], tokens: int, share_prompt: bool) -> list[list[int]]:
@@ -347,12 +400,13 @@ def token_batches(pairs: Sequence, order: Sequence[int], tokens: int, share_prom
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_size: int = 16,
                 share_prompt: bool = True, chunk: int = 1024, autocast_bf16: bool = False,
-                tokens: int | None = None) -> tuple[Tensor, Tensor, int]:
+                tokens: int | None = None, needs: Sequence[str] = ()) -> tuple:
     """Policy log-probs of many pairs without gradients, batched by length to waste little padding.
 
     ``pairs`` have ``prompt_ids``, ``chosen_ids``, ``rejected_ids``. Returns (logps (N, 2), counts (N, 2),
     padded tokens processed); column 0 is chosen, column 1 rejected, rows in the order given. ``tokens``
-    sizes each batch by padded tokens instead of ``batch_size`` pairs (see ``token_batches``).
+    sizes each batch by padded tokens instead of ``batch_size`` pairs (see ``token_batches``). ``needs`` (see
+    ``batch_logps``) adds a fourth item, {need: (N, 2)}.
     Run: ``score_pairs(model, pairs, pad_id=0, tokens=8192)``.
     """
     was_training = model.training
@@ -361,6 +415,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
     n = len(pairs)
     logps = torch.zeros(n, 2)
     counts = torch.zeros(n, 2)
+    more = {need: torch.zeros(n, 2) for need in needs}
     order = sorted(range(n), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
                                             + len(pairs[i].rejected_ids)))
     processed = 0
@@ -372,11 +427,11 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
         sub = [pairs[i] for i in idx]
         batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
                            [p.rejected_ids for p in sub], pad_id, share_prompt)
-        s, c = batch_logps(model, batch, chunk=chunk, autocast_bf16=autocast_bf16)
+        s, c, *extra = batch_logps(model, batch, chunk=chunk, autocast_bf16=autocast_bf16, needs=needs)
         k = len(idx)
-        logps[idx] = torch.stack([s[:k], s[k:]], 1).cpu()
-        counts[idx] = torch.stack([c[:k], c[k:]], 1).cpu()
+        for into, v in ((logps, s), (counts, c), *((more[need], v) for need, v in (extra or [{}])[0].items())):
+            into[idx] = torch.stack([v[:k], v[k:]], 1).cpu()
         processed += batch.padded_tokens
         tick(k)  # the terminal's phase bar (reference pass, evaluation), if one is open
     model.train(was_training)
-    return logps, counts, processed
+    return (logps, counts, processed, more) if needs else (logps, counts, processed)

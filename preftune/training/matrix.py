@@ -6,8 +6,10 @@ the base model is loaded once and each LoRA cell adds and removes its own adapte
 
 Hyperparameters live per objective (``objectives: {name: {...}}``; ``--beta`` and friends fill the base
 objective's entry), so a SimPO cell never silently runs with DPO's beta. A hyperparameter can be a factor
-(``--grid beta=0.05,0.1``): it goes into each cell's own objective entry, and every objective in the matrix
-must take it. Any other factor in ``--grid`` applies to every cell as a config key.
+(``--grid beta=0.05,0.1``): it goes into each cell's own objective entry (into each term of a mixture that takes
+it), and every objective in the matrix must take it. Any other factor in ``--grid`` applies to every cell as a
+config key, the modifiers among them (``--grid ld_alpha=0.3,0.7``). A mixture is a value of ``objective`` like
+any other: ``--grid objective=dpo,"0.8*dpo+0.2*bco_pair+1*sft"``.
 
 Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
 is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one
@@ -70,8 +72,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         split.append((key, [v.strip() for v in values.split(",")]))
     for key, values in split:  # import module:name objectives first: they declare hyperparameters
         if key == "objective":
-            for v in values:
-                objectives.get(v)
+            values[:] = [objectives.canonical(v) for v in values]  # a mixture in one spelling: one cell name
     grid: dict[str, list[Any]] = {}
     for key, values in split:
         if key in NOT_A_FACTOR:
@@ -98,10 +99,10 @@ def cell_config(base: Config, values: dict[str, Any], out: Path) -> Config:
     plain = {k: v for k, v in values.items() if k in config_mod.FIELDS}
     params = {k: v for k, v in values.items() if k not in config_mod.FIELDS}
     fields.update(plain, output=str(MatrixDir(out).cell(cell_name(values)).path), resume=True)
-    if params:
-        obj = objectives.get(fields["objective"])
+    for spec, given in objectives.spread(fields["objective"], params).items():  # a mixture's: each term's own
+        obj = objectives.get(spec)
         entry = fields["objectives"].get(obj.spec, fields["objectives"].get(obj.name, {}))
-        fields["objectives"] = {**fields["objectives"], obj.spec: {**entry, **params}}
+        fields["objectives"] = {**fields["objectives"], obj.spec: {**entry, **given}}
     return Config(**fields).validate()
 
 
@@ -140,8 +141,8 @@ def _matrix(base: Config, grid: dict[str, list[Any]], parallel: int,
     from ..modeling.model import load_tokenizer
     from .prepare import announce, prepare_data
 
-    for name in grid.get("objective", []):  # a module:name objective registers itself (and its entry's schema)
-        objectives.get(name)
+    if "objective" in grid:  # a module:name objective registers itself (and its entry's schema); a mixture, one spelling
+        grid = {**grid, "objective": list(dict.fromkeys(objectives.canonical(v) for v in grid["objective"]))}
     base.validate()
     check_gen_eval(base)  # every judge parses (one line naming a bad one) before the matrix folder is written
     check_writable_dir(base.output, field="output")  # the Python API gets the CLI's early checks too

@@ -25,6 +25,7 @@ from ..data.audit import audit_examples, headline, truncation
 from ..data.rows import Example, Loaded, RowPolicy, read_examples
 from ..data.split import batch_order, heldout_pairs, split_by_prompt, unpaired_view
 from ..data.tokenize import DataStats, Encoded, Pair, encode_examples, truncate
+from ..modeling.logprobs import cut_to_shared, with_shared_cuts
 from ..modeling.precision import Arithmetic, arithmetic, resolve_dtype
 
 
@@ -219,12 +220,23 @@ def reference_requests(cfg: Config, data: Prepared, schedule: Schedule, step: in
     ``cfg.reference_tokens`` padded tokens: a no-grad forward's matmuls run closer to the peak with more rows,
     and a token budget keeps short pairs from making small batches. The ablation matrix warms the cache from
     this same list, so its keys are the ones each cell's run looks up.
+
+    An objective that needs the shared-part sums (LD-DPO's ``ld_alpha``) gets them from the same reference by
+    scoring each pair cut to its shared part (``cut_to_shared``): held-out, as rows N.. of the held-out set,
+    which evaluation scores likewise (``with_shared_cuts``), so the step-0 tie stays exact; training, as the
+    set ``train_shared`` of the same pairs, which training/reference.py adds as columns 2-3 of the training
+    reference.
     """
     dtype = resolve_dtype(cfg)
-    sets = {"eval": Request(data.eval, cfg.eval_batch_size, None, arithmetic(cfg, dtype, held_out=True))}
-    if objectives.get(cfg.objective).needs_reference:
-        sets["train"] = Request([data.train[i] for i in schedule.visited_in(*schedule.period(step))],
-                                max(32, cfg.eval_batch_size), cfg.reference_tokens or None, arithmetic(cfg, dtype))
+    obj, needs = objectives.get(cfg.objective), objectives.needs(cfg.objective, cfg.objective_params())
+    held = with_shared_cuts(data.eval, needs)
+    sets = {"eval": Request(held, cfg.eval_batch_size, None, arithmetic(cfg, dtype, held_out=True))}
+    if obj.needs_reference:
+        train = [data.train[i] for i in schedule.visited_in(*schedule.period(step))]
+        size, tokens = max(32, cfg.eval_batch_size), cfg.reference_tokens or None
+        sets["train"] = Request(train, size, tokens, arithmetic(cfg, dtype))
+        if "shared" in needs:
+            sets["train_shared"] = Request(cut_to_shared(train), size, tokens, arithmetic(cfg, dtype))
     return sets
 
 

@@ -41,16 +41,19 @@ class TrainReference:
 
     def at(self, step: int) -> Tensor | None:
         """(N, 2) reference log-probs of the training set for ``step``, NaN where its period never goes; None
-        for an objective without a reference. A new period is scored (or read from the cache) here."""
+        for an objective without a reference. A new period is scored (or read from the cache) here. An objective
+        that needs the shared-part sums (LD-DPO) gets them as columns 2-3: (N, 4)."""
         r = self.r
         span = r.schedule.period(step)
         if span != self.span:
             self.span = span
-            req = reference_requests(r.cfg, r.data, r.schedule, step).get("train")
-            if req is not None:
+            reqs = reference_requests(r.cfg, r.data, r.schedule, step)
+            if "train" in reqs:
                 name = f"train, steps {span[0] + 1}-{span[1]}" if self.adapter else "train"
-                self.logps = torch.full((len(r.data.train), 2), float("nan"))
-                self.logps[r.schedule.visited_in(*span)] = score(r, "train", req, self.adapter, label=name)
+                sets = [score(r, "train", reqs[k], self.adapter, label=name + suffix)
+                        for k, suffix in (("train", ""), ("train_shared", ", shared parts")) if k in reqs]
+                self.logps = torch.full((len(r.data.train), 2 * len(sets)), float("nan"))
+                self.logps[r.schedule.visited_in(*span)] = torch.cat(sets, 1)
         return self.logps
 
     def after(self, done: int) -> None:

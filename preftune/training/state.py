@@ -43,7 +43,7 @@ class Run:
     share: bool                       # prefix sharing: one row per pair, the prompt run once
     fingerprint: str
     model_info: dict[str, Any]
-    params: dict[str, float]
+    params: dict[str, Any]
     t_start: float
     timing: dict[str, Any] = field(default_factory=new_timing)
     trainable: list[tuple[str, Tensor]] = field(default_factory=list)

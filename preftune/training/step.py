@@ -40,7 +40,7 @@ def train_step(r: Run, step: int, opt: torch.optim.Optimizer, ref_train: Tensor 
     for j in range(lo, hi, cfg.batch_size):
         mb = idx[j:min(j + cfg.batch_size, hi)]
         lp, logps, tokens = _forward(r, mb, ref_train)
-        res = objectives.compute(cfg.objective, lp, r.params)
+        res = objectives.compute(cfg.objective, lp, r.params)  # every term of a mixture reads this one forward
         # mean over the step's global pairs, however it is split into micro-batches and ranks: the all-reduced
         # SUM below then is exactly the one-process gradient (FSDP averages: undo it)
         (res.loss.sum() / len(idx) * (rt.world_size if r.fsdp else 1)).backward()
@@ -73,22 +73,28 @@ def train_step(r: Run, step: int, opt: torch.optim.Optimizer, ref_train: Tensor 
 
 
 def _forward(r: Run, mb: list[int], ref_train: Tensor | None) -> tuple[objectives.SeqLogps, Tensor, int]:
-    """The policy's log-probs of one micro-batch (with its reference and labels), its (k, 2) log-probs for the
-    metrics, and the real tokens it ran."""
+    """The policy's log-probs of one micro-batch (with its reference, labels and whatever else the objective
+    needs, all from this one forward), its (k, 2) log-probs for the metrics, and the real tokens it ran."""
     sub = [r.data.train[k] for k in mb]
     batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub], [p.rejected_ids for p in sub],
                        r.tok.pad_token_id, r.share)
-    s, c = batch_logps(r.model, batch, chunk=r.cfg.logit_chunk, autocast_bf16=r.cfg.autocast_bf16,
-                       compile=r.cfg.compile)                                                           # (2k,)
+    needs = objectives.needs(r.cfg.objective, r.params)
+    s, c, *extra = batch_logps(r.model, batch, chunk=r.cfg.logit_chunk, autocast_bf16=r.cfg.autocast_bf16,
+                               compile=r.cfg.compile, needs=needs)                              # (2k,) each
     k = len(mb)
-    ref = ref_train[mb].to(s.device) if ref_train is not None else None                                 # (k, 2)
+
+    def pairs(t: Tensor) -> Tensor:                                                            # (2k,) -> (k, 2)
+        return torch.stack([t[:k], t[k:]], 1)
+
+    more = {name: pairs(v) for name, v in (extra or [{}])[0].items()}
+    ref = ref_train[mb].to(s.device) if ref_train is not None else None                 # (k, 2), or (k, 4) for LD
+    if ref is not None and "shared" in needs:  # the reference's shared-part sums: columns 2-3 (training/reference.py)
+        ref, more["ref_shared"] = ref[:, :2], ref[:, 2:]
     labels = None if sub[0].label is None else torch.tensor([p.label for p in sub], device=s.device)
-    lp = objectives.SeqLogps(chosen=s[:k], rejected=s[k:], chosen_tokens=c[:k], rejected_tokens=c[k:],
-                             ref_chosen=None if ref is None else ref[:, 0],
-                             ref_rejected=None if ref is None else ref[:, 1], label=labels)
+    lp = objectives.SeqLogps.of(pairs(s), pairs(c), ref, labels, more)
     r.timing["train_tokens"] += batch.padded_tokens
     r.timing["real_train_tokens"] += batch.real_tokens
-    return lp, torch.stack([s[:k], s[k:]], 1).detach(), batch.real_tokens
+    return lp, pairs(s).detach(), batch.real_tokens
 
 
 def _diverged(r: Run, step: int, loss: float, grad_norm: float) -> None:

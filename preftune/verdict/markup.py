@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +39,8 @@ def esc(text: Any) -> str:
     return html.escape(str(text))
 
 
-def md_esc(text: Any) -> str:
-    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+def md_esc(text: Any) -> str:  # a lone * (a mixture: 0.8*dpo+1*sft) is escaped, ** (bold) kept
+    return re.sub(r"(?<!\*)\*(?!\*)", r"\\*", html.escape(str(text)).replace("|", "\\|").replace("\n", " "))
 
 
 def num(x: Any, fmt: str = ".3g") -> str:

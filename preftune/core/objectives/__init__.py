@@ -3,9 +3,12 @@
 # Importing the entries registers them, in the order `preftune objectives` lists them.
 # isort: off
 from . import reference_relative  # noqa: F401
+from . import reference_anchored  # noqa: F401
 from . import reference_free  # noqa: F401
 from . import unpaired  # noqa: F401
 # isort: on
+from .engine import canonical, compute, entries_of, needs, run_params, spread
+from .modifiers import F_DIVERGENCES, MODIFIERS, NEEDS, Modifier
 from .registry import (
     DATA_KINDS,
     FAMILIES,
@@ -16,7 +19,6 @@ from .registry import (
     Output,
     Param,
     SeqLogps,
-    compute,
     delta,
     fallback,
     get,
@@ -25,8 +27,10 @@ from .registry import (
     mean_logps,
     objective,
     resolve_params,
+    scores,
 )
 
-__all__ = ["DATA_KINDS", "FAMILIES", "PREFERENCE_FAMILIES", "REGISTRY", "Objective", "ObjectiveOutput", "Output",
-           "Param", "SeqLogps", "compute", "delta", "fallback", "get", "log1mexp", "logratios", "mean_logps",
-           "objective", "resolve_params"]
+__all__ = ["DATA_KINDS", "FAMILIES", "F_DIVERGENCES", "MODIFIERS", "NEEDS", "PREFERENCE_FAMILIES", "REGISTRY",
+           "Modifier", "Objective", "ObjectiveOutput", "Output", "Param", "SeqLogps", "canonical", "compute", "delta",
+           "entries_of", "fallback", "get", "log1mexp", "logratios", "mean_logps", "needs", "objective",
+           "resolve_params", "run_params", "scores", "spread"]

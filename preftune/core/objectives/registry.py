@@ -7,14 +7,18 @@ TRL's per-example rewards. Notation used in the docstrings, per pair::
     πc, πr     summed completion log-probs of chosen / rejected under the policy
     refc, refr the same under the frozen reference
     |c|, |r|   completion token counts
-    Δ          (πc − refc) − (πr − refr)                       reference-relative margin
+    ρc, ρr     πc − refc, πr − refr                             log-ratios against the reference
+    Δ          f(ρc) − f(ρr)                                    reference-relative margin; f: the f-divergence's
+               score of a log-ratio, the identity (reverse KL) unless f_divergence_type says otherwise
     mc, mr     πc/|c|, πr/|r|                                   mean token log-probs
     σ          the logistic function
 
     compute("simpo", lp, resolve_params("simpo", {"beta": 2.0, "gamma_beta_ratio": 0.5}))
 
 Each objective declares itself (``@objective``): its loss, whether it needs a reference, its family, its
-hyperparameter schema. Nothing outside this registry branches on an objective's name.
+hyperparameter schema, the modifiers it takes (modifiers.py) and, where TRL has it, its ``DPOConfig.loss_type``.
+A weighted sum of objectives ("0.8*dpo + 0.2*bco_pair + 1*sft", mixture.py) is an Objective too, made on demand
+by :func:`get`. Nothing outside this registry branches on an objective's name.
 """
 
 from __future__ import annotations
@@ -35,11 +39,16 @@ from ..errors import InputError, did_you_mean
 
 @dataclass(frozen=True)
 class SeqLogps:
-    """One batch of pairs; every field is a (B,) tensor.
+    """One batch of pairs; every tensor is (B,).
 
     For an unpaired objective (``data="unpaired"``, KTO) each row is one completion with its ``label`` (True =
     desirable): ``chosen`` is the completion and ``rejected`` the mismatched KL completion (another row's
     completion under this row's prompt). Held-out evaluation always hands pairs, with ``label`` None.
+
+    What a modifier needs beyond the sums (``modeling/logprobs.py`` computes them only when asked):
+    ``shared`` / ``ref_shared`` the (chosen, rejected) sums over each pair's first min(|c|, |r|) completion tokens
+    (LD-DPO), ``sumsq`` the (chosen, rejected) sums of log Σ_v p_v² over completion tokens, no gradient (WPO).
+    ``divergence`` is the f-divergence's score of a log-ratio (None: the identity, reverse KL).
     """
 
     chosen: Tensor
@@ -49,6 +58,23 @@ class SeqLogps:
     ref_chosen: Tensor | None = None
     ref_rejected: Tensor | None = None
     label: Tensor | None = None
+    shared: tuple[Tensor, Tensor] | None = None
+    ref_shared: tuple[Tensor, Tensor] | None = None
+    sumsq: tuple[Tensor, Tensor] | None = None
+    divergence: Callable[[Tensor], Tensor] | None = None
+
+    @classmethod
+    def of(cls, logps: Tensor, counts: Tensor, ref: Tensor | None = None, label: Tensor | None = None,
+           more: dict[str, Tensor] | None = None) -> SeqLogps:
+        """From (B, 2) columns (chosen, rejected): log-probs, counts, reference; ``more`` the (B, 2) extras
+        (``shared``, ``ref_shared``, ``sumsq``) that were computed."""
+        def pair(t: Tensor | None) -> tuple[Tensor, Tensor] | None:
+            return None if t is None else (t[:, 0], t[:, 1])
+
+        more = more or {}
+        return cls(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], None if ref is None else ref[:, 0],
+                   None if ref is None else ref[:, 1], label, pair(more.get("shared")), pair(more.get("ref_shared")),
+                   pair(more.get("sumsq")))
 
 
 @dataclass
@@ -93,6 +119,10 @@ class Objective:
     ``data``: ``paired`` (prompt/chosen/rejected rows) or ``unpaired`` (prompt/completion/label rows; paired data
     is unpaired for it). ``min_batch_size``: the smallest micro-batch it can train on. ``advice``: warnings about
     the training data, from its counts (``{"desirable": n, "undesirable": n}``) and the hyperparameters.
+    ``modifiers``: the modifiers it takes (modifiers.py: ``ld_alpha``, ``use_weighting``, ``f_divergence_type``).
+    ``needs``: per-sequence quantities beyond the sums that it reads (``shared``, ``sumsq``: see SeqLogps).
+    ``trl_loss_type``: its name in TRL's ``DPOConfig.loss_type``, if TRL's DPOTrainer has it (it names the
+    per-term loss a mixture logs). ``terms``: a mixture's (weight, objective) terms; empty for an entry.
     """
 
     name: str
@@ -106,11 +136,18 @@ class Objective:
     data: str = "paired"
     min_batch_size: int = 1
     advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None
+    modifiers: frozenset[str] = frozenset()
+    needs: tuple[str, ...] = ()
+    trl_loss_type: str | None = None
+    terms: tuple[tuple[float, Objective], ...] = ()
 
     @property
     def spec(self) -> str:
         """The name that finds it again in a fresh process: ``module:name`` for an objective registered outside
-        preftune (so a --parallel child or a saved config.yaml imports its module), else the name."""
+        preftune (so a --parallel child or a saved config.yaml imports its module), else the name; a mixture
+        spells its terms so."""
+        if self.terms:
+            return "+".join(f"{weight_text(w)}*{o.spec}" for w, o in self.terms)
         module = self.fn.__module__
         return self.name if module.startswith(f"{__package__}.") else f"{module}:{self.name}"
 
@@ -132,6 +169,7 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
               summary: str = "", fallback: bool = False, exclusive: tuple[tuple[str, ...], ...] = (),
               data: str = "paired", min_batch_size: int = 1,
               advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None,
+              modifiers: Iterable[str] = (), needs: Iterable[str] = (), trl_loss_type: str | None = None,
               ) -> Callable[[Callable[..., Output]], Callable[..., Output]]:
     """Register an objective; public as ``preftune.objective``. ``params`` maps each hyperparameter to its
     default (a number) or a :class:`Param`. The function gets a :class:`SeqLogps` and the hyperparameters as
@@ -140,19 +178,34 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
         @preftune.objective("slic", needs_reference=False, family="reference-free", params={"beta": 1.0})
         def slic(lp, beta): ...
 
-    Then ``preftune train --objective mymodule:slic`` imports ``mymodule`` and runs it.
+    Then ``preftune train --objective mymodule:slic`` imports ``mymodule`` and runs it. ``modifiers`` names the
+    modifiers it takes (``ld_alpha``, ``use_weighting``, ``f_divergence_type``: it must then read the margin
+    through :func:`delta` / :func:`scores`); ``needs`` the extra per-sequence quantities it reads.
     """
+    from .modifiers import MODIFIERS, NEEDS
+
+    modifiers, needs = tuple(modifiers), tuple(needs)
     for what, value, allowed in (("family", family, FAMILIES), ("data", data, DATA_KINDS)):
         if value not in allowed:
             raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+    for what, values, allowed in (("modifiers", modifiers, tuple(MODIFIERS)), ("needs", needs, NEEDS)):
+        if set(values) - set(allowed):
+            raise ValueError(f"{what} must be among {', '.join(allowed)}, got {sorted(set(values) - set(allowed))}")
     schema = {k: v if isinstance(v, Param) else Param(float(v)) for k, v in (params or {}).items()}
 
     def add(fn: Callable[..., Output]) -> Callable[..., Output]:
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = Objective(name, fn, needs_reference, family, schema, summary or (doc[0] if doc else name),
-                                   fallback, exclusive, data, min_batch_size, advice)
+                                   fallback, exclusive, data, min_batch_size, advice, frozenset(modifiers),
+                                   tuple(needs), trl_loss_type)
         return fn
     return add
+
+
+def weight_text(w: float) -> str:
+    """A mixture weight as the canonical name spells it: the shortest exact form, ``1`` rather than ``1.0``."""
+    text = repr(float(w))
+    return text[:-2] if text.endswith(".0") else text
 
 
 BETA = Param(0.1, lambda v: v > 0, "> 0", "preference strength β (KL strength for reference-relative losses)")
@@ -162,19 +215,30 @@ EPS = Param(0.1, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "assumed label-flip prob
 # --- shared pieces -------------------------------------------------------------------------------------------
 
 def logratios(lp: SeqLogps) -> tuple[Tensor, Tensor]:
-    """(πc − refc, πr − refr)."""
+    """(ρc, ρr) = (πc − refc, πr − refr)."""
     return lp.chosen - lp.ref_chosen, lp.rejected - lp.ref_rejected
 
 
-def delta(lp: SeqLogps) -> Tensor:
-    """Δ = (πc − refc) − (πr − refr), the reference-relative margin."""
+def scores(lp: SeqLogps) -> tuple[Tensor, Tensor]:
+    """(f(ρc), f(ρr)): the log-ratios as the f-divergence scores them (the identity for reverse KL)."""
     c, r = logratios(lp)
+    return (c, r) if lp.divergence is None else (lp.divergence(c), lp.divergence(r))
+
+
+def delta(lp: SeqLogps) -> Tensor:
+    """Δ = f(ρc) − f(ρr), the reference-relative margin (ρc − ρr under reverse KL)."""
+    c, r = scores(lp)
     return c - r
 
 
 def mean_logps(lp: SeqLogps) -> tuple[Tensor, Tensor]:
     """(πc/|c|, πr/|r|), counts clamped to at least 1 as TRL does."""
     return lp.chosen / lp.chosen_tokens.clamp(min=1), lp.rejected / lp.rejected_tokens.clamp(min=1)
+
+
+def per_token(lp: SeqLogps, c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """(c/|c|, r/|r|), counts clamped to at least 1 as TRL does."""
+    return c / lp.chosen_tokens.clamp(min=1), r / lp.rejected_tokens.clamp(min=1)
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -193,13 +257,18 @@ def ref_output(loss: Tensor, beta: float, lp: SeqLogps) -> Output:
     return Output(loss, (beta * c).detach(), (beta * r).detach())
 
 
-# --- lookup, parameters, the one entry point -----------------------------------------------------------------
+# --- lookup and parameters -----------------------------------------------------------------------------------
 
 def get(name: str) -> Objective:
     """The objective ``name``, or ``module:name`` (imports ``module`` from the working directory or PYTHONPATH,
-    which registers it). InputError with a close match and the choices otherwise."""
+    which registers it), or a mixture such as ``0.8*dpo + 0.2*bco_pair + 1*sft`` (mixture.py). InputError with
+    a close match and the choices otherwise."""
     if name in REGISTRY:
         return REGISTRY[name]
+    from .mixture import is_mixture, mixture
+
+    if is_mixture(name):
+        return mixture(name)
     module, sep, short = name.rpartition(":")
     if sep:
         if not module or not short:
@@ -229,6 +298,7 @@ def resolve_params(name: str, given: dict[str, Any], *, where: str = "") -> dict
     """The hyperparameters objective ``name`` runs with: its schema's defaults, overridden by ``given``
     (None = default), checked in one place, plus ``nll_weight``. Derived parameters (default None) appear
     only when given. InputError names the field (``objectives.<name>.<key>``) and suggests a close name.
+    A mixture has no hyperparameters of its own: each term's come from its own entry (``run_params``).
 
         resolve_params("simpo", {"beta": 2.5})   # {"beta": 2.5, "gamma_beta_ratio": 0.5, "nll_weight": 0.0}
     """
@@ -238,9 +308,10 @@ def resolve_params(name: str, given: dict[str, Any], *, where: str = "") -> dict
     out: dict[str, float] = {}
     for key in given:
         if key not in obj.params:
+            takes = f"it takes: {', '.join(obj.params) or 'none'}" if not obj.terms else \
+                f"set it in a term's own entry (objectives: {{{obj.terms[0][1].name}: {{{key}: ...}}}})"
             raise InputError(f"'{obj.name}' has no hyperparameter '{key}'{did_you_mean(key, list(obj.params))}; "
-                             f"it takes: {', '.join(obj.params) or 'none'}", path=where or None,
-                             field=f"objectives.{obj.name}.{key}")
+                             f"{takes}", path=where or None, field=f"objectives.{obj.name}.{key}")
     unused: set[str] = set()  # the defaulted members of a group one of whose members was given
     for group in obj.exclusive:
         both = [k for k in group if given.get(k) is not None]
@@ -254,36 +325,21 @@ def resolve_params(name: str, given: dict[str, Any], *, where: str = "") -> dict
             if p.default is None or key in unused:
                 continue
             value = p.default
-        out[key] = _number(value, p, obj.name, key, where)
-    out["nll_weight"] = _number(weight or 0.0, Param(0.0, lambda v: v >= 0, ">= 0"), obj.name, "nll_weight", where)
+        out[key] = number(value, p, f"objectives.{obj.name}.{key}", obj.name, where)
+    out["nll_weight"] = number(weight or 0.0, Param(0.0, lambda v: v >= 0, ">= 0"), f"objectives.{obj.name}.nll_weight",
+                               obj.name, where)
     return out
 
 
-def _number(value: Any, p: Param, name: str, key: str, where: str) -> float:
+def number(value: Any, p: Param, field: str, name: str = "", where: str = "") -> float:
+    """``value`` as a finite float that satisfies ``p``; InputError naming ``field`` otherwise."""
     try:
         if isinstance(value, bool):
             raise ValueError
         x = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{value!r} is not a number", path=where or None, field=f"objectives.{name}.{key}") from None
+        raise InputError(f"{value!r} is not a number", path=where or None, field=field) from None
     if not (math.isfinite(x) and p.check(x)):
-        raise InputError(f"invalid value {value!r} for '{name}': must be {p.rule}", path=where or None,
-                         field=f"objectives.{name}.{key}")
+        whose = f" for '{name}'" if name else ""
+        raise InputError(f"invalid value {value!r}{whose}: must be {p.rule}", path=where or None, field=field)
     return x
-
-
-def compute(name: str, lp: SeqLogps, params: dict) -> Output:
-    """Run objective ``name`` with ``params`` (from :func:`resolve_params`), adding RPO-style NLL if asked.
-
-    loss = objective loss + nll_weight·(−πc/|c|); with nll_weight > 0, ``extras["nll_loss"]`` = −πc/|c|.
-    """
-    obj = get(name)
-    weight = params.get("nll_weight", 0.0)
-    if obj.needs_reference and (lp.ref_chosen is None or lp.ref_rejected is None):
-        raise ValueError(f"objective '{name}' needs reference log-probs")
-    out = obj.fn(lp, **{k: v for k, v in params.items() if k != "nll_weight"})
-    if weight > 0:
-        extra = -mean_logps(lp)[0]
-        out.loss = out.loss + weight * extra
-        out.extras["nll_loss"] = extra.detach()
-    return out

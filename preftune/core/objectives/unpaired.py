@@ -1,4 +1,6 @@
-"""Objectives that train on unpaired rows (prompt, completion, thumbs up or down): KTO.
+"""Objectives that train on unpaired rows (prompt, completion, thumbs up or down): KTO and unpaired APO-zero.
+
+    preftune train --objective apo_zero_unpaired --data thumbs.jsonl ...
 """
 
 from __future__ import annotations
@@ -6,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from .registry import (
     BETA,
@@ -29,11 +32,12 @@ def _kto_balance(counts: dict[str, int], params: dict[str, float]) -> list[str]:
             f"{1.33 * nu * params['undesirable_weight'] / nd:.2f}] (Ethayarajh et al. 2024, as TRL advises)"]
 
 
+WEIGHTS = {"beta": BETA, "desirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λD of desirable rows"),
+           "undesirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λU of undesirable rows")}
+
+
 @objective("kto", needs_reference=True, family="reference-relative", data="unpaired", min_batch_size=2,
-           advice=_kto_balance,
-           params={"beta": BETA,
-                   "desirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λD of desirable rows"),
-                   "undesirable_weight": Param(1.0, lambda v: v > 0, "> 0", "weight λU of undesirable rows")},
+           advice=_kto_balance, params=WEIGHTS,
            summary="KTO (Ethayarajh 2024): unpaired thumbs up/down against a batch KL reference point")
 def kto(lp: SeqLogps, *, beta: float, desirable_weight: float, undesirable_weight: float) -> Output:
     """KTO, Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 7 (TRL 1.16's
@@ -62,8 +66,36 @@ def kto(lp: SeqLogps, *, beta: float, desirable_weight: float, undesirable_weigh
     good = lp.label.bool()
     loss = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (c - z))),
                        undesirable_weight * (1 - torch.sigmoid(beta * (z - c))))
-    reward = (beta * c).detach()
+    return _by_label(lp, loss, (beta * c).detach(), z.expand_as(c))
+
+
+def _by_label(lp: SeqLogps, loss: Tensor, reward: Tensor, kl: Tensor) -> Output:
+    """TRL's per-label metrics: rewards and log-probs of desirable rows as chosen, undesirable as rejected (NaN
+    marks the other label), and the KL reference point."""
+    good = lp.label.bool()
     nan = torch.full_like(reward, math.nan)
     return Output(loss, torch.where(good, reward, nan), torch.where(good, nan, reward),
-                  {"kl": z.expand_as(reward), "logps/chosen": torch.where(good, lp.chosen.detach(), nan),
+                  {"kl": kl.detach(), "logps/chosen": torch.where(good, lp.chosen.detach(), nan),
                    "logps/rejected": torch.where(good, nan, lp.chosen.detach())})
+
+
+@objective("apo_zero_unpaired", needs_reference=True, family="reference-relative", data="unpaired",
+           advice=_kto_balance, params=WEIGHTS,
+           summary="APO-zero unpaired (D'Oosterlinck 2024): thumbs up pushed up, down pushed down, no KL point")
+def apo_zero_unpaired(lp: SeqLogps, *, beta: float, desirable_weight: float, undesirable_weight: float) -> Output:
+    """Anchored preference optimization, zero variant, on unpaired rows: D'Oosterlinck et al. 2024, "Anchored
+    Preference Optimization and Contrastive Revisions", Eq. 7 split by label (TRL 1.16's KTOTrainer,
+    ``loss_type="apo_zero_unpaired"``).
+
+    r = π(y|x) − ref(y|x);  loss = λD·(1 − σ(β·r)) for desirable rows,  λU·σ(β·r) for undesirable rows;
+    rewards β·r per label as ``kto``; extra ``kl`` = 0 (no reference point: TRL computes no KL for it, so any
+    micro-batch size works). On held-out pairs: the mean of the chosen side's desirable loss and the rejected
+    side's undesirable one. β, λD, λU as ``kto``.
+    """
+    c, r = logratios(lp)
+    if lp.label is None:  # held-out pairs
+        loss = (desirable_weight * (1 - torch.sigmoid(beta * c)) + undesirable_weight * torch.sigmoid(beta * r)) / 2
+        return ref_output(loss, beta, lp)
+    good = lp.label.bool()
+    loss = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * c)), undesirable_weight * torch.sigmoid(beta * c))
+    return _by_label(lp, loss, (beta * c).detach(), torch.zeros_like(c))
