@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -151,10 +152,11 @@ def healthy(safety_world, tmp_path_factory) -> Path:
 
 
 def test_the_healthy_loop_ships_with_its_evidence(healthy):
-    from preftune.core.layout import PipelineDir
+    from preftune.core.layout import PipelineDir, read_audit
+    from preftune.data.audit import headline
 
     loop = PipelineDir(healthy)
-    stages = loop.read_stages()
+    stages = loop.read_manifest()[1]
     assert [s.status for s in stages.values()] == ["done"] * 5 and stages["gate"].verdict == "ship"
     gate = loop.read_gate()
     assert gate["verdict"] == "ship" and [c["passed"] for c in gate["checks"]] == [True, True, True]
@@ -162,10 +164,41 @@ def test_the_healthy_loop_ships_with_its_evidence(healthy):
     evidence = json.loads((loop.ship / "evidence.json").read_text())
     assert evidence["gate"]["verdict"] == "ship" and evidence["sft"]["objective"] == "sft"
     assert evidence["matrix"]["objective"] == "dpo" and evidence["candidate"] == "objective=dpo,lora_rank=4"
+    audit = read_audit(loop.matrix)
+    assert evidence["data"]["counts"] == audit.counts and evidence["data"]["headline"] == headline(audit)
+    assert [f["code"] for f in evidence["data"]["findings"]] == [f["code"] for f in audit.findings]
     card = (loop.ship / "README.md").read_text()
-    assert "## Gate: ship" in card and "## Provenance" in card and "| safety | at_least |" in card
+    assert "## Gate: ship" in card and "## Provenance" in card and "## Data" in card
+    r = gate["checks"][0]["judges"]["python:preftune.tinyworld:safe"]
+    assert f"| safety | at_least | `python:preftune.tinyworld:safe` | pass | {r['passing']} of {r['n']} " \
+           f"({r['share']:.3f}) | {r['bound']:.3f} >= 0.8 |" in card
+
+
+def test_the_pipeline_page_shows_stages_gate_intervals_and_links(healthy):
+    md = (healthy / "report.md").read_text()
+    for stage in ("sft", "matrix", "decide", "gate", "ship"):
+        assert re.search(rf"^\| {stage} \| done \|", md, re.M), stage
+    gate = json.loads((healthy / "gate" / "gate.json").read_text())
+    r = gate["checks"][2]["judges"]["python:preftune.tinyworld:judge"]
+    assert f"| regression | not_worse | python:preftune.tinyworld:judge | pass | mean diff {r['mean_diff']:+.3f} " \
+           f"on {r['n']} | {r['lower']:+.3f} &gt; -0.05 |" in md  # md_table escapes HTML
     page = (healthy / "report.html").read_text()
-    assert "Gate: ship" in page and "matrix/report.html" in page
+    assert "Gate: ship" in page
+    for link in ("sft/report.html", "matrix/report.html"):
+        assert f"href='{link}'" in page and (healthy / link).is_file()
+
+
+def test_a_damaged_manifest_is_one_line(healthy, tmp_path, capsys):
+    import shutil
+
+    loop = tmp_path / "loop"
+    shutil.copytree(healthy, loop)
+    recipe = json.loads((loop / "pipeline.json").read_text())["recipe"]["path"]
+    for text in ('{"recipe": {"sha256": "x"}, "stages": [{"name": "sft", "state": "done"}]}', "{not json"):
+        (loop / "pipeline.json").write_text(text)
+        assert main(["pipeline", recipe, "--output", str(loop)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "pipeline.json" in err[0] and "Traceback" not in err[0]
 
 
 def _swap_leaks(world, path: Path) -> str:

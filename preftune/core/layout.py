@@ -424,36 +424,52 @@ def matrix_of(run: Path) -> MatrixDir | None:
     return None
 
 
+STAGE_STATES = ("pending", "running", "done", "held", "skipped", "failed")
+
+
 @dataclass
 class Stage:
     """One stage of a pipeline as the manifest records it."""
 
     name: str
-    status: str = "pending"        # pending | running | done | held | skipped | failed
+    status: str = "pending"        # one of STAGE_STATES
     verdict: str | None = None     # decide: switch / keep / ...; gate: ship / hold
     error: str | None = None
 
 
 class PipelineDir(_Folder):
-    """A pipeline folder: the manifest, and one normal preftune folder per stage (sft/, matrix/, gate/, ship/,
-    rounds/), so every other command works on them."""
+    """A pipeline folder: the manifest, and one normal preftune folder per stage (every command works on them)."""
 
-    manifest, sft, matrix, gate, ship, rounds = (_In(MANIFEST), _In(SFT), _In(MATRIX_DIR), _In(GATE), _In(SHIP),
-                                                 _In(ITERATE_DIR))
+    manifest, sft, matrix, gate, ship, rounds = map(_In, (MANIFEST, SFT, MATRIX_DIR, GATE, SHIP, ITERATE_DIR))
 
     def check_rows(self, check: str) -> Path:
         """The gate check's generations and judgements, one row per prompt."""
         return self.gate / f"{check}.jsonl"
 
-    def read_stages(self) -> dict[str, Stage]:
+    def read_manifest(self) -> tuple[dict[str, Any], dict[str, Stage]]:
+        """(the recipe's identity, the stages by name), checked: a damaged manifest is one line naming it."""
         raw = _need_dict(_read_json(self.manifest, "a pipeline folder (no pipeline.json)"), self.manifest)
-        return {s["name"]: Stage(**s) for s in raw.get("stages", [])}
+        recipe, stages, known = raw.get("recipe"), raw.get("stages"), {f.name for f in fields(Stage)}
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("sha256"), str):
+            raise DamagedFile("needs a 'recipe' object with its 'sha256'", path=str(self.manifest), field="recipe")
+        if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                                   and set(s) <= known and s.get("status") in STAGE_STATES
+                                                   for s in stages):
+            raise DamagedFile("needs a 'stages' list of {name, status, verdict, error}", path=str(self.manifest),
+                              field="stages")
+        return recipe, {s["name"]: Stage(**s) for s in stages}
 
     def write_manifest(self, recipe: dict[str, Any], stages: dict[str, Stage]) -> None:
         atomic_write_json(self.manifest, {"recipe": recipe, "stages": [asdict(s) for s in stages.values()]})
 
     def read_gate(self) -> dict[str, Any]:
-        return _need_dict(_read_json(self.gate / GATE_RECORD, "a gated pipeline (no gate.json)"), self.gate)
+        file = self.gate / GATE_RECORD
+        gate = _need_dict(_read_json(file, "a gated pipeline (no gate.json)"), file)
+        if gate.get("verdict") not in ("ship", "hold") or not all(isinstance(gate.get(k), list) for k in
+                                                                   ("checks", "explanation")):
+            raise DamagedFile("needs 'verdict' (ship or hold), 'checks' and 'explanation'", path=str(file),
+                              field="verdict")
+        return gate
 
 
 def folder_kind(path: Path) -> str:

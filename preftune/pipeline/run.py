@@ -72,13 +72,10 @@ def _stages(out: PipelineDir, recipe: Recipe, wanted: list[str]) -> dict[str, St
             raise InputError("output folder is not empty and holds no pipeline: choose another --output",
                              path=str(out.path))
         return {s: Stage(s) for s in wanted}
-    import json
-
-    saved = json.loads(out.manifest.read_text())
-    if saved.get("recipe", {}).get("sha256") != _identity(recipe)["sha256"]:
+    made_by, stages = out.read_manifest()
+    if made_by["sha256"] != _identity(recipe)["sha256"]:
         raise InputError("this folder was made by another recipe (or the recipe changed): use another --output",
                          path=str(out.path))
-    stages = out.read_stages()
     return {s: stages.get(s, Stage(s)) for s in wanted}
 
 

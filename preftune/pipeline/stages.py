@@ -13,12 +13,22 @@ from typing import Any
 from ..core.config import Config
 from ..core.errors import InputError
 from ..core.files import atomic_write_json
-from ..core.layout import GATE_RECORD, MatrixDir, PipelineDir, RunDir, read_decision, write_decision
+from ..core.layout import (
+    GATE_RECORD,
+    MatrixDir,
+    PipelineDir,
+    RunDir,
+    read_audit,
+    read_decision,
+    write_decision,
+)
 from ..core.runtime import crash_hook
+from ..data.audit import headline
 from ..data.rows import load_prompts
 from ..evaluation.checks import answer_and_judge
 from ..generation.judges import parse_judge
 from ..verdict.gate import gate_verdict
+from ..verdict.pipeline_page import evidence_card
 from .recipe import Recipe
 
 SFT_MERGED = "sft-model"  # a LoRA SFT stage's adapter merged into its base: the matrix's model
@@ -114,8 +124,9 @@ def ship_stage(recipe: Recipe, out: PipelineDir) -> tuple[str, str | None]:
     if gate is not None and gate["verdict"] != "ship":
         return "held", "held by the gate: nothing exported"
     if not (out.ship / "README.md").exists():  # export writes the folder in one rename: present means whole
+        shipped = evidence(recipe, out, gate)
         export(chosen_cell(out).path, out.ship, merge=recipe.merge, dtype=recipe.dtype,
-               evidence=evidence(recipe, out, gate))
+               evidence=shipped, evidence_md=evidence_card(shipped))
         crash_hook("pipeline ship")
     return "done", "merged model" if recipe.merge else "adapter"
 
@@ -124,7 +135,11 @@ def evidence(recipe: Recipe, out: PipelineDir, gate: dict[str, Any] | None) -> d
     """What the shipped model carries (ship/evidence.json, and its model card)."""
     d = read_decision(out.matrix)
     sft = RunDir(out.sft).read_summary() if recipe.sft is not None else None
-    return {"base_model": recipe.raw.get("model"), "sft": None if sft is None else {
+    audit = read_audit(out.matrix)
+    return {"base_model": recipe.raw.get("model"), "data": None if audit is None else {
+                "headline": headline(audit), "counts": audit.counts,
+                "findings": [{"code": f["code"], "severity": f.get("severity")} for f in audit.findings]},
+            "sft": None if sft is None else {
                 "objective": sft.objective, "lora_rank": sft.lora_rank, "steps": sft.steps,
                 "step0_eval": sft.step0_eval, "final_eval": sft.final_eval},
             "candidate": chosen_cell(out).name,

@@ -28,11 +28,11 @@ from ..core.layout import EVIDENCE, Decision, RunDir, RunSummary, matrix_of, rea
 
 
 def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: str | None = None,
-           evidence: dict[str, Any] | None = None) -> Path:
+           evidence: dict[str, Any] | None = None, evidence_md: str = "") -> Path:
     """Write ``output`` (see the module docstring). Raises InputError before writing anything on bad input.
 
-    ``evidence`` (the pipeline's: base and SFT models, the matrix verdict, the gate table) goes into the same
-    folder as evidence.json, and into the model card."""
+    ``evidence`` (the pipeline's: base and SFT models, the data audit, the matrix verdict, the gate table) goes
+    into the same folder as evidence.json; ``evidence_md``, the same in words, ends the model card."""
     run, output = Path(run), Path(output)
     if not run.is_dir():
         raise InputError("no such run folder", path=str(run))
@@ -63,7 +63,7 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
                 (name.startswith(".") or name.count("/") > 1):
             raise InputError(f"config.yaml's {key} {name!r} is a relative path that does not exist from here; "
                              "run export from the folder training ran in", path=str(run), field=key)
-    card = model_card(run, cfg, summary, kind=kind, dtype=dtype or "float32") + evidence_card(evidence)
+    card = model_card(run, cfg, summary, kind=kind, dtype=dtype or "float32") + evidence_md
     if kind == "merged":
         model, tok = _merged(cfg, adapter, dtype or "float32")
     with atomic_dir(output) as tmp:
@@ -81,28 +81,6 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
             atomic_write_json(tmp / EVIDENCE, evidence)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return output
-
-
-def evidence_card(evidence: dict[str, Any] | None) -> str:
-    """The model card's evidence sections: where the model came from, the matrix verdict, the gate table."""
-    if not evidence:
-        return ""
-    lines = ["", "## Provenance", "", f"Base model: `{evidence.get('base_model')}`."]
-    sft = evidence.get("sft")
-    if sft:
-        lines.append(f"SFT first: {sft['objective']}, rank {sft['lora_rank']}, {sft['steps']} steps.")
-    m = evidence["matrix"]
-    lines += ["", "## Why this cell", "", f"Matrix verdict **{m['verdict']}** -> {m['objective']} r={m['lora_rank']} "
-              f"(cell `{evidence['candidate']}`). {m['summary']}"]
-    gate = evidence.get("gate")
-    if gate:
-        lines += ["", f"## Gate: {gate['verdict']}", "", "| check | rule | judge | result |", "|---|---|---|---|"]
-        for c in gate["checks"]:
-            for judge, r in c["judges"].items():
-                lines.append(f"| {_cell(c['check'])} | {c['rule']} | `{judge}` | "
-                             f"{'pass' if r['code'] == 'check_passed' else 'FAIL'} |")
-        lines += [""] + [f"- {_cell(t)}" for t in gate["explanation"]]
-    return "\n".join(lines) + "\n"
 
 
 def _merged(cfg: dict, adapter: Path, dtype: str) -> tuple[Any, Any]:

@@ -117,3 +117,11 @@ def _prompts_to_clear(share: float, threshold: float, alpha: float, at_least: bo
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
+
+
+def table_cells(rule: str, r: dict[str, Any]) -> tuple[str, str]:
+    """(evidence, interval bound) of one judge's record, for the gate tables of the report and the model card."""
+    if rule == "not_worse":
+        return f"mean diff {r['mean_diff']:+.3f} on {r['n']}", f"{r['lower']:+.3f} > -{r['margin']:g}"
+    side = ">=" if rule == "at_least" else "<="
+    return f"{r['passing']} of {r['n']} ({r['share']:.3f})", f"{r['bound']:.3f} {side} {r['threshold']:g}"

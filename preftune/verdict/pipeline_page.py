@@ -1,5 +1,6 @@
 """The pipeline's report page: each stage with its state and verdict, the gate table with every check's
-numbers and intervals under every judge, and links to each stage's own report.
+numbers and intervals under every judge, and links to each stage's own report. Also the shipped model card's
+evidence sections.
 
     preftune report loop/        # loop/report.md, loop/report.html for a `preftune pipeline` folder
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.layout import GATE_RECORD, REPORT_HTML, PipelineDir
+from .gate import table_cells
 from .markup import VERDICT_COLORS, esc, html_table, md_esc, md_table, num
 
 STAGE_HEAD = ("stage", "state", "verdict", "folder")
@@ -17,7 +19,7 @@ GATE_HEAD = ("check", "rule", "judge", "result", "evidence", "interval bound", "
 
 def pipeline_page(out: PipelineDir) -> tuple[str, str]:
     """(Markdown, HTML body) of a pipeline folder."""
-    stages = out.read_stages()
+    stages = out.read_manifest()[1]
     gate = out.read_gate() if (out.gate / GATE_RECORD).exists() else None
     rows = [[s.name, s.status, s.verdict or s.error or "", _folder(out, s.name)] for s in stages.values()]
     checks = _gate_rows(gate)
@@ -45,12 +47,33 @@ def _gate_rows(gate: dict[str, Any] | None) -> list[list[str]]:
     rows = []
     for c in (gate or {}).get("checks", []):
         for judge, r in c["judges"].items():
-            if c["rule"] == "not_worse":
-                evidence, bound = f"mean diff {num(r['mean_diff'], '+.3f')} on {r['n']}", \
-                    f"{num(r['lower'], '+.3f')} > -{num(r['margin'])}"
-            else:
-                evidence = f"{r['passing']} of {r['n']} ({num(r['share'], '.3f')})"
-                bound = f"{num(r['bound'], '.3f')} {'>=' if c['rule'] == 'at_least' else '<='} {num(r['threshold'])}"
-            rows.append([c["check"], c["rule"], judge, "pass" if r["code"] == "check_passed" else "FAIL", evidence,
-                         bound, num(r.get("prompts_needed"), "d")])
+            rows.append([c["check"], c["rule"], judge, "pass" if r["code"] == "check_passed" else "FAIL",
+                         *table_cells(c["rule"], r), num(r.get("prompts_needed"), "d")])
     return rows
+
+
+def evidence_card(evidence: dict[str, Any] | None) -> str:
+    """The model card's evidence sections: where the model came from, the matrix verdict, the gate table."""
+    if not evidence:
+        return ""
+    lines = ["", "## Provenance", "", f"Base model: `{evidence.get('base_model')}`."]
+    sft = evidence.get("sft")
+    if sft:
+        lines.append(f"SFT first: {sft['objective']}, rank {sft['lora_rank']}, {sft['steps']} steps.")
+    data = evidence.get("data")
+    if data:
+        lines += ["", "## Data", "", f"Audit of the matrix's data: {md_esc(data['headline'])}."]
+    m = evidence["matrix"]
+    lines += ["", "## Why this cell", "", f"Matrix verdict **{m['verdict']}** -> {m['objective']} r={m['lora_rank']} "
+              f"(cell `{evidence['candidate']}`). {m['summary']}"]
+    gate = evidence.get("gate")
+    if gate:
+        lines += ["", f"## Gate: {gate['verdict']}", "", "| check | rule | judge | result | evidence | bound |",
+                  "|---|---|---|---|---|---|"]
+        for c in gate["checks"]:
+            for judge, r in c["judges"].items():
+                lines.append(f"| {md_esc(c['check'])} | {c['rule']} | `{judge}` | "
+                             f"{'pass' if r['code'] == 'check_passed' else 'FAIL'} | "
+                             + " | ".join(table_cells(c["rule"], r)) + " |")
+        lines += [""] + [f"- {md_esc(t)}" for t in gate["explanation"]]
+    return "\n".join(lines) + "\n"
