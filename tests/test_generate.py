@@ -104,6 +104,21 @@ def test_peft_model_with_a_fresh_adapter_generates_as_the_base(lm):
     assert generate(peft_model, tok, PROMPTS, max_new_tokens=10, temperature=0) == base  # B = 0 at init
 
 
+def test_decoding_warns_nothing_for_plain_and_peft_models(lm):
+    """transformers 5.2x renamed past_key_values to cache and warns on every step for the old name (issue 24)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model.name_or_path),
+                                LoraConfig(r=4, target_modules=["q_proj"]))
+    for m in (model, peft_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(generate(m, tok, PROMPTS[:2], max_new_tokens=4, temperature=0.7, num_samples=2)) == 2
+
+
 def test_prompt_longer_than_the_context_names_the_line(lm, tmp_path):
     model, tok = lm
     f = tmp_path / "p.jsonl"

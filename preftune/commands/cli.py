@@ -16,6 +16,7 @@ import sys
 import threading
 from typing import Any
 
+from ..core.cpus import choose_wait_policy
 from ..core.errors import InputError, TrainingDiverged, did_you_mean
 from . import audit, export, generate, iterate, matrix, pipeline, plan, run, verdict, world
 from .options import Command, speaks
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    wait = choose_wait_policy()  # before torch loads: libgomp reads it once
+    if wait.policy and speaks():
+        print(f"preftune: other processes keep {wait.busy:.1f} of {wait.cpus} CPUs busy: threads sleep while they "
+              f"wait (OMP_WAIT_POLICY={wait.policy}; set OMP_WAIT_POLICY=active to keep them spinning)",
+              file=sys.stderr, flush=True)
     try:
         return args.handler(args)
     except InputError as e:

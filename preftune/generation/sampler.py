@@ -10,6 +10,7 @@ Temperature 0 is greedy and equals ``model.generate(do_sample=False)`` token for
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,13 @@ def generate_ids(model: Any, prompt_ids: Sequence[list[int]], *, num_samples: in
     return out
 
 
+def _cache_argument(model: Any) -> str:
+    """``cache`` where the model's forward takes it (transformers 5.2x renamed it, and warns on every call for the
+    old name), else ``past_key_values`` (older transformers, and architectures not yet renamed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's forward is (*args, **kw)
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def _decode_batches(model: Any, prompt_ids: Sequence[list[int]], order: list[int], out: list, k: int,
                     max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int,
                     eos: torch.Tensor, pad_id: int, device: Any, progress: Progress | None) -> None:
@@ -100,8 +108,9 @@ def _decode_batches(model: Any, prompt_ids: Sequence[list[int]], order: list[int
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)  # (B, T)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate builds them
         cache = DynamicCache()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1, :]  # (B, V)
+        kv = {_cache_argument(model): cache, "use_cache": True}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                       **kv).logits[:, -1, :]  # (B, V)
         # share the prefill: the prompt's KV rows are copied K times into preallocated buffers, never recomputed
         _preallocate(cache, k, width + max_new_tokens)
         if k > 1:
@@ -125,7 +134,7 @@ def _decode_batches(model: Any, prompt_ids: Sequence[list[int]], order: list[int
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
             last_pos = last_pos + 1
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                           past_key_values=cache, use_cache=True).logits[:, -1, :]  # (B·K, V)
+                           **kv).logits[:, -1, :]  # (B·K, V)
         tokens_l, lengths_l, finished_l = tokens.tolist(), lengths.tolist(), finished.tolist()
         for j, i in enumerate(idx):
             out[i] = [(tokens_l[r][:lengths_l[r]], "eos" if finished_l[r] else "length")

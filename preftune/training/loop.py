@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..core import runtime, trackers
 from ..core.config import Config, dump_yaml
+from ..core.cpus import allowed_cpus
 from ..core.errors import InputError
 from ..core.files import (
     FolderLock,
@@ -120,8 +121,7 @@ def _load(cfg: Config, rt: Runtime, prepared: Prepared | None, base_model: torch
           t_start: float) -> Run:
     """Data, schedule, judge, model and its fresh LoRA: every check that can reject the input."""
     dtype = resolve_dtype(cfg)  # bf16 that the hardware would emulate stops here, before any loading
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or allowed_cpus())  # not the machine's cores: the CPUs this process may use
     tok = prepared.tokenizer if prepared else load_tokenizer(cfg)
     data = prepared or prepare_data(cfg, tok)
     judge = check_gen_eval(cfg)  # a bad judge spec fails here, before the output folder is touched

@@ -6,6 +6,7 @@ model ran (docs/formats.md, "summary.json").
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -72,6 +73,10 @@ def write_summary(cfg: Config, run: RunDir, *, steps: int, status: str, data: Pr
               "tokens_per_second": timing["train_tokens"] / timing["train_s"] if timing["train_s"] else 0.0,
               "processed_tokens": timing["train_tokens"] + timing["reference_tokens"],
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              # the process's CPU-seconds (all threads) and how its threads waited: wall time alone can't tell a
+              # slow run from one that shared its CPUs (docs/speed.md, "On a shared machine")
+              "cpu_s": time.process_time(), "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
               **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {})}
     summary = RunSummary(
         objective=cfg.objective, lora_rank=cfg.lora_rank, seed=cfg.seed, steps=steps, status=status,
