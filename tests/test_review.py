@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from preftune.commands.cli import main
 from preftune.core.errors import InputError
 from preftune.evaluation.review import Review, review, write_review
 
@@ -223,3 +224,34 @@ def test_bad_inputs_name_the_file(tmp_path):
     (run / "eval_pairs.jsonl").write_text('{"id": "a", "margin": 1.0, "correct": "yes"}\n')
     with pytest.raises(InputError, match="eval_pairs.jsonl:1: field 'correct': 'yes' is not true/false"):
         review(run)
+
+
+@pytest.mark.parametrize("fail_on, healthy, warned, errored", [
+    (None, 0, 0, 1),          # the default is error: an unusable run fails a CI job, a doubtful one doesn't
+    ("error", 0, 0, 1),
+    ("warn", 0, 1, 1),
+    ("never", 0, 0, 0),
+])
+def test_fail_on_sets_the_exit_status(tmp_path, capsys, fail_on, healthy, warned, errored):
+    runs = {
+        "healthy": write_run(tmp_path / "healthy", healthy_lines(), pairs(balanced(2000, 0.8))),
+        "warned": write_run(tmp_path / "warned", inflating_lines(), pairs(balanced(400, 0.62))),
+        "errored": write_run(tmp_path / "errored", metrics(ramp(0.0, 0.2, 40), [0.0, 0.01], [0.5, 0.49],
+                                                           loss=ramp(0.69, 0.7, 20) + ramp(2.0, 6.0, 20)),
+                             pairs(balanced(100, 0.49))),
+    }
+    assert set(codes(review(runs["healthy"])).values()) == {"info"}
+    assert set(codes(review(runs["warned"])).values()) == {"info", "warn"}
+    assert "error" in codes(review(runs["errored"])).values()
+    flag = ["--fail-on", fail_on] if fail_on else []
+    got = {name: main(["review", str(run), *flag]) for name, run in runs.items()}
+    assert got == {"healthy": healthy, "warned": warned, "errored": errored}
+    out = capsys.readouterr().out
+    if fail_on in (None, "error"):
+        assert "review: 2 finding(s) at or above error (divergence, at_chance): exit 1" in out
+    elif fail_on == "warn":  # the warned run's warnings fail too, and the errored run's warning with its errors
+        assert "review: 3 finding(s) at or above warn (overoptimization, margin_gap, likelihood_displacement): exit 1" in out
+        assert "review: 3 finding(s) at or above warn (divergence, at_chance, overoptimization): exit 1" in out
+    else:
+        assert "exit 1" not in out
+    assert main(["review", str(tmp_path / "missing"), *flag]) == 2  # bad input is 2 whatever --fail-on says

@@ -25,6 +25,7 @@ from .yardsticks import logprob_yardsticks
 CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance" (logs without yardsticks)
 UNSTABLE = ("nonfinite", "divergence", "at_chance", "not_learned")
 NUMERIC = ("nonfinite", "divergence")
+SEVERITIES = ("info", "warn", "error")  # mildest first: --fail-on LEVEL fails on LEVEL and everything after it
 
 
 @dataclass
@@ -48,6 +49,13 @@ class Review:
     def unstable(self) -> bool:
         """NaN/inf, a diverging loss, or held-out accuracy at or below chance."""
         return any(f.code in UNSTABLE for f in self.findings)
+
+    def at_least(self, severity: str) -> list[Finding]:
+        """The findings of ``severity`` (info | warn | error) or worse; none for "never" (``--fail-on``)."""
+        if severity == "never":
+            return []
+        floor = SEVERITIES.index(severity)
+        return [f for f in self.findings if SEVERITIES.index(f.severity) >= floor]
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "unstable": self.unstable,
