@@ -176,7 +176,8 @@ def test_a_leaking_matrix_says_so_in_decide_review_and_report(tiny_world, tmp_pa
     assert (leak["exact"], leak["near"], leak["heldout_prompts"]) == (16, 0, 80)
     assert [r["code"] for r in decision["basis"]["data"]] == ["heldout_leak"]
     assert "Data: 16 of 80 held-out prompts (20%; 16 exactly, 0 nearly) also appear in training" in decision["summary"]
-    assert main(["review", str(out / "cells" / "objective=dpo,lora_rank=4")]) == 0
+    # a 2-step cell may well be at chance ([error]): --fail-on never, this test reads the leak warning
+    assert main(["review", str(out / "cells" / "objective=dpo,lora_rank=4"), "--fail-on", "never"]) == 0
     assert "[warn] 16 of 80 held-out prompts (16 exactly, 0 nearly) also appear in training" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()

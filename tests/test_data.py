@@ -226,6 +226,8 @@ def test_length_bias_numbers():
     bias = length_bias([1, 3, 4, 2], [2, 3, 2, 4], [-1.0, 0.0, 2.0, -2.0])
     assert (bias["chosen_shorter"], bias["chosen_longer"], bias["equal"]) == (0.5, 0.25, 0.25)
     assert (bias["mean_chosen_len"], bias["mean_rejected_len"], bias["mean_len_ratio"]) == (2.5, 2.75, 1.0)
+    # log-ratios sorted: log 1/2, log 1/2, 0, log 2; the median averages the middle two: exp(log(1/2) / 2) = √½
+    assert bias["median_len_ratio"] == pytest.approx(0.5 ** 0.5)
     assert bias["margin_length_corr"] == pytest.approx(1.0)  # the margin follows the length difference exactly
     assert length_bias([], [])["pairs"] == 0
 

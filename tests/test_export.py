@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.commands import cli
 from preftune.core import config
-from preftune.training.export import export
+from preftune.core.layout import RunSummary
+from preftune.modeling.model import fingerprint
+from preftune.training.export import export, model_card
 from preftune.training.loop import train
 
 
@@ -64,7 +66,11 @@ def test_merged_export_matches_adapter_model_logits(tiny_world, lora_run, tmp_pa
 
     card = (out / "README.md").read_text()
     head = _header(card)
-    assert head["base_model"] == str(tiny_world.model_dir)
+    assert "base_model" not in head  # a local folder is no Hub id: the card says where it came from instead
+    fp = fingerprint(str(tiny_world.model_dir), tmp_path / "fp")  # recomputed from the files, not read back
+    assert json.loads((lora_run / "summary.json").read_text())["model"]["base_fingerprint"] == fp
+    assert f"Base model: local folder `{tiny_world.model_dir.resolve()}` (a path, not a Hub id" in card
+    assert f"Fingerprint of its weights and config at training: `{fp}`" in card
     assert head["library_name"] == "transformers"
     assert head["tags"] == ["preftune", "simpo", "lora", "merged"]
     summary = json.loads((lora_run / "summary.json").read_text())
@@ -87,8 +93,32 @@ def test_adapter_export_copies_adapter_with_peft_card(tiny_world, lora_run, tmp_
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (out / name).read_bytes() == (lora_run / "adapter" / name).read_bytes()
     head = _header((out / "README.md").read_text())
-    assert head["library_name"] == "peft" and head["base_model"] == str(tiny_world.model_dir)
+    assert head["library_name"] == "peft" and "base_model" not in head
     assert head["tags"] == ["preftune", "simpo", "lora"]
+
+
+@pytest.mark.parametrize("base, local, hub", [
+    ("owner/name", False, True),
+    ("Qwen/Qwen2.5-0.5B-Instruct", None, True),   # a summary.json from before base_local: the name decides
+    ("owner/name", True, False),                  # a folder named like a hub id, where training ran
+    ("gpt2", False, False),                       # not owner/name: said in words only
+    ("./models/m", False, False), ("/abs/m", False, False), ("a/b/c", False, False), ("a/../b", False, False),
+])
+def test_base_model_in_the_header_only_for_a_hub_id(tmp_path, monkeypatch, base, local, hub):
+    monkeypatch.chdir(tmp_path)
+    model = {"base_fingerprint": "ab12"} | ({} if local is None else {"base_local": local})
+    summary = RunSummary("dpo", 4, 1, 3, "finished", {}, model=model)
+    card = model_card(tmp_path, {"model": base}, summary, kind="adapter", dtype="float32")
+    assert _header(card).get("base_model") == (base if hub else None)
+    if hub:
+        assert f"Base model: [`{base}`](https://huggingface.co/{base}) on the Hugging Face Hub." in card
+    else:
+        assert f"Base model: local folder `{base}` (a path, not a Hub id" in card
+    assert "at training: `ab12`" in card
+    (tmp_path / "owner" / "name").mkdir(parents=True)  # the same id, now a folder here: a path after all
+    card = model_card(tmp_path, {"model": "owner/name"}, summary, kind="adapter", dtype="float32")
+    assert "base_model" not in _header(card)
+    assert f"local folder `{tmp_path / 'owner' / 'name'}`" in card
 
 
 def test_matrix_cell_card_carries_the_verdict(lora_run, tmp_path):

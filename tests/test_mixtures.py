@@ -253,7 +253,7 @@ def test_the_whole_registry_in_one_matrix(tiny_world, tmp_path, monkeypatch, cap
         page = (out / "report.md").read_text()
         assert "| 0.8\\*dpo+0.2\\*bco_pair+1\\*sft |" in page and "0.8*dpo" not in page  # no stray emphasis
         for c in cells:
-            assert main(["review", str(out / "cells" / c["name"])]) == 0
+            assert main(["review", str(out / "cells" / c["name"]), "--fail-on", "never"]) == 0  # 2 steps: may be at chance
     finally:
         O.REGISTRY.pop("slic_w", None)
     capsys.readouterr()

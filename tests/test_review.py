@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from preftune.commands.cli import main
 from preftune.core.errors import InputError
 from preftune.evaluation.review import Review, review, write_review
 
@@ -176,9 +177,64 @@ def test_length_bias_chosen_shorter(tmp_path):
     bias = next(f for f in r.findings if f.code == "length_bias")
     assert bias.severity == "warn" and "SimPO" in bias.sentence
     assert bias.data["chosen_shorter"] == pytest.approx(0.85) and "85%" in bias.sentence
-    assert bias.data["mean_length_ratio"] == pytest.approx((85 * 0.5 + 15 * 1.2) / 100)
+    # median of the log-ratios: 85 pairs at 6/12 = 0.5 outnumber 15 at 12/10, so the median ratio is 0.5
+    assert bias.data["median_length_ratio"] == pytest.approx(0.5)
+    # "prefer the shorter" is right in 85 of 100; Wilson 95%: centre (0.85 + z²/200)/(1 + z²/100) = 0.8371,
+    # half-width z/(1 + z²/100)·√(0.85·0.15/100 + z²/40000) = 0.0699
+    assert (bias.data["rule"], bias.data["rule_accuracy"], bias.data["teaches"]) == ("shorter", 0.85, "brevity")
+    assert bias.data["ci"] == pytest.approx([0.7672, 0.9069], abs=1e-4)
+    assert bias.data["by"] == ["label"]
     even = review(write_run(tmp_path / "even", healthy_lines(), pairs(correct)))
     assert codes(even).get("length_bias") == "info"
+
+
+def test_an_even_split_with_long_outliers_is_no_length_bias(tmp_path):
+    """The issue's real data: chosen shorter in 41%, longer in 40%, a mean ratio of 1.64 from a few long ones."""
+    ct = [8] * 41 + [10] * 19 + [79] * 10 + [11] * 30    # 10 chosen 7.9x the rejected's length: the outliers
+    rt = [10] * 41 + [10] * 19 + [10] * 10 + [10] * 30
+    correct = [i % 2 == 0 for i in range(100)]
+    r = review(write_run(tmp_path / "run", healthy_lines(), pairs(correct, chosen_tokens=ct, rejected_tokens=rt)))
+    bias = next(f for f in r.findings if f.code == "length_bias")
+    assert summary_mean_ratio(ct, rt) == pytest.approx((41 * 0.8 + 19 * 1.0 + 10 * 7.9 + 30 * 1.1) / 100)  # 1.638
+    d = bias.data
+    assert (d["chosen_shorter"], d["chosen_longer"], d["equal"]) == (0.41, 0.40, 0.19)
+    assert d["median_length_ratio"] == pytest.approx(1.0)  # the 50th and 51st log-ratios are both 0 (equal)
+    # "prefer the shorter": 41 + 19/2 = 50.5 of 100; Wilson 95%: centre (0.505 + z²/200)/(1 + z²/100) = 0.5048,
+    # half-width z/(1 + z²/100)·√(0.505·0.495/100 + z²/40000) = 0.0962: 0.4087-0.6010 straddles 0.5
+    assert (d["rule"], d["rule_accuracy"], d["teaches"]) == ("shorter", 0.505, None)
+    assert d["ci"] == pytest.approx([0.4087, 0.6010], abs=1e-4)
+    assert bias.severity == "info" and d["by"] == [] and "SimPO" not in bias.sentence
+    assert "median length ratio chosen/rejected 1;" in bias.sentence
+
+
+def summary_mean_ratio(ct: list[int], rt: list[int]) -> float:
+    from preftune.evaluation.stats import length_bias
+    return length_bias(ct, rt)["mean_len_ratio"]
+
+
+def test_margin_gap_gives_no_share_of_a_margin_indistinguishable_from_zero(tmp_path):
+    # last 10% of 60 training margins (6 values) average 0.0005 with sd 0.00187: 1.96 SE = 0.0015 < 0.01, so the
+    # floor is the absolute 0.01; the old sentence said "128% of the training margin does not carry over"
+    tail = [0.003, -0.002, 0.001, 0.0, 0.002, -0.001]
+    lines = metrics([0.0] * 54 + tail, [0.0, -0.00014], [0.55, 0.8])
+    gap = next(f for f in review(write_run(tmp_path / "zero", lines, pairs(balanced(400, 0.8)))).findings
+               if f.code == "margin_gap")
+    assert gap.data["train_margin"] == pytest.approx(0.0005) and gap.data["gap"] == pytest.approx(0.00064)
+    assert gap.data["noise_floor"] == 0.01 and gap.data["gap_share"] is None
+    assert gap.severity == "info" and "does not carry over" not in gap.sentence and "noise floor 0.01" in gap.sentence
+    # positive, but noisy: tail mean 0.0833, sd √(1.1433/5) = 0.4782, 1.96 SE = 1.96 · 0.4782 / √6 = 0.3826
+    tail = [0.5, -0.3, 0.6, -0.4, 0.45, -0.35]
+    lines = metrics([0.0] * 54 + tail, [0.0, 0.02], [0.55, 0.8])
+    gap = next(f for f in review(write_run(tmp_path / "noisy", lines, pairs(balanced(400, 0.8)))).findings
+               if f.code == "margin_gap")
+    assert gap.data["noise_floor"] == pytest.approx(0.3826, abs=1e-4) and gap.data["gap_share"] is None
+    # a margin well above its floor keeps its share: tail 1.0 +- 0.1, held-out 0.4, gap 0.6 = 60%
+    tail = [1.1, 0.9, 1.1, 0.9, 1.1, 0.9]
+    lines = metrics([0.0] * 54 + tail, [0.0, 0.4], [0.55, 0.8])
+    gap = next(f for f in review(write_run(tmp_path / "clear", lines, pairs(balanced(400, 0.8)))).findings
+               if f.code == "margin_gap")
+    assert gap.data["gap_share"] == pytest.approx(0.6) and gap.severity == "warn"
+    assert "(60% of the training margin does not carry over)" in gap.sentence
 
 
 def test_margin_tracks_length_difference(tmp_path):
@@ -188,7 +244,8 @@ def test_margin_tracks_length_difference(tmp_path):
         row["correct"] = row["margin"] > 0
     r = review(write_run(tmp_path / "run", healthy_lines(), rows))
     bias = next(f for f in r.findings if f.code == "length_bias")
-    assert bias.severity == "warn" and bias.data["margin_length_corr"] > 0.9
+    assert bias.severity == "warn" and bias.data["margin_length_rho"] == pytest.approx(1.0)  # margin follows rank
+    assert bias.data["by"] == ["margin"] and bias.data["teaches"] is None
 
 
 @pytest.mark.parametrize("content, message", [
@@ -223,3 +280,34 @@ def test_bad_inputs_name_the_file(tmp_path):
     (run / "eval_pairs.jsonl").write_text('{"id": "a", "margin": 1.0, "correct": "yes"}\n')
     with pytest.raises(InputError, match="eval_pairs.jsonl:1: field 'correct': 'yes' is not true/false"):
         review(run)
+
+
+@pytest.mark.parametrize("fail_on, healthy, warned, errored", [
+    (None, 0, 0, 1),          # the default is error: an unusable run fails a CI job, a doubtful one doesn't
+    ("error", 0, 0, 1),
+    ("warn", 0, 1, 1),
+    ("never", 0, 0, 0),
+])
+def test_fail_on_sets_the_exit_status(tmp_path, capsys, fail_on, healthy, warned, errored):
+    runs = {
+        "healthy": write_run(tmp_path / "healthy", healthy_lines(), pairs(balanced(2000, 0.8))),
+        "warned": write_run(tmp_path / "warned", inflating_lines(), pairs(balanced(400, 0.62))),
+        "errored": write_run(tmp_path / "errored", metrics(ramp(0.0, 0.2, 40), [0.0, 0.01], [0.5, 0.49],
+                                                           loss=ramp(0.69, 0.7, 20) + ramp(2.0, 6.0, 20)),
+                             pairs(balanced(100, 0.49))),
+    }
+    assert set(codes(review(runs["healthy"])).values()) == {"info"}
+    assert set(codes(review(runs["warned"])).values()) == {"info", "warn"}
+    assert "error" in codes(review(runs["errored"])).values()
+    flag = ["--fail-on", fail_on] if fail_on else []
+    got = {name: main(["review", str(run), *flag]) for name, run in runs.items()}
+    assert got == {"healthy": healthy, "warned": warned, "errored": errored}
+    out = capsys.readouterr().out
+    if fail_on in (None, "error"):
+        assert "review: 2 finding(s) at or above error (divergence, at_chance): exit 1" in out
+    elif fail_on == "warn":  # the warned run's warnings fail too, and the errored run's warning with its errors
+        assert "review: 3 finding(s) at or above warn (overoptimization, margin_gap, likelihood_displacement): exit 1" in out
+        assert "review: 3 finding(s) at or above warn (divergence, at_chance, overoptimization): exit 1" in out
+    else:
+        assert "exit 1" not in out
+    assert main(["review", str(tmp_path / "missing"), *flag]) == 2  # bad input is 2 whatever --fail-on says

@@ -2,7 +2,7 @@
 your lead, and one run's diagnostics.
 
     preftune decide matrix && preftune report matrix
-    preftune review runs/x
+    preftune review runs/x                 # exit 1 on an [error] finding; --fail-on warn|never
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def _report(args: argparse.Namespace) -> int:
 def _review_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder, a TRL trainer_state.json, or a JSONL log")
     p.add_argument("--output", help="where review.json goes (default: the run folder, if it is one)")
+    p.add_argument("--fail-on", choices=("error", "warn", "never"), default="error",
+                   help="exit 1 when a finding of this severity or worse is printed (default: error; "
+                        "warn is stricter, never always exits 0); bad input stays exit 2")
 
 
 def _review(args: argparse.Namespace) -> int:
@@ -89,6 +92,11 @@ def _review(args: argparse.Namespace) -> int:
         print(f"[{f.severity}] {f.sentence}")
     if path:
         print(f"review: {path}")
+    failing = rev.at_least(args.fail_on)
+    if failing:  # a CI job's red light: the run is unusable (error) or, with --fail-on warn, doubtful
+        print(f"review: {len(failing)} finding(s) at or above {args.fail_on} ({', '.join(f.code for f in failing)}): "
+              "exit 1 (--fail-on never to only print them)")
+        return 1
     return 0
 
 

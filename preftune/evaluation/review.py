@@ -18,13 +18,18 @@ from typing import Any
 
 from ..core.files import atomic_write_json, clean_json
 from ..core.layout import REVIEW, Audit, matrix_of, read_audit
+from ..data.audit import length_bias as length_rule
 from . import stats
 from .runlog import Log, load
 from .yardsticks import logprob_yardsticks
 
 CHANCE_TOL = 0.02            # held-out accuracy <= 0.5 + this is "at chance" (logs without yardsticks)
+Z95 = 1.96                   # two-sided 95% normal quantile
+MARGIN_EPS = 0.01            # a training margin this small moves the DPO loss by < 0.005 nats (log 2 - m/2)
+RHO_MIN = 0.5                # rank correlation of margin and length difference that counts as "length-driven"
 UNSTABLE = ("nonfinite", "divergence", "at_chance", "not_learned")
 NUMERIC = ("nonfinite", "divergence")
+SEVERITIES = ("info", "warn", "error")  # mildest first: --fail-on LEVEL fails on LEVEL and everything after it
 
 
 @dataclass
@@ -48,6 +53,13 @@ class Review:
     def unstable(self) -> bool:
         """NaN/inf, a diverging loss, or held-out accuracy at or below chance."""
         return any(f.code in UNSTABLE for f in self.findings)
+
+    def at_least(self, severity: str) -> list[Finding]:
+        """The findings of ``severity`` (info | warn | error) or worse; none for "never" (``--fail-on``)."""
+        if severity == "never":
+            return []
+        floor = SEVERITIES.index(severity)
+        return [f for f in self.findings if SEVERITIES.index(f.severity) >= floor]
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "unstable": self.unstable,
@@ -214,16 +226,33 @@ def _overoptimization(log: Log) -> list[Finding]:
                      "margin_gap": gap[2] if gap else None})]
 
 
+def margin_floor(train: list[float]) -> float:
+    """The size below which the training margin (mean of the last 10% of ``rewards/margins``) is
+    indistinguishable from zero: the larger of 1.96 standard errors of that mean (its 95% half-width) and
+    MARGIN_EPS. No share of a margin under it is printed."""
+    tail = list(stats.tail(train))
+    se = statistics.stdev(tail) / math.sqrt(len(tail)) if len(tail) >= 2 else 0.0
+    return max(Z95 * se, MARGIN_EPS)
+
+
 def _margin_gap(log: Log) -> list[Finding]:
     gap = margin_gap(log)
     if gap is None:
         return []
     train, held, diff = gap
-    warn = train > 0 and diff >= 0.2 and diff >= 0.5 * train
-    share = f" ({diff / train:.0%} of the training margin does not carry over)" if train > 0 else ""
+    floor = margin_floor(log.series("rewards/margins")[1])
+    share = diff / train if train > floor else None  # a share of a margin that may be 0 is any number at all
+    warn = share is not None and diff >= 0.2 and share >= 0.5
+    if share is not None:
+        tail = f" ({share:.0%} of the training margin does not carry over)"
+    elif abs(train) <= floor:
+        tail = f" (the training margin is within its noise floor {_n(floor)}: no share of it is given)"
+    else:
+        tail = " (the training margin is negative: no share of it is given)"
     return [Finding("margin_gap", "warn" if warn else "info",
                     f"training margin {_n(train)} (last 10% of steps) vs held-out margin {_n(held)}: gap "
-                    f"{_n(diff)}{share}", {"train_margin": train, "heldout_margin": held, "gap": diff})]
+                    f"{_n(diff)}{tail}", {"train_margin": train, "heldout_margin": held, "gap": diff,
+                                          "gap_share": share, "noise_floor": floor})]
 
 
 def _falling(xs: list[float]) -> tuple[float, float] | None:
@@ -285,23 +314,38 @@ def _noise(log: Log) -> list[Finding]:
 
 
 def _length_bias(log: Log) -> list[Finding]:
+    """Whether length predicts the label (a "prefer the shorter/longer" rule right at least 60% of the time with
+    its 95% Wilson interval above 50%, the data audit's rule) or the margin (Spearman rho >= 0.5 and
+    significant). Robust: shares and ranks, not a mean of ratios that a few long responses carry."""
     rows = [p for p in log.pairs or [] if isinstance(p.get("chosen_tokens"), (int, float))
             and isinstance(p.get("rejected_tokens"), (int, float))]
     if len(rows) < 5:
         return []
-    bias = stats.length_bias([p["chosen_tokens"] for p in rows], [p["rejected_tokens"] for p in rows],
-                             [p["margin"] for p in rows])
-    n, shorter, longer, equal = bias["pairs"], bias["chosen_shorter"], bias["chosen_longer"], bias["equal"]
-    ratio, r = bias["mean_len_ratio"], bias["margin_length_corr"]
-    biased = max(shorter, longer) >= 0.7 or (r is not None and abs(r) >= 0.5)
-    sentence = (f"chosen is shorter in {shorter:.0%}, longer in {longer:.0%}, equal in {equal:.0%} of {n} held-out "
-                f"pairs, mean length ratio chosen/rejected {_n(ratio)}"
-                + (f"; held-out margin vs length difference r = {r:.2f}" if r is not None else ""))
-    if biased:
-        sentence += ": length predicts the label or the margin, a length-normalized reward (SimPO) is indicated"
-    return [Finding("length_bias", "warn" if biased else "info", sentence,
-                    {"pairs": n, "chosen_shorter": shorter, "chosen_longer": longer, "equal": equal,
-                     "mean_length_ratio": ratio, "margin_length_corr": r})]
+    chosen, rejected = [p["chosen_tokens"] for p in rows], [p["rejected_tokens"] for p in rows]
+    n = len(rows)
+    shorter, longer = sum(c < r for c, r in zip(chosen, rejected)), sum(c > r for c, r in zip(chosen, rejected))
+    rule = length_rule(shorter, longer, n - shorter - longer, unit="tokens")
+    ratio = stats.length_bias(chosen, rejected)["median_len_ratio"]
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    margins = [p["margin"] for p in rows]
+    rho = (stats.spearman(diffs, margins) if all(math.isfinite(m) for m in margins)
+           and len(set(diffs)) > 1 and len(set(margins)) > 1 else None)
+    by = (["label"] if rule["teaches"] else []) + (
+        ["margin"] if rho is not None and abs(rho) >= RHO_MIN and abs(rho) * math.sqrt(n - 1) >= Z95 else [])
+    lo, hi = rule["ci"]
+    sentence = (f"chosen is shorter in {shorter / n:.0%}, longer in {longer / n:.0%}, equal in "
+                f"{(n - shorter - longer) / n:.0%} of {n} held-out pairs, median length ratio chosen/rejected "
+                f"{_n(ratio)}; 'prefer the {rule['rule']}' is right in {rule['rule_accuracy']:.0%} (95% CI "
+                f"{_n(lo)}-{_n(hi)})" + (f"; held-out margin vs length difference rho = {rho:.2f}" if rho is not None
+                                         else ""))
+    if by:
+        sentence += (f": length predicts the {' and the '.join(by)}, a length-normalized reward (SimPO) "
+                     "is indicated")
+    return [Finding("length_bias", "warn" if by else "info", sentence,
+                    {"pairs": n, "chosen_shorter": shorter / n, "chosen_longer": longer / n,
+                     "equal": (n - shorter - longer) / n, "median_length_ratio": ratio, "rule": rule["rule"],
+                     "rule_accuracy": rule["rule_accuracy"], "ci": [lo, hi], "teaches": rule["teaches"],
+                     "margin_length_rho": rho, "by": by})]
 
 
 LENGTH_GAP = 0.1        # raw win rate minus LC win rate beyond which a win is mostly length

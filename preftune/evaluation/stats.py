@@ -165,6 +165,18 @@ def pearson(xs: ArrayLike, ys: ArrayLike) -> float:
     return float(dx @ dy) / denom if denom > 0 else 0.0
 
 
+def ranks(xs: ArrayLike) -> np.ndarray:
+    """1-based ranks of ``xs``, ties sharing their average rank: ``ranks([3, 1, 3]) == [2.5, 1, 2.5]``."""
+    _, group, counts = np.unique(np.asarray(xs, dtype=float), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)                       # rank of the last member of each group of equal values
+    return (last - (counts - 1) / 2)[group]        # the group's average rank
+
+
+def spearman(xs: ArrayLike, ys: ArrayLike) -> float:
+    """Spearman's rank correlation (Pearson's r of the average ranks): one huge pair can't carry it."""
+    return pearson(ranks(xs), ranks(ys))
+
+
 def lc_win_rate(prefs: ArrayLike, len_policy: ArrayLike, len_ref: ArrayLike, *,
                 ridge: float = 1e-4) -> tuple[float, float]:
     """Length-controlled win rate and its standard error: AlpacaEval's ``length_controlled_minimal``.
@@ -222,8 +234,10 @@ def length_bias(chosen: Sequence[float], rejected: Sequence[float],
                 margins: Sequence[float] | None = None) -> dict[str, Any]:
     """How completion length relates to the label (and, given per-pair margins, to the margin).
 
-    Shares of pairs whose chosen is shorter / longer / equal, mean lengths, mean ratio chosen/rejected, and
-    Pearson r between (chosen − rejected) length and the margin (None when it is undefined).
+    Shares of pairs whose chosen is shorter / longer / equal, mean lengths, the mean ratio chosen/rejected (kept
+    for old readers of summary.json; a few very long chosen responses dominate it) and the median ratio (exp of
+    the median log-ratio: robust, and 1 when chosen is as often shorter as longer), and Pearson r between
+    (chosen − rejected) length and the margin (None when it is undefined).
 
         length_bias([3, 5], [4, 5])   # {"pairs": 2, "chosen_shorter": 0.5, "equal": 0.5, ...}
     """
@@ -231,6 +245,7 @@ def length_bias(chosen: Sequence[float], rejected: Sequence[float],
     d = max(n, 1)
     diffs = [c - r for c, r in zip(chosen, rejected)]
     ratios = [c / r for c, r in zip(chosen, rejected) if r > 0]
+    logs = [math.log(x) for x in ratios if x > 0]
     out: dict[str, Any] = {
         "pairs": n,
         "chosen_shorter": sum(x < 0 for x in diffs) / d,
@@ -239,6 +254,7 @@ def length_bias(chosen: Sequence[float], rejected: Sequence[float],
         "mean_chosen_len": sum(chosen) / d,
         "mean_rejected_len": sum(rejected) / d,
         "mean_len_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
+        "median_len_ratio": math.exp(float(np.median(logs))) if logs else math.nan,
     }
     if margins is not None:
         ok = all(math.isfinite(m) for m in margins) and len(set(diffs)) > 1 and len(set(margins)) > 1

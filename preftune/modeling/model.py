@@ -20,11 +20,21 @@ from ..core.config import Config
 from ..core.errors import InputError
 from ..core.layout import FINGERPRINTS
 from ..data.tokenize import use_chat_template
+from .folder import check_model_folder
 from .precision import DTYPES, SDPA_FP32, resolve_dtype
 
 
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` on ``tokenizer`` (default: ``model``), pad token set.
+
+    It is the first thing a run loads, so a model folder missing its config, tokenizer or weights is named here,
+    whole, before transformers' own error. Run: ``tok = load_tokenizer(cfg)``.
+    """
     name = cfg.tokenizer or cfg.model
+    if cfg.tokenizer:
+        check_model_folder(cfg.tokenizer, need=("tokenizer",), field="tokenizer")
+    else:
+        check_model_folder(cfg.model)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # transformers raises many types; the user needs one line
@@ -73,6 +83,7 @@ def load_model(cfg: Config) -> PreTrainedModel:
     (eager for Gemma-2, whose soft-capped attention SDPA can't express); on CPU in bf16 SDPA runs in fp32
     inside. ``model.config._attn_implementation`` says what was chosen.
     """
+    check_model_folder(cfg.model, need=("config", "weights"))
     dtype = resolve_dtype(cfg)
     if not sys.stderr.isatty() or os.environ.get("CI"):
         from transformers.utils import logging as hf_logging

@@ -15,6 +15,7 @@ folder appears in one rename (files.atomic_dir): a failed export leaves nothing 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -127,14 +128,15 @@ def _tokenizer(cfg: dict) -> Any:
 def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: str) -> str:
     """README.md: Hugging Face YAML header (base_model, library_name, tags) + what the run was and how it did."""
     objective, rank = summary.objective, summary.lora_rank
-    header: dict[str, Any] = {"base_model": str(cfg.get("model", "")),
-                              "library_name": "peft" if kind == "adapter" else "transformers",
-                              "pipeline_tag": "text-generation",
-                              "tags": ["preftune", str(objective)] + (["lora"] if rank else []) +
-                                      (["merged"] if kind == "merged" else [])}
+    base = str(cfg.get("model", ""))
+    header: dict[str, Any] = {"base_model": base} if hub_id(base, summary) else {}
+    header.update({"library_name": "peft" if kind == "adapter" else "transformers",
+                   "pipeline_tag": "text-generation",
+                   "tags": ["preftune", str(objective)] + (["lora"] if rank else []) +
+                           (["merged"] if kind == "merged" else [])})
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# {objective} {'LoRA r=' + str(rank) if rank else 'full fine-tuning'} ({kind})", "",
-             f"Trained with preftune from `{cfg.get('model', '')}`; exported from `{run}`."]
+             f"Trained with preftune; exported from `{run}`.", "", base_line(base, summary)]
     if kind == "adapter":
         lines += ["", "```python", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
                   f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(cfg.get('model'))!r}), "
@@ -189,6 +191,30 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
         lines += ["", "## Matrix verdict", "", f"Cell `{run.name}` of `{run.parent.parent}`; no decision.json yet "
                   "(run `preftune decide` on the matrix)."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")  # owner/name, as the Hub spells repo ids
+
+
+def hub_id(base: str, summary: RunSummary) -> bool:
+    """Whether ``base`` goes into the card's ``base_model``, which the Hub reads as a model id: "owner/name", not
+    a folder at training (summary.json -> model.base_local) nor here. A local path there links to nothing."""
+    local = (summary.model or {}).get("base_local")
+    return (bool(_HUB_ID.fullmatch(base)) and ".." not in base and "--" not in base and not local
+            and not Path(base).exists())
+
+
+def base_line(base: str, summary: RunSummary) -> str:
+    """Where the base came from, in words: a Hub id, or a local folder (never in the header) with the content
+    fingerprint training recorded, so a reader can tell whether a folder of that name is the same model."""
+    fp = (summary.model or {}).get("base_fingerprint")
+    mark = (f" Fingerprint of its weights and config at training: `{fp}` (blake2b-160 over its `*.safetensors`, "
+            "`config.json` and `generation_config.json`; `preftune.modeling.model.fingerprint`).") if fp else ""
+    if hub_id(base, summary):
+        return f"Base model: [`{base}`](https://huggingface.co/{base}) on the Hugging Face Hub.{mark}"
+    where = str(Path(base).resolve()) if Path(base).exists() else base
+    return (f"Base model: local folder `{where}` (a path, not a Hub id, so the header has no `base_model`)."
+            f"{mark}")
 
 
 def _decision(run: Path) -> Decision | None:

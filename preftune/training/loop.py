@@ -15,6 +15,7 @@ set.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -141,13 +142,15 @@ def _load(cfg: Config, rt: Runtime, prepared: Prepared | None, base_model: torch
     blocker = prefix_sharing_blocker(model) if cfg.share_prompt else None
     share = cfg.share_prompt and blocker is None  # else the plain layout: same numbers, prompt run twice
     lm = model.get_base_model() if is_peft(model) else model
+    fp = fingerprint(cfg.model, cfg.resolved_cache_dir())
+    # the model card says where the base came from: a local folder is no hub id (export.py), whatever its name
     info = {"attn_implementation": lm.config._attn_implementation, "dtype": dtype,
-            "eval_arithmetic": eval_arith.compute, "share_prompt": share, "share_prompt_blocker": blocker}
+            "eval_arithmetic": eval_arith.compute, "share_prompt": share, "share_prompt_blocker": blocker,
+            "base_local": os.path.isdir(cfg.model), "base_fingerprint": fp}
     # reference pass and evaluation split the pairs over ranks; under FSDP every forward is a collective that
     # needs all ranks in step, and shards of unequal batch counts would hang, so each rank scores them all
     return Run(cfg, rt, RunDir(Path(cfg.output)), data, schedule, model, tok, judge, fsdp,
-               runtime.Runtime() if fsdp else rt, eval_arith, share, fingerprint(cfg.model, cfg.resolved_cache_dir()),
-               info, cfg.objective_params(), t_start)
+               runtime.Runtime() if fsdp else rt, eval_arith, share, fp, info, cfg.objective_params(), t_start)
 
 
 def _hold(r: Run, stack: contextlib.ExitStack, checkpoint: Path | None, *, shared: bool) -> None:

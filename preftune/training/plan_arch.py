@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import InputError
+from ..modeling.folder import suggestion
 
 
 @dataclass
@@ -49,7 +50,9 @@ def read_arch(model: str, *, trust_remote_code: bool = False) -> Arch:
     if not os.path.exists(model) and (os.path.isabs(model) or model.startswith(".") or model.count("/") > 1):
         raise InputError("no such model folder", path=model, field="model")  # not a hub id either
     if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
-        raise InputError("no config.json in the model folder", path=model, field="model")
+        better = suggestion(model, ("config",))  # a world folder given for its model/, a run for its merged/
+        hint = f"; did you mean {better}?" if better else ""
+        raise InputError(f"no config.json in the model folder{hint}", path=model, field="model")
     try:
         cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; one line for the user

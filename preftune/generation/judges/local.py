@@ -56,8 +56,10 @@ class RewardModelJudge(PointwiseJudge):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ...modeling.folder import check_model_folder
         from ...modeling.model import fingerprint
 
+        check_model_folder(self.path, field="judge")  # what a wrong folder lacks, before transformers' own error
         try:
             tok = AutoTokenizer.from_pretrained(self.path)
             model = AutoModelForSequenceClassification.from_pretrained(self.path, use_safetensors=True,
