@@ -20,7 +20,7 @@ from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
 from .core.layout import Decision, RunSummary
 
-__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "plan", "Plan",
+__all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "run_pipeline", "plan", "Plan",
            "PlanCell", "objective", "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 _LAZY = {"objective": "core.objectives", "ObjectiveOutput": "core.objectives", "SeqLogps": "core.objectives",
@@ -84,6 +84,15 @@ def report(matrix_dir: str) -> tuple[Any, Any]:
     from .verdict.report import write_any
 
     return write_any(matrix_dir)
+
+
+def run_pipeline(recipe: str, output: str, *, quiet: bool = False) -> dict[str, Any]:
+    """``preftune pipeline RECIPE --output DIR``: SFT -> matrix -> decide -> gate -> ship (docs/pipeline.md), or
+    finish an interrupted one; returns each stage's state (status, verdict) by name."""
+    from .pipeline.recipe import load_recipe
+    from .pipeline.run import run_pipeline as _run
+
+    return _run(load_recipe(recipe), output, quiet=quiet)
 
 
 def review(path: str) -> Any:

@@ -103,6 +103,27 @@ def test_significant_lift_with_inflated_margins_is_not_a_switch(tmp_path):
     assert d.basis["blocked"] == [r]
 
 
+def test_no_share_of_a_training_margin_indistinguishable_from_zero(tmp_path):
+    """A training margin of 0.0002 gives no '1104%' (issue 24, item 18): its share is unknown (inf, 'n/a')."""
+    import math
+    from types import SimpleNamespace
+
+    from preftune.verdict.comparisons import Group
+
+    def g(train: float, gap: float) -> Group:
+        return Group("x", "dpo", 8, cells=[SimpleNamespace(train_margin=train, margin_gap=gap)])
+
+    assert math.isinf(g(0.0002, 0.0022).gap_share()) and math.isinf(g(0.01, 0.005).gap_share())
+    assert g(0.5, 0.2).gap_share() == pytest.approx(0.4)
+    dpo, simpo = split(400, 220, 10, 80)
+    root = write_matrix(tmp_path / "m", [cell("dpo", 8, dpo, train_top=0.0002, held=0.0001),
+                                         cell("simpo", 8, simpo, train_top=1.0, held=0.4)])
+    d = decide(root, n_boot=200)
+    shares = [r.get("baseline_gap_share") for r in d.reasons if "baseline_gap_share" in r]
+    assert shares and all(s is None or math.isinf(s) for s in shares)  # never 1104%
+
+
+
 def test_own_reward_lift_absent_on_both_yardsticks_is_not_a_switch(tmp_path):
     dpo, simpo = split(400, 220, 10, 80)
     cells = [cell("dpo", 8, dpo), cell("simpo", 8, simpo, train_top=0.9, held=1.0)]

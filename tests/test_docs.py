@@ -155,3 +155,24 @@ def test_objectives_page_is_generated_from_the_registry(capsys):
         "docs/objectives.md is stale; regenerate it: preftune objectives --markdown > docs/objectives.md"
     assert main(["objectives", "--markdown"]) == 0
     assert capsys.readouterr().out == page
+
+
+def _tree(page: Path, heading: str) -> set[str]:
+    """The paths listed, one per line, in the code block under ``heading``."""
+    text = page.read_text(encoding="utf-8")
+    block = text[text.index(heading):].split("```")[1]
+    return {line.split()[0] for line in block.splitlines() if line.strip()}
+
+
+def test_file_trees_list_every_file_and_nothing_gone():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    package = {f for f in tracked if f.startswith("preftune/") and f.endswith(".py")}
+    tests = {f for f in tracked if f.startswith(("tests/", "bench/"))}
+    readme = _tree(ROOT / "README.md", "## Project layout")
+    dev = _tree(ROOT / "docs" / "development.md", "## Test and benchmark files")
+    assert package <= readme, f"add to README.md's Project layout: {sorted(package - readme)}"
+    assert tests <= dev, f"add to docs/development.md's file list: {sorted(tests - dev)}"
+    gone = {p for p in readme | dev if not (ROOT / p).exists()}
+    assert not gone, f"listed but gone: {sorted(gone)}"

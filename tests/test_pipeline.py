@@ -151,6 +151,17 @@ def healthy(safety_world, tmp_path_factory) -> Path:
     return root / "loop"
 
 
+def test_the_api_finishes_a_finished_loop_without_work(healthy):
+    import preftune
+
+    before = (healthy / "ship").stat().st_mtime_ns
+    stages = preftune.run_pipeline(str(healthy.parent / "recipe.yaml"), str(healthy), quiet=True)
+    assert {n: s.status for n, s in stages.items()} == dict.fromkeys(("sft", "matrix", "decide", "gate", "ship"),
+                                                                      "done")
+    assert stages["gate"].verdict == "ship"
+    assert (healthy / "ship").stat().st_mtime_ns == before  # nothing re-shipped
+
+
 def test_the_healthy_loop_ships_with_its_evidence(healthy):
     from preftune.core.layout import PipelineDir, read_audit
     from preftune.data.audit import headline

@@ -135,6 +135,10 @@ def test_reference_cache_hit_and_miss(tiny_world, tmp_path):
     assert s1.timing["reference_cached"] == {"train": False, "eval": False}
     assert s2.timing["reference_cached"] == {"train": True, "eval": True}
     assert s3.timing["reference_cached"] == {"train": False, "eval": False}
+    from preftune.core.cpus import allowed_cpus
+
+    # threads from the CPUs this process may use; CPU-seconds recorded
+    assert s1.timing["threads"] == allowed_cpus() and 0 < s1.timing["cpu_s"] and s1.timing["omp_wait_policy"]
     r1, r2 = read_jsonl(tmp_path / "a" / "eval_pairs.jsonl"), read_jsonl(tmp_path / "b" / "eval_pairs.jsonl")
     assert [r["ref_chosen_logps"] for r in r1] == [r["ref_chosen_logps"] for r in r2]
 

@@ -27,7 +27,7 @@ from ..core.errors import InputError
 from ..core.files import DamagedFile
 from ..core.layout import CellEntry, CellResult, MatrixDir, RunDir
 from ..evaluation import stats, yardsticks
-from ..evaluation.review import NUMERIC, UNSTABLE, Review, diagnose, learning, margin_gap
+from ..evaluation.review import MARGIN_EPS, NUMERIC, UNSTABLE, Review, diagnose, learning, margin_gap
 from ..evaluation.runlog import Log, load
 
 MEANINGFUL = 0.05                     # accuracy difference a "keep" must have been able to detect
@@ -110,9 +110,11 @@ class Group:
         return std / abs(margin) if std is not None and margin else math.inf
 
     def gap_share(self) -> float:
-        """Share of the training margin that does not reach the held-out pairs; inf when unknown."""
+        """Share of the training margin that does not reach the held-out pairs; inf when unknown, and when the
+        training margin is within MARGIN_EPS of 0 (a share of a margin that may be 0 is any number at all; review
+        says the same, evaluation/review.py)."""
         gap, train = self.mean("margin_gap"), self.mean("train_margin")
-        return gap / train if gap is not None and train and train > 0 else math.inf
+        return gap / train if gap is not None and train is not None and train > MARGIN_EPS else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "objective": self.objective, "lora_rank": self.lora_rank,
