@@ -1,5 +1,6 @@
 """preftune plan: hand-counted parameters, LoRA sizes and activation bytes of a tiny Llama config (no weights on
-disk), the reference term, fixes, --json, bad input; and the --gradient-checkpointing it suggests trains the
+disk), the reference term, the CPU's heap slack, fixes (those that fit first), --dtype auto decided as train
+decides it, the lengths of --data, --json, bad input; and the --gradient-checkpointing it suggests trains the
 same adapter.
 
     .venv/bin/pytest -q tests/test_plan.py
@@ -20,6 +21,8 @@ from preftune.commands import cli
 from preftune.commands.plan import parse_size
 from preftune.core import config
 from preftune.core.config import Config
+from preftune.core.errors import InputError
+from preftune.modeling import precision
 from preftune.training.loop import train
 from preftune.training.plan import Fix, Setting, estimate, fixes, read_arch
 
@@ -34,9 +37,11 @@ def cfg_dir(tmp_path):
     return tmp_path / "m"
 
 
-def _plan(cfg_dir, objectives, ranks, *, device="cuda", budget=2**30, reference_cached=False, baseline=None, **cfg):
+def _plan(cfg_dir, objectives, ranks, *, device="cuda", budget=2**30, reference_cached=False, baseline=None,
+          native_bf16=True, **cfg):
     return preftune.plan(Config(model=str(cfg_dir), **cfg), {"objective": objectives, "lora_rank": ranks},
-                         device=device, budget=budget, reference_cached=reference_cached, baseline=baseline)
+                         device=device, budget=budget, reference_cached=reference_cached, baseline=baseline,
+                         native_bf16=native_bf16)
 
 
 def _plan_json(capsys, *argv):
@@ -152,6 +157,112 @@ def test_cpu_plan_counts_the_process_baseline(cfg_dir):
              + c.lm_head_bytes + c.allocator_slack_bytes + c.temporaries_bytes)
     assert c.peak_bytes == max(terms, c.baseline_bytes + c.frozen_weights_bytes + c.trainable_state_bytes
                                + c.eval_pass_bytes)
+
+
+def test_cpu_heap_slack_by_hand(cfg_dir):
+    c = _plan(cfg_dir, ["simpo"], [4], device="cpu", budget=4 * 2**30, baseline=(300 * 2**20,) * 2, batch_size=2,
+              max_length=5, max_prompt_length=3).cells[0]
+    # hidden-sized (32) temporaries per token and layer: 4 sums + 4 RMSNorm + 7 RoPE + 3 per wrapped linear whose
+    # output is hidden-sized (q, o, down; k and v project to 16 under GQA) = 24; 2 layers, 14 tokens, fp32
+    assert c.allocator_slack_bytes == 2 * 24 * 32 * 14 * 4
+    # the largest single temporary: a gate or up LoRA output, 64 per token
+    assert c.temporaries_bytes == 64 * 14 * 4
+
+
+def _requested_vs_trained(monkeypatch, native, plan_cpu_dtype):
+    """(requested, what plan plans for the CPU, what train would use) for each --dtype."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    out = []
+    for requested in ("float32", "bfloat16", "auto"):
+        try:
+            trained = precision.resolve_dtype(Config(model="m", data="d", dtype=requested, device="cpu"))
+        except InputError:
+            trained = "refused"
+        try:
+            planned = plan_cpu_dtype(requested)
+        except InputError as e:
+            planned = "refused" if e.field == "dtype" else str(e)
+        out.append((requested, planned, trained))
+    return out
+
+
+def test_dtype_auto_is_decided_for_the_device_planned_for(cfg_dir, monkeypatch):
+    # a GPU with native bf16 (the default for a GPU that is not here): auto is bf16, 2 bytes per weight
+    bf16 = _plan(cfg_dir, ["dpo"], [4], dtype="auto")
+    assert (bf16.dtype_requested, bf16.native_bf16, bf16.cells[0].dtype) == ("auto", True, "bfloat16")
+    assert bf16.cells[0].frozen_weights_bytes == 24992 * 2
+    old = _plan(cfg_dir, ["dpo"], [4], dtype="auto", native_bf16=False)  # pre-Ampere: fp32, 4 bytes per weight
+    assert (old.cells[0].dtype, old.cells[0].frozen_weights_bytes) == ("float32", 24992 * 4)
+    with pytest.raises(InputError) as e:  # as train refuses it: emulated bf16
+        _plan(cfg_dir, ["dpo"], [4], dtype="bfloat16", native_bf16=False)
+    assert e.value.field == "dtype"
+
+    # on the CPU plan and train make the same decision, from one rule (precision.dtype_for) and one probe
+    def cpu(requested):
+        return _plan(cfg_dir, ["dpo"], [4], device="cpu", native_bf16=None, baseline=(0, 0), dtype=requested,
+                     budget=2**40).cells[0].dtype
+
+    assert _requested_vs_trained(monkeypatch, True, cpu) == [("float32", "float32", "float32"),
+                                                             ("bfloat16", "bfloat16", "bfloat16"),
+                                                             ("auto", "bfloat16", "bfloat16")]
+    assert _requested_vs_trained(monkeypatch, False, cpu) == [("float32", "float32", "float32"),
+                                                              ("bfloat16", "refused", "refused"),
+                                                              ("auto", "float32", "float32")]
+
+
+def test_fixes_that_do_not_fit_are_marked_and_listed_last(cfg_dir, capsys):
+    lengths = dict(batch_size=64, max_length=64, max_prompt_length=32)
+    a = read_arch(str(cfg_dir))
+    base = Setting.of(Config(objective="simpo", lora_rank=8, batch_size=64), device="cuda", prompt_len=32,
+                      completion_len=32)
+    ckpt = estimate(a, Setting(**{**base.__dict__, "gradient_checkpointing": True})).peak_bytes
+    rank1 = estimate(a, Setting(**{**base.__dict__, "lora_rank": 1})).peak_bytes
+    assert ckpt < rank1  # a budget between them: checkpointing fits, the lowest rank does not
+    budget = (ckpt + rank1) // 2
+    cell = _plan(cfg_dir, ["simpo"], [8], budget=budget, **lengths).cells[0]
+    by = {f.fix: f for f in cell.fixes}
+    assert by["gradient checkpointing"].fits is True
+    assert by["lower rank"] == Fix("lower rank", "--lora-rank 1", rank1, False)
+    assert [f.fits for f in cell.fixes] == sorted((f.fits for f in cell.fixes), reverse=True)  # fits first
+    assert all(f.fits == (f.peak_bytes <= budget) for f in cell.fixes)
+    # without native bf16, --dtype bfloat16 would be refused by train: it is no fix
+    no_bf16 = _plan(cfg_dir, ["simpo"], [8], budget=budget, native_bf16=False, **lengths).cells[0]
+    assert "bf16 weights" in by and "bf16 weights" not in {f.fix for f in no_bf16.fixes}
+    # printed: each fix says whether it fits; the one that doesn't by how much
+    assert cli.main(["plan", "--model", str(cfg_dir), "--objective", "simpo", "--lora-rank", "8",
+                     "--batch-size", "64", "--max-length", "64", "--max-prompt-length", "32",
+                     "--gpu-memory", str(budget)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("fix:")]
+    assert len(lines) == len(cell.fixes)
+    assert all(x.endswith(", fits") or "does NOT fit" in x for x in lines)
+    assert "--lora-rank 1" in next(x for x in lines if "does NOT fit" in x)
+    assert lines.index(next(x for x in lines if "does NOT fit" in x)) > lines.index(
+        next(x for x in lines if x.endswith(", fits")))
+
+
+def test_data_lengths_are_the_longest_row_after_truncation(tiny_world, tmp_path):
+    # tiny world tokenizer: "sort:" is 2 tokens, each " d" digit 1, " =" 1, filler " all sorted now" 3; BOS on
+    # the prompt, EOS on each completion. The long pair: prompt 1 + 2 + 9 + 1 = 13, chosen 9 + 1 = 10,
+    # rejected 9 + 3 + 1 = 13 -> a row of 36; the short pair: 8 + 5 + 5 = 18.
+    rows = [{"prompt": "sort: 7 3 9 1 =", "chosen": " 1 3 7 9", "rejected": " 3 1 7 9"},
+            {"prompt": "sort: 9 8 7 6 5 4 3 2 1 =", "chosen": " 1 2 3 4 5 6 7 8 9",
+             "rejected": " 9 8 7 6 5 4 3 2 1 all sorted now"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(model=str(tiny_world.model_dir), data=str(data), eval_data=str(data))
+    p = preftune.plan(Config(**kw, max_length=64), {"objective": ["dpo"], "lora_rank": [4]}, device="cuda",
+                      budget=2**30)
+    # prompt 13, completion ceil((10 + 13) / 2) = 12: a row of 13 + 2 x 12 = 37 >= the real 36
+    assert (p.lengths, p.prompt_tokens, p.completion_tokens, p.cells[0].row_tokens) == ("data", 13, 12, 37)
+    # truncated at max_length 20, prompt 8 (from the left): chosen 10, rejected 12 -> prompt 8, completion 11
+    cut = preftune.plan(Config(**kw, max_length=20, max_prompt_length=8), {"objective": ["dpo"], "lora_rank": [4]},
+                        device="cuda", budget=2**30)
+    assert (cut.prompt_tokens, cut.completion_tokens) == (8, 11)
+    # without data: every pair at the caps (prompt half of 64, completion the rest)
+    caps = preftune.plan(Config(model=kw["model"], max_length=64), {"objective": ["dpo"], "lora_rank": [4]},
+                         device="cuda", budget=2**30)
+    assert (caps.lengths, caps.prompt_tokens, caps.completion_tokens) == ("caps", 32, 32)
+    assert caps.cells[0].peak_bytes > p.cells[0].peak_bytes
 
 
 def test_parse_size():

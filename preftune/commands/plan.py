@@ -1,7 +1,8 @@
-"""``preftune plan``: will it fit? Memory and compute per objective x rank, from the model config alone.
+"""``preftune plan``: will it fit? Memory and compute per objective x rank, from the model config alone (and the
+data's lengths, with --data).
 
-    preftune plan --model M --objective dpo,simpo --lora-rank 16,8 --gpu-memory 24GiB
-    preftune plan --config run.yaml --device cpu --json
+    preftune plan --model M --objective dpo,simpo --lora-rank 16,8 --gpu-memory 24GiB --dtype auto
+    preftune plan --config run.yaml --device cpu --data pairs.jsonl --json
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from ..core.errors import InputError
 from ..training.plan import GIB, MIB, Plan, PlanCell, plan
 from .options import Command, add_config_flags, config_from
 
-# The Config fields a plan reads; the rest (data, lr, ...) don't change what a step holds. objective and lora_rank
-# are the grid, given as comma lists below.
+# The Config fields a plan reads; the rest (lr, ...) don't change what a step holds. objective and lora_rank are
+# the grid, given as comma lists below. The data fields: with --data, the lengths are the data's (read as train
+# reads it).
 USED = ("model", "trust_remote_code", "dtype", "lora_target_modules", "max_length", "max_prompt_length",
         "batch_size", "grad_accum", "logit_chunk", "reference_tokens", "eval_batch_size", "eval_fp32",
-        "gradient_checkpointing")
+        "gradient_checkpointing", "tokenizer", "data", "data_split", "eval_data", "eval_split", "eval_fraction",
+        "split_seed", "columns", "bad_rows", "max_bad_rows", "apply_chat_template", "chat_template",
+        "max_train_pairs", "seed")
 SKIP = tuple(name for name in FIELDS if name not in USED)
 
 
@@ -54,6 +58,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda with --gpu-memory, else cpu")
     g.add_argument("--gpu-memory", help="GPU memory budget, e.g. 24GiB")
     g.add_argument("--memory", help="memory budget for --device cpu (default: this machine's RAM)")
+    g.add_argument("--native-bf16", choices=["yes", "no"],
+                   help="whether the device planned for runs bf16 natively, which decides --dtype auto as train "
+                   "decides it (default: probed on this machine; a GPU that isn't here is taken as Ampere or "
+                   "later: yes)")
     g.add_argument("--reference-cached", action="store_true",
                    help="the training set's reference log-probs are already in the cache (no extra forward)")
     g.add_argument("--baseline-mb", type=float,
@@ -75,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     device = args.device or (cfg.device.split(":")[0] if cfg.device != "auto" else None) or \
         ("cuda" if args.gpu_memory else "cpu")
     p = plan(cfg, grid, device=device, budget=budget, prompt_tokens=args.prompt_length,
-             completion_tokens=args.completion_length, reference_cached=args.reference_cached, baseline=baseline)
+             completion_tokens=args.completion_length, reference_cached=args.reference_cached, baseline=baseline,
+             native_bf16=None if args.native_bf16 is None else args.native_bf16 == "yes")
     if args.json:
         print(json.dumps(asdict(p), indent=1))
         return 0
@@ -84,8 +93,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{p.model.hidden}, vocab {p.model.vocab}; {p.device}, budget {_fmt(p.budget_bytes)} "
           f"({source})")
     print(f"per pair: one row of {p.prompt_tokens} + 2 x {p.completion_tokens} = "
-          f"{p.prompt_tokens + 2 * p.completion_tokens} tokens; batch {cfg.batch_size} x accumulation "
-          f"{cfg.grad_accum}; {cfg.dtype}" + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""))
+          f"{p.prompt_tokens + 2 * p.completion_tokens} tokens ({LENGTHS[p.lengths]})")
+    print(f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}; {_dtype(p)}"
+          + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""))
     if p.device == "cpu":
         how = "given" if baseline is not None else "measured in a fresh interpreter"
         print(f"CPU: peak RSS of the process, incl. {_fmt(p.cells[0].baseline_bytes)} interpreter + imports "
@@ -94,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
     for c in p.cells:
         _print_cell(c, p, cfg, cheapest)
     return 0
+
+
+LENGTHS = {"caps": "every pair at the truncation caps; --data plans for your data's lengths",
+           "data": "the longest row of --data after truncation: the batch that peaks",
+           "given": "--prompt-length and --completion-length"}
 
 
 def _print_cell(c: PlanCell, p: Plan, cfg: Config, cheapest: float) -> None:
@@ -112,15 +127,25 @@ def _print_cell(c: PlanCell, p: Plan, cfg: Config, cheapest: float) -> None:
         print(f"  heap slack (glibc)    {_fmt(c.allocator_slack_bytes)}")
     else:
         print(f"  layer temporaries     {_fmt(c.temporaries_bytes)}")
-    upcast = cfg.eval_fp32 and cfg.dtype != "float32"
+    upcast = cfg.eval_fp32 and c.dtype != "float32"
     print(f"  held-out pass         {_fmt(c.eval_pass_bytes)}" + (" (fp32 upcast)" if upcast else ""))
     print(f"  reference             {ref_txt}")
     print(f"  compute per pair      {c.compute.forwards_per_pair:.0f} forwards ({c.compute.forwards_per_pair / cheapest:.2f}x "
           f"the cheapest cell; {c.compute.flops_per_pair / 1e9:.2f} GFLOP)")
-    for f in c.fixes:
-        print(f"  fix: {f.fix} ({f.flags}): {_fmt(f.peak_bytes)}" + (", fits" if f.fits else ""))
+    for f in c.fixes:  # those that fit come first (plan.fixes)
+        verdict = "fits" if f.fits else f"does NOT fit ({_fmt(f.peak_bytes - p.budget_bytes)} over)"
+        print(f"  fix: {f.fix} ({f.flags}): {_fmt(f.peak_bytes)}, {verdict}")
     if c.fixes and not any(f.fits for f in c.fixes):
         print("  no listed fix makes it fit")
+
+
+def _dtype(p: Plan) -> str:
+    """The dtype every cell trains in, and how ``auto`` was decided for the device planned for."""
+    dtype = p.cells[0].dtype
+    if p.dtype_requested != "auto":
+        return dtype
+    native = "native bf16" if p.native_bf16 else "no native bf16"
+    return f"{dtype} (--dtype auto on {p.device} with {native}, as train decides it)"
 
 
 def _fmt(n: float) -> str:

@@ -3,6 +3,7 @@ no-grad pass computes (:class:`Arithmetic`), the exact in-place fp32 upcast of b
 SDPA that bf16 models use on CPU.
 
     dtype = resolve_dtype(cfg)                   # "float32" | "bfloat16"; InputError for emulated bf16
+    dtype_for("auto", Hardware("cuda", True))    # the same rule for a device described, not probed (plan)
     with arithmetic(cfg, dtype, held_out=True).applied(model): ...
 """
 
@@ -61,23 +62,48 @@ def native_bf16(device: str) -> bool:
     return False  # mps and others: fp32 is the safe default
 
 
-def resolve_dtype(cfg: Config) -> str:
-    """``cfg.dtype`` with ``auto`` decided; InputError for bf16 where the hardware would emulate it.
+@dataclass(frozen=True)
+class Hardware:
+    """The device a run trains on, as the dtype rule sees it: its name and whether it has native bf16.
 
-    Called before any model is loaded, so a doomed run stops at once instead of crawling.
+    ``preftune train`` probes its own device (:func:`resolve_dtype`); ``preftune plan`` describes the device it
+    plans for, which need not be this machine's.
     """
-    if cfg.dtype == "float32":
+
+    device: str                       # "cpu", "cuda", "cuda:1", "mps"
+    native_bf16: bool
+
+    @classmethod
+    def probe(cls, device: str) -> Hardware:
+        return cls(device, native_bf16(device))
+
+
+def dtype_for(requested: str, hw: Hardware) -> str:
+    """The rule: ``requested`` (float32 | bfloat16 | auto) on ``hw`` -> "float32" | "bfloat16". ``auto`` takes
+    bf16 where it is native; InputError for bf16 that the hardware would emulate.
+
+    Run: ``dtype_for("auto", Hardware("cuda", True))``  -> "bfloat16".
+    """
+    if requested == "float32":
         return "float32"
-    device = cfg.resolved_device()
-    native = native_bf16(device)
-    if cfg.dtype == "auto":
-        return "bfloat16" if native else "float32"
-    if not native:
-        what = "this CPU has no native bf16 (AMX / AVX-512 BF16)" if device.startswith("cpu") else \
-            f"{device} has no native bf16"
+    if requested == "auto":
+        return "bfloat16" if hw.native_bf16 else "float32"
+    if not hw.native_bf16:
+        what = "this CPU has no native bf16 (AMX / AVX-512 BF16)" if hw.device.startswith("cpu") else \
+            f"{hw.device} has no native bf16"
         raise InputError(f"bfloat16 would be emulated, hundreds of times slower than float32: {what}; "
                          "use --dtype float32 (or --dtype auto)", field="dtype")
     return "bfloat16"
+
+
+def resolve_dtype(cfg: Config) -> str:
+    """``cfg.dtype`` decided for the device this process trains on (:func:`dtype_for` on a probe of it).
+
+    Called before any model is loaded, so a doomed run stops at once instead of crawling.
+    """
+    device = cfg.resolved_device()
+    # float32 needs no probe: the rule gives float32 whatever the hardware
+    return dtype_for(cfg.dtype, Hardware(device, False) if cfg.dtype == "float32" else Hardware.probe(device))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Will a run fit, and what does each objective cost? Answered from the model config alone (``preftune plan``).
+"""Will a run fit, and what does each objective cost? Answered from the model config (and the data's lengths).
 
     p = preftune.plan(Config(model=M, batch_size=8, max_length=1024, dtype="bfloat16"),
                       {"objective": ["dpo", "simpo", "orpo"], "lora_rank": [16, 8]}, device="cuda", budget=24 << 30)
@@ -26,11 +26,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.config import Config
 from ..core.errors import InputError
-from .plan_arch import Arch, measure_baseline, read_arch
+from .plan_arch import Arch, data_lengths, measure_baseline, read_arch
+
+if TYPE_CHECKING:
+    from ..modeling.precision import Hardware
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -101,7 +104,8 @@ class Compute:
 
 @dataclass(frozen=True)
 class Fix:
-    """One change that lowers a cell's peak: its name, the flags that make it, the peak with it."""
+    """One change that lowers a cell's peak: its name, the flags that make it, the peak with it, and whether
+    that peak fits the budget (a cell lists the fixes that fit first)."""
 
     fix: str
     flags: str
@@ -157,9 +161,13 @@ class Plan:
 
     model: ModelFigures
     device: str
+    native_bf16: bool                 # the device planned for runs bf16 natively (what --dtype auto decides on)
+    dtype_requested: str              # --dtype as given; every cell's ``dtype`` is what it resolves to there
     budget_bytes: int
     prompt_tokens: int
     completion_tokens: int
+    lengths: str                      # "caps": every pair at the truncation caps | "data": --data's longest row
+                                      # after truncation | "given": --prompt-length and --completion-length
     cells: list[PlanCell]
 
 
@@ -312,8 +320,10 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
         compute=Compute(policy + reference, policy, reference, int(fwd_flops * (policy + reference))))
 
 
-def fixes(a: Arch, s: Setting, budget: int, **base: int) -> list[Fix]:
-    """Each single change that lowers the peak, with its estimate; plus all of them together."""
+def fixes(a: Arch, s: Setting, budget: int, *, bf16: bool = True, **base: int) -> list[Fix]:
+    """Each single change that lowers the peak, with its estimate; plus all of them together when no single one
+    fits. Those that fit come first. ``bf16``: the device has native bf16 (else training refuses --dtype
+    bfloat16, so it is no fix)."""
     out = []
 
     def add(name: str, flags: str, new: Setting) -> None:
@@ -329,9 +339,9 @@ def fixes(a: Arch, s: Setting, budget: int, **base: int) -> list[Fix]:
             add("smaller batch + accumulation", f"--batch-size {b} --grad-accum {new.grad_accum}", new)
             break
         b //= 2
-    if s.dtype == "float32":
+    if s.dtype == "float32" and bf16:
         add("bf16 weights", "--dtype bfloat16", replace(s, dtype="bfloat16"))
-    elif s.eval_fp32:
+    elif s.dtype != "float32" and s.eval_fp32:
         add("held-out scoring in bf16", "--no-eval-fp32", replace(s, eval_fp32=False))
     r = s.lora_rank // 2
     while r >= 1:
@@ -342,30 +352,35 @@ def fixes(a: Arch, s: Setting, budget: int, **base: int) -> list[Fix]:
         r //= 2
     if len(out) > 1 and not any(f.fits for f in out):
         # Together: checkpointing and bf16, then the largest batch (same pairs per step) that fits with them.
-        both = replace(s, gradient_checkpointing=True, dtype="bfloat16")
+        to_bf16 = s.dtype == "float32" and bf16
+        both = replace(s, gradient_checkpointing=True, dtype="bfloat16" if to_bf16 else s.dtype)
         b = s.batch_size
         while b > 1 and estimate(a, replace(both, batch_size=b), **base).peak_bytes > budget:
             b //= 2
         new = replace(both, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
-        parts = ["checkpointing"] + (["bf16"] if s.dtype == "float32" else []) + \
+        parts = ["checkpointing"] + (["bf16"] if to_bf16 else []) + \
             ([f"batch {b} + accumulation"] if b != s.batch_size else [])
-        flags = "--gradient-checkpointing" + (" --dtype bfloat16" if s.dtype == "float32" else "") + \
+        flags = "--gradient-checkpointing" + (" --dtype bfloat16" if to_bf16 else "") + \
             (f" --batch-size {b} --grad-accum {new.grad_accum}" if b != s.batch_size else "")
         add("together: " + ", ".join(parts), flags, new)
-    return out
+    return sorted(out, key=lambda f: not f.fits)  # stable: those that fit first, each group in the order above
 
 
 # ------------------------------------------------------------------------------------------------ the plan
 def plan(cfg: Config, grid: dict[str, list[Any]] | None = None, *, device: str, budget: int | None = None,
          prompt_tokens: int | None = None, completion_tokens: int | None = None, reference_cached: bool = False,
-         baseline: tuple[int, int] | None = None) -> Plan:
+         baseline: tuple[int, int] | None = None, native_bf16: bool | None = None) -> Plan:
     """Every objective x lora_rank cell of ``grid`` (default the matrix's; a key left out takes ``cfg``'s
     value), with ``cfg``'s other settings, trained on ``device`` ("cpu" or "cuda"): its peak term by term,
     whether it fits ``budget`` bytes (default on the CPU: this machine's RAM) and, if not, the fixes.
 
-    ``prompt_tokens`` / ``completion_tokens``: the lengths to plan for (default ``cfg.prompt_length()`` and the
-    rest of ``max_length``); ``reference_cached``: the training pairs' reference log-probs are in the cache;
-    ``baseline``: on the CPU, (resident, peak) bytes of interpreter + imports (default measured in a fresh one).
+    ``prompt_tokens`` / ``completion_tokens``: the lengths to plan for (default: with ``cfg.data``, the longest
+    training row after truncation (plan_arch.data_lengths); without, every pair at the caps,
+    ``cfg.prompt_length()`` and the rest of ``max_length``); ``reference_cached``: the training pairs'
+    reference log-probs are in the cache; ``baseline``: on the CPU, (resident, peak) bytes of interpreter +
+    imports (default measured in a fresh one); ``native_bf16``: whether the device planned for has native bf16,
+    which decides ``--dtype auto`` by training's own rule (default: probed for the CPU, and for "cuda" on this
+    machine's GPU, or assumed (Ampere and later) when this machine has none).
     """
     from ..core.config import DEFAULT_GRID
 
@@ -378,40 +393,69 @@ def plan(cfg: Config, grid: dict[str, list[Any]] | None = None, *, device: str, 
         if not values:
             raise InputError("give one or more values", field=key)
     cells_cfg = [replace(cfg, objective=o, lora_rank=r) for o in objs for r in ranks]
-    for c in cells_cfg:  # Config's own rules; plan reads no data
+    for c in cells_cfg:  # Config's own rules; the data, if any, is read below
         replace(c, data=c.data or "-").validate()
-    prompt, completion = _lengths(cfg, prompt_tokens, completion_tokens)
     if device not in ("cpu", "cuda"):
         raise InputError(f"{device!r} is not cpu or cuda", field="device")
+    from ..modeling.precision import dtype_for  # torch: imported when planning, not with the command line
+
+    hw = _hardware(device, native_bf16)
+    dtype = dtype_for(cfg.dtype, hw)  # --dtype auto decided for the device planned for, as `train` decides it
     arch = read_arch(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if budget is None and device != "cpu":
         raise InputError("give the GPU's memory, e.g. --gpu-memory 24GiB", field="gpu_memory")
     budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if budget is None else budget
+    source = "given" if prompt_tokens is not None and completion_tokens is not None else \
+        "data" if cfg.data else "caps"
+    if source == "data":
+        longest_prompt, longest_completion, length = data_lengths(replace(cfg, objective=objs[0]))
+        cfg = replace(cfg, max_length=length)
+        prompt_tokens = longest_prompt if prompt_tokens is None else prompt_tokens
+        completion_tokens = longest_completion if completion_tokens is None else completion_tokens
+    prompt, completion = _lengths(cfg, prompt_tokens, completion_tokens)
     base = {"baseline": 0, "import_peak": 0}
     if device == "cpu":
         base["baseline"], base["import_peak"] = measure_baseline(cfg.model) if baseline is None else baseline
     cells = []
     for c in cells_cfg:
-        s = Setting.of(c, device=device, prompt_len=prompt, completion_len=completion,
+        s = Setting.of(replace(c, dtype=dtype), device=device, prompt_len=prompt, completion_len=completion,
                        reference_cached=reference_cached)
         cell = estimate(arch, s, **base)
         fits = cell.peak_bytes <= budget
-        cells.append(replace(cell, fits=fits, fixes=[] if fits else fixes(arch, s, budget, **base)))
+        cells.append(replace(cell, fits=fits, fixes=[] if fits else fixes(arch, s, budget, bf16=hw.native_bf16,
+                                                                          **base)))
     if any(c.lora_rank for c in cells) and not any(c.trainable_params for c in cells if c.lora_rank):
         raise InputError("no linear layer matches --lora-target-modules", field="lora_target_modules")
     figures = ModelFigures(cfg.model, arch.params, arch.layers, arch.hidden, arch.intermediate, arch.heads,
                            arch.kv_heads, arch.vocab)
-    return Plan(figures, device, budget, prompt, completion, cells)
+    return Plan(figures, device, hw.native_bf16, cfg.dtype, budget, prompt, completion, source, cells)
+
+
+def _hardware(device: str, native: bool | None) -> Hardware:
+    """The device planned for, as training's dtype rule sees it."""
+    from ..modeling.precision import Hardware
+
+    if native is not None:
+        return Hardware(device, native)
+    if device == "cuda":
+        import torch
+
+        # a GPU here is the likeliest one to train on; without one, plan for a current GPU (bf16 since Ampere)
+        return Hardware.probe(device) if torch.cuda.is_available() else Hardware(device, True)
+    return Hardware.probe(device)  # the CPU plan is for this machine: its budget and baseline are too
 
 
 def _lengths(cfg: Config, prompt: int | None, completion: int | None) -> tuple[int, int]:
     """Prompt and completion tokens to plan for: the prompt Config keeps, the rest of max_length."""
-    if cfg.dtype not in DTYPE_BYTES:  # auto depends on the hardware that trains, which plan doesn't see
-        raise InputError(f"{cfg.dtype!r}: plan needs {' or '.join(DTYPE_BYTES)}", field="dtype")
-    prompt = cfg.prompt_length() if prompt is None else prompt
-    completion = cfg.max_length - prompt if completion is None else completion
-    if prompt < 0 or completion < 1 or prompt + completion > cfg.max_length:
-        raise InputError(f"prompt {prompt} + completion {completion} must fit max_length {cfg.max_length}",
+    if prompt is None or completion is None:
+        if not isinstance(cfg.max_length, int):
+            raise InputError("auto is resolved from the training data: give --data, or a number of tokens",
+                             field="max_length")
+        prompt = cfg.prompt_length() if prompt is None else prompt
+        completion = cfg.max_length - prompt if completion is None else completion
+    limit = cfg.max_length if isinstance(cfg.max_length, int) else prompt + completion
+    if prompt < 0 or completion < 1 or prompt + completion > limit:
+        raise InputError(f"prompt {prompt} + completion {completion} must fit max_length {limit}",
                          field="completion_length")
     return prompt, completion
 

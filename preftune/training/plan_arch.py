@@ -1,7 +1,9 @@
-"""What ``preftune plan`` reads before it counts: a model's architecture from its config alone (no weights), and
-the RSS of a fresh interpreter that imports what training imports.
+"""What ``preftune plan`` reads before it counts: a model's architecture from its config alone (no weights), the
+RSS of a fresh interpreter that imports what training imports, and (with ``--data``) the lengths of the row that
+peaks.
 
     arch = read_arch("path/or/hub-id"); arch.params, arch.lora_params(8, ["all-linear"])
+    prompt, completion, max_length = data_lengths(cfg)   # the longest training row after truncation
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.config import Config
 from ..core.errors import InputError
 from ..modeling.folder import suggestion
 
@@ -115,3 +118,24 @@ def measure_baseline(model: str) -> tuple[int, int]:
     except (subprocess.SubprocessError, ValueError, IndexError):
         return 350 << 20, 350 << 20  # the measured value above, when the probe cannot run
 
+
+def data_lengths(cfg: Config) -> tuple[int, int, int]:
+    """(prompt, completion, max_length) tokens to plan for from ``cfg.data``: the longest row the training pairs
+    make after truncation, split as prompt + 2 x completion (the mean of its two), and the ``max_length`` the
+    run truncates at (``auto`` resolved as training resolves it).
+
+    Why the longest row: a batch is padded to its longest row, and batches are grouped by length, so the
+    longest rows meet in one batch, and that batch is a step's peak. The data is read, split and tokenized
+    exactly as ``preftune train`` does it (training.prepare.prepare_data), so a bad file is the same one line.
+    """
+    from dataclasses import replace
+
+    from ..modeling.model import load_tokenizer
+    from .prepare import prepare_data
+
+    quiet = replace(cfg, quiet=True, audit=False)
+    data = prepare_data(quiet, load_tokenizer(quiet))
+    p, c, r = max(((len(x.prompt_ids), len(x.chosen_ids), len(x.rejected_ids)) for x in data.train),
+                  key=lambda t: (sum(t), t))
+    length = cfg.max_length if isinstance(cfg.max_length, int) else data.stats["train"].max_length
+    return p, -(-(c + r) // 2), int(length)
