@@ -122,7 +122,8 @@ def _load(cfg: Config, rt: Runtime, prepared: Prepared | None, base_model: torch
           t_start: float) -> Run:
     """Data, schedule, judge, model and its fresh LoRA: every check that can reject the input."""
     dtype = resolve_dtype(cfg)  # bf16 that the hardware would emulate stops here, before any loading
-    torch.set_num_threads(cfg.threads or allowed_cpus())  # not the machine's cores: the CPUs this process may use
+    if cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # torch's default counts the machine's cores, not the
+        torch.set_num_threads(cfg.threads or allowed_cpus())  # CPUs this process may use (taskset, a CPU quota)
     tok = prepared.tokenizer if prepared else load_tokenizer(cfg)
     data = prepared or prepare_data(cfg, tok)
     judge = check_gen_eval(cfg)  # a bad judge spec fails here, before the output folder is touched
