@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from preftune.core import config
 from preftune.core.errors import InputError
@@ -57,18 +56,6 @@ def test_win_rate_and_degeneration_by_hand():
     d = degeneration(["a b c a b c", "x y"])
     # 3-grams of the first: abc bca cab abc -> 1 repeat of 4; unigrams 5 distinct of 8; bigrams 4 of 6
     assert d == {"repeated_3gram_share": 0.25, "distinct_1": 5 / 8, "distinct_2": 4 / 6}
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_world):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_world.model_dir)
-    # random A and B: the adapter changes what the model writes, so policy and reference differ
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    return model, AutoTokenizer.from_pretrained(tiny_world.model_dir)
 
 
 def test_gen_eval_is_recomputed_from_gen_eval_jsonl(tiny_world, policy, tmp_path):

@@ -220,18 +220,6 @@ def checksum(prompt: str, completion: str) -> float:
     return float(sum(map(ord, completion)) % 7)
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_world):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_world.model_dir)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    return model, AutoTokenizer.from_pretrained(tiny_world.model_dir)
-
-
 def _kappa_by_hand(x: list[float], y: list[float]) -> tuple[float, float]:
     """(share agreeing, Cohen's kappa) of two judges' outcomes, by the textbook formula."""
     n = len(x)

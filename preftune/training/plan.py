@@ -5,7 +5,7 @@
     [(c.objective, c.lora_rank, c.peak_bytes, c.fits) for c in p.cells]
 
 The model is built on the meta device (no weights are read) to count parameters and find the linear layers LoRA
-wraps. Every term below is in bytes and has its basis written next to it; the README's "Will it fit?" section
+wraps. Every term below is in bytes and has its basis written next to it; docs/plan.md ("Will it fit?")
 has the formula and its sources (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", and the measurements in bench/bench_plan.py).
 
