@@ -25,7 +25,6 @@ def _fresh(code: str, env: dict[str, str] | None = None, cpu_list: set[int] | No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity")
 def test_threads_follow_the_affinity_mask_not_the_machine():
     got = _fresh("import json; from preftune.core.cpus import allowed_cpus; print(json.dumps(allowed_cpus()))",
                  cpu_list={0})
