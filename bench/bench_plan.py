@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench  # noqa: E402  (the tokenizer, the data and the L model)
+from preftune.core.cpus import allowed_cpus  # noqa: E402
 
 # name -> LlamaConfig sizes (L is bench.FULL_MODEL, built by bench.build_assets)
 MODELS = {
@@ -82,7 +83,7 @@ def machine() -> dict[str, object]:
     """The CPU and how busy the machine is: this one is shared with other jobs."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")
-    return {"cpu": cpu, "cpus": os.cpu_count(), "allowed_cpus": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu, "cpus": os.cpu_count(), "allowed_cpus": allowed_cpus(),
             "load_1min": os.getloadavg()[0]}
 
 

@@ -46,13 +46,14 @@ def test_busy_machine_chooses_passive_idle_leaves_the_default(monkeypatch):
     monkeypatch.setattr(cpus, "allowed_cpus", lambda: 2)
     monkeypatch.setattr(cpus, "busy_cpus", lambda: 1.9)
     env: dict[str, str] = {}
-    assert cpus.choose_wait_policy(env) == cpus.WaitPolicy("passive", 1.9, 2) and env == {"OMP_WAIT_POLICY": "passive"}
+    assert cpus.choose_wait_policy(env) == cpus.WaitPolicy("passive", 1.9, 2)
+    assert env == {"OMP_WAIT_POLICY": "passive", "OMP_NUM_THREADS": "2"}
     monkeypatch.setattr(cpus, "busy_cpus", lambda: 0.2)
     env = {}
-    assert cpus.choose_wait_policy(env).policy is None and env == {}
-    env = {"OMP_WAIT_POLICY": "active"}  # the user's setting always wins
+    assert cpus.choose_wait_policy(env).policy is None and env == {"OMP_NUM_THREADS": "2"}
+    env = {"OMP_WAIT_POLICY": "active", "OMP_NUM_THREADS": "1"}  # the user's settings always win
     monkeypatch.setattr(cpus, "busy_cpus", lambda: 2.0)
-    assert cpus.choose_wait_policy(env).policy is None and env == {"OMP_WAIT_POLICY": "active"}
+    assert cpus.choose_wait_policy(env).policy is None and env == {"OMP_WAIT_POLICY": "active", "OMP_NUM_THREADS": "1"}
 
 
 def test_too_late_once_torch_is_loaded(monkeypatch):
@@ -61,6 +62,20 @@ def test_too_late_once_torch_is_loaded(monkeypatch):
     monkeypatch.setattr(cpus, "busy_cpus", lambda: 2.0)
     env: dict[str, str] = {}
     assert cpus.choose_wait_policy(env).policy is None and env == {}
+
+
+def test_a_fresh_interpreter_sizes_torch_by_the_affinity_mask():
+    code = ("import json; from preftune.core.cpus import choose_wait_policy; choose_wait_policy(); import torch; "
+            "print(json.dumps(torch.get_num_threads()))")
+    assert _fresh(code, cpu_list={0}) == 1
+
+
+def test_only_commands_that_compute_sample_the_machine():
+    from preftune.commands.cli import COMMANDS_BY_NAME
+
+    computing = {name for name, c in COMMANDS_BY_NAME.items() if c.computes}
+    assert {"train", "eval", "ablate", "pipeline", "demo", "generate", "iterate"} <= computing
+    assert not computing & {"decide", "report", "review", "plan", "objectives"}
 
 
 def test_busy_cpus_sees_a_busy_process():

@@ -263,6 +263,14 @@ def test_data_lengths_are_the_longest_row_after_truncation(tiny_world, tmp_path)
                          device="cuda", budget=2**30)
     assert (caps.lengths, caps.prompt_tokens, caps.completion_tokens) == ("caps", 32, 32)
     assert caps.cells[0].peak_bytes > p.cells[0].peak_bytes
+    # plan reads no weights, --data included: a folder with only the config and the tokenizer plans the same
+    import shutil
+
+    light = tmp_path / "light"
+    shutil.copytree(tiny_world.model_dir, light, ignore=shutil.ignore_patterns("*.safetensors"))
+    bare = preftune.plan(Config(**{**kw, "model": str(light)}, max_length=64), {"objective": ["dpo"],
+                         "lora_rank": [4]}, device="cuda", budget=2**30)
+    assert (bare.prompt_tokens, bare.completion_tokens) == (13, 12)
 
 
 def test_parse_size():

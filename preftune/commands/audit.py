@@ -100,4 +100,5 @@ def _heavy(cfg: Any, n: int) -> list[dict]:
 
 
 AUDIT = Command("audit", "check a preference dataset before training: duplicates, contradictions, leaks, length bias "
-                "(with --model and --judge: label noise, the judge's agreement)", _arguments, _run)
+                "(with --model and --judge: label noise, the judge's agreement)", _arguments, _run,
+                computes=True)

@@ -24,6 +24,7 @@ from .options import Command, speaks
 COMMANDS: tuple[Command, ...] = (
     run.TRAIN, run.EVAL, audit.AUDIT, matrix.ABLATE, verdict.REVIEW, verdict.DECIDE, verdict.REPORT, pipeline.PIPELINE,
     world.DEMO, world.WORLD, generate.GENERATE, iterate.ITERATE, plan.PLAN, export.EXPORT, world.OBJECTIVES)
+COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
 EXAMPLE = """example:
   preftune ablate --model M --data train.jsonl --eval-data heldout.jsonl --output matrix   # DPO/SimPO x r16/r8
   preftune decide matrix                        # which objective and rank won, how sure, and why
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
-    wait = choose_wait_policy()  # before torch loads: libgomp reads it once
-    if wait.policy and speaks():
+    wait = choose_wait_policy() if COMMANDS_BY_NAME[args.command].computes else None  # before torch loads
+    if wait and wait.policy and speaks():
         print(f"preftune: other processes keep {wait.busy:.1f} of {wait.cpus} CPUs busy: threads sleep while they "
               f"wait (OMP_WAIT_POLICY={wait.policy}; set OMP_WAIT_POLICY=active to keep them spinning)",
               file=sys.stderr, flush=True)

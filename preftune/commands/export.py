@@ -29,4 +29,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT = Command("export", "a run's adapter, or the model with it merged, plus a model card", _arguments, _run)
+EXPORT = Command("export", "a run's adapter, or the model with it merged, plus a model card", _arguments, _run, computes=True)

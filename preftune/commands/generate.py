@@ -147,4 +147,4 @@ def _write(args: argparse.Namespace, rows: list[dict], pairs: list[dict] | None,
 
 
 GENERATE = Command("generate", "sample K completions per prompt; optionally judge them and write pairs", _arguments,
-                   _run)
+                   _run, computes=True)

@@ -56,4 +56,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 ITERATE = Command("iterate", "on-policy rounds: generate, judge, pair, train, evaluate; decide says whether a round "
-                  "helped", _arguments, _run)
+                  "helped", _arguments, _run, computes=True)

@@ -32,4 +32,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if result["failed"] == 0 else 1
 
 
-ABLATE = Command("ablate", "run an objective x rank (x seed x ...) matrix", _arguments, _run)
+ABLATE = Command("ablate", "run an objective x rank (x seed x ...) matrix", _arguments, _run, computes=True)

@@ -22,6 +22,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    computes: bool = False  # runs a model's forward (train, eval, generate, ...): the CPU setup matters before torch
 
 
 def flag(name: str) -> str:

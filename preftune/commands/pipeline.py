@@ -31,4 +31,4 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if gate is None or gate.verdict == "ship" else 3
 
 
-PIPELINE = Command("pipeline", "the production loop: SFT, matrix, decide, gate, ship; resumable", _arguments, _run)
+PIPELINE = Command("pipeline", "the production loop: SFT, matrix, decide, gate, ship; resumable", _arguments, _run, computes=True)

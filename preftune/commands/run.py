@@ -48,5 +48,5 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN = Command("train", "train one run", add_config_flags, _train)
-EVAL = Command("eval", "held-out evaluation of a model (and adapter) alone", _eval_arguments, _eval)
+TRAIN = Command("train", "train one run", add_config_flags, _train, computes=True)
+EVAL = Command("eval", "held-out evaluation of a model (and adapter) alone", _eval_arguments, _eval, computes=True)

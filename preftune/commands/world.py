@@ -172,7 +172,7 @@ def objectives_markdown() -> str:
 
 
 DEMO = Command("demo", "the main job on the built-in tiny world: SFT, 2x2 matrix, verdict, report", _demo_arguments,
-               _demo)
+               _demo, computes=True)
 WORLD = Command("world", "build the built-in tiny model, tokenizer and preference task", _world_arguments, _world)
 OBJECTIVES = Command("objectives", "list objectives, their hyperparameters and defaults", _objectives_arguments,
                      _objectives)

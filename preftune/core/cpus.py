@@ -79,13 +79,17 @@ class WaitPolicy:
 
 
 def choose_wait_policy(environ: dict[str, str] | None = None) -> WaitPolicy:
-    """Set ``OMP_WAIT_POLICY=passive`` in ``environ`` (default ``os.environ``) when other processes are busy.
+    """Set ``OMP_WAIT_POLICY=passive`` in ``environ`` (default ``os.environ``) when other processes are busy, and
+    ``OMP_NUM_THREADS`` to the CPUs this process may use, so every command's torch sizes its pool by them.
 
-    Only before torch is imported (libgomp reads the variable once, when it loads) and only when the user has not
-    set it. Children (``ablate --parallel`` cells, torchrun workers) inherit the choice."""
+    Only before torch is imported (libgomp reads both once, when it loads) and only what the user has not set.
+    Children (``ablate --parallel`` cells, torchrun workers) inherit the choice."""
     env = os.environ if environ is None else environ
     cpus = allowed_cpus()
-    if "OMP_WAIT_POLICY" in env or "torch" in sys.modules:
+    if "torch" in sys.modules:
+        return WaitPolicy(None, None, cpus)
+    env.setdefault("OMP_NUM_THREADS", str(cpus))
+    if "OMP_WAIT_POLICY" in env:
         return WaitPolicy(None, None, cpus)
     busy = busy_cpus()
     if busy is None or busy < BUSY_THRESHOLD:

@@ -42,6 +42,7 @@ import yaml
 from ..core import config as config_mod
 from ..core import objectives, trackers
 from ..core.config import DEFAULT_GRID, Config, dump_yaml
+from ..core.cpus import allowed_cpus
 from ..core.errors import InputError
 from ..core.files import FolderLock, atomic_write_text, check_writable_dir
 from ..core.layout import CellEntry, MatrixDir, MatrixIndex, RunDir
@@ -261,7 +262,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                   parallel: int) -> None:
     """N cells at once, each in its own process; reference log-probs are cached first so no cell recomputes."""
     _warm_reference_cache(todo, prepared)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = allowed_cpus()
     threads = max(1, cpus // parallel)
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen, Path]] = []
@@ -360,7 +361,7 @@ def _connect_ray(opts: RayOptions) -> bool:
     if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
         return False
     if opts.address is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = allowed_cpus()
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         return True
     try:

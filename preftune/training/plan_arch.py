@@ -134,7 +134,8 @@ def data_lengths(cfg: Config) -> tuple[int, int, int]:
     from .prepare import prepare_data
 
     quiet = replace(cfg, quiet=True, audit=False)
-    data = prepare_data(quiet, load_tokenizer(quiet))
+    # the tokenizer alone: plan reads no weights, so a folder of config + tokenizer files is enough
+    data = prepare_data(quiet, load_tokenizer(replace(quiet, tokenizer=cfg.tokenizer or cfg.model)))
     p, c, r = max(((len(x.prompt_ids), len(x.chosen_ids), len(x.rejected_ids)) for x in data.train),
                   key=lambda t: (sum(t), t))
     length = cfg.max_length if isinstance(cfg.max_length, int) else data.stats["train"].max_length

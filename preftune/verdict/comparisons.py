@@ -111,8 +111,8 @@ class Group:
 
     def gap_share(self) -> float:
         """Share of the training margin that does not reach the held-out pairs; inf when unknown, and when the
-        training margin is within MARGIN_EPS of 0 (a share of a margin that may be 0 is any number at all; review
-        says the same, evaluation/review.py)."""
+        training margin is within MARGIN_EPS of 0 (a share of a margin that may be 0 is any number at all; review's
+        floor is MARGIN_EPS or 1.96 standard errors of the margin, whichever is larger: evaluation/review.py)."""
         gap, train = self.mean("margin_gap"), self.mean("train_margin")
         return gap / train if gap is not None and train is not None and train > MARGIN_EPS else math.inf
 

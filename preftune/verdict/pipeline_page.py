@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.layout import GATE_RECORD, REPORT_HTML, PipelineDir
+from ..core.layout import GATE_RECORD, REPORT_HTML, PipelineDir, Stage
 from .gate import table_cells
 from .markup import VERDICT_COLORS, esc, html_table, md_esc, md_table, num
 
@@ -17,9 +17,8 @@ STAGE_HEAD = ("stage", "state", "verdict", "folder")
 GATE_HEAD = ("check", "rule", "judge", "result", "evidence", "interval bound", "prompts to settle")
 
 
-def pipeline_page(out: PipelineDir) -> tuple[str, str]:
-    """(Markdown, HTML body) of a pipeline folder."""
-    stages = out.read_manifest()[1]
+def pipeline_page(out: PipelineDir, stages: dict[str, Stage]) -> tuple[str, str]:
+    """(Markdown, HTML body) of a pipeline folder whose manifest lists ``stages``."""
     gate = out.read_gate() if (out.gate / GATE_RECORD).exists() else None
     rows = [[s.name, s.status, s.verdict or s.error or "", _folder(out, s.name)] for s in stages.values()]
     checks = _gate_rows(gate)

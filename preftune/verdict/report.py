@@ -51,10 +51,10 @@ def write_report(folder: str | Path) -> tuple[Path, Path]:
     if folder_kind(root) == "pipeline":
         out = PipelineDir(root)
         stages = out.read_manifest()[1]
-        for stage, folder in (("sft", out.sft), ("iterate", out.rounds)):  # the matrix's: written by decide
-            if stage in stages and stages[stage].status == "done" and not (folder / REPORT_HTML).exists():
-                write_any(folder)
-        return _write(root, *pipeline_page(out))
+        for stage, sub in (("sft", out.sft), ("iterate", out.rounds)):  # the matrix's: written by decide
+            if stage in stages and stages[stage].status == "done" and not (sub / REPORT_HTML).exists():
+                write_any(sub)
+        return _write(root, *pipeline_page(out, stages))
     d = decision_of(root)
     if d.rounds:
         return _write(root, *_rounds_page(RoundsDir(root), d))
