@@ -1,6 +1,7 @@
 """The ``preftune`` command: one table of commands, each with its flags next to its code (one module per group).
 
-Bad input is one line on stderr and exit code 2; a diverged run exits 1; Ctrl-C exits 130; no tracebacks.
+Bad input is one line on stderr and exit code 2; a diverged run exits 1; Ctrl-C exits 130, SIGTERM 143; no
+tracebacks. Every code is in docs/runs.md ("Exit codes").
 
     preftune train --model M --data train.jsonl --eval-data heldout.jsonl --objective simpo --output runs/s
     preftune ablate --config base.yaml --grid objective=dpo,simpo --grid lora_rank=16,8 --output matrix
