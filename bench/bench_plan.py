@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -226,13 +227,16 @@ def main() -> int:
         baseline = measure_baseline(paths["model"])  # once per model: what `plan` measures on every call
         runs = [(steps, False) for steps in RUNS[name]] + ([(RUNS[name][0], True)] if name == "L" and
                                                              args.with_checkpointing else [])
+        plans: dict[bool, tuple] = {}  # the plan doesn't depend on the run's length: once per checkpointing
         for steps, ckpt in runs:
-            cfg = preftune.Config(model=paths["model"], data=paths["data"], eval_data=paths["eval"], objective="dpo",
-                                  lora_rank=8, batch_size=BATCH, max_length=MAX_LENGTH, gradient_checkpointing=ckpt)
-            kw = dict(device="cpu", budget=1 << 40, baseline=baseline)
-            p = preftune.plan(cfg, {"objective": ["dpo"], "lora_rank": [8]}, **kw)
-            caps = preftune.plan(preftune.Config(**{**cfg.to_dict(), "data": ""}), {"objective": ["dpo"],
-                                                                                    "lora_rank": [8]}, **kw)
+            if ckpt not in plans:
+                cfg = preftune.Config(model=paths["model"], data=paths["data"], eval_data=paths["eval"],
+                                      objective="dpo", lora_rank=8, batch_size=BATCH, max_length=MAX_LENGTH,
+                                      gradient_checkpointing=ckpt)
+                kw = dict(device="cpu", budget=1 << 40, baseline=baseline)
+                grid = {"objective": ["dpo"], "lora_rank": [8]}
+                plans[ckpt] = preftune.plan(cfg, grid, **kw), preftune.plan(replace(cfg, data=""), grid, **kw)
+            p, caps = plans[ckpt]
             label = f"{name}{' +ckpt' if ckpt else ''}"
             r = measure(paths, steps, out / "runs" / f"{label.replace(' +', '-')}-{steps}",
                         extra=["--gradient-checkpointing"] if ckpt else [])
