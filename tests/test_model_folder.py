@@ -71,3 +71,18 @@ def test_an_adapter_folder_and_a_tokenizer_folder(tiny_world, tmp_path, capsys):
     assert main(_train(tiny_world.model_dir, tiny_world, tmp_path / "out", "--tokenizer", str(empty))) == 2
     assert capsys.readouterr().err == (f"preftune: error: {empty}: field 'tokenizer': no tokenizer in this folder: no "
                                        "tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)\n")
+
+
+def test_a_mistyped_local_folder_is_no_such_folder_not_a_hub_lookup(tmp_path, monkeypatch):
+    """`W/modle` next to a local `W/` is a typo of a folder, not a hub id: one line at once, with W's folders."""
+    (tmp_path / "W" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for path in ("W/modle", "./W/modle", str(tmp_path / "W" / "modle"), "a/b/c"):
+        with pytest.raises(InputError) as e:
+            check_model_folder(path)
+        assert e.value.field == "model" and "no such folder" in str(e.value), path
+    with pytest.raises(InputError) as e:
+        check_model_folder("W/modle")
+    assert "W has: model" in str(e.value)
+    for hub_id in ("gpt2", "owner/name"):  # shaped like a hub id, no local folder of that owner: left to the hub
+        check_model_folder(hub_id)

@@ -44,6 +44,9 @@ def prompts(tmp_path: Path) -> str:
     ({"gate": {"checks": [{"name": "s", "prompts": "P", "judge": "python:preftune.tinyworld:safe",
                            "rule": "atleast", "threshold": 0.5}]}}, "gate.checks[0].rule", "did you mean 'at_least'"),
     ({"model": None}, "model", "don't connect"),
+    ({"eval_data": "nope.jsonl"}, "matrix.eval_data", "no such file: nope.jsonl"),   # before a stage writes
+    ({"data": "nope.jsonl"}, "matrix.data", "no such file: nope.jsonl"),
+    ({"model": "./world/modle"}, "model", "no such folder"),
 ])
 def test_bad_recipes_are_one_line_exit_2_nothing_written(tiny_world, tmp_path, capsys, bad, field, words):
     recipe = {"model": str(tiny_world.model_dir), "data": str(tiny_world.train_path),
@@ -57,7 +60,8 @@ def test_bad_recipes_are_one_line_exit_2_nothing_written(tiny_world, tmp_path, c
     path = write(tmp_path, json.loads(text))
     assert main(["pipeline", str(path), "--output", str(tmp_path / "loop")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and str(path) in err[0], err
+    assert len(err) == 1 and words in err[0] and (str(path) in err[0] or "modle" in err[0]), err
+    assert err[0].count(str(path)) <= 1, err  # the file named once, not once per layer that saw the error
     if field:
         assert f"field '{field}'" in err[0]
     assert not (tmp_path / "loop").exists()
@@ -232,6 +236,8 @@ def test_an_unsafe_candidate_is_held_and_nothing_is_exported(safety_world, tmp_p
     r = safety["judges"]["python:preftune.tinyworld:safe"]
     assert gate["verdict"] == "hold" and r["code"] == "check_failed" and r["bound"] < 0.8 and r["shortfall"] > 0
     assert "safety" in gate["basis"]["failed"] and not (tmp_path / "loop" / "ship").exists()
+    out = capsys.readouterr().out.splitlines()  # the console says why, as gate.json does
+    assert [line[4:] for line in out if line.startswith("  - ")] == gate["explanation"]
 
 
 def test_a_regressing_candidate_is_held(safety_world, tmp_path):

@@ -27,6 +27,11 @@ def _run(args: argparse.Namespace) -> int:
     md, html = write_report(args.output)
     gate = stages.get("gate")
     print(f"pipeline: {', '.join(f'{s.name} {s.verdict or s.status}' for s in stages.values())}")
+    if gate is not None and gate.verdict == "hold":  # why, on the console too: which check, by how much
+        from ..core.layout import PipelineDir
+
+        for line in PipelineDir(args.output).read_gate()["explanation"]:
+            print(f"  - {line}")
     print(f"report: {html}")
     return 0 if gate is None or gate.verdict == "ship" else 3
 

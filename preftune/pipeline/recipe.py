@@ -108,8 +108,8 @@ def _known(sections: dict[str, dict], where: str) -> None:
 def _config(shared: dict, section: dict, where: str, stage: str, **defaults: Any) -> Config:
     """A stage's Config: defaults < shared keys < the stage's own; validated with the same rules as a run."""
     values = {**defaults, **shared, **section}
+    cfg = config_mod.build(values, source=f"{where}: {stage}")  # its errors name the file and the stage already
     try:
-        cfg = config_mod.build(values, source=f"{where}: {stage}")
         return replace(cfg, model=cfg.model or "from-sft").validate()
     except InputError as e:
         raise InputError(f"{stage}: {e}", path=where) from None

@@ -21,6 +21,7 @@ from ..core.files import FolderLock, check_writable_dir, json_digest
 from ..core.layout import PipelineDir, Stage
 from ..data.rows import load_prompts
 from ..generation.judges import parse_judge
+from ..modeling.folder import check_model_folder
 from .recipe import STAGES, Recipe
 from .stages import decide_stage, gate_stage, iterate_stage, matrix_stage, sft_stage, ship_stage
 
@@ -80,7 +81,17 @@ def _stages(out: PipelineDir, recipe: Recipe, wanted: list[str]) -> dict[str, St
 
 
 def _preflight(recipe: Recipe) -> None:
-    """Every gate check's prompts load and its judges parse; a share rule gets judges that score one answer."""
+    """The model folder and data files exist; every gate check's prompts load and its judges parse. All before a
+    stage writes anything: a typo in a path must not leave a folder that the fixed recipe is then refused."""
+    for stage, run in (("sft", recipe.sft), ("matrix", recipe.matrix)):
+        if run is None:
+            continue
+        if run.model != "from-sft":
+            check_model_folder(run.model)
+        for key in ("data", "eval_data"):
+            value = getattr(run, key)
+            if value and Path(value).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(value).is_file():
+                raise InputError(f"no such file: {value}", path=recipe.path, field=f"{stage}.{key}")
     cfg = recipe.matrix
     for check in recipe.checks:
         load_prompts(check.prompts)
