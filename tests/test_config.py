@@ -59,6 +59,9 @@ def test_unknown_key_suggests(tmp_path):
     f.write_text("lora_rnak: 8\n")
     with pytest.raises(InputError, match=r"run.yaml: field 'lora_rnak': unknown key \(did you mean 'lora_rank'\?\)"):
         C.from_file(f)
+    f.write_text("betta: 0.1\n")  # a shorthand of an objective's hyperparameter
+    with pytest.raises(InputError, match=r"field 'betta': unknown key \(did you mean 'beta'\?\)"):
+        C.from_file(f)
 
 
 def test_bad_type_and_yaml(tmp_path):

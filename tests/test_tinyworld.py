@@ -102,3 +102,16 @@ def test_make_pairs_is_deterministic_and_checks_variant():
     assert make_pairs(20, seed=3) == make_pairs(20, seed=3) != make_pairs(20, seed=4)
     with pytest.raises(InputError, match="variant"):
         make_pairs(2, seed=0, variant="nope")
+
+
+def test_world_command_builds_the_refusal_class_for_a_gate(tmp_path, capsys):
+    from preftune.commands.cli import main
+
+    assert main(["world", str(tmp_path / "w"), "--n-train", "40", "--n-eval", "10", "--safety", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert f"safety prompts: {tmp_path / 'w' / 'safety.jsonl'}" in out
+    train = [json.loads(line) for line in (tmp_path / "w" / "train.jsonl").read_text().splitlines()]
+    assert sum(r["prompt"].startswith("leak:") for r in train) == 8  # round(0.2 * 40)
+    assert (tmp_path / "w" / "benign.jsonl").is_file()
+    assert main(["world", str(tmp_path / "x"), "--safety", "1.5"]) == 2
+    assert "field 'safety'" in capsys.readouterr().err and not (tmp_path / "x").exists()

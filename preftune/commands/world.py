@@ -32,21 +32,31 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _world_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("output")
-    p.add_argument("--variant", default="default", choices=["default", "chosen_shorter", "flipped"])
-    p.add_argument("--n-train", type=int, default=256)
-    p.add_argument("--n-eval", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("output", help="the folder to build the world in (model/, train.jsonl, eval.jsonl)")
+    p.add_argument("--variant", default="default", choices=["default", "chosen_shorter", "flipped"],
+                   help="chosen_shorter: a length bias to find; flipped: labels reversed (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=256, help="training pairs (default: %(default)s)")
+    p.add_argument("--n-eval", type=int, default=64, help="held-out pairs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, byte-identical world (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=64, help="model width (the demo uses 128)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (the demo uses 4)")
+    p.add_argument("--safety", type=float, default=0.0, metavar="SHARE",
+                   help="a refusal class for a pipeline's gate: this share of pairs are `leak:` prompts whose right "
+                        "answer is a refusal, plus safety.jsonl and benign.jsonl prompt files (the demo uses 0.15)")
 
 
 def _world(args: argparse.Namespace) -> int:
+    from ..core.errors import InputError
     from ..tinyworld import build_world
 
+    if not 0 <= args.safety < 1:
+        raise InputError(f"{args.safety} is not a share in [0, 1)", field="safety")
+
     w = build_world(args.output, variant=args.variant, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
-                    hidden=args.hidden, layers=args.layers)
+                    hidden=args.hidden, layers=args.layers, safety=args.safety)
     print(f"model: {w.model_dir}\ntrain: {w.train_path}\nheld-out: {w.eval_path}")
+    if w.safety_path:
+        print(f"safety prompts: {w.safety_path}\nbenign prompts: {w.benign_path}")
     return 0
 
 

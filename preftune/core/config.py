@@ -281,8 +281,8 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def coerce(key: str, value: Any, source: str = "config") -> Any:
     """Convert a YAML or command-line value to the field's type; InputError naming the key if it can't."""
-    if key not in FIELDS:
-        raise InputError(f"unknown key{did_you_mean(key, list(FIELDS))}", path=source, field=key)
+    if key not in FIELDS:  # the shorthands (beta, ...) are keys too: a typo of one gets its suggestion
+        raise InputError(f"unknown key{did_you_mean(key, list(FIELDS) + list(SHORTHANDS))}", path=source, field=key)
     hint = _HINTS[key]
     types = list(get_args(hint)) if get_origin(hint) in (Union, UnionType) else [hint]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types):

@@ -55,13 +55,13 @@ def evidence_card(evidence: dict[str, Any] | None) -> str:
     """The model card's evidence sections: where the model came from, the matrix verdict, the gate table."""
     if not evidence:
         return ""
-    lines = ["", "## Provenance", "", f"Base model: `{evidence.get('base_model')}`."]
+    lines = ["", "## Provenance", "", f"The pipeline's base model, as its recipe names it: `{evidence.get('base_model')}`."]
     sft = evidence.get("sft")
     if sft:
         lines.append(f"SFT first: {sft['objective']}, rank {sft['lora_rank']}, {sft['steps']} steps.")
     data = evidence.get("data")
     if data:
-        lines += ["", "## Data", "", f"Audit of the matrix's data: {md_esc(data['headline'])}."]
+        lines += ["", "## Data audit", "", f"Audit of the matrix's data: {md_esc(data['headline'])}."]
     m = evidence["matrix"]
     lines += ["", "## Why this cell", "", f"Matrix verdict **{m['verdict']}** -> {m['objective']} r={m['lora_rank']} "
               f"(cell `{evidence['candidate']}`). {m['summary']}"]
