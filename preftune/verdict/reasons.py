@@ -54,13 +54,20 @@ def _problems(codes: list[str]) -> str:
     return ", ".join(_PROBLEMS.get(c, c) for c in codes) or "no finding"
 
 
+def _by(yardstick: str) -> str:
+    """Whose scores an accuracy counts: each objective's own reward (not comparable across objectives, docs/
+    decisions.md) or a common yardstick."""
+    return "each on its own reward" if yardstick == "own" else f"on the {yardstick} yardstick"
+
+
 def _gate_numbers(d: dict) -> str:
     """A gate check's evidence: the mean difference and its lower bound, or the share and its Wilson bound."""
     if d["rule"] == "not_worse":
         return (f"mean score difference {d['mean_diff']:+.3f} (candidate - replaced) on {d['n']} prompts, "
                 f"lower {100 * (1 - d['alpha']):.0f}% bound {d['lower']:+.3f} against a margin of -{_n(d['margin'])}")
     side = "lower" if d["rule"] == "at_least" else "upper"
-    return (f"{d['passing']} of {d['n']} prompts judged to pass ({_n(d['share'])}), Wilson {side} "
+    # "scored >= 0.5", not "pass": under at_most the counted answers are the unwanted ones (refusals)
+    return (f"{d['passing']} of {d['n']} prompts scored >= 0.5 by the judge ({_n(d['share'])}), Wilson {side} "
             f"{100 * (1 - d['alpha']):.0f}% bound {_n(d['bound'])} against {'at least' if side == 'lower' else 'at most'} "
             f"{_n(d['threshold'])}")
 
@@ -186,7 +193,7 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     f"{d['cell']} stands in (objective and rank are confounded there)",
     "no_shared_pairs": lambda d: f"{d['a']} shares no held-out pair ids with {d['b']}: not compared",
     "comparison": lambda d: f"{d['a']} vs {d['b']} on {d['n']} held-out pairs: accuracy {_n(d['acc_a'])} vs "
-    f"{_n(d['acc_b'])} (diff {d['diff']:+.3f}, 95% CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}), {d['a_only']} pairs "
+    f"{_n(d['acc_b'])} {_by(d['yardstick'])} (diff {d['diff']:+.3f}, 95% CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}), {d['a_only']} pairs "
     f"only the first gets right, {d['b_only']} only the second, McNemar p={_p(d['mcnemar_p'])}"
     + "".join(f"; {y['yardstick']} yardstick {y['diff']:+.3f} (p={_p(y['mcnemar_p'])})" for y in d["yardsticks"]),
     "own_reward_only": lambda d: f"no switch to {d['cell']}: {d['objective']} ranks more held-out pairs correctly "
