@@ -279,8 +279,18 @@ def test_write_decision_is_strict_json(tmp_path):
 
 
 def test_bad_matrix(tmp_path):
-    with pytest.raises(InputError, match="matrix.json: missing: not a matrix folder"):
+    with pytest.raises(InputError, match="not a matrix .* no matrix.json, iterate.json or pipeline.json"):
         decide(tmp_path)
+    with pytest.raises(InputError, match="no such folder"):
+        decide(tmp_path / "nope")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(InputError, match="a run folder: .*preftune review"):
+        decide(tmp_path / "run")
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "pipeline.json").write_text("{}")
+    with pytest.raises(InputError, match="a pipeline folder: its matrix is .*loop/matrix"):
+        decide(tmp_path / "loop")
     (tmp_path / "matrix.json").write_text('{"cells": [{"status": "finished"}]}')
     with pytest.raises(InputError, match="'cells'"):
         decide(tmp_path)

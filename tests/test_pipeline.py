@@ -47,6 +47,8 @@ def prompts(tmp_path: Path) -> str:
     ({"eval_data": "nope.jsonl"}, "matrix.eval_data", "no such file: nope.jsonl"),   # before a stage writes
     ({"data": "nope.jsonl"}, "matrix.data", "no such file: nope.jsonl"),
     ({"model": "./world/modle"}, "model", "no such folder"),
+    ({"gate": {"checks": [{"name": "s", "prompts": "P", "judge": "python:preftune.tinyworld:saf",
+                           "rule": "at_least", "threshold": 0.5}]}}, "gate.checks[0].judge", "no function 'saf'"),
 ])
 def test_bad_recipes_are_one_line_exit_2_nothing_written(tiny_world, tmp_path, capsys, bad, field, words):
     recipe = {"model": str(tiny_world.model_dir), "data": str(tiny_world.train_path),

@@ -93,10 +93,13 @@ def _preflight(recipe: Recipe) -> None:
             if value and Path(value).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(value).is_file():
                 raise InputError(f"no such file: {value}", path=recipe.path, field=f"{stage}.{key}")
     cfg = recipe.matrix
-    for check in recipe.checks:
+    for i, check in enumerate(recipe.checks):
         load_prompts(check.prompts)
         for spec in check.judges:
-            parse_judge(spec, cfg)
+            try:
+                parse_judge(spec, cfg)
+            except InputError as e:  # say where in the recipe: the judge's own error names only itself
+                raise InputError(e.message, path=recipe.path, field=f"gate.checks[{i}].judge") from None
 
 
 def _say(quiet: bool, text: str) -> None:

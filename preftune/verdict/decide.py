@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.layout import DECISION, Decision, MatrixDir, RoundsDir, folder_kind, read_decision
+from ..core.errors import InputError
+from ..core.layout import (
+    DECISION,
+    MANIFEST,
+    MATRIX,
+    ROUNDS,
+    Decision,
+    MatrixDir,
+    PipelineDir,
+    RoundsDir,
+    folder_kind,
+    read_decision,
+)
 from .comparisons import Stats
 from .data import data_reasons
 from .rounds import decide_rounds
@@ -25,10 +37,24 @@ def decide(folder: str | Path, *, alpha: float = 0.05, baseline: dict | None = N
     ``baseline`` ({"objective": ..., "lora_rank": ...}, matrices only): the cell to compare against (default the
     grid's first objective and rank).
     """
-    if folder_kind(Path(folder)) == "rounds":
+    kind = folder_kind(Path(folder))
+    if kind == "rounds":
         return decide_rounds(RoundsDir(folder), alpha=alpha, n_boot=n_boot)
+    if kind != "matrix":
+        raise InputError(_not_decidable(Path(folder), kind), path=str(folder))
     st = Stats.of_matrix(MatrixDir(folder), alpha, n_boot)
     return decide_matrix(st, st.baseline(baseline), data_reasons(MatrixDir(folder), st.cells))
+
+
+def _not_decidable(folder: Path, kind: str) -> str:
+    if not folder.is_dir():
+        return "no such folder"
+    if kind == "pipeline":
+        return f"a pipeline folder: its matrix is {PipelineDir(folder).matrix}"
+    if kind == "run":
+        return ("a run folder: decide compares the cells of a matrix (ablate) or the rounds of iterate; "
+                "`preftune review` diagnoses one run")
+    return f"not a matrix (ablate), rounds (iterate) or pipeline folder: no {MATRIX}, {ROUNDS} or {MANIFEST}"
 
 
 def decision_of(folder: str | Path) -> Decision:
