@@ -63,7 +63,7 @@ def test_terminal_shows_live_bars_with_eta(tiny_world, tmp_path):
     assert out.count("\r") >= 8                                          # the bar redraws in place
     # step n/total, elapsed<ETA, loss, margin, last held-out accuracy, pairs/s
     bar = re.findall(rf"{re.escape(NAME)} +\d+%\|.*\| (\d)/8 \[\d\d:\d\d<\d\d:\d\d, loss \d+\.\d{{4}} "
-                     r"margin [+-]\d+\.\d{4} held-out acc (\d\.\d{3}) (\d+\.\d) pairs/s\]", out)
+                     r"margin [+-][0-9.e+-]+ held-out acc (\d\.\d{3}) (\d+\.\d) pairs/s\]", out)
     assert bar and bar[-1][0] == "8" and float(bar[-1][2]) > 0
     for label in ("tokenize", "reference pass (train)", "reference pass (eval)", "eval @ step 4"):
         assert label in out, label

@@ -97,13 +97,13 @@ class Progress:
     def step(self, step: int, row: dict) -> None:
         pairs_s = row.get("pairs_per_second", float("nan"))
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {row['loss']:.4f} margin {row.get('rewards/margins', math.nan):+.4f} held-out acc "
+            self.bar.set_postfix_str(f"loss {row['loss']:.4f} margin {_signed(row.get('rewards/margins', math.nan))} held-out acc "
                                      f"{self.acc:.3f} {pairs_s:.1f} pairs/s", refresh=False)
             self.bar.update(step - self.bar.n)
             return
         rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
         line = (f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} "
-                f"margin {row.get('rewards/margins', math.nan):+.4f} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
+                f"margin {_signed(row.get('rewards/margins', math.nan))} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
         if step % self.every == 0 or step == self.total:
             self._print(line)
 
@@ -112,7 +112,7 @@ class Progress:
             return
         self.acc = m["eval_accuracy"]
         self._print(f"[{self.name}] eval @ step {m['step']}: held-out acc {m['eval_accuracy']:.3f} "
-                    f"margin {m['eval_rewards/margins']:+.4f} (refrel acc {m['eval_refrel/accuracy']:.3f}, "
+                    f"margin {_signed(m['eval_rewards/margins'])} (refrel acc {m['eval_refrel/accuracy']:.3f}, "
                     f"lennorm acc {m['eval_lennorm/accuracy']:.3f}, {m['eval_pairs']} pairs)")
 
     def close(self) -> None:
@@ -130,3 +130,8 @@ class Progress:
             steady = "n/a" if c["steady_step_s"] is None else f"{c['steady_step_s']:.3f}s"
             self._print(f"[{self.name}] compile: {c['compile_s']:.1f}s for {c['graphs']} graph(s); "
                         f"steady step {steady}")
+
+
+def _signed(x: float) -> str:
+    """A margin with 3 significant digits: 1e-5 is +1.23e-05, not a +0.0000 beside an accuracy that moved."""
+    return f"{x:+.3g}"
