@@ -45,7 +45,7 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *, 
         if config_mod.repeatable(name):  # --judge A --judge B
             kind["action"] = "append"
         shown = ",".join(default) if isinstance(default, list) else default
-        help = f"{text} (default {shown})".replace("%", "%%")  # argparse formats help with %
+        help = (f"{text} (default {shown})" if shown not in ("", None) else text).replace("%", "%%")  # argparse: %
         g.add_argument(flag(name), default=argparse.SUPPRESS, help=help, **kind)
         if name == "objective":
             for short in config_mod.SHORTHANDS:

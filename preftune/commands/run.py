@@ -44,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
         m = evaluate_model(cfg, adapter=args.adapter)
     if speaks():  # torchrun: the ranks split the pairs, rank 0 reports
         print(f"held-out accuracy {m['eval_accuracy']:.3f} on {m['eval_pairs']} pairs "
-              f"(refrel {m['eval_refrel/accuracy']:.3f}, lennorm {m['eval_lennorm/accuracy']:.3f})")
+              f"(refrel {m['eval_refrel/accuracy']:.3f}, lennorm {m['eval_lennorm/accuracy']:.3f}); results in {cfg.output}")
     return 0
 
 
