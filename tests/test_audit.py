@@ -74,6 +74,9 @@ def test_audit_command_with_model_and_judge(tiny_world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[warn] heldout_leak: 3 of 10 held-out prompts (30%; 2 exactly, 1 nearly) also appear in training" in out
     assert json.loads((tmp_path / "a.json").read_text())["counts"]["rows"] == 73
+    # for a CI job: exit 1 on a warning, naming the codes that warn (bad rows, duplicates, leaks, ...)
+    assert main(["audit", train, "--eval-data", held, "--fail-on", "warn"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("audit: 8 finding(s) at or above warn (bad_rows, ")
     assert main(["audit", str(tiny_world.train_path), "--eval-data", str(tiny_world.eval_path), "--model",
                  str(tiny_world.model_dir), "--judge", "python:preftune.tinyworld:judge", "--sample", "32",
                  "--cache-dir", str(tmp_path / "cache"), "--max-length", "16"]) == 0

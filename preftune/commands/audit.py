@@ -29,6 +29,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="write the findings here as audit.json (docs/formats.md)")
     p.add_argument("--sample", type=int, default=256, metavar="N",
                    help="training pairs scored by --model and judged by --judge (default 256)")
+    p.add_argument("--fail-on", choices=("warn", "never"), default="never",
+                   help="exit 1 when a finding at or above this severity is printed, for a CI job "
+                        "(default never: the preflight in train only reports; review's --fail-on works the same way)")
     add_config_flags(p, skip=tuple(f for f in FIELDS if f not in USED))
 
 
@@ -55,7 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.audit_file:
         atomic_write_json(args.audit_file, audit.to_dict())
         print(f"audit: {args.audit_file}")
-    return 0
+    failing = [f["code"] for f in audit.findings if args.fail_on == "warn" and f["severity"] in ("warn", "error")]
+    if failing:
+        print(f"audit: {len(failing)} finding(s) at or above warn ({', '.join(failing)}): exit 1")
+    return 1 if failing else 0
 
 
 def _heavy(cfg: Any, n: int) -> list[dict]:
