@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.audit_file:
         atomic_write_json(args.audit_file, audit.to_dict())
         print(f"audit: {args.audit_file}")
-    failing = [f["code"] for f in audit.findings if args.fail_on == "warn" and f["severity"] in ("warn", "error")]
+    failing = [f["code"] for f in audit.findings if f["severity"] != "info"] if args.fail_on == "warn" else []
     if failing:
         print(f"audit: {len(failing)} finding(s) at or above warn ({', '.join(failing)}): exit 1")
     return 1 if failing else 0

@@ -131,6 +131,14 @@ def iter_rows(source: str, split: str = "train",
             yield line, e
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as files; any other source goes to datasets.load_dataset
+
+
+def is_file_source(source: str) -> bool:
+    """Whether ``source`` names a data file (by its suffix) rather than a ``datasets`` source."""
+    return Path(source).suffix.lower() in FILE_SUFFIXES
+
+
 def _read(source: str, split: str) -> tuple[str, Iterable[tuple[int, Any]]]:
     """(the name row ids start with, rows) of a data file or a ``datasets`` source."""
     path = Path(source)

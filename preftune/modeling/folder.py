@@ -48,7 +48,10 @@ def _check_not_a_mistyped_folder(path: str, field: str) -> None:
     local_looking = path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
     if path and local_looking:
         near = Path(os.path.expanduser(path)).parent
-        has = sorted(p.name for p in near.iterdir() if p.is_dir()) if near.is_dir() else []
+        try:
+            has = sorted(p.name for p in near.iterdir() if p.is_dir()) if near.is_dir() else []
+        except OSError:  # an unreadable parent: no hint, still one line
+            has = []
         hint = f"; {near} has: {', '.join(has[:8])}" if has else ""
         raise InputError(f"no such folder (and not a hub id 'owner/name'){hint}", path=path, field=field)
 

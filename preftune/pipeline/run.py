@@ -19,7 +19,7 @@ from typing import Any
 from ..core.errors import InputError
 from ..core.files import FolderLock, check_writable_dir, json_digest
 from ..core.layout import PipelineDir, Stage
-from ..data.rows import load_prompts
+from ..data.rows import is_file_source, load_prompts
 from ..generation.judges import parse_judge
 from ..modeling.folder import check_model_folder
 from .recipe import STAGES, Recipe
@@ -90,7 +90,7 @@ def _preflight(recipe: Recipe) -> None:
             check_model_folder(run.model)
         for key in ("data", "eval_data"):
             value = getattr(run, key)
-            if value and Path(value).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(value).is_file():
+            if value and is_file_source(value) and not Path(value).is_file():
                 raise InputError(f"no such file: {value}", path=recipe.path, field=f"{stage}.{key}")
     cfg = recipe.matrix
     for i, check in enumerate(recipe.checks):
