@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,4 +84,4 @@ def _print(loop: PipelineDir, stages: dict[str, Any], seconds: float, html: Path
             print(f"  - {line}")
     print(f"[demo] stages: {', '.join(f'{s.name} {s.verdict or s.status}' for s in stages.values())}")
     print(f"[demo] done in {seconds:.0f}s\n[demo] report: {html}\n[demo] matrix report: {loop.matrix / REPORT_HTML}",
-          file=sys.stdout, flush=True)
+          flush=True)

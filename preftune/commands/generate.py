@@ -20,7 +20,6 @@ from .options import Command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``preftune generate``."""
     p.add_argument("--model", required=True, help="folder or hub id (AutoModelForCausalLM)")
     p.add_argument("--tokenizer", help="defaults to --model")
     p.add_argument("--adapter", help="a peft adapter folder (e.g. runs/x/adapter)")

@@ -46,8 +46,7 @@ def make_pairs(rows: Sequence[dict], *, min_gap: float = 0.0, rule: str = "max_m
             continue
         chosen, rejected = comps[best], comps[worst]
         if isinstance(r["prompt"], list):  # conversational prompt: completions as assistant turns
-            chosen = [{"role": "assistant", "content": chosen}]
-            rejected = [{"role": "assistant", "content": rejected}]
+            chosen, rejected = ([{"role": "assistant", "content": c}] for c in (chosen, rejected))
         pairs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
                       "chosen_score": scores[best], "rejected_score": scores[worst]})
     stats = {"prompts": len(rows), "pairs": len(pairs), "dropped": dropped, "min_gap": min_gap, "rule": rule}

@@ -10,6 +10,7 @@ Temperature 0 is greedy and equals ``model.generate(do_sample=False)`` token for
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -69,9 +70,8 @@ def generate_ids(model: Any, prompt_ids: Sequence[list[int]], *, num_samples: in
 
     if num_samples < 1:
         raise InputError(f"invalid value {num_samples!r}: need at least 1 sample", field="num_samples")
-    eos = torch.tensor(sorted(eos_ids or set()), dtype=torch.long)
     device = next(model.parameters()).device
-    eos = eos.to(device)
+    eos = torch.tensor(sorted(eos_ids or set()), dtype=torch.long, device=device)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[Any] = [None] * len(prompt_ids)
     was_training = model.training
@@ -158,12 +158,10 @@ def _preallocate(cache: Any, k: int, capacity: int) -> None:
             layer.batch_repeat_interleave(k)
 
 
+@functools.cache
 def _buffer_layer_class() -> type:
     """A DynamicLayer backed by preallocated (B·K, H, capacity, d) buffers; the class is built on first use so
     that importing this module (the CLI parser does) does not import transformers."""
-    global _BUFFER_LAYER
-    if _BUFFER_LAYER is not None:
-        return _BUFFER_LAYER
     from transformers.cache_utils import DynamicLayer
 
     class BufferLayer(DynamicLayer):
@@ -187,11 +185,7 @@ def _buffer_layer_class() -> type:
             self.keys, self.values = self.buf_k[:, :, :self.n], self.buf_v[:, :, :self.n]  # views, no copy
             return self.keys, self.values
 
-    _BUFFER_LAYER = BufferLayer
     return BufferLayer
-
-
-_BUFFER_LAYER: type | None = None
 
 
 def check_context(model: Any, rows: Sequence[PromptRow], ids: Sequence[list[int]], max_new_tokens: int) -> None:

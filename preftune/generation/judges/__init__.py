@@ -1,15 +1,10 @@
 """The judge registry and its built-in kinds (python:, reward-model:, openai:) behind one interface."""
 
-# Importing the kinds registers them, in the order a bad SPEC's message lists them.
-# isort: off
+# Importing the kinds registers them, in the order a bad SPEC's message lists them: local's, then remote's.
 from . import local  # noqa: F401
-from . import remote  # noqa: F401
-# isort: on
-from .base import DiskCache, Judge, PairwiseJudge, PointwiseJudge, Preferences, PythonJudge
-from .local import RewardModelJudge
-from .registry import KINDS, JudgeKind, judge_kind, parse_judge, parse_judges
-from .remote import JUDGE_PROMPT, PROMPT_VERSION, OpenAIJudge
+from .base import Judge, PairwiseJudge, PointwiseJudge, PythonJudge
+from .registry import KINDS, judge_kind, parse_judge, parse_judges
+from .remote import JUDGE_PROMPT
 
-__all__ = ["JUDGE_PROMPT", "KINDS", "PROMPT_VERSION", "DiskCache", "Judge", "JudgeKind", "OpenAIJudge",
-           "PairwiseJudge", "PointwiseJudge", "Preferences", "PythonJudge", "RewardModelJudge", "judge_kind",
+__all__ = ["JUDGE_PROMPT", "KINDS", "Judge", "PairwiseJudge", "PointwiseJudge", "PythonJudge", "judge_kind",
            "parse_judge", "parse_judges"]

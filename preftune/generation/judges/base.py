@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import InputError
+from ...core.files import read_jsonl
 from ...core.layout import JUDGE_CACHE
 from ...data.rows import Content, as_text
 
@@ -128,12 +129,7 @@ class DiskCache:
 
     def load(self) -> dict[str, Any]:
         if self._mem is None:
-            self._mem = {}
-            if self.path.exists():
-                from ...core.files import read_jsonl
-
-                for row in read_jsonl(self.path):
-                    self._mem[row["k"]] = row["v"]
+            self._mem = {row["k"]: row["v"] for row in read_jsonl(self.path)} if self.path.exists() else {}
         return self._mem
 
     def add(self, items: dict[str, Any]) -> None:
@@ -153,17 +149,14 @@ def content_hash(*parts: Any) -> str:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def check_scores(spec: str, scores: Sequence[Any], n: int) -> list[float]:
     """``n`` finite numbers as floats, or an InputError naming the judge."""
     if len(scores) != n:
         raise InputError(f"judge {spec} returned {len(scores)} scores for {n} completions", field="judge")
-    out = []
     for s in scores:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
             raise InputError(f"judge {spec} returned {s!r}; a finite number is needed", field="judge")
-        out.append(float(s))
-    return out
+    return [float(s) for s in scores]

@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -117,20 +118,18 @@ class ChatEndpoint:
         """Every cache key's answer: the cached ones, and the rest asked now (what was paid for is kept even when
         another request failed)."""
         cached = self.cache.load()
-        todo = {k: c for k, c in todo.items() if k not in cached}
-        if todo:
-            got: dict[str, str] = {}
-            failure: InputError | None = None
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = {k: pool.submit(self.ask, c, parse) for k, c in todo.items()}
-                for k, fut in futures.items():
-                    try:
-                        got[k] = fut.result()
-                    except InputError as e:
-                        failure = failure or e
-            self.cache.add(got)
-            if failure is not None:
-                raise failure
+        got: dict[str, str] = {}
+        failure: InputError | None = None
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {k: pool.submit(self.ask, c, parse) for k, c in todo.items() if k not in cached}
+            for k, fut in futures.items():
+                try:
+                    got[k] = fut.result()
+                except InputError as e:
+                    failure = failure or e
+        self.cache.add(got)
+        if failure is not None:
+            raise failure
         return cached
 
 
@@ -158,12 +157,9 @@ class OpenAIJudge(PairwiseJudge):
         if not len(prompts) == len(a) == len(b):
             raise ValueError("prompts, a and b differ in length")
         contents = []
-        for p, x, y in zip(prompts, a, b):
-            if x == y:  # identical responses are a tie by definition: nothing to pay for
-                contents += ["", ""]
-                continue
-            contents.append(JUDGE_PROMPT.format(instruction=p, response_1=x, response_2=y))
-            contents.append(JUDGE_PROMPT.format(instruction=p, response_1=y, response_2=x))
+        for p, x, y in zip(prompts, a, b):  # identical responses are a tie by definition: nothing to pay for
+            contents += [JUDGE_PROMPT.format(instruction=p, response_1=r1, response_2=r2) if x != y else ""
+                         for r1, r2 in ((x, y), (y, x))]
         return contents, [content_hash(self.model, c) for c in contents]
 
     def position_flips(self, prompts: Sequence[Content], a: Sequence[str],
@@ -178,12 +174,9 @@ class OpenAIJudge(PairwiseJudge):
         self.endpoint.spec = self.spec
         contents, keys = self._asks(prompts, a, b)
         got = self.endpoint.answers({k: c for k, c in zip(keys, contents) if c}, _one_or_two)
-        out = []
-        for i in range(0, len(keys), 2):
-            a_wins_first, a_wins_second = got.get(keys[i]) == "1", got.get(keys[i + 1]) == "2"
-            out.append(0.5 if not contents[i] else 1.0 if a_wins_first and a_wins_second else
-                       0.0 if not a_wins_first and not a_wins_second else 0.5)
-        return out
+        # a's wins over the two orders, halved: both 1, neither 0, a disagreement 0.5
+        return [0.5 if not contents[i] else ((got.get(keys[i]) == "1") + (got.get(keys[i + 1]) == "2")) / 2
+                for i in range(0, len(keys), 2)]
 
 
 RUBRIC_PROMPT = (
@@ -258,23 +251,14 @@ def redact(text: str) -> str:
     key = api_key()
     if not key:
         return text
-    out, i = [], 0
-    while i < len(text):
-        n = 0
-        while i + n < len(text) and n < len(key) and text[i + n] == key[n]:
-            n += 1
-        if n >= min(5, len(key)):
-            out.append("[key]")
-            i += n
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    # the longest prefix first: regex alternatives are tried in order
+    prefixes = (re.escape(key[:n]) for n in range(len(key), min(5, len(key)) - 1, -1))
+    return re.sub("|".join(prefixes), "[key]", text)
 
 
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if not raw:
         return default
     try:
         value = float(raw)
