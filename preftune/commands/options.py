@@ -29,11 +29,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), *, config_file: bool = True) -> None:
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per Config field (``lora_rank`` -> ``--lora-rank``), grouped and helped as config.py declares
     them (``config.field_docs``); only flags given on the line count. The objective group adds the shorthands."""
-    if config_file:
-        p.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
+    p.add_argument("--config", help="YAML file whose keys mirror these flags; flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, (group, text) in config_mod.field_docs().items():
         if name in skip or name == "objectives":

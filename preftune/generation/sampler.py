@@ -123,8 +123,7 @@ def _decode_batches(model: Any, prompt_ids: Sequence[list[int]], order: list[int
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_p, gen)  # (B·K,)
-            nxt = nxt.masked_fill(finished, pad_id)
+            nxt = _sample(logits, temperature, top_p, gen).masked_fill(finished, pad_id)  # (B·K,)
             tokens[:, t] = nxt
             hit = torch.isin(nxt, eos) & ~finished if eos.numel() else torch.zeros_like(finished)
             lengths = torch.where(hit, torch.full_like(lengths, t), lengths)

@@ -46,11 +46,16 @@ KEY_VARIABLES = ("PREFTUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
 @judge_kind("openai", mode="pairwise", usage="openai:MODEL@http(s)://HOST[:PORT]/PATH", needs=("cache_dir",),
             env=KEY_VARIABLES)
 def openai_chat(args: str, cache_dir: Path) -> OpenAIJudge:
-    model, sep, url = args.partition("@")
+    return OpenAIJudge(*_model_at(args), cache_dir)
+
+
+def _model_at(text: str) -> tuple[str, str]:
+    """(MODEL, URL) from ``MODEL@http(s)://HOST[:PORT]/PATH``; ValueError (the kind's usage) for anything else."""
+    model, sep, url = text.partition("@")
     parsed = urllib.parse.urlparse(url)
     if not sep or not model or parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError
-    return OpenAIJudge(model, url, cache_dir)
+    return model, url
 
 
 class _Fatal(Exception):
@@ -191,11 +196,8 @@ RUBRIC_VERSION = 1  # bump when RUBRIC_PROMPT changes
             needs=("cache_dir",), env=KEY_VARIABLES)
 def openai_rubric(args: str, cache_dir: Path) -> RubricJudge:
     """A rubric (a text file: what a good or safe answer is) scored by an OpenAI-compatible model."""
-    rubric_path, sep, rest = args.partition(":")
-    model, at, url = rest.partition("@")
-    parsed = urllib.parse.urlparse(url)
-    if not sep or not at or not model or parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError
+    rubric_path, _, rest = args.partition(":")
+    model, url = _model_at(rest)  # no ':' leaves rest empty: a ValueError too
     try:
         rubric = Path(rubric_path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
