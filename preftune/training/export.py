@@ -25,7 +25,7 @@ import yaml
 
 from ..core.errors import InputError
 from ..core.files import atomic_dir, atomic_write_json
-from ..core.layout import EVIDENCE, Decision, RunDir, RunSummary, matrix_of, read_decision
+from ..core.layout import EVIDENCE, RunDir, RunSummary, matrix_of, read_decision
 
 
 def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: str | None = None,
@@ -40,14 +40,13 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
     cfg = _read_yaml(RunDir(run).config)
     summary = RunDir(run).read_summary()
     adapter, full = RunDir(run).adapter, RunDir(run).full_model
-    if not (adapter / "adapter_config.json").exists():
-        if (full / "config.json").exists():
-            kind = "full"
-        else:
-            raise InputError("the run has no adapter (adapter/adapter_config.json) and no model/ folder: "
-                             "export a finished run", path=str(run))
-    else:
+    if (adapter / "adapter_config.json").exists():
         kind = "merged" if merge else "adapter"
+    elif (full / "config.json").exists():
+        kind = "full"
+    else:
+        raise InputError("the run has no adapter (adapter/adapter_config.json) and no model/ folder: "
+                         "export a finished run", path=str(run))
     if dtype is not None and kind != "merged":
         raise InputError("--dtype applies to a merged export (add --merge)", field="dtype")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -175,7 +174,8 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
                            ("eval_pairs", "held-out pairs")):
             if key in final:
                 lines.append(f"| {label} | {_cell(first.get(key, ''))} | {_cell(final[key])} |")
-    decision = _decision(run)
+    matrix = matrix_of(run)
+    decision = read_decision(matrix.path) if matrix is not None and matrix.decision.exists() else None
     if decision is not None:
         chosen = (decision.objective == objective and decision.lora_rank == rank)
         lines += ["", "## Matrix verdict", "",
@@ -187,7 +187,7 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
         # decision.json: "explanation" holds the rendered sentences ("reasons" the same as data records)
         sentences = decision.explanation or [r for r in decision.reasons if isinstance(r, str)]
         lines += [f"- {r}" for r in sentences]
-    elif matrix_of(run) is not None:
+    elif matrix is not None:
         lines += ["", "## Matrix verdict", "", f"Cell `{run.name}` of `{run.parent.parent}`; no decision.json yet "
                   "(run `preftune decide` on the matrix)."]
     return "\n".join(lines).rstrip() + "\n"
@@ -215,14 +215,6 @@ def base_line(base: str, summary: RunSummary) -> str:
     where = str(Path(base).resolve()) if Path(base).exists() else base
     return (f"Base model: local folder `{where}` (a path, not a Hub id, so the header has no `base_model`)."
             f"{mark}")
-
-
-def _decision(run: Path) -> Decision | None:
-    """The decision of the matrix ``run`` is a cell of; None when it is no cell or undecided."""
-    matrix = matrix_of(run)
-    if matrix is None or not matrix.decision.exists():
-        return None
-    return read_decision(matrix.path)
 
 
 def _cell(v: Any) -> str:

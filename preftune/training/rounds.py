@@ -113,10 +113,9 @@ def _check(base: Config, s: dict) -> None:
         raise InputError(f"{s['rounds']}: must be at least 1", field="rounds")
     if s["num_samples"] < 2:
         raise InputError(f"{s['num_samples']}: pairs need at least 2 samples per prompt", field="num_samples")
-    if s["pair_rule"] not in PAIR_RULES:
-        raise InputError(f"{s['pair_rule']!r} is not one of {', '.join(PAIR_RULES)}", field="pair_rule")
-    if s["reference"] not in REFERENCES:
-        raise InputError(f"{s['reference']!r} is not one of {', '.join(REFERENCES)}", field="reference")
+    for key, allowed in (("pair_rule", PAIR_RULES), ("reference", REFERENCES)):
+        if s[key] not in allowed:
+            raise InputError(f"{s[key]!r} is not one of {', '.join(allowed)}", field=key)
     if not base.eval_data:
         raise InputError("iterate needs fixed held-out pairs (--eval-data FILE) so that rounds compare",
                          field="eval_data")
