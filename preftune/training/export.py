@@ -147,11 +147,10 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
         if kind == "merged":
             lines += ["", f"The adapter is merged into the weights (fp32 merge, saved as {dtype})."]
     hyper = {"objective": objective, **(summary.params or {})}
-    for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "batch_size", "grad_accum",
-                "max_steps", "epochs", "scheduler", "warmup_ratio", "max_length", "max_prompt_length", "seed",
-                "dtype"):
-        if key in cfg:
-            hyper[key] = cfg[key]
+    keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "batch_size",
+            "grad_accum", "max_steps", "epochs", "scheduler", "warmup_ratio", "max_length",
+            "max_prompt_length", "seed", "dtype")
+    hyper.update({k: cfg[k] for k in keys if k in cfg})
     if hyper.get("lora_alpha") is None and rank:
         hyper["lora_alpha"] = 2 * rank  # Config: None means 2 x rank
     hyper["steps_done"] = summary.steps

@@ -262,8 +262,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                   parallel: int) -> None:
     """N cells at once, each in its own process; reference log-probs are cached first so no cell recomputes."""
     _warm_reference_cache(todo, prepared)
-    cpus = allowed_cpus()
-    threads = max(1, cpus // parallel)
+    threads = max(1, allowed_cpus() // parallel)
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen, Path]] = []
     gpus = _visible_gpus() if any(c[2].resolved_device() == "cuda" for c in todo) else []
@@ -272,9 +271,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
         while pending or running:
             while pending and len(running) < parallel:
                 name, _, cfg = pending.pop(0)
-                cfg_path = _child_config(out, name, cfg, threads)
-                err = out.child_stderr(name)
-                env = None
+                cfg_path, err, env = _child_config(out, name, cfg, threads), out.child_stderr(name), None
                 if gpus and cfg.resolved_device() == "cuda":  # several GPUs: one per child, the least busy
                     held[name] = pick_gpu(gpus, list(held.values()))
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": held[name]}
@@ -285,9 +282,8 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                 running.append((name, proc, err))
                 write()
             time.sleep(0.1)
-            for item in [r for r in running if r[1].poll() is not None]:
-                running.remove(item)
-                name, proc, err = item
+            for name, proc, err in [r for r in running if r[1].poll() is not None]:
+                running.remove((name, proc, err))
                 held.pop(name, None)
                 lines = [line for line in err.read_text().splitlines() if line.strip()]
                 ok = proc.returncode == 0
@@ -308,11 +304,10 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
 def _child_config(out: MatrixDir, name: str, cfg: Config, threads: int) -> Path:
     """The exact config a cell runs in another process (a ``--parallel`` child or a Ray task), written to
     ``matrix/.cells/<name>.yaml``: the cell's own, with threads, no progress bars and the parent's cache."""
-    cfg_path = out.child_config(name)
     child = replace(cfg, threads=cfg.threads or threads, quiet=True, audit=False,
                     cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
-    atomic_write_text(cfg_path, dump_yaml(child))
-    return cfg_path
+    atomic_write_text(out.child_config(name), dump_yaml(child))
+    return out.child_config(name)
 
 
 def _visible_gpus() -> list[str]:
@@ -361,8 +356,7 @@ def _connect_ray(opts: RayOptions) -> bool:
     if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
         return False
     if opts.address is None:
-        cpus = allowed_cpus()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=allowed_cpus(), include_dashboard=False, log_to_driver=False)
         return True
     try:
         ray.init(address=opts.address, log_to_driver=False)
@@ -389,8 +383,7 @@ def _run_ray(out: MatrixDir, todo: list, prepared: dict, status: dict, write: Ca
     cwd = os.getcwd()  # relative matrix paths resolve on the worker as they do here
     refs: dict[Any, str] = {}
     for name, _, cfg in todo:
-        cfg_path = _child_config(out, name, cfg, threads)
-        refs[task.remote(str(cfg_path.absolute()), cwd)] = name
+        refs[task.remote(str(_child_config(out, name, cfg, threads).absolute()), cwd)] = name
         status[name].mark("running")
     write()
     try:

@@ -266,12 +266,9 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
     needs_ref = objectives.get(s.objective).needs_reference
     wb = DTYPE_BYTES[s.dtype]
     weights = a.params * wb
-    if s.lora_rank:
-        trainable = a.lora_params(s.lora_rank, list(s.lora_targets))
-        train_state = trainable * ADAM_BYTES
-    else:  # full fine-tuning: gradient and both Adam moments in the weights' dtype, beside the weights
-        trainable = a.params
-        train_state = 3 * a.params * wb
+    trainable = a.lora_params(s.lora_rank, list(s.lora_targets)) if s.lora_rank else a.params
+    # full fine-tuning: gradient and both Adam moments in the weights' dtype, beside the weights
+    train_state = trainable * ADAM_BYTES if s.lora_rank else 3 * a.params * wb
     saved, temps, temp_sizes = _layer_tensors(a, s, s.batch_size, grad=True)
     tokens = s.batch_size * s.row_len
     final_norm = 2 * a.hidden * tokens * DTYPE_BYTES[s.dtype]

@@ -167,9 +167,8 @@ def _round_line(r: int, folder: RoundDir, result: RunSummary) -> dict:
     meta = json.loads(folder.pair_stats.read_text())
     final, g = result.final_eval or {}, result.gen_eval or {}
     return {"round": r, "folder": folder.name, "pairs": meta["pairs"], "dropped": meta["dropped"],
-            "chosen_score": sum(p["chosen_score"] for p in made) / len(made),
-            "rejected_score": sum(p["rejected_score"] for p in made) / len(made),
+            **{f"{s}_score": sum(p[f"{s}_score"] for p in made) / len(made) for s in ("chosen", "rejected")},
             **{k: final.get(k) for k in ("eval_accuracy", "eval_refrel/accuracy", "eval_lennorm/accuracy")},
-            "win_rate": g["win_rate"], "win_rate_ci": g["win_rate_ci"], "lc_win_rate": g["lc_win_rate"],
-            "lc_win_rate_se": g["lc_win_rate_se"], "policy_len": g["policy"]["mean_len"],
+            **{k: g[k] for k in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_se")},
+            "policy_len": g["policy"]["mean_len"],
             "reference_len": g["reference"]["mean_len"]}
