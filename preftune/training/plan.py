@@ -5,20 +5,10 @@
     [(c.objective, c.lora_rank, c.peak_bytes, c.fits) for c in p.cells]
 
 The model is built on the meta device (no weights are read) to count parameters and find the linear layers LoRA
-wraps. Every term below is in bytes and has its basis written next to it; docs/plan.md ("Will it fit?")
-has the formula and its sources (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", and the measurements in bench/bench_plan.py).
-
-What one training step holds, for a Llama-style decoder (pre-norm, RoPE, gated MLP) in preftune's layout:
-
-* one row ``prompt + chosen + rejected`` per pair (logprobs.make_batch), T = P + 2C tokens;
-* per layer, the tensors autograd saves for backward (counted op by op on Llama: 8 hidden-sized, 4
-  intermediate-sized, one r-sized per LoRA-wrapped linear, the (B, 1, T, T) float copy SDPA makes of the 4D
-  mask, and SDPA's log-sum-exp);
-* the LM head only on the 2C completion positions per pair, in chunks of ``logit_chunk`` rows; a chunk whose
-  logits exceed 2^25 values is recomputed in backward (logprobs.token_logps);
-* the forward's temporaries (base output, LoRA B output and its scaled copy per wrapped linear, RMSNorm and
-  RoPE intermediates: 30 hidden- and 6 intermediate-sized per token and layer for all-linear LoRA).
+wraps. Every term below is in bytes and has its basis written next to it, for a Llama-style decoder
+(pre-norm, RoPE, gated MLP) in preftune's layout; docs/plan.md ("Will it fit?") has the formula term by term
+and its sources (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", and
+the measurements in bench/bench_plan.py).
 """
 
 from __future__ import annotations
