@@ -4,12 +4,8 @@
     preftune export runs/x --output adapter/               # the peft adapter, as it is
     preftune export matrix/cells/objective=simpo,lora_rank=8 --merge --output best/ --dtype bfloat16
 
-``--merge`` loads the base model named in the run's config.yaml in fp32, applies the adapter, folds it into the
-weights (peft ``merge_and_unload``) and saves model + tokenizer as safetensors, so
-``AutoModelForCausalLM.from_pretrained(DIR)`` gives the adapted model's logits (tested to 1e-5 in fp32).
-Without ``--merge`` the adapter folder is copied. A full fine-tuning run (``model/`` instead of ``adapter/``)
-is copied as it is. Every form gets a ``README.md`` model card with the Hugging Face YAML header. The output
-folder appears in one rename (files.atomic_dir): a failed export leaves nothing behind.
+The forms and the model card: docs/export.md. ``--merge`` merges in fp32, then casts to ``--dtype``. The
+output folder appears in one rename (files.atomic_dir): a failed export leaves nothing behind.
 """
 
 from __future__ import annotations

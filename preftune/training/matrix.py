@@ -4,12 +4,10 @@ Every cell is a normal run folder under ``matrix/cells/<name>/``. Cells share th
 order per seed, the schedule, the held-out set and the reference log-probs (computed once, cached on disk);
 the base model is loaded once and each LoRA cell adds and removes its own adapter.
 
-Hyperparameters live per objective (``objectives: {name: {...}}``; ``--beta`` and friends fill the base
-objective's entry), so a SimPO cell never silently runs with DPO's beta. A hyperparameter can be a factor
-(``--grid beta=0.05,0.1``): it goes into each cell's own objective entry (into each term of a mixture that takes
-it), and every objective in the matrix must take it. Any other factor in ``--grid`` applies to every cell as a
-config key, the modifiers among them (``--grid ld_alpha=0.3,0.7``). A mixture is a value of ``objective`` like
-any other: ``--grid objective=dpo,"0.8*dpo+0.2*bco_pair+1*sft"``.
+Hyperparameters live per objective (docs/config.md), so a SimPO cell never silently runs with DPO's beta. A
+hyperparameter factor (``--grid beta=0.05,0.1``) goes into each cell's own objective entry (each term of a
+mixture that takes it), and every objective in the matrix must take it; any other factor is a config key. A
+mixture is a value of ``objective`` like any other: ``--grid objective=dpo,"0.8*dpo+0.2*bco_pair+1*sft"``.
 
 Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
 is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one

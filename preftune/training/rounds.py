@@ -3,20 +3,11 @@
     preftune iterate --config run.yaml --model M --prompts prompts.jsonl --eval-data heldout.jsonl \\
         --judge SPEC --rounds 3 --num-samples 4 --objective dpo --output iter/
 
-Each round samples K completions per training prompt from the current policy, scores them with the judge,
-turns them into pairs (``--pair-rule``), trains the objective on them continuing the previous round, and then
-evaluates on the held-out pairs and on behaviour against the *original* reference (the starting model), so the
-rounds are comparable. Layout: ``iter/round-N/`` is a normal run folder plus ``samples.jsonl``,
-``pairs.jsonl``, ``pairs.stats.json`` and ``gen_eval.jsonl``; ``iter/iterate.json`` holds the settings and
-``iter/summary.json`` one line per round. Every stage is skipped when its output exists, generation is written
-in seeded chunks, and training resumes from its checkpoint, so a re-run after ``kill -9`` at any stage ends with
-the same files as an uninterrupted run.
-
-``--reference initial`` (the default, as OpenRLHF): every round is trained as a LoRA on the starting model,
-its adapter initialised from the previous round's, so the reference (adapter disabled) stays the starting
-model: the KL anchor cannot drift round after round and no merged copy of the model is written.
-``--reference round`` (RLHFlow's Online-RLHF): each round starts from the previous round's merged model, which
-is also its reference.
+Each round samples, judges, pairs, trains (continuing the previous round) and evaluates against the *original*
+reference (the starting model), so rounds compare; docs/rounds.md has the layout and the two ``--reference``
+modes. Every stage is skipped when its output exists, generation is written in seeded chunks, and training
+resumes from its checkpoint, so a re-run after ``kill -9`` at any stage ends with the same files as an
+uninterrupted run.
 """
 
 from __future__ import annotations
