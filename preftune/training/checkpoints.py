@@ -85,11 +85,10 @@ def latest_checkpoint(run: RunDir) -> Path | None:
     for folder in done:
         try:
             _verified(folder)
+            return folder
         except DamagedFile as e:
             first = first or e
             print(f"preftune: warning: {e}; trying the checkpoint before it", file=sys.stderr)
-            continue
-        return folder
     if first is not None:
         raise DamagedFile(f"{first}; no earlier good checkpoint: start again without --resume",
                           path=None) from None

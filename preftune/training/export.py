@@ -4,12 +4,8 @@
     preftune export runs/x --output adapter/               # the peft adapter, as it is
     preftune export matrix/cells/objective=simpo,lora_rank=8 --merge --output best/ --dtype bfloat16
 
-``--merge`` loads the base model named in the run's config.yaml in fp32, applies the adapter, folds it into the
-weights (peft ``merge_and_unload``) and saves model + tokenizer as safetensors, so
-``AutoModelForCausalLM.from_pretrained(DIR)`` gives the adapted model's logits (tested to 1e-5 in fp32).
-Without ``--merge`` the adapter folder is copied. A full fine-tuning run (``model/`` instead of ``adapter/``)
-is copied as it is. Every form gets a ``README.md`` model card with the Hugging Face YAML header. The output
-folder appears in one rename (files.atomic_dir): a failed export leaves nothing behind.
+The forms and the model card: docs/export.md. ``--merge`` merges in fp32, then casts to ``--dtype``. The
+output folder appears in one rename (files.atomic_dir): a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import yaml
 
 from ..core.errors import InputError
 from ..core.files import atomic_dir, atomic_write_json
-from ..core.layout import EVIDENCE, Decision, RunDir, RunSummary, matrix_of, read_decision
+from ..core.layout import EVIDENCE, RunDir, RunSummary, matrix_of, read_decision
 
 
 def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: str | None = None,
@@ -40,14 +36,13 @@ def export(run: str | Path, output: str | Path, *, merge: bool = False, dtype: s
     cfg = _read_yaml(RunDir(run).config)
     summary = RunDir(run).read_summary()
     adapter, full = RunDir(run).adapter, RunDir(run).full_model
-    if not (adapter / "adapter_config.json").exists():
-        if (full / "config.json").exists():
-            kind = "full"
-        else:
-            raise InputError("the run has no adapter (adapter/adapter_config.json) and no model/ folder: "
-                             "export a finished run", path=str(run))
-    else:
+    if (adapter / "adapter_config.json").exists():
         kind = "merged" if merge else "adapter"
+    elif (full / "config.json").exists():
+        kind = "full"
+    else:
+        raise InputError("the run has no adapter (adapter/adapter_config.json) and no model/ folder: "
+                         "export a finished run", path=str(run))
     if dtype is not None and kind != "merged":
         raise InputError("--dtype applies to a merged export (add --merge)", field="dtype")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -148,11 +143,10 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
         if kind == "merged":
             lines += ["", f"The adapter is merged into the weights (fp32 merge, saved as {dtype})."]
     hyper = {"objective": objective, **(summary.params or {})}
-    for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "batch_size", "grad_accum",
-                "max_steps", "epochs", "scheduler", "warmup_ratio", "max_length", "max_prompt_length", "seed",
-                "dtype"):
-        if key in cfg:
-            hyper[key] = cfg[key]
+    keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lr", "batch_size",
+            "grad_accum", "max_steps", "epochs", "scheduler", "warmup_ratio", "max_length",
+            "max_prompt_length", "seed", "dtype")
+    hyper.update({k: cfg[k] for k in keys if k in cfg})
     if hyper.get("lora_alpha") is None and rank:
         hyper["lora_alpha"] = 2 * rank  # Config: None means 2 x rank
     hyper["steps_done"] = summary.steps
@@ -175,7 +169,8 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
                            ("eval_pairs", "held-out pairs")):
             if key in final:
                 lines.append(f"| {label} | {_cell(first.get(key, ''))} | {_cell(final[key])} |")
-    decision = _decision(run)
+    matrix = matrix_of(run)
+    decision = read_decision(matrix.path) if matrix is not None and matrix.decision.exists() else None
     if decision is not None:
         chosen = (decision.objective == objective and decision.lora_rank == rank)
         lines += ["", "## Matrix verdict", "",
@@ -187,7 +182,7 @@ def model_card(run: Path, cfg: dict, summary: RunSummary, *, kind: str, dtype: s
         # decision.json: "explanation" holds the rendered sentences ("reasons" the same as data records)
         sentences = decision.explanation or [r for r in decision.reasons if isinstance(r, str)]
         lines += [f"- {r}" for r in sentences]
-    elif matrix_of(run) is not None:
+    elif matrix is not None:
         lines += ["", "## Matrix verdict", "", f"Cell `{run.name}` of `{run.parent.parent}`; no decision.json yet "
                   "(run `preftune decide` on the matrix)."]
     return "\n".join(lines).rstrip() + "\n"
@@ -215,14 +210,6 @@ def base_line(base: str, summary: RunSummary) -> str:
     where = str(Path(base).resolve()) if Path(base).exists() else base
     return (f"Base model: local folder `{where}` (a path, not a Hub id, so the header has no `base_model`)."
             f"{mark}")
-
-
-def _decision(run: Path) -> Decision | None:
-    """The decision of the matrix ``run`` is a cell of; None when it is no cell or undecided."""
-    matrix = matrix_of(run)
-    if matrix is None or not matrix.decision.exists():
-        return None
-    return read_decision(matrix.path)
 
 
 def _cell(v: Any) -> str:

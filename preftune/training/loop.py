@@ -43,13 +43,7 @@ from ..evaluation.heldout import evaluate
 from ..modeling.logprobs import prefix_sharing_blocker
 from ..modeling.model import add_lora, checkpoint_layers, fingerprint, is_peft, load_model, load_tokenizer
 from ..modeling.precision import arithmetic, resolve_dtype
-from .checkpoints import (
-    checkpoint_step,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-)
+from .checkpoints import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .distributed import full_state_dict, maybe_fsdp
 from .prepare import Prepared, Schedule, announce, prepare_data
 from .reference import TrainReference, prepare_reference

@@ -4,12 +4,10 @@ Every cell is a normal run folder under ``matrix/cells/<name>/``. Cells share th
 order per seed, the schedule, the held-out set and the reference log-probs (computed once, cached on disk);
 the base model is loaded once and each LoRA cell adds and removes its own adapter.
 
-Hyperparameters live per objective (``objectives: {name: {...}}``; ``--beta`` and friends fill the base
-objective's entry), so a SimPO cell never silently runs with DPO's beta. A hyperparameter can be a factor
-(``--grid beta=0.05,0.1``): it goes into each cell's own objective entry (into each term of a mixture that takes
-it), and every objective in the matrix must take it. Any other factor in ``--grid`` applies to every cell as a
-config key, the modifiers among them (``--grid ld_alpha=0.3,0.7``). A mixture is a value of ``objective`` like
-any other: ``--grid objective=dpo,"0.8*dpo+0.2*bco_pair+1*sft"``.
+Hyperparameters live per objective (docs/config.md), so a SimPO cell never silently runs with DPO's beta. A
+hyperparameter factor (``--grid beta=0.05,0.1``) goes into each cell's own objective entry (each term of a
+mixture that takes it), and every objective in the matrix must take it; any other factor is a config key. A
+mixture is a value of ``objective`` like any other: ``--grid objective=dpo,"0.8*dpo+0.2*bco_pair+1*sft"``.
 
 Re-running skips finished cells and resumes a killed one (a re-run with other settings over the same folder
 is refused); a failing cell is recorded and the others go on; a lock keeps two processes from writing one
@@ -262,8 +260,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                   parallel: int) -> None:
     """N cells at once, each in its own process; reference log-probs are cached first so no cell recomputes."""
     _warm_reference_cache(todo, prepared)
-    cpus = allowed_cpus()
-    threads = max(1, cpus // parallel)
+    threads = max(1, allowed_cpus() // parallel)
     pending = list(todo)
     running: list[tuple[str, subprocess.Popen, Path]] = []
     gpus = _visible_gpus() if any(c[2].resolved_device() == "cuda" for c in todo) else []
@@ -272,9 +269,7 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
         while pending or running:
             while pending and len(running) < parallel:
                 name, _, cfg = pending.pop(0)
-                cfg_path = _child_config(out, name, cfg, threads)
-                err = out.child_stderr(name)
-                env = None
+                cfg_path, err, env = _child_config(out, name, cfg, threads), out.child_stderr(name), None
                 if gpus and cfg.resolved_device() == "cuda":  # several GPUs: one per child, the least busy
                     held[name] = pick_gpu(gpus, list(held.values()))
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": held[name]}
@@ -285,9 +280,8 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
                 running.append((name, proc, err))
                 write()
             time.sleep(0.1)
-            for item in [r for r in running if r[1].poll() is not None]:
-                running.remove(item)
-                name, proc, err = item
+            for name, proc, err in [r for r in running if r[1].poll() is not None]:
+                running.remove((name, proc, err))
                 held.pop(name, None)
                 lines = [line for line in err.read_text().splitlines() if line.strip()]
                 ok = proc.returncode == 0
@@ -308,11 +302,10 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
 def _child_config(out: MatrixDir, name: str, cfg: Config, threads: int) -> Path:
     """The exact config a cell runs in another process (a ``--parallel`` child or a Ray task), written to
     ``matrix/.cells/<name>.yaml``: the cell's own, with threads, no progress bars and the parent's cache."""
-    cfg_path = out.child_config(name)
     child = replace(cfg, threads=cfg.threads or threads, quiet=True, audit=False,
                     cache_dir=str(cfg.resolved_cache_dir().absolute()))  # the parent's cache
-    atomic_write_text(cfg_path, dump_yaml(child))
-    return cfg_path
+    atomic_write_text(out.child_config(name), dump_yaml(child))
+    return out.child_config(name)
 
 
 def _visible_gpus() -> list[str]:
@@ -361,8 +354,7 @@ def _connect_ray(opts: RayOptions) -> bool:
     if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
         return False
     if opts.address is None:
-        cpus = allowed_cpus()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=allowed_cpus(), include_dashboard=False, log_to_driver=False)
         return True
     try:
         ray.init(address=opts.address, log_to_driver=False)
@@ -389,8 +381,7 @@ def _run_ray(out: MatrixDir, todo: list, prepared: dict, status: dict, write: Ca
     cwd = os.getcwd()  # relative matrix paths resolve on the worker as they do here
     refs: dict[Any, str] = {}
     for name, _, cfg in todo:
-        cfg_path = _child_config(out, name, cfg, threads)
-        refs[task.remote(str(cfg_path.absolute()), cwd)] = name
+        refs[task.remote(str(_child_config(out, name, cfg, threads).absolute()), cwd)] = name
         status[name].mark("running")
     write()
     try:

@@ -5,20 +5,10 @@
     [(c.objective, c.lora_rank, c.peak_bytes, c.fits) for c in p.cells]
 
 The model is built on the meta device (no weights are read) to count parameters and find the linear layers LoRA
-wraps. Every term below is in bytes and has its basis written next to it; docs/plan.md ("Will it fit?")
-has the formula and its sources (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", and the measurements in bench/bench_plan.py).
-
-What one training step holds, for a Llama-style decoder (pre-norm, RoPE, gated MLP) in preftune's layout:
-
-* one row ``prompt + chosen + rejected`` per pair (logprobs.make_batch), T = P + 2C tokens;
-* per layer, the tensors autograd saves for backward (counted op by op on Llama: 8 hidden-sized, 4
-  intermediate-sized, one r-sized per LoRA-wrapped linear, the (B, 1, T, T) float copy SDPA makes of the 4D
-  mask, and SDPA's log-sum-exp);
-* the LM head only on the 2C completion positions per pair, in chunks of ``logit_chunk`` rows; a chunk whose
-  logits exceed 2^25 values is recomputed in backward (logprobs.token_logps);
-* the forward's temporaries (base output, LoRA B output and its scaled copy per wrapped linear, RMSNorm and
-  RoPE intermediates: 30 hidden- and 6 intermediate-sized per token and layer for all-linear LoRA).
+wraps. Every term below is in bytes and has its basis written next to it, for a Llama-style decoder
+(pre-norm, RoPE, gated MLP) in preftune's layout; docs/plan.md ("Will it fit?") has the formula term by term
+and its sources (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", and
+the measurements in bench/bench_plan.py).
 """
 
 from __future__ import annotations
@@ -171,10 +161,6 @@ class Plan:
     cells: list[PlanCell]
 
 
-def _act_bytes(s: Setting) -> int:
-    return DTYPE_BYTES[s.dtype]
-
-
 def _layer_tensors(a: Arch, s: Setting, pairs: int, *, grad: bool) -> tuple[int, int, list[int]]:
     """(saved bytes, temporary bytes, sizes of the temporaries) of one decoder layer for ``pairs`` rows.
 
@@ -185,28 +171,25 @@ def _layer_tensors(a: Arch, s: Setting, pairs: int, *, grad: bool) -> tuple[int,
     that shares one (y1 for q/k/v, y2 for gate/up, the product for down); r per wrapped linear (A's output);
     the (B, 1, T, T) float mask SDPA converts preftune's bool mask into; SDPA's log-sum-exp (heads).
     """
-    b = _act_bytes(s)
+    b, r = DTYPE_BYTES[s.dtype], s.lora_rank
     tokens = pairs * s.row_len
     h, i = a.hidden, a.intermediate
-    wrapped = a.wrapped(list(s.lora_targets)) if s.lora_rank else list(a.linears)
-    r = s.lora_rank
+    wrapped = a.wrapped(list(s.lora_targets)) if r else list(a.linears)
     # Inputs saved for LoRA A (or for the weight gradient in full fine-tuning): one per group of linears that
     # read the same tensor, (parent module, d_in); the attention output projection reads SDPA's output, which
     # is saved anyway. In 16-bit, peft casts the input to the fp32 LoRA weights once per wrapped linear.
-    def attn_out(name: str) -> bool:
-        return re.search(r"(o_proj|out_proj|wo|dense)$", name) is not None
-
-    if s.lora_rank and b < 4:
+    if r and b < 4:
         inputs_bytes = sum(d_in for _, _, d_in, _ in wrapped) * 4
     else:
-        inputs_bytes = sum(d for _, d in {(p, d_in) for n, p, d_in, _ in wrapped if not attn_out(n)}) * b
+        groups = {(p, d_in) for n, p, d_in, _ in wrapped if not re.search(r"(o_proj|out_proj|wo|dense)$", n)}
+        inputs_bytes = sum(d for _, d in groups) * b
     saved_per_token = (6 * h + 3 * i) * b + inputs_bytes + len(wrapped) * r * 4 + a.heads * 4
     if s.device == "cpu" and b < 4:  # preftune's SDPA_FP32: on CPU, bf16 q/k/v are upcast and those copies saved
         saved_per_token += 3 * h * (4 - b)
     mask = pairs * s.row_len ** 2 * b  # SDPA's float copy of the bool mask, one per layer
     # Temporaries: RMSNorm pow and x_hat (2 x 2h); each LoRA-wrapped linear's base output, B output and scaled copy;
     # the q, k, o and down sums that nothing saves (4h); RoPE's q*cos, -x2, cat and *sin for q and k (7h).
-    per_linear = 3 if s.lora_rank else 0  # full fine-tuning: a linear's output is the tensor itself
+    per_linear = 3 if r else 0  # full fine-tuning: a linear's output is the tensor itself
     temp_sizes = [h] * 4 + [o for _, _, _, o in wrapped for _ in range(per_linear)] + [h] * 4 + [h] * 7
     if a.kv_heads != a.heads:  # k after RoPE and v before repeat_kv's copy
         temp_sizes += [a.kv_heads * a.head_dim] * 2
@@ -254,7 +237,7 @@ def _heap(a: Arch, s: Setting, saved: int, temps: int, temp_sizes: list[int]) ->
     """
     if s.device != "cpu":
         return 0, temps
-    hidden_temp = a.hidden * s.batch_size * s.row_len * _act_bytes(s)
+    hidden_temp = a.hidden * s.batch_size * s.row_len * DTYPE_BYTES[s.dtype]
     small = [t for t in temp_sizes if t < GLIBC_MMAP_MAX]
     if s.gradient_checkpointing:
         return 2 * (saved + sum(small)), max(temp_sizes)
@@ -273,19 +256,16 @@ def estimate(a: Arch, s: Setting, *, baseline: int = 0, import_peak: int = 0) ->
     needs_ref = objectives.get(s.objective).needs_reference
     wb = DTYPE_BYTES[s.dtype]
     weights = a.params * wb
-    if s.lora_rank:
-        trainable = a.lora_params(s.lora_rank, list(s.lora_targets))
-        train_state = trainable * ADAM_BYTES
-    else:  # full fine-tuning: gradient and both Adam moments in the weights' dtype, beside the weights
-        trainable = a.params
-        train_state = 3 * a.params * wb
+    trainable = a.lora_params(s.lora_rank, list(s.lora_targets)) if s.lora_rank else a.params
+    # full fine-tuning: gradient and both Adam moments in the weights' dtype, beside the weights
+    train_state = trainable * ADAM_BYTES if s.lora_rank else 3 * a.params * wb
     saved, temps, temp_sizes = _layer_tensors(a, s, s.batch_size, grad=True)
     tokens = s.batch_size * s.row_len
-    final_norm = 2 * a.hidden * tokens * _act_bytes(s)
+    final_norm = 2 * a.hidden * tokens * DTYPE_BYTES[s.dtype]
     if s.gradient_checkpointing:
         # Korthikanti et al. 2022, full recomputation: each layer keeps only its input; one layer at a time is
         # recomputed in backward with everything it saves.
-        activations = a.layers * a.hidden * tokens * _act_bytes(s) + saved + final_norm
+        activations = a.layers * a.hidden * tokens * DTYPE_BYTES[s.dtype] + saved + final_norm
     else:
         activations = a.layers * saved + final_norm
     lm_head = _lm_head(a, s, s.batch_size, grad=True)
@@ -330,34 +310,32 @@ def fixes(a: Arch, s: Setting, budget: int, *, bf16: bool = True, **base: int) -
         peak = estimate(a, new, **base).peak_bytes
         out.append(Fix(name, flags, peak, peak <= budget))
 
+    def first_fit(options: list[Setting]) -> Setting:  # the first that fits the budget, else the last
+        return next((o for o in options if estimate(a, o, **base).peak_bytes <= budget), options[-1])
+
+    def batches(t: Setting, largest: int) -> list[Setting]:  # largest, largest/2, ..., 1; same pairs per step
+        return [replace(t, batch_size=largest >> k, grad_accum=s.grad_accum * s.batch_size // (largest >> k))
+                for k in range(largest.bit_length())]
+
     if not s.gradient_checkpointing:
         add("gradient checkpointing", "--gradient-checkpointing", replace(s, gradient_checkpointing=True))
-    b = s.batch_size // 2
-    while b >= 1:  # the largest smaller batch that fits, same pairs per step through accumulation
-        new = replace(s, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
-        if estimate(a, new, **base).peak_bytes <= budget or b == 1:
-            add("smaller batch + accumulation", f"--batch-size {b} --grad-accum {new.grad_accum}", new)
-            break
-        b //= 2
+    if s.batch_size > 1:
+        new = first_fit(batches(s, s.batch_size // 2))
+        flags = f"--batch-size {new.batch_size} --grad-accum {new.grad_accum}"
+        add("smaller batch + accumulation", flags, new)
     if s.dtype == "float32" and bf16:
         add("bf16 weights", "--dtype bfloat16", replace(s, dtype="bfloat16"))
     elif s.dtype != "float32" and s.eval_fp32:
         add("held-out scoring in bf16", "--no-eval-fp32", replace(s, eval_fp32=False))
-    r = s.lora_rank // 2
-    while r >= 1:
-        new = replace(s, lora_rank=r)
-        if estimate(a, new, **base).peak_bytes <= budget or r == 1:
-            add("lower rank", f"--lora-rank {r}", new)
-            break
-        r //= 2
+    if s.lora_rank > 1:
+        new = first_fit([replace(s, lora_rank=s.lora_rank >> k) for k in range(1, s.lora_rank.bit_length())])
+        add("lower rank", f"--lora-rank {new.lora_rank}", new)
     if len(out) > 1 and not any(f.fits for f in out):
         # Together: checkpointing and bf16, then the largest batch (same pairs per step) that fits with them.
         to_bf16 = s.dtype == "float32" and bf16
         both = replace(s, gradient_checkpointing=True, dtype="bfloat16" if to_bf16 else s.dtype)
-        b = s.batch_size
-        while b > 1 and estimate(a, replace(both, batch_size=b), **base).peak_bytes > budget:
-            b //= 2
-        new = replace(both, batch_size=b, grad_accum=s.grad_accum * s.batch_size // b)
+        new = first_fit(batches(both, s.batch_size))
+        b = new.batch_size
         parts = ["checkpointing"] + (["bf16"] if to_bf16 else []) + \
             ([f"batch {b} + accumulation"] if b != s.batch_size else [])
         flags = "--gradient-checkpointing" + (" --dtype bfloat16" if to_bf16 else "") + \

@@ -33,7 +33,6 @@ class Arch:
     params: int                 # every parameter, tied weights once
     matmul_params: int          # weights of every Linear incl. the LM head: 2 FLOPs per token each in a forward
     linears: list[tuple[str, str, int, int]] = field(default_factory=list)  # one layer: (name, parent, in, out)
-    head_name: str = "lm_head"
 
     def lora_params(self, rank: int, targets: list[str]) -> int:
         """r·(d_in + d_out) per wrapped linear (A is r×d_in, B is d_out×r), every layer."""
@@ -69,14 +68,11 @@ def read_arch(model: str, *, trust_remote_code: bool = False) -> Arch:
                          path=model, field="model") from None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     head = lm.get_output_embeddings()
-    names = {id(m): n for n, m in lm.named_modules()}
     decoder_layers = _layers(lm)
-    linears = []
-    for name, mod in decoder_layers[0].named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head:
-            linears.append((name, name.rpartition(".")[0], mod.in_features, mod.out_features))
-    heads = text.num_attention_heads
-    hidden = text.hidden_size
+    linears = [(name, name.rpartition(".")[0], mod.in_features, mod.out_features)
+               for name, mod in decoder_layers[0].named_modules()
+               if isinstance(mod, torch.nn.Linear) and mod is not head]
+    heads, hidden = text.num_attention_heads, text.hidden_size
     mlp_outs = [o for n, p, i, o in linears if i == hidden and o != hidden and "attn" not in p]
     return Arch(layers=len(decoder_layers), hidden=hidden,
                 intermediate=getattr(text, "intermediate_size", None) or max(mlp_outs or [4 * hidden]),
@@ -84,7 +80,7 @@ def read_arch(model: str, *, trust_remote_code: bool = False) -> Arch:
                 head_dim=getattr(text, "head_dim", None) or hidden // heads, vocab=text.vocab_size,
                 params=sum(p.numel() for p in lm.parameters()),
                 matmul_params=sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear)),
-                linears=linears, head_name=names.get(id(head), "lm_head"))
+                linears=linears)
 
 
 def _layers(lm: Any) -> Any:

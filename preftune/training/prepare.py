@@ -9,7 +9,6 @@ so every objective, every rank and a resumed run agree on it.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -184,11 +183,6 @@ class Schedule:
                          f"{', '.join(map(str, worlds))}; batch sizes that work with {world_size} processes: "
                          f"{', '.join(map(str, sizes)) or 'none'} (or change --max-train-pairs)",
                          field="batch_size")
-
-    @functools.cached_property
-    def visited(self) -> list[int]:
-        """Indices of every training pair some step will use, sorted."""
-        return self.visited_in(0, self.total)
 
     def visited_in(self, lo: int, hi: int) -> list[int]:
         """Indices of every training pair steps ``lo`` .. ``hi - 1`` use, sorted."""

@@ -3,20 +3,11 @@
     preftune iterate --config run.yaml --model M --prompts prompts.jsonl --eval-data heldout.jsonl \\
         --judge SPEC --rounds 3 --num-samples 4 --objective dpo --output iter/
 
-Each round samples K completions per training prompt from the current policy, scores them with the judge,
-turns them into pairs (``--pair-rule``), trains the objective on them continuing the previous round, and then
-evaluates on the held-out pairs and on behaviour against the *original* reference (the starting model), so the
-rounds are comparable. Layout: ``iter/round-N/`` is a normal run folder plus ``samples.jsonl``,
-``pairs.jsonl``, ``pairs.stats.json`` and ``gen_eval.jsonl``; ``iter/iterate.json`` holds the settings and
-``iter/summary.json`` one line per round. Every stage is skipped when its output exists, generation is written
-in seeded chunks, and training resumes from its checkpoint, so a re-run after ``kill -9`` at any stage ends with
-the same files as an uninterrupted run.
-
-``--reference initial`` (the default, as OpenRLHF): every round is trained as a LoRA on the starting model,
-its adapter initialised from the previous round's, so the reference (adapter disabled) stays the starting
-model: the KL anchor cannot drift round after round and no merged copy of the model is written.
-``--reference round`` (RLHFlow's Online-RLHF): each round starts from the previous round's merged model, which
-is also its reference.
+Each round samples, judges, pairs, trains (continuing the previous round) and evaluates against the *original*
+reference (the starting model), so rounds compare; docs/rounds.md has the layout and the two ``--reference``
+modes. Every stage is skipped when its output exists, generation is written in seeded chunks, and training
+resumes from its checkpoint, so a re-run after ``kill -9`` at any stage ends with the same files as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -113,10 +104,9 @@ def _check(base: Config, s: dict) -> None:
         raise InputError(f"{s['rounds']}: must be at least 1", field="rounds")
     if s["num_samples"] < 2:
         raise InputError(f"{s['num_samples']}: pairs need at least 2 samples per prompt", field="num_samples")
-    if s["pair_rule"] not in PAIR_RULES:
-        raise InputError(f"{s['pair_rule']!r} is not one of {', '.join(PAIR_RULES)}", field="pair_rule")
-    if s["reference"] not in REFERENCES:
-        raise InputError(f"{s['reference']!r} is not one of {', '.join(REFERENCES)}", field="reference")
+    for key, allowed in (("pair_rule", PAIR_RULES), ("reference", REFERENCES)):
+        if s[key] not in allowed:
+            raise InputError(f"{s[key]!r} is not one of {', '.join(allowed)}", field=key)
     if not base.eval_data:
         raise InputError("iterate needs fixed held-out pairs (--eval-data FILE) so that rounds compare",
                          field="eval_data")
@@ -168,9 +158,8 @@ def _round_line(r: int, folder: RoundDir, result: RunSummary) -> dict:
     meta = json.loads(folder.pair_stats.read_text())
     final, g = result.final_eval or {}, result.gen_eval or {}
     return {"round": r, "folder": folder.name, "pairs": meta["pairs"], "dropped": meta["dropped"],
-            "chosen_score": sum(p["chosen_score"] for p in made) / len(made),
-            "rejected_score": sum(p["rejected_score"] for p in made) / len(made),
+            **{f"{s}_score": sum(p[f"{s}_score"] for p in made) / len(made) for s in ("chosen", "rejected")},
             **{k: final.get(k) for k in ("eval_accuracy", "eval_refrel/accuracy", "eval_lennorm/accuracy")},
-            "win_rate": g["win_rate"], "win_rate_ci": g["win_rate_ci"], "lc_win_rate": g["lc_win_rate"],
-            "lc_win_rate_se": g["lc_win_rate_se"], "policy_len": g["policy"]["mean_len"],
+            **{k: g[k] for k in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_se")},
+            "policy_len": g["policy"]["mean_len"],
             "reference_len": g["reference"]["mean_len"]}
