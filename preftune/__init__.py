@@ -25,7 +25,7 @@ __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "repo
 __version__ = "0.1.0"
 _LAZY = {"objective": "core.objectives", "ObjectiveOutput": "core.objectives", "SeqLogps": "core.objectives",
          "plan": "training.plan", "Plan": "training.plan", "PlanCell": "training.plan",
-         "judge_kind": "generation.judges"}
+         "judge_kind": "generation.judges", "review": "evaluation.review"}
 
 
 def __getattr__(name: str) -> Any:
@@ -93,10 +93,3 @@ def run_pipeline(recipe: str, output: str, *, quiet: bool = False) -> dict[str, 
     from .pipeline.run import run_pipeline as _run
 
     return _run(load_recipe(recipe), output, quiet=quiet)
-
-
-def review(path: str) -> Any:
-    """Diagnostics of one run folder or TRL log."""
-    from .evaluation.review import review as _review
-
-    return _review(path)

@@ -70,12 +70,8 @@ def degeneration(texts: Sequence[str], n: int = 3) -> dict:
 
 def summarize(rows: Sequence[dict], *, judge_spec: str | Sequence[str], max_new_tokens: int, temperature: float,
               seed: int) -> dict:
-    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this).
-
-    The top level holds the first judge's numbers (each row's ``preference``), as with one judge; with several,
-    ``judges`` holds each judge's numbers under its spec and ``agreement`` each two judges' agreement on the
-    same prompts (each row's ``judges``).
-    """
+    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this); with
+    several judges laid out as the module docstring says, from each row's ``preference`` and ``judges``."""
     specs = [judge_spec] if isinstance(judge_spec, str) else list(judge_spec)
     sides = {}
     for side in ("policy", "reference"):
@@ -142,13 +138,12 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
     pol = [r["completions"][0] for r in policy]
     ref = [r["completions"][0] for r in reference]
     verdicts = {j.spec: _verdicts(j, [r.prompt for r in rows_in], pol, ref) for j in judges}
-    rows = []
-    for i, (r, p, q) in enumerate(zip(rows_in, policy, reference)):
-        rows.append({"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
-                     "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
-                     "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
-                     **verdicts[judges[0].spec][i],
-                     **({"judges": {s: v[i] for s, v in verdicts.items()}} if len(judges) > 1 else {})})
+    rows = [{"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
+             "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
+             "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
+             **verdicts[judges[0].spec][i],
+             **({"judges": {s: v[i] for s, v in verdicts.items()}} if len(judges) > 1 else {})}
+            for i, (r, p, q) in enumerate(zip(rows_in, policy, reference))]
     result = summarize(rows, judge_spec=list(verdicts), max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed)
     if out_dir is not None:
@@ -172,11 +167,8 @@ def _verdicts(judge: Judge, prompts: list[Content], policy: list[str], reference
 
 
 def check_gen_eval(cfg: Config) -> list[Judge] | None:
-    """Parse the judges of a validated config (Config.validate checks the gen_* ranges), before a run writes
-    anything.
-
-    Returns the judges, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
-    """
+    """The judges of a validated config, parsed before a run writes anything; None when the behavioural
+    evaluation is off (``gen_eval_prompts`` 0 or no judge)."""
     if cfg.gen_eval_prompts == 0 or not cfg.judge:
         return None
     return parse_judges(cfg.judges(), cfg)
