@@ -14,11 +14,12 @@ that is, and why.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
-from .core.layout import Decision, RunSummary
+from .core.layout import Decision, RunSummary, write_decision
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "run_pipeline", "plan", "Plan",
            "PlanCell", "objective", "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
@@ -69,9 +70,6 @@ def decide(folder: str, **kw: Any) -> Decision:
 
     ``kw``: ``alpha``, ``baseline`` ({"objective": ..., "lora_rank": ...}), ``n_boot``.
     """
-    from pathlib import Path
-
-    from .core.layout import write_decision
     from .verdict.decide import decide as _decide
 
     decision = _decide(folder, **kw)

@@ -51,21 +51,13 @@ def degeneration(texts: Sequence[str], n: int = 3) -> dict:
     """Repetition of whitespace words: the share of n-grams that repeat an earlier n-gram of the same completion
     (pooled over completions; 0 = no repetition), and corpus distinct-1/-2 (unique / total n-grams, Li et al. 2016).
     Empty inputs give 0 repetition and distinct 1."""
-    repeated = total = 0
-    grams: dict[int, list[tuple[str, ...]]] = {1: [], 2: []}
-    for t in texts:
-        words = t.split()
-        seen: set[tuple[str, ...]] = set()
-        for i in range(len(words) - n + 1):
-            g = tuple(words[i:i + n])
-            repeated += g in seen
-            seen.add(g)
-            total += 1
-        for k in grams:
-            grams[k] += [tuple(words[i:i + k]) for i in range(len(words) - k + 1)]
-    return {f"repeated_{n}gram_share": repeated / total if total else 0.0,
-            "distinct_1": len(set(grams[1])) / len(grams[1]) if grams[1] else 1.0,
-            "distinct_2": len(set(grams[2])) / len(grams[2]) if grams[2] else 1.0}
+    words = [t.split() for t in texts]
+    grams = {k: [[tuple(w[i:i + k]) for i in range(len(w) - k + 1)] for w in words] for k in (1, 2, n)}
+    count = {k: sum(map(len, per_text)) for k, per_text in grams.items()}
+    repeated = sum(len(g) - len(set(g)) for g in grams[n])  # n-grams seen earlier in the same completion
+    distinct = {k: len(set().union(*grams[k])) / count[k] if count[k] else 1.0 for k in (1, 2)}
+    return {f"repeated_{n}gram_share": repeated / count[n] if count[n] else 0.0, "distinct_1": distinct[1],
+            "distinct_2": distinct[2]}
 
 
 def summarize(rows: Sequence[dict], *, judge_spec: str | Sequence[str], max_new_tokens: int, temperature: float,
@@ -75,8 +67,7 @@ def summarize(rows: Sequence[dict], *, judge_spec: str | Sequence[str], max_new_
     specs = [judge_spec] if isinstance(judge_spec, str) else list(judge_spec)
     sides = {}
     for side in ("policy", "reference"):
-        tokens = [r[f"{side}_tokens"] for r in rows]
-        sides[side] = {"mean_len": sum(tokens) / len(rows),
+        sides[side] = {"mean_len": sum(r[f"{side}_tokens"] for r in rows) / len(rows),
                        "mean_chars": sum(len(r[side]) for r in rows) / len(rows),
                        "hit_max_share": sum(r[f"{side}_finish"] == "length" for r in rows) / len(rows),
                        **degeneration([r[side] for r in rows])}

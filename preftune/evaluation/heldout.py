@@ -109,8 +109,7 @@ def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: st
     more = (extra or [{}])[0]
     if rt.distributed:
         parts = rt.gather((logps, counts, processed, more))
-        logps = torch.cat([p[0] for p in parts])                                                   # (N, 2)
-        counts = torch.cat([p[1] for p in parts])                                                  # (N, 2)
+        logps, counts = (torch.cat([p[j] for p in parts]) for j in (0, 1))                      # (N, 2) each
         processed = sum(p[2] for p in parts)
         more = {k: torch.cat([p[3][k] for p in parts]) for k in more}
     n = len(pairs)

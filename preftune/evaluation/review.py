@@ -97,8 +97,6 @@ def write_review(review: Review, out_dir: str | Path | None = None) -> Path | No
     return path
 
 
-# --- diagnosis -----------------------------------------------------------------------------------------------
-
 def diagnose(log: Log, audit: Audit | None = None) -> list[Finding]:
     """All findings for a loaded log (and its data audit); a single info finding 'healthy' when nothing warns."""
     findings = (_instability(log) + _overoptimization(log) + _margin_gap(log) + _displacement(log)
