@@ -43,8 +43,7 @@ def _logps(model: torch.nn.Module, pairs: Sequence[Pair], cfg: Config, pad_id: i
     """The reference's log-probs of ``pairs``, as SeqLogps whose reference is the model itself (step 0)."""
     logps, counts, _ = score_pairs(model, pairs, pad_id=pad_id, batch_size=cfg.eval_batch_size,
                                    share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk)  # (N, 2), (N, 2)
-    return SeqLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=counts[:, 0],
-                    rejected_tokens=counts[:, 1], ref_chosen=logps[:, 0], ref_rejected=logps[:, 1])
+    return SeqLogps.of(logps, counts, ref=logps)
 
 
 def _accuracy(margin: torch.Tensor) -> dict[str, Any]:

@@ -104,8 +104,7 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
     """Policy vs reference on the first ``n_prompts`` prompts; returns ``gen_eval`` and writes gen_eval.jsonl.
 
     The reference is ``reference_model`` when given, else the peft model with its adapter disabled. Lengths
-    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them). Several
-    judges judge the same generations: they are made once, and a second judge costs its judging alone.
+    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them).
     """
     from ..core.files import write_jsonl
     from ..generation.sampler import as_rows, generate
