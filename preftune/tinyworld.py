@@ -159,8 +159,7 @@ def judge(prompt: str, completion: str) -> float:
         raise ValueError(f"not a tiny-world sorting prompt: {prompt[:40]!r}")
     want = sorted(int(w) for w in words)
     got = [int(w) for w in itertools.takewhile(_digit, completion.split())]
-    right = sum(a == b for a, b in zip(got, want))
-    return right / max(len(want), len(got))
+    return sum(a == b for a, b in zip(got, want)) / max(len(want), len(got))
 
 
 def _digit(word: str) -> bool:

@@ -35,8 +35,7 @@ def sample(items: Sequence, n: int, seed: int) -> list:
     """Up to ``n`` items, a seeded random sample (in their original order) when there are more."""
     if len(items) <= n:
         return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def _logps(model: torch.nn.Module, pairs: Sequence[Pair], cfg: Config, pad_id: int) -> SeqLogps:

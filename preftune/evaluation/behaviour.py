@@ -122,8 +122,7 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
     kw = dict(num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
               batch_size=batch_size, apply_chat_template=apply_chat_template, prompt_ids=ids)
     policy = generate(model, tokenizer, rows_in, **kw)
-    ctx = model.disable_adapter() if reference_model is None else contextlib.nullcontext()
-    with ctx:
+    with model.disable_adapter() if reference_model is None else contextlib.nullcontext():
         reference = generate(reference_model if reference_model is not None else model, tokenizer, rows_in, **kw)
     pol = [r["completions"][0] for r in policy]
     ref = [r["completions"][0] for r in reference]

@@ -237,14 +237,13 @@ def _margin_gap(log: Log) -> list[Finding]:
     train, held, diff = gap
     floor = margin_floor(log.series("rewards/margins")[1])
     share = diff / train if train > floor else None  # a share of a margin that may be 0 is any number at all
-    warn = share is not None and diff >= 0.2 and share >= 0.5
     if share is not None:
         tail = f" ({share:.0%} of the training margin does not carry over)"
     elif abs(train) <= floor:
         tail = f" (the training margin is within its noise floor {_n(floor)}: no share of it is given)"
     else:
         tail = " (the training margin is negative: no share of it is given)"
-    return [Finding("margin_gap", "warn" if warn else "info",
+    return [Finding("margin_gap", "warn" if share is not None and diff >= 0.2 and share >= 0.5 else "info",
                     f"training margin {_n(train)} (last 10% of steps) vs held-out margin {_n(held)}: gap "
                     f"{_n(diff)}{tail}", {"train_margin": train, "heldout_margin": held, "gap": diff,
                                           "gap_share": share, "noise_floor": floor})]
