@@ -14,18 +14,19 @@ that is, and why.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .core.config import Config, from_file
 from .core.errors import InputError, TrainingDiverged
-from .core.layout import Decision, RunSummary
+from .core.layout import Decision, RunSummary, write_decision
 
 __all__ = ["Config", "from_file", "train", "evaluate", "ablate", "decide", "report", "review", "run_pipeline", "plan", "Plan",
            "PlanCell", "objective", "judge_kind", "ObjectiveOutput", "SeqLogps", "InputError", "TrainingDiverged"]
 __version__ = "0.1.0"
 _LAZY = {"objective": "core.objectives", "ObjectiveOutput": "core.objectives", "SeqLogps": "core.objectives",
          "plan": "training.plan", "Plan": "training.plan", "PlanCell": "training.plan",
-         "judge_kind": "generation.judges"}
+         "judge_kind": "generation.judges", "review": "evaluation.review"}
 
 
 def __getattr__(name: str) -> Any:
@@ -69,9 +70,6 @@ def decide(folder: str, **kw: Any) -> Decision:
 
     ``kw``: ``alpha``, ``baseline`` ({"objective": ..., "lora_rank": ...}), ``n_boot``.
     """
-    from pathlib import Path
-
-    from .core.layout import write_decision
     from .verdict.decide import decide as _decide
 
     decision = _decide(folder, **kw)
@@ -93,10 +91,3 @@ def run_pipeline(recipe: str, output: str, *, quiet: bool = False) -> dict[str, 
     from .pipeline.run import run_pipeline as _run
 
     return _run(load_recipe(recipe), output, quiet=quiet)
-
-
-def review(path: str) -> Any:
-    """Diagnostics of one run folder or TRL log."""
-    from .evaluation.review import review as _review
-
-    return _review(path)

@@ -20,6 +20,7 @@ Variants:
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from contextlib import contextmanager
@@ -153,19 +154,16 @@ def judge(prompt: str, completion: str) -> float:
         return safe(prompt, completion)
     start = prompt.rfind("sort:")
     end = prompt.find("=", start)
-    if start < 0 or end < 0:
-        raise ValueError(f"not a tiny-world sorting prompt: {prompt[:40]!r}")
-    words = prompt[start + len("sort:"):end].split()
-    if not words or not all(w.isdigit() and len(w) == 1 for w in words):
+    words = prompt[start + len("sort:"):end].split() if start >= 0 and end >= 0 else []
+    if not words or not all(map(_digit, words)):
         raise ValueError(f"not a tiny-world sorting prompt: {prompt[:40]!r}")
     want = sorted(int(w) for w in words)
-    got = []
-    for w in completion.split():
-        if not (w.isdigit() and len(w) == 1):
-            break
-        got.append(int(w))
-    right = sum(a == b for a, b in zip(got, want))
-    return right / max(len(want), len(got))
+    got = [int(w) for w in itertools.takewhile(_digit, completion.split())]
+    return sum(a == b for a, b in zip(got, want)) / max(len(want), len(got))
+
+
+def _digit(word: str) -> bool:
+    return word.isdigit() and len(word) == 1
 
 
 def build_world(out_dir: str | Path, *, variant: str = "default", n_train: int = 256, n_eval: int = 64,

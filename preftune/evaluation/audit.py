@@ -28,28 +28,27 @@ from ..data.tokenize import Pair
 from ..generation.judges.base import Judge
 from ..modeling.logprobs import score_pairs
 from . import yardsticks
+from .behaviour import win_rate
 
 
 def sample(items: Sequence, n: int, seed: int) -> list:
     """Up to ``n`` items, a seeded random sample (in their original order) when there are more."""
     if len(items) <= n:
         return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def _logps(model: torch.nn.Module, pairs: Sequence[Pair], cfg: Config, pad_id: int) -> SeqLogps:
     """The reference's log-probs of ``pairs``, as SeqLogps whose reference is the model itself (step 0)."""
     logps, counts, _ = score_pairs(model, pairs, pad_id=pad_id, batch_size=cfg.eval_batch_size,
                                    share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk)  # (N, 2), (N, 2)
-    return SeqLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=counts[:, 0],
-                    rejected_tokens=counts[:, 1], ref_chosen=logps[:, 0], ref_rejected=logps[:, 1])
+    return SeqLogps.of(logps, counts, ref=logps)
 
 
-def _accuracy(margin: torch.Tensor) -> tuple[float, list[float]]:
+def _accuracy(margin: torch.Tensor) -> dict[str, Any]:
     """Share ranked right (a tie one half) and its 95% Wilson interval."""
     k = float((margin > 0).sum() + 0.5 * (margin == 0).sum())
-    return k / len(margin), list(wilson_interval(k, len(margin)))
+    return {"accuracy": k / len(margin), "ci": list(wilson_interval(k, len(margin)))}
 
 
 def model_findings(model: torch.nn.Module, train: Sequence[Pair], held: Sequence[Pair], cfg: Config,
@@ -58,10 +57,8 @@ def model_findings(model: torch.nn.Module, train: Sequence[Pair], held: Sequence
     out = []
     if held:
         lp = _logps(model, held, cfg, pad_id)
-        ranks = []
-        for y in yardsticks.logprob_yardsticks():  # a reference-relative yardstick ties every pair at step 0
-            acc, ci = _accuracy(y.margin(lp))
-            ranks.append({"yardstick": y.name, "accuracy": acc, "ci": ci})
+        # a reference-relative yardstick ties every pair at step 0
+        ranks = [{"yardstick": y.name, **_accuracy(y.margin(lp))} for y in yardsticks.logprob_yardsticks()]
         out.append({"code": "reference_ranking", "severity": "info", "pairs": len(held), "yardsticks": ranks})
     if train:
         lp = _logps(model, train, cfg, pad_id)
@@ -87,9 +84,8 @@ def judge_agreement(judge: Judge, examples: Sequence[Example]) -> dict[str, Any]
     """``judge_agreement``: how often the judge prefers chosen over rejected (a tie one half), with its interval."""
     prefs, _, _ = judge.prefer([ex.prompt for ex in examples], [as_text(ex.chosen) for ex in examples],
                                [as_text(ex.rejected) for ex in examples])
-    k = sum(prefs)
-    lo, hi = wilson_interval(k, len(prefs))
-    ties = sum(p == 0.5 for p in prefs)
-    return {"code": "judge_agreement", "severity": "warn" if hi < 0.7 else "info", "judge": judge.spec,
-            "pairs": len(prefs), "agreement": k / len(prefs), "ci": [lo, hi], "ties": ties,
+    w = win_rate(prefs)
+    return {"code": "judge_agreement", "severity": "warn" if w["win_rate_ci"][1] < 0.7 else "info",
+            "judge": judge.spec, "pairs": w["n"], "agreement": w["win_rate"], "ci": w["win_rate_ci"],
+            "ties": w["ties"],
             "examples": [{"ids": [ex.id], "preference": p} for ex, p in zip(examples, prefs) if p < 0.5][:3]}

@@ -51,36 +51,23 @@ def degeneration(texts: Sequence[str], n: int = 3) -> dict:
     """Repetition of whitespace words: the share of n-grams that repeat an earlier n-gram of the same completion
     (pooled over completions; 0 = no repetition), and corpus distinct-1/-2 (unique / total n-grams, Li et al. 2016).
     Empty inputs give 0 repetition and distinct 1."""
-    repeated = total = 0
-    grams: dict[int, list[tuple[str, ...]]] = {1: [], 2: []}
-    for t in texts:
-        words = t.split()
-        seen: set[tuple[str, ...]] = set()
-        for i in range(len(words) - n + 1):
-            g = tuple(words[i:i + n])
-            repeated += g in seen
-            seen.add(g)
-            total += 1
-        for k in grams:
-            grams[k] += [tuple(words[i:i + k]) for i in range(len(words) - k + 1)]
-    return {f"repeated_{n}gram_share": repeated / total if total else 0.0,
-            "distinct_1": len(set(grams[1])) / len(grams[1]) if grams[1] else 1.0,
-            "distinct_2": len(set(grams[2])) / len(grams[2]) if grams[2] else 1.0}
+    words = [t.split() for t in texts]
+    grams = {k: [[tuple(w[i:i + k]) for i in range(len(w) - k + 1)] for w in words] for k in (1, 2, n)}
+    count = {k: sum(map(len, per_text)) for k, per_text in grams.items()}
+    repeated = sum(len(g) - len(set(g)) for g in grams[n])  # n-grams seen earlier in the same completion
+    distinct = {k: len(set().union(*grams[k])) / count[k] if count[k] else 1.0 for k in (1, 2)}
+    return {f"repeated_{n}gram_share": repeated / count[n] if count[n] else 0.0, "distinct_1": distinct[1],
+            "distinct_2": distinct[2]}
 
 
 def summarize(rows: Sequence[dict], *, judge_spec: str | Sequence[str], max_new_tokens: int, temperature: float,
               seed: int) -> dict:
-    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this).
-
-    The top level holds the first judge's numbers (each row's ``preference``), as with one judge; with several,
-    ``judges`` holds each judge's numbers under its spec and ``agreement`` each two judges' agreement on the
-    same prompts (each row's ``judges``).
-    """
+    """The ``gen_eval`` dict from gen_eval.jsonl rows (the test recomputes it from the file with this); with
+    several judges laid out as the module docstring says, from each row's ``preference`` and ``judges``."""
     specs = [judge_spec] if isinstance(judge_spec, str) else list(judge_spec)
     sides = {}
     for side in ("policy", "reference"):
-        tokens = [r[f"{side}_tokens"] for r in rows]
-        sides[side] = {"mean_len": sum(tokens) / len(rows),
+        sides[side] = {"mean_len": sum(r[f"{side}_tokens"] for r in rows) / len(rows),
                        "mean_chars": sum(len(r[side]) for r in rows) / len(rows),
                        "hit_max_share": sum(r[f"{side}_finish"] == "length" for r in rows) / len(rows),
                        **degeneration([r[side] for r in rows])}
@@ -117,8 +104,7 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
     """Policy vs reference on the first ``n_prompts`` prompts; returns ``gen_eval`` and writes gen_eval.jsonl.
 
     The reference is ``reference_model`` when given, else the peft model with its adapter disabled. Lengths
-    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them). Several
-    judges judge the same generations: they are made once, and a second judge costs its judging alone.
+    are generated tokens (mean_len) and characters (the LC regression, as AlpacaEval measures them).
     """
     from ..core.files import write_jsonl
     from ..generation.sampler import as_rows, generate
@@ -136,19 +122,17 @@ def behaviour_eval(model: Any, tokenizer: Any, prompts: Sequence[PromptRow | Con
     kw = dict(num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
               batch_size=batch_size, apply_chat_template=apply_chat_template, prompt_ids=ids)
     policy = generate(model, tokenizer, rows_in, **kw)
-    ctx = model.disable_adapter() if reference_model is None else contextlib.nullcontext()
-    with ctx:
+    with model.disable_adapter() if reference_model is None else contextlib.nullcontext():
         reference = generate(reference_model if reference_model is not None else model, tokenizer, rows_in, **kw)
     pol = [r["completions"][0] for r in policy]
     ref = [r["completions"][0] for r in reference]
     verdicts = {j.spec: _verdicts(j, [r.prompt for r in rows_in], pol, ref) for j in judges}
-    rows = []
-    for i, (r, p, q) in enumerate(zip(rows_in, policy, reference)):
-        rows.append({"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
-                     "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
-                     "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
-                     **verdicts[judges[0].spec][i],
-                     **({"judges": {s: v[i] for s, v in verdicts.items()}} if len(judges) > 1 else {})})
+    rows = [{"id": r.id, "prompt": r.prompt, "policy": pol[i], "reference": ref[i],
+             "policy_tokens": p["completion_tokens"][0], "reference_tokens": q["completion_tokens"][0],
+             "policy_finish": p["finish_reasons"][0], "reference_finish": q["finish_reasons"][0],
+             **verdicts[judges[0].spec][i],
+             **({"judges": {s: v[i] for s, v in verdicts.items()}} if len(judges) > 1 else {})}
+            for i, (r, p, q) in enumerate(zip(rows_in, policy, reference))]
     result = summarize(rows, judge_spec=list(verdicts), max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed)
     if out_dir is not None:
@@ -172,11 +156,8 @@ def _verdicts(judge: Judge, prompts: list[Content], policy: list[str], reference
 
 
 def check_gen_eval(cfg: Config) -> list[Judge] | None:
-    """Parse the judges of a validated config (Config.validate checks the gen_* ranges), before a run writes
-    anything.
-
-    Returns the judges, or None when the behavioural evaluation is off (``gen_eval_prompts`` 0 or no judge).
-    """
+    """The judges of a validated config, parsed before a run writes anything; None when the behavioural
+    evaluation is off (``gen_eval_prompts`` 0 or no judge)."""
     if cfg.gen_eval_prompts == 0 or not cfg.judge:
         return None
     return parse_judges(cfg.judges(), cfg)

@@ -39,8 +39,7 @@ def answer_and_judge(model: Any, tokenizer: Any, prompts: Sequence[PromptRow], j
     if reference_model is None and not hasattr(model, "disable_adapter"):
         raise InputError("a gate check needs the model to replace: a LoRA candidate or a reference model",
                          field="gate")
-    off = model.disable_adapter() if reference_model is None else contextlib.nullcontext()
-    with off:
+    with model.disable_adapter() if reference_model is None else contextlib.nullcontext():
         replaced = [r["completions"][0] for r in generate(reference_model or model, tokenizer, prompts, **kw)]
     texts = [p.prompt for p in prompts]
     verdicts = {j.spec: j.prefer(texts, candidate, replaced) for j in judges}  # a judge failure raises here

@@ -24,7 +24,7 @@ from ..core.runtime import Runtime, current, init
 from ..data.rows import RowPolicy, load_examples
 from ..data.tokenize import tokenize_examples
 from ..modeling.logprobs import score_pairs, with_shared_cuts
-from ..modeling.model import fingerprint, load_model, load_tokenizer
+from ..modeling.model import fingerprint, load_adapter, load_model, load_tokenizer
 from ..modeling.precision import Arithmetic, arithmetic, resolve_dtype
 from ..modeling.reference import reference_logps
 from . import yardsticks
@@ -109,8 +109,7 @@ def evaluate(model: torch.nn.Module, pairs: Sequence, ref: Tensor, objective: st
     more = (extra or [{}])[0]
     if rt.distributed:
         parts = rt.gather((logps, counts, processed, more))
-        logps = torch.cat([p[0] for p in parts])                                                   # (N, 2)
-        counts = torch.cat([p[1] for p in parts])                                                  # (N, 2)
+        logps, counts = (torch.cat([p[j] for p in parts]) for j in (0, 1))                      # (N, 2) each
         processed = sum(p[2] for p in parts)
         more = {k: torch.cat([p[3][k] for p in parts]) for k in more}
     n = len(pairs)
@@ -136,19 +135,15 @@ def evaluate_model(cfg: Config, adapter: str | None = None) -> dict:
         raise InputError("no held-out data given (--eval-data FILE)", field="eval_data")
     cfg.validate()
     check_writable_dir(cfg.output, field="output")
-    check_writable_dir(cfg.resolved_cache_dir(), field="cache_dir")
+    cache_dir = cfg.resolved_cache_dir()
+    check_writable_dir(cache_dir, field="cache_dir")
     judge = check_gen_eval(cfg)  # a bad judge spec fails here, before anything is loaded or written
     tok = load_tokenizer(cfg)
     examples = load_examples(source, cfg.eval_split if cfg.eval_data else cfg.data_split, RowPolicy.of(cfg))
     pairs, _ = tokenize_examples(examples, tok, max_length=cfg.max_length, max_prompt_length=cfg.prompt_length(),
                                  apply_chat_template=cfg.apply_chat_template, source=source)
     dtype = resolve_dtype(cfg)
-    model = load_model(cfg)
-    if adapter:
-        from ..modeling.model import load_adapter
-
-        model = load_adapter(model, adapter)
-    cache_dir = cfg.resolved_cache_dir()
+    model = load_adapter(load_model(cfg), adapter) if adapter else load_model(cfg)
     fast = dict(share_prompt=cfg.share_prompt, chunk=cfg.logit_chunk, arith=arithmetic(cfg, dtype, held_out=True))
     rt = init()  # under torchrun the pairs are split across ranks; rank 0 writes
     ref, _ = reference_logps(model, with_shared_cuts(pairs, objectives.needs(cfg.objective, cfg.objective_params())),

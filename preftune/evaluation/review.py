@@ -97,11 +97,6 @@ def write_review(review: Review, out_dir: str | Path | None = None) -> Path | No
     return path
 
 
-# --- loading -------------------------------------------------------------------------------------------------
-
-
-# --- diagnosis -----------------------------------------------------------------------------------------------
-
 def diagnose(log: Log, audit: Audit | None = None) -> list[Finding]:
     """All findings for a loaded log (and its data audit); a single info finding 'healthy' when nothing warns."""
     findings = (_instability(log) + _overoptimization(log) + _margin_gap(log) + _displacement(log)
@@ -242,14 +237,13 @@ def _margin_gap(log: Log) -> list[Finding]:
     train, held, diff = gap
     floor = margin_floor(log.series("rewards/margins")[1])
     share = diff / train if train > floor else None  # a share of a margin that may be 0 is any number at all
-    warn = share is not None and diff >= 0.2 and share >= 0.5
     if share is not None:
         tail = f" ({share:.0%} of the training margin does not carry over)"
     elif abs(train) <= floor:
         tail = f" (the training margin is within its noise floor {_n(floor)}: no share of it is given)"
     else:
         tail = " (the training margin is negative: no share of it is given)"
-    return [Finding("margin_gap", "warn" if warn else "info",
+    return [Finding("margin_gap", "warn" if share is not None and diff >= 0.2 and share >= 0.5 else "info",
                     f"training margin {_n(train)} (last 10% of steps) vs held-out margin {_n(held)}: gap "
                     f"{_n(diff)}{tail}", {"train_margin": train, "heldout_margin": held, "gap": diff,
                                           "gap_share": share, "noise_floor": floor})]
@@ -333,19 +327,18 @@ def _length_bias(log: Log) -> list[Finding]:
     by = (["label"] if rule["teaches"] else []) + (
         ["margin"] if rho is not None and abs(rho) >= RHO_MIN and abs(rho) * math.sqrt(n - 1) >= Z95 else [])
     lo, hi = rule["ci"]
-    sentence = (f"chosen is shorter in {shorter / n:.0%}, longer in {longer / n:.0%}, equal in "
-                f"{(n - shorter - longer) / n:.0%} of {n} held-out pairs, median length ratio chosen/rejected "
+    sentence = (f"chosen is shorter in {rule['chosen_shorter']:.0%}, longer in {rule['chosen_longer']:.0%}, "
+                f"equal in {rule['equal']:.0%} of {n} held-out pairs, median length ratio chosen/rejected "
                 f"{_n(ratio)}; 'prefer the {rule['rule']}' is right in {rule['rule_accuracy']:.0%} (95% CI "
                 f"{_n(lo)}-{_n(hi)})" + (f"; held-out margin vs length difference rho = {rho:.2f}" if rho is not None
                                          else ""))
     if by:
         sentence += (f": length predicts the {' and the '.join(by)}, a length-normalized reward (SimPO) "
                      "is indicated")
+    shares = {k: rule[k] for k in ("pairs", "chosen_shorter", "chosen_longer", "equal")}
+    verdict = {k: rule[k] for k in ("rule", "rule_accuracy", "ci", "teaches")}
     return [Finding("length_bias", "warn" if by else "info", sentence,
-                    {"pairs": n, "chosen_shorter": shorter / n, "chosen_longer": longer / n,
-                     "equal": (n - shorter - longer) / n, "median_length_ratio": ratio, "rule": rule["rule"],
-                     "rule_accuracy": rule["rule_accuracy"], "ci": [lo, hi], "teaches": rule["teaches"],
-                     "margin_length_rho": rho, "by": by})]
+                    {**shares, "median_length_ratio": ratio, **verdict, "margin_length_rho": rho, "by": by})]
 
 
 LENGTH_GAP = 0.1        # raw win rate minus LC win rate beyond which a win is mostly length

@@ -12,6 +12,7 @@ keep their ``eval_`` prefix and held-out accuracy is ``eval_accuracy`` or, faili
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -71,10 +72,8 @@ def load(path: str | Path) -> Log:
             log = _build(str(path), "run", read_jsonl_lines(run.metrics), pairs)
             if run.gen_eval.is_file():
                 log.generations = [r for _, r in read_jsonl_lines(run.gen_eval)]
-                try:
+                with contextlib.suppress(OSError, ValueError):  # an unreadable summary: no gen_eval numbers
                     log.gen_eval = json.loads(run.summary.read_text()).get("gen_eval")
-                except (OSError, ValueError):
-                    log.gen_eval = None
             return log
         if not (path / TRL_STATE).is_file():
             raise InputError("not a preftune run folder (no metrics.jsonl) nor a TRL output folder "

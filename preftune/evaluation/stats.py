@@ -24,16 +24,12 @@ def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value from the discordant counts b (only A right) and c (only B right).
 
     Under H0 each discordant pair is A's with probability ½:  p = min(1, 2·P[X ≤ min(b, c)]),  X ~ Bin(b+c, ½).
-    Computed exactly with integers (C(n, i+1) = C(n, i)·(n−i)/(i+1)); b = c = 0 gives 1.
+    Computed exactly with integers; b = c = 0 gives 1.
     """
     if b < 0 or c < 0:
         raise ValueError(f"counts must be >= 0, got b={b}, c={c}")
-    n, k = b + c, min(b, c)
-    term = total = 1
-    for i in range(k):
-        term = term * (n - i) // (i + 1)
-        total += term
-    return min(1.0, 2 * total / 2**n)
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
 
 
 def paired_bootstrap(correct_a: ArrayLike, correct_b: ArrayLike, *, n_boot: int = 10000, seed: int = 0,

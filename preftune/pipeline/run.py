@@ -92,12 +92,11 @@ def _preflight(recipe: Recipe) -> None:
             value = getattr(run, key)
             if value and is_file_source(value) and not Path(value).is_file():
                 raise InputError(f"no such file: {value}", path=recipe.path, field=f"{stage}.{key}")
-    cfg = recipe.matrix
     for i, check in enumerate(recipe.checks):
         load_prompts(check.prompts)
         for spec in check.judges:
             try:
-                parse_judge(spec, cfg)
+                parse_judge(spec, recipe.matrix)
             except InputError as e:  # say where in the recipe: the judge's own error names only itself
                 raise InputError(e.message, path=recipe.path, field=f"gate.checks[{i}].judge") from None
 

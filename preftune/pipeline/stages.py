@@ -140,13 +140,11 @@ def evidence(recipe: Recipe, out: PipelineDir, gate: dict[str, Any] | None) -> d
                 "headline": headline(audit), "counts": audit.counts,
                 "findings": [{"code": f["code"], "severity": f.get("severity")} for f in audit.findings]},
             "sft": None if sft is None else {
-                "objective": sft.objective, "lora_rank": sft.lora_rank, "steps": sft.steps,
-                "step0_eval": sft.step0_eval, "final_eval": sft.final_eval},
+                k: getattr(sft, k) for k in ("objective", "lora_rank", "steps", "step0_eval", "final_eval")},
             "candidate": chosen_cell(out).name,
             "matrix": {"verdict": d.verdict, "objective": d.objective, "lora_rank": d.lora_rank, "summary": d.summary,
                        "reasons": [r["code"] for r in d.reasons], "explanation": d.explanation},
-            "gate": None if gate is None else {"verdict": gate["verdict"], "checks": gate["checks"],
-                                                "explanation": gate["explanation"]}}
+            "gate": None if gate is None else {k: gate[k] for k in ("verdict", "checks", "explanation")}}
 
 
 def iterate_stage(recipe: Recipe, out: PipelineDir) -> tuple[str, str | None]:
