@@ -169,11 +169,10 @@ def challengers(case: Case) -> Found:
 def single_objective(case: Case) -> Found:
     if case.challengers:
         return [], None
-    base = case.base
-    chosen, ranked = rank(case, base)
-    return [Reason("single_objective", {"objective": base.objective}), *ranked], \
-        ("not_decisive", chosen, Reason("single_objective", {"objective": base.objective,
-                                                             "lora_rank": chosen.lora_rank}))
+    chosen, ranked = rank(case, case.base)
+    said = {"objective": case.base.objective}
+    return [Reason("single_objective", said), *ranked], \
+        ("not_decisive", chosen, Reason("single_objective", {**said, "lora_rank": chosen.lora_rank}))
 
 
 def switch(case: Case) -> Found:
