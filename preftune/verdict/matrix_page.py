@@ -274,14 +274,13 @@ def shown(text: str, limit: int = EXAMPLE_CHARS, *, end: bool = False) -> str:
 
 
 def _marked(text: str) -> str:
-    out = []
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if (cat == "Cf" or cat == "Cc" and ch not in "\n\t") or ch in "\u2028\u2029":
-            out.append(f"<span class='cc' title='{unicodedata.name(ch, 'control character')}'>U+{ord(ch):04X}</span>")
-        else:
-            out.append(esc(ch))
-    return "".join(out)
+    return "".join(f"<span class='cc' title='{unicodedata.name(ch, 'control character')}'>U+{ord(ch):04X}"
+                   "</span>" if _invisible(ch) else esc(ch) for ch in text)
+
+
+def _invisible(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return cat == "Cf" or (cat == "Cc" and ch not in "\n\t") or ch in "\u2028\u2029"
 
 
 def example_pairs(d: Decision, logs: dict[str, Log]) -> str:

@@ -43,12 +43,9 @@ def _folder(out: PipelineDir, stage: str) -> str:
 
 
 def _gate_rows(gate: dict[str, Any] | None) -> list[list[str]]:
-    rows = []
-    for c in (gate or {}).get("checks", []):
-        for judge, r in c["judges"].items():
-            rows.append([c["check"], c["rule"], judge, "pass" if r["code"] == "check_passed" else "FAIL",
-                         *table_cells(c["rule"], r), num(r.get("prompts_needed"), "d")])
-    return rows
+    return [[c["check"], c["rule"], judge, "pass" if r["code"] == "check_passed" else "FAIL",
+             *table_cells(c["rule"], r), num(r.get("prompts_needed"), "d")]
+            for c in (gate or {}).get("checks", []) for judge, r in c["judges"].items()]
 
 
 def evidence_card(evidence: dict[str, Any] | None) -> str:
@@ -69,10 +66,7 @@ def evidence_card(evidence: dict[str, Any] | None) -> str:
     if gate:
         lines += ["", f"## Gate: {gate['verdict']}", "", "| check | rule | judge | result | evidence | bound |",
                   "|---|---|---|---|---|---|"]
-        for c in gate["checks"]:
-            for judge, r in c["judges"].items():
-                lines.append(f"| {md_esc(c['check'])} | {c['rule']} | `{judge}` | "
-                             f"{'pass' if r['code'] == 'check_passed' else 'FAIL'} | "
-                             + " | ".join(table_cells(c["rule"], r)) + " |")
+        lines += [f"| {md_esc(check)} | {rule} | `{judge}` | {result} | {evidence} | {bound} |"
+                  for check, rule, judge, result, evidence, bound, _ in _gate_rows(gate)]
         lines += [""] + [f"- {md_esc(t)}" for t in gate["explanation"]]
     return "\n".join(lines) + "\n"

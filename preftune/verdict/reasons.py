@@ -156,16 +156,18 @@ def _behaviour(d: dict) -> str:
                    f"{d['diff']:+.3f}" if d["prompts_needed"] else "; the two win equally often on balance")
 
 
-# A significant lift that failed one switch condition: (the clause, its numbers).
-NO_SWITCH: dict[str, tuple[str, Callable[[dict], str]]] = {
+# Group.state (comparisons.py) in words: the two troubles that make a cell unusable.
+_STATES = {"diverged": "diverged", "not_learned": "learned nothing on the held-out pairs"}
+
+# A significant lift that failed one switch condition: (the clause, its numbers; None: said with the cell's own).
+NO_SWITCH: dict[str, tuple[str, Callable[[dict], str] | None]] = {
     "not_significant_adjusted": ("its p is not below alpha", lambda d: f"p is not below alpha/{d['challengers']} = "
                                  f"{_p(d['level'])}, {d['challengers']} challengers tested"),
-    "challenger_diverged": ("it diverged", lambda d: _problems(d["problems"])),
-    "challenger_not_learned": ("it learned nothing on the held-out pairs", lambda d: _problems(d["problems"])),
+    **{f"challenger_{state}": (f"it {words}", None) for state, words in _STATES.items()},
     "not_above_chance": ("it is not above chance", lambda d: f"its accuracy interval on the {d['yardstick']} "
                          f"yardstick starts at {_n(d['ci_low'])}"),
-    "margins_not_cleaner": ("its margins are not cleaner", lambda d: _margins(d)),
-    "margins_equal": ("its margins are equal, not cleaner", lambda d: _margins(d)),
+    "margins_not_cleaner": ("its margins are not cleaner", _margins),
+    "margins_equal": ("its margins are equal, not cleaner", _margins),
     "worse_other_yardstick": ("it is significantly worse on the other yardstick", lambda d: ", ".join(
         f"{w['yardstick']} {w['diff']:+.3f}, p={_p(w['mcnemar_p'])}" for w in d["worse"])),
 }
@@ -201,21 +203,17 @@ TEMPLATES: dict[str, Callable[[dict], str]] = {
     f"not on a common yardstick (best: {d['best']['yardstick']} {d['best']['diff']:+.3f}, adjusted "
     f"p={_p(d['best']['mcnemar_p'])}): the lift comes from how its own reward scores pairs, not from a policy "
     f"that ranks them better",
-    **{code: (lambda d, c=code: f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch: {NO_SWITCH[c][0]} "
-              f"({NO_SWITCH[c][1](d)})") for code in ("not_significant_adjusted", "not_above_chance",
-                                                     "margins_not_cleaner", "margins_equal", "worse_other_yardstick")},
-    "challenger_diverged": lambda d: f"{d['cell']} diverged ({_problems(d['problems'])})" + _favours(d),
-    "challenger_not_learned": lambda d: f"{d['cell']} learned nothing on the held-out pairs "
-    f"({_problems(d['problems'])})" + _favours(d),
+    **{code: (lambda d, why=why, numbers=numbers: f"{d['cell']} is better (p={_p(d['mcnemar_p'])}) but no switch: "
+              f"{why} ({numbers(d)})") for code, (why, numbers) in NO_SWITCH.items() if numbers},
+    **{f"challenger_{state}": lambda d, w=words: f"{d['cell']} {w} ({_problems(d['problems'])})" + _favours(d)
+       for state, words in _STATES.items()},
     "switch_rule_met": lambda d: f"switch: {d['cell']} ranks {d['a_only'] - d['b_only']} more pairs correctly on "
     f"the {d['yardstick']} yardstick, adjusted p={_p(d['mcnemar_p'])} < {_p(d['level'])} (alpha {d['alpha']} over "
     f"{d['challengers']} challenger(s)), accuracy interval {_n(d['ci_low'])}-{_n(d['ci_high'])} above chance, "
     f"cleaner margins: {_margins(d)}",
     "direct_vs_baseline": lambda d: f"{d['a']} vs the baseline {d['b']} directly: {_cmp(d)}",
-    "baseline_diverged": lambda d: f"the baseline {d['cell']} diverged ({_problems(d['problems'])}): not a "
-    "position to keep",
-    "baseline_not_learned": lambda d: f"the baseline {d['cell']} learned nothing on the held-out pairs "
-    f"({_problems(d['problems'])}): not a position to keep",
+    **{f"baseline_{state}": lambda d, w=words: f"the baseline {d['cell']} {w} ({_problems(d['problems'])}): not a "
+       "position to keep" for state, words in _STATES.items()},
     "check_passed": lambda d: f"gate check {d['check']} passes under {d['judge']}: {_gate_numbers(d)}",
     "check_failed": lambda d: f"gate check {d['check']} fails under {d['judge']}: {_gate_numbers(d)}, short by "
     f"{_n(d['shortfall'])}" + (f"; about {d['prompts_needed']} prompts at this rate would settle it"
@@ -279,11 +277,11 @@ def render(reason: Reason | dict) -> str:
 def render_summary(basis: Reason | dict) -> str:
     """The verdict's one-line summary from the reason that decided it, and what behaviour says beside it."""
     d = basis.to_dict() if isinstance(basis, Reason) else basis
-    notes, data = d.get("behaviour") or [], d.get("data") or []
-    elsewhere = d.get("elsewhere") or []
-    return (SUMMARIES[d["code"]](d) + ("" if not notes else " Behaviour: " + "; ".join(render(n) for n in notes) + ".")
-            + ("" if not data else " Data: " + "; ".join(render(n) for n in data) + ".")
-            + ("" if not elsewhere else " Meanwhile " + "; ".join(render(n) for n in elsewhere) + "."))
+    return SUMMARIES[d["code"]](d) + "".join(f" {head}" + "; ".join(render(n) for n in d[key]) + "."
+                                             for key, head in _BESIDE if d.get(key))
+
+
+_BESIDE = (("behaviour", "Behaviour: "), ("data", "Data: "), ("elsewhere", "Meanwhile "))
 
 
 def _first(d: dict) -> str:

@@ -43,9 +43,8 @@ def between(st: Stats, a: Group, b: Group) -> Reason | None:
         cmp = st.compare(a, b, judge_yardstick(spec))
         if cmp is None:
             return None
-        significant = cmp["mcnemar_p"] < st.alpha
         rows.append({"judge": spec, **short(cmp), "direction": _direction(cmp["diff"], cmp["mcnemar_p"], st.alpha),
-                     "prompts_needed": None if significant else cmp["pairs_needed"]})
+                     "prompts_needed": None if cmp["mcnemar_p"] < st.alpha else cmp["pairs_needed"]})
     return _verdict(rows, {"cell": a.name, "against": b.name}) if len(rows) > 1 else None
 
 

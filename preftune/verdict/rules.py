@@ -16,7 +16,6 @@ from typing import Any
 from ..core import objectives
 from ..core.layout import Decision
 from ..evaluation import stats
-from ..evaluation.review import NUMERIC
 from .comparisons import BEHAVIOUR, MEANINGFUL, Group, Stats, cleaner, margins, short
 from .reasons import Reason, render, render_summary
 from .robust import against_reference, between, judged_worse, seed_spread
@@ -115,7 +114,7 @@ def fallback(case: Case) -> Found:
                and any(w in (c.error or "").lower() for w in DIVERGED_WORDS)]
     if not (judged or crashed) or any(not g.unstable for g in judged):
         return [], None
-    if not (crashed or any(set(g.problems()) & set(NUMERIC) for g in judged)):
+    if not (crashed or any(g.state == "diverged" for g in judged)):
         r = Reason("all_at_chance", {"cells": [{"cell": g.name, "accuracy": g.accuracy, "ci": list(g.ci),
                                                 "problems": g.problems()} for g in judged]})
         return [r], ("not_decisive", None, r)
@@ -170,11 +169,10 @@ def challengers(case: Case) -> Found:
 def single_objective(case: Case) -> Found:
     if case.challengers:
         return [], None
-    base = case.base
-    chosen, ranked = rank(case, base)
-    return [Reason("single_objective", {"objective": base.objective}), *ranked], \
-        ("not_decisive", chosen, Reason("single_objective", {"objective": base.objective,
-                                                             "lora_rank": chosen.lora_rank}))
+    chosen, ranked = rank(case, case.base)
+    said = {"objective": case.base.objective}
+    return [Reason("single_objective", said), *ranked], \
+        ("not_decisive", chosen, Reason("single_objective", {**said, "lora_rank": chosen.lora_rank}))
 
 
 def switch(case: Case) -> Found:
@@ -183,12 +181,11 @@ def switch(case: Case) -> Found:
     for c, cmp in case.challengers:
         found, won = switch_conditions(case, c, cmp, k)
         out += found
-        winners += [c] if won else []
+        winners += [(c, cmp)] if won else []
     if not winners:
         return out, None
     st, base = case.st, case.base
-    win = max(winners, key=lambda g: g.accuracy)
-    cmp = st.primary(win, base)
+    win, cmp = max(winners, key=lambda w: w[0].accuracy)
     chosen, ranked = rank(case, win)
     out += ranked
     if chosen is not win:
