@@ -156,7 +156,7 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     try:
         f = open(path, "rb")  # noqa: SIM115  (a generator: closed when the iteration ends)
     except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
+        raise InputError(f"cannot read file: {e.strerror or one_line(e)}", path=source) from None
     offset = 0
     with f:
         for number, raw in enumerate(f, 1):
@@ -183,11 +183,11 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
         try:
             return list(enumerate(pq.read_table(path).to_pylist()))
         except Exception as e:  # pyarrow raises its own types for missing or corrupt files
-            raise InputError(f"cannot read Parquet: {_one_line(e)}", path=source) from None
+            raise InputError(f"cannot read Parquet: {one_line(e)}", path=source) from None
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
+        raise InputError(f"cannot read file: {e.strerror or one_line(e)}", path=source) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -222,11 +222,11 @@ def _read_dataset(source: str, split: str) -> Iterable[tuple[int, Any]]:
         else:
             ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # datasets raises many types (hub, network, format, missing split): report one line
-        raise InputError(f"cannot load dataset (split '{split}'): {_one_line(e)}", path=source) from None
+        raise InputError(f"cannot load dataset (split '{split}'): {one_line(e)}", path=source) from None
     return enumerate(ds)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InputError
-from .rows import Example, PromptRow, _one_line, as_text
+from .rows import Example, PromptRow, as_text, one_line
 
 Encoded = tuple[list[int], list[int], list[int]]  # (prompt, chosen, rejected) ids, untruncated
 
@@ -151,7 +151,7 @@ def use_chat_template(tok: Any, path: str) -> Any:
         else:
             text = where.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or _one_line(e)}", path=path,
+        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or one_line(e)}", path=path,
                          field="chat_template") from None
     if not text.strip():
         raise InputError("empty chat template", path=path, field="chat_template")
@@ -162,27 +162,20 @@ def use_chat_template(tok: Any, path: str) -> Any:
 def _encode(examples: Sequence[Example], tok: Any, apply_chat_template: bool,
             source: str) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt, prompt+chosen, prompt+rejected) ids per example, built the way TRL's ``tokenize_fn`` does."""
-    out: list[Any] = [None] * len(examples)
-    plain = [i for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template]
+    plain = {i: ex for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template}
+    out = {}
     if plain:
         eos = tok.eos_token
         if eos is None:
             raise InputError("the tokenizer has no eos_token", path=source or None)
         # TRL appends the EOS text to standard completions, then tokenizes with the tokenizer's default
         # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
-        def enc(texts: list[str]) -> list[list[int]]:
-            return list(tok(text=texts)["input_ids"])
-
-        exs = [examples[i] for i in plain]
-        prompts = enc([ex.prompt for ex in exs])
-        chosen = enc([ex.prompt + _with_eos(ex.chosen, eos) for ex in exs])
-        rejected = enc([ex.prompt + _with_eos(ex.rejected, eos) for ex in exs])
-        for i, p, c, r in zip(plain, prompts, chosen, rejected):
-            out[i] = (list(p), list(c), list(r))
-    for i, ex in enumerate(examples):
-        if out[i] is None:
-            out[i] = _encode_chat(ex, tok, apply_chat_template, source)
-    return out
+        texts = [(ex.prompt, ex.prompt + _with_eos(ex.chosen, eos), ex.prompt + _with_eos(ex.rejected, eos))
+                 for ex in plain.values()]
+        ids = [tok(text=list(column))["input_ids"] for column in zip(*texts)]  # prompts, chosen, rejected
+        out = {i: (list(p), list(c), list(r)) for i, p, c, r in zip(plain, *ids)}
+    return [out[i] if i in out else _encode_chat(ex, tok, apply_chat_template, source)
+            for i, ex in enumerate(examples)]
 
 
 NO_TEMPLATE = ("the tokenizer has no chat template, which message-list (conversational) rows need: give one with "
@@ -216,7 +209,7 @@ def _chat_ids(tok: Any, messages: list, generation_prompt: bool, path: str, line
         ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
                                       add_generation_prompt=generation_prompt)["input_ids"]
     except Exception as e:  # jinja errors from the template itself, e.g. "roles must alternate"
-        raise InputError(f"chat template failed: {_one_line(e)}", path=path, line=line) from None
+        raise InputError(f"chat template failed: {one_line(e)}", path=path, line=line) from None
     return list(ids)
 
 
