@@ -145,8 +145,8 @@ class Auditor:
             self.held[p] = [0, leak]
             if leak:
                 other = self.prompts[p][2] if leak == "exact" else near[1]
-                self._note("heldout_leak", {"ids": [item.id, other], "leak": leak, **_excerpt(item, "prompt")},
-                           count=0)
+                example = {"ids": [item.id, other], "leak": leak, **_excerpt(item, "prompt")}
+                self._note("heldout_leak", example, count=0)
         self.held[p][0] += 1
 
     def split(self, fraction: float, seed: int) -> None:
@@ -163,8 +163,8 @@ class Auditor:
             self.held[p] = [rows, "near" if others else None]
             self.heldout_pairs += rows
             if others:
-                self._note("heldout_leak", {"ids": [first, others[0]], "leak": "near", "prompt": text[:EXCERPT]},
-                           count=0)
+                example = {"ids": [first, others[0]], "leak": "near", "prompt": text[:EXCERPT]}
+                self._note("heldout_leak", example, count=0)
 
     def findings(self) -> list[dict[str, Any]]:
         c, bad = self.counts, sum(self.bad.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,7 @@ class Loaded:
         """One console line: how many rows were skipped, of which kinds, and the first few by file and line."""
         if not self.skipped:
             return None
-        kinds: dict[str, int] = {}
-        for b in self.skipped:
-            kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        kinds = Counter(b.kind for b in self.skipped)
         named = ", ".join(f"{b.path}:{b.line}" for b in self.skipped[:NAMED])
         more = f" and {len(self.skipped) - NAMED} more" if len(self.skipped) > NAMED else ""
         return (f"skipped {len(self.skipped)} of {len(self.skipped) + len(self.examples)} rows of {source} ("
@@ -160,11 +159,7 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     offset = 0
     with f:
         for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # the line and the byte offset, so `xxd -s` finds it
-                raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
-                                 f"(byte {e.start} of the line)", path=source, line=number) from None
+            text = _decode(raw, source, number, offset)
             offset += len(raw)
             if not text.strip():
                 continue
@@ -189,14 +184,7 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
     except OSError as e:
         raise InputError(f"cannot read file: {e.strerror or one_line(e)}", path=source) from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
-        raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
-                         f"(byte {column} of the line)", path=source, line=line) from None
-    try:
-        obj = json.loads(text)
+        obj = json.loads(_decode(raw, source))
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=e.lineno) from None
     if isinstance(obj, dict):  # {"train": [...], "test": [...]} or {"data": [...]}
@@ -204,6 +192,18 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
     if not isinstance(obj, list):
         raise InputError(f'expected a list of objects, {{"{split}": [...]}} or {{"data": [...]}}', path=source)
     return list(enumerate(obj))
+
+
+def _decode(raw: bytes, source: str, line: int = 1, offset: int = 0) -> str:
+    """``raw`` (from byte ``offset``, line ``line`` of the file) as UTF-8 text; InputError naming the line and
+    the byte offset of a bad byte otherwise, so `xxd -s` finds it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                         f"(byte {column} of the line)", path=source, line=line) from None
 
 
 def _read_dataset(source: str, split: str) -> Iterable[tuple[int, Any]]:
@@ -257,13 +257,13 @@ def load_prompts(source: str, split: str = "train", policy: RowPolicy | None = N
             if isinstance(row, BadRow):
                 raise row
             row = mapped(row, policy.columns, source, line)
-            if row.get("prompt") is None and "chosen" in row and "rejected" in row:
-                prompt = example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
-            elif row.get("prompt") is None:
-                raise BadRow("missing", kind="missing", path=source, line=line, field="prompt")
-            else:
-                prompt = row["prompt"]
+            prompt = row.get("prompt")
+            if prompt is not None:
                 check(prompt, "prompt", source, line)
+            elif "chosen" in row and "rejected" in row:
+                prompt = example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
+            else:
+                raise BadRow("missing", kind="missing", path=source, line=line, field="prompt")
         except BadRow as e:  # a prompt file is small and hand-made: the first bad row stops it
             raise InputError(e.what, path=e.path, line=e.line, field=e.field) from None
         out.append(PromptRow(f"{name}:{line}", prompt, source, line))

@@ -200,8 +200,7 @@ def _encode_chat(ex: Example, tok: Any, wrapped: bool, source: str) -> tuple[lis
                          field="apply_chat_template" if wrapped else None)
     name, _, line = ex.id.rpartition(":")
     where = (source or name, int(line) if line.isdigit() else None)
-    return (_chat_ids(tok, prompt, True, *where), _chat_ids(tok, prompt + chosen, False, *where),
-            _chat_ids(tok, prompt + rejected, False, *where))
+    return tuple(_chat_ids(tok, prompt + tail, not tail, *where) for tail in ([], chosen, rejected))
 
 
 def _chat_ids(tok: Any, messages: list, generation_prompt: bool, path: str, line: int | None) -> list[int]:

@@ -61,7 +61,8 @@ class Batch:
     padded_tokens: int       # R * L
 
     def to(self, device: torch.device | str) -> Batch:
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)})
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
@@ -99,7 +100,7 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
             pos[i, P + C:P + C + R] = torch.arange(P, P + R)   # rejected continues right after the prompt
             block[i, :P], block[i, P:P + C], block[i, P + C:P + C + R] = 0, 1, 2
             predict(i, range(P - 1, P + C - 1), c, i)
-            predict(i, [P - 1, *range(P + C, P + C + R - 1)], r, n + i)  # rejected token 0 by the last prompt one
+            predict(i, [P - 1, *range(P + C, P + C + R - 1)], r, n + i)  # token 0 by the prompt's last too
         q, k = block.unsqueeze(2), block.unsqueeze(1)                       # (n, L, 1), (n, 1, L)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         mask = causal & (k != 3) & ~((q == 2) & (k == 1))                 # (n, L, L)
@@ -163,8 +164,8 @@ def cut_to_shared(pairs: Sequence) -> list:
     """Each pair with both completions cut to min(|c|, |r|) tokens: scoring these gives the shared-part sums
     (LD-DPO) through the plain path, as the reference pass does. (With no prompt the first completion token is
     predicted on neither path, and the shared part is the same.)"""
-    return [dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:keep]), rejected_ids=list(p.rejected_ids[:keep]))
-            for p in pairs for keep in [min(len(p.chosen_ids), len(p.rejected_ids))]]
+    return [dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:k]), rejected_ids=list(p.rejected_ids[:k]))
+            for p in pairs for k in [min(len(p.chosen_ids), len(p.rejected_ids))]]
 
 
 def with_shared_cuts(pairs: Sequence, needs: Sequence[str]) -> list:

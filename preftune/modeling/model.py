@@ -69,7 +69,7 @@ def supported_attention(model: PreTrainedModel) -> list[str]:
     """The attention implementations the model's class declares, eager first."""
     flags = {"_supports_sdpa": ["sdpa"], "_supports_flex_attn": ["flex_attention"],
              "_supports_flash_attn": ["flash_attention_2", "flash_attention_3"]}
-    return ["eager", *(impl for flag, impls in flags.items() if getattr(model, flag, False) for impl in impls)]
+    return ["eager"] + [name for f, names in flags.items() if getattr(model, f, False) for name in names]
 
 
 def load_model(cfg: Config) -> PreTrainedModel:
