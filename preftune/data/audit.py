@@ -82,11 +82,7 @@ class Auditor:
                 self._note("bad_rows", {"ids": [f"{item.path}:{item.line}"], "why": item.what}, count=0)
             return
         self.pairs += 1
-        text = item.prompt_key()
-        p = hash(text)
-        if p not in self.prompts:
-            self._new_prompt(p, text, item)
-        self.prompts[p][1] += 1
+        p, _ = self._prompt(item)
         c, r = as_text(item.chosen), as_text(item.rejected)
         paired = item.label is None
         key, swapped = (hash((p, c, r)), hash((p, r, c))) if paired else (hash((p, c, item.label)),
@@ -99,15 +95,22 @@ class Auditor:
         if paired:
             self._pair(p, c, r, item)
 
-    def _new_prompt(self, p: int, text: str, item: Example) -> None:
-        norm = hash(normalized(text))
-        self.prompts[p] = [norm, 0, item.id]
-        if self.keys is not None:
-            self.keys.add(text)
-        first = self.first_norm.setdefault(norm, (p, item.id))
-        if first[0] != p:
-            self.near_groups.add(norm)
-            self._note("near_duplicate_prompts", {"ids": [first[1], item.id], **_excerpt(item, "prompt")})
+    def _prompt(self, item: Example) -> tuple[int, bool]:
+        """(hash of the row's prompt, whether it is new): a new prompt is recorded, a near-duplicate one noted."""
+        text = item.prompt_key()
+        p = hash(text)
+        new = p not in self.prompts
+        if new:
+            norm = hash(normalized(text))
+            self.prompts[p] = [norm, 0, item.id]
+            if self.keys is not None:
+                self.keys.add(text)
+            first = self.first_norm.setdefault(norm, (p, item.id))
+            if first[0] != p:
+                self.near_groups.add(norm)
+                self._note("near_duplicate_prompts", {"ids": [first[1], item.id], **_excerpt(item, "prompt")})
+        self.prompts[p][1] += 1
+        return p, new
 
     def _pair(self, p: int, c: str, r: str, item: Example) -> None:
         if " ".join(c.split()) == " ".join(r.split()):
@@ -123,13 +126,9 @@ class Auditor:
         """A prompt to sample from (iterate's ``--prompts``): only the prompt checks apply; a repeated prompt counts
         as a duplicate."""
         self.rows += 1
-        text = item.prompt_key()
-        p = hash(text)
-        if p in self.prompts:
+        p, new = self._prompt(item)
+        if not new:
             self._note("duplicate_pairs", {"ids": [self.prompts[p][2], item.id], **_excerpt(item, "prompt")})
-        else:
-            self._new_prompt(p, text, item)
-        self.prompts[p][1] += 1
 
     def add_heldout(self, item: Example | BadRow) -> None:
         """One held-out row: is its prompt (exactly or nearly) one of the training prompts?"""

@@ -89,14 +89,11 @@ def read_examples(source: str, split: str = "train", policy: RowPolicy | None = 
     ``--bad-rows error``, when every row is bad, or when more are bad than ``--max-bad-rows`` allows."""
     policy = policy or RowPolicy()
     out = Loaded([], [])
-    first: tuple[int, bool] | None = None  # (line, paired) of the first good row: a file holds one kind
     for line, ex in iter_rows(source, split, policy):
         if isinstance(ex, BadRow):
             out.skipped.append(ex)
             continue
-        if first is None:
-            first = (line, ex.label is None)
-        elif (ex.label is None) != first[1]:
+        if out.examples and (ex.label is None) != (out.examples[0].label is None):  # a file holds one kind
             raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per "
                              "file", path=source, line=line)
         out.examples.append(ex)

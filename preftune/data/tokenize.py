@@ -106,10 +106,24 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_template: bool = False,
                     source: str = "") -> list[Encoded]:
-    """Untruncated (prompt, chosen, rejected) ids per example. TRL: the completion starts where prompt and
-    prompt+completion diverge (chat templates, merges)."""
+    """Untruncated (prompt, chosen, rejected) ids per example, from prompt, prompt+chosen and prompt+rejected
+    encoded as TRL's ``tokenize_fn`` does; the completion starts where prompt and prompt+completion diverge (chat
+    templates, merges)."""
+    plain = {i: ex for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template}
+    full = {}
+    if plain:
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise InputError("the tokenizer has no eos_token", path=source or None)
+        # TRL appends the EOS text to standard completions, then tokenizes with the tokenizer's default
+        # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
+        texts = [(ex.prompt, ex.prompt + _with_eos(ex.chosen, eos), ex.prompt + _with_eos(ex.rejected, eos))
+                 for ex in plain.values()]
+        ids = [tokenizer(text=list(column))["input_ids"] for column in zip(*texts)]  # prompts, chosen, rejected
+        full = {i: (list(p), list(c), list(r)) for i, p, c, r in zip(plain, *ids)}
     out = []
-    for p, c, r in _encode(examples, tokenizer, apply_chat_template, source):
+    for i, ex in enumerate(examples):
+        p, c, r = full[i] if i in full else _encode_chat(ex, tokenizer, apply_chat_template, source)
         n = min(_common_prefix(p, c), _common_prefix(p, r))
         out.append((p[:n], c[n:], r[n:]))
     return out
@@ -157,25 +171,6 @@ def use_chat_template(tok: Any, path: str) -> Any:
         raise InputError("empty chat template", path=path, field="chat_template")
     tok.chat_template = text
     return tok
-
-
-def _encode(examples: Sequence[Example], tok: Any, apply_chat_template: bool,
-            source: str) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, prompt+chosen, prompt+rejected) ids per example, built the way TRL's ``tokenize_fn`` does."""
-    plain = {i: ex for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template}
-    out = {}
-    if plain:
-        eos = tok.eos_token
-        if eos is None:
-            raise InputError("the tokenizer has no eos_token", path=source or None)
-        # TRL appends the EOS text to standard completions, then tokenizes with the tokenizer's default
-        # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
-        texts = [(ex.prompt, ex.prompt + _with_eos(ex.chosen, eos), ex.prompt + _with_eos(ex.rejected, eos))
-                 for ex in plain.values()]
-        ids = [tok(text=list(column))["input_ids"] for column in zip(*texts)]  # prompts, chosen, rejected
-        out = {i: (list(p), list(c), list(r)) for i, p, c, r in zip(plain, *ids)}
-    return [out[i] if i in out else _encode_chat(ex, tok, apply_chat_template, source)
-            for i, ex in enumerate(examples)]
 
 
 NO_TEMPLATE = ("the tokenizer has no chat template, which message-list (conversational) rows need: give one with "
