@@ -80,16 +80,12 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     for i, x in enumerate(rows):
         input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-    src: list[int] = []
-    targets: list[int] = []
-    seq: list[int] = []
+    hits: list[tuple[int, int, int]] = []  # (flat index of the predicting position, target, sequence)
 
     def predict(row: int, at: Sequence[int], tokens: Sequence[int], s: int) -> None:
         # Token j of sequence s is predicted by position at[j] of its row. With no prompt the first token has
         # no predictor (position -1) and is skipped, as in TRL's shifted loss.
-        for a, token in zip(at, tokens):
-            if a >= 0:
-                src.append(row * L + a), targets.append(token), seq.append(s)
+        hits.extend((row * L + a, token, s) for a, token in zip(at, tokens) if a >= 0)
 
     if share_prompt:
         pos = torch.zeros(n, L, dtype=torch.long)
@@ -111,8 +107,8 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
             predict(s, range(len(x) - len(c) - 1, len(x) - 1), c, s)
         pos = torch.arange(L).expand(2 * n, L).clone()
         attn = (pos < torch.tensor([[len(x)] for x in rows])).long()
-    return Batch(input_ids, pos, attn, *(torch.tensor(v, dtype=torch.long) for v in (src, targets, seq)), n,
-                 sum(len(x) for x in rows), len(rows) * L)
+    src, targets, seq = torch.tensor(hits, dtype=torch.long).reshape(-1, 3).T.contiguous()
+    return Batch(input_ids, pos, attn, src, targets, seq, n, sum(len(x) for x in rows), len(rows) * L)
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None,
