@@ -77,8 +77,6 @@ class Loaded:
                 + ", ".join(f"{k}: {n}" for k, n in kinds.items()) + f"): {named}{more}")
 
 
-# --- loading -----------------------------------------------------------------------------------------------
-
 def load_examples(source: str, split: str = "train", policy: RowPolicy | None = None) -> list[Example]:
     """Read and validate every row of a ``.jsonl``, ``.json`` or ``.parquet`` file, or a ``datasets`` source."""
     return read_examples(source, split, policy).examples

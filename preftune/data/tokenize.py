@@ -94,10 +94,7 @@ def _rank(xs: list[int], q: float) -> int:
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length: int, max_prompt_length: int,
                       apply_chat_template: bool = False, source: str = "") -> tuple[list[Pair], DataStats]:
-    """Tokenize as TRL 1.16's DPOTrainer, then truncate: prompt from the left, completions from the right.
-
-    A pair is dropped when a completion ends up empty, or both end up identical (nothing to compare).
-    """
+    """Tokenize as TRL 1.16's DPOTrainer (``encode_examples``), then ``truncate``; InputError for no rows."""
     if not examples:
         raise InputError("no rows", path=source or None)
     encoded = encode_examples(examples, tokenizer, apply_chat_template=apply_chat_template, source=source)
@@ -131,7 +128,8 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_t
 
 def truncate(examples: Sequence[Example], encoded: Sequence[Encoded], *, max_length: int, max_prompt_length: int,
              source: str = "") -> tuple[list[Pair], DataStats]:
-    """Cut each encoded pair to the lengths: the prompt from the left, completions from the right."""
+    """Cut each encoded pair to the lengths: the prompt from the left, completions from the right. A pair is
+    dropped when a completion ends up empty, or both end up identical (nothing to compare)."""
     stats = DataStats(rows=len(examples), lengths=[(len(p), len(c), len(r)) for p, c, r in encoded])
     pairs = []
     for ex, (p, c, r) in zip(examples, encoded):

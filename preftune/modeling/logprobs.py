@@ -33,11 +33,9 @@ _CHECKPOINT_LOGITS = 1 << 25
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs and token counts of the masked tokens of each sequence.
+    """Summed log-probs (B,) and token counts (B,), fp32, of the tokens where ``loss_mask`` is True (completion).
 
-    logits (B, T, V) predict the next token; labels (B, T); loss_mask (B, T) is True where the token at
-    that position belongs to the completion. Position t's logits score token t+1, so the shift drops the
-    first label and the last logit. Returns (sum (B,) fp32, count (B,) fp32).
+    Position t's logits score token t+1, so the shift drops the first label and the last logit.
     """
     logits = logits[:, :-1].float()                      # (B, T-1, V)
     labels = labels[:, 1:]                               # (B, T-1)
@@ -241,9 +239,8 @@ def _mask_for(model: torch.nn.Module, batch: Batch, dtype: torch.dtype) -> Tenso
     if window is not None and int(batch.position_ids.max()) >= window:  # else no query reaches past the window
         pos = batch.position_ids
         near = (pos.unsqueeze(2) - pos.unsqueeze(1)) < window           # (R, L, L): q - k < window
-        types = getattr(cfg, "layer_types", None)
         masks = {"sliding_attention": mask & near.unsqueeze(1)}         # (R, 1, L, L)
-        if types is not None and "full_attention" in types:
+        if "full_attention" in (getattr(cfg, "layer_types", None) or ()):
             masks["full_attention"] = mask
     impl = getattr(cfg, "_attn_implementation", None)
     if impl in _FLOAT_MASK:

@@ -71,8 +71,7 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     logps = None
     with contextlib.suppress(DamagedFile):  # checked against its checksum: a damaged entry is recomputed
         logps = read_tensors(path).get("logps") if path.exists() else None
-    # every rank agrees, or all compute: a collective needs them all
-    if all(rt.gather(logps is not None and logps.shape == (len(pairs), 2))):
+    if all(rt.gather(logps is not None and logps.shape == (len(pairs), 2))):  # all ranks hit, or all compute
         return logps, True
     lo, hi = rt.shard(len(pairs))
     if under is None:
