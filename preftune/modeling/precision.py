@@ -79,10 +79,8 @@ def dtype_for(requested: str, hw: Hardware) -> str:
 
     Run: ``dtype_for("auto", Hardware("cuda", True))``  -> "bfloat16".
     """
-    if requested == "float32":
+    if requested == "float32" or (requested == "auto" and not hw.native_bf16):
         return "float32"
-    if requested == "auto":
-        return "bfloat16" if hw.native_bf16 else "float32"
     if not hw.native_bf16:
         what = "this CPU has no native bf16 (AMX / AVX-512 BF16)" if hw.device.startswith("cpu") else \
             f"{hw.device} has no native bf16"
