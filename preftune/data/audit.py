@@ -96,7 +96,7 @@ class Auditor:
             self._pair(p, c, r, item)
 
     def _prompt(self, item: Example) -> tuple[int, bool]:
-        """(hash of the row's prompt, whether it is new): a new prompt is recorded, a near-duplicate one noted."""
+        """(hash of the row's prompt, whether it is new); a new prompt is recorded, a near-duplicate noted."""
         text = item.prompt_key()
         p = hash(text)
         new = p not in self.prompts

@@ -62,9 +62,8 @@ class Loaded:
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's record of the skipped rows (empty when none were)."""
-        if not self.skipped:
-            return {}
-        return {"skipped": len(self.skipped), "skipped_rows": [str(b) for b in self.skipped[:NAMED]]}
+        named = [str(b) for b in self.skipped[:NAMED]]
+        return {"skipped": len(self.skipped), "skipped_rows": named} if self.skipped else {}
 
     def note(self, source: str) -> str | None:
         """One console line: how many rows were skipped, of which kinds, and the first few by file and line."""

@@ -104,8 +104,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_template: bool = False,
                     source: str = "") -> list[Encoded]:
     """Untruncated (prompt, chosen, rejected) ids per example, from prompt, prompt+chosen and prompt+rejected
-    encoded as TRL's ``tokenize_fn`` does; the completion starts where prompt and prompt+completion diverge (chat
-    templates, merges)."""
+    encoded as TRL's ``tokenize_fn`` does; the completion starts where prompt and prompt+completion diverge
+    (chat templates, merges)."""
     plain = {i: ex for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template}
     full = {}
     if plain:
@@ -116,7 +116,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_t
         # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
         texts = [(ex.prompt, ex.prompt + _with_eos(ex.chosen, eos), ex.prompt + _with_eos(ex.rejected, eos))
                  for ex in plain.values()]
-        ids = [tokenizer(text=list(column))["input_ids"] for column in zip(*texts)]  # prompts, chosen, rejected
+        ids = [tokenizer(text=list(col))["input_ids"] for col in zip(*texts)]  # prompts, chosen, rejected
         full = {i: (list(p), list(c), list(r)) for i, p, c, r in zip(plain, *ids)}
     out = []
     for i, ex in enumerate(examples):
@@ -163,8 +163,8 @@ def use_chat_template(tok: Any, path: str) -> Any:
         else:
             text = where.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or one_line(e)}", path=path,
-                         field="chat_template") from None
+        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or one_line(e)}",
+                         path=path, field="chat_template") from None
     if not text.strip():
         raise InputError("empty chat template", path=path, field="chat_template")
     tok.chat_template = text

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ _CHECKPOINT_LOGITS = 1 << 25
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs (B,) and token counts (B,), fp32, of the tokens where ``loss_mask`` is True (completion).
+    """Summed log-probs (B,) and token counts (B,), fp32, of the completion tokens (``loss_mask`` True).
 
     Position t's logits score token t+1, so the shift drops the first label and the last logit.
     """
@@ -44,7 +43,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[T
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     """Pairs laid out for one forward pass. Sequence k < n is pair k's chosen, n + k its rejected."""
 
@@ -132,11 +131,9 @@ def token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: i
     out = []
     vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
     for i in range(0, hidden.shape[0], chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        if torch.is_grad_enabled() and h.shape[0] * vocab > _CHECKPOINT_LOGITS:
-            out.append(checkpoint(_chunk_logps, head, h, t, softcap, scale, sumsq, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(head, h, t, softcap, scale, sumsq))
+        args = (head, hidden[i:i + chunk], targets[i:i + chunk], softcap, scale, sumsq)
+        big = torch.is_grad_enabled() and args[1].shape[0] * vocab > _CHECKPOINT_LOGITS
+        out.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if big else _chunk_logps(*args))
     if not out:
         return hidden.new_zeros((2, 0) if sumsq else (0,), dtype=torch.float32)
     return torch.cat(out, dim=-1)
@@ -272,10 +269,9 @@ def compiled_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
     and the saved adapter. Call it through ``_run_compiled``, which makes the sequence length dynamic.
     Run: ``compiled_decoder(model.get_decoder())``.
     """
-    fn = decoder.__dict__.get("_preftune_compiled")
-    if fn is None:
-        fn = decoder.__dict__["_preftune_compiled"] = torch.compile(decoder)
-    return fn
+    if "_preftune_compiled" not in decoder.__dict__:
+        decoder.__dict__["_preftune_compiled"] = torch.compile(decoder)
+    return decoder.__dict__["_preftune_compiled"]
 
 
 def _run_compiled(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | dict[str, Tensor],

@@ -160,7 +160,8 @@ def _load_adapter_weights(model: torch.nn.Module, folder: str) -> None:
     try:
         result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
     except (OSError, RuntimeError) as e:  # missing file; a rank or target set that doesn't match
-        raise InputError(f"cannot start from this adapter: {one_line(e)}", path=folder, field="init_adapter") from None
+        raise InputError(f"cannot start from this adapter: {one_line(e)}", path=folder,
+                         field="init_adapter") from None
     if result.unexpected_keys:
         raise InputError(f"adapter weights this LoRA doesn't have ({result.unexpected_keys[0]}, ...): use its rank and "
                          "target modules", path=folder, field="init_adapter")
