@@ -65,8 +65,8 @@ class Auditor:
         self.hist = [0] * int(8 / BIN)
         self.keys: set[str] | None = set() if keep_keys else None  # prompt texts, for the split train would make
 
-    def _note(self, code: str, example: dict) -> None:
-        self.counts[code] += 1
+    def _note(self, code: str, example: dict, count: int = 1) -> None:
+        self.counts[code] += count
         kept = self.examples.setdefault(code, [])
         if len(kept) < EXAMPLES:
             kept.append(example)
@@ -79,15 +79,10 @@ class Auditor:
                 self._note("chosen_equals_rejected", {"ids": [f"{item.path}:{item.line}"]})
             else:
                 self.bad[item.kind] += 1
-                if len(self.examples.setdefault("bad_rows", [])) < EXAMPLES:
-                    self.examples["bad_rows"].append({"ids": [f"{item.path}:{item.line}"], "why": item.what})
+                self._note("bad_rows", {"ids": [f"{item.path}:{item.line}"], "why": item.what}, count=0)
             return
         self.pairs += 1
-        text = item.prompt_key()
-        p = hash(text)
-        if p not in self.prompts:
-            self._new_prompt(p, text, item)
-        self.prompts[p][1] += 1
+        p, _ = self._prompt(item)
         c, r = as_text(item.chosen), as_text(item.rejected)
         paired = item.label is None
         key, swapped = (hash((p, c, r)), hash((p, r, c))) if paired else (hash((p, c, item.label)),
@@ -100,15 +95,22 @@ class Auditor:
         if paired:
             self._pair(p, c, r, item)
 
-    def _new_prompt(self, p: int, text: str, item: Example) -> None:
-        norm = hash(normalized(text))
-        self.prompts[p] = [norm, 0, item.id]
-        if self.keys is not None:
-            self.keys.add(text)
-        first = self.first_norm.setdefault(norm, (p, item.id))
-        if first[0] != p:
-            self.near_groups.add(norm)
-            self._note("near_duplicate_prompts", {"ids": [first[1], item.id], **_excerpt(item, "prompt")})
+    def _prompt(self, item: Example) -> tuple[int, bool]:
+        """(hash of the row's prompt, whether it is new); a new prompt is recorded, a near-duplicate noted."""
+        text = item.prompt_key()
+        p = hash(text)
+        new = p not in self.prompts
+        if new:
+            norm = hash(normalized(text))
+            self.prompts[p] = [norm, 0, item.id]
+            if self.keys is not None:
+                self.keys.add(text)
+            first = self.first_norm.setdefault(norm, (p, item.id))
+            if first[0] != p:
+                self.near_groups.add(norm)
+                self._note("near_duplicate_prompts", {"ids": [first[1], item.id], **_excerpt(item, "prompt")})
+        self.prompts[p][1] += 1
+        return p, new
 
     def _pair(self, p: int, c: str, r: str, item: Example) -> None:
         if " ".join(c.split()) == " ".join(r.split()):
@@ -124,13 +126,9 @@ class Auditor:
         """A prompt to sample from (iterate's ``--prompts``): only the prompt checks apply; a repeated prompt counts
         as a duplicate."""
         self.rows += 1
-        text = item.prompt_key()
-        p = hash(text)
-        if p in self.prompts:
+        p, new = self._prompt(item)
+        if not new:
             self._note("duplicate_pairs", {"ids": [self.prompts[p][2], item.id], **_excerpt(item, "prompt")})
-        else:
-            self._new_prompt(p, text, item)
-        self.prompts[p][1] += 1
 
     def add_heldout(self, item: Example | BadRow) -> None:
         """One held-out row: is its prompt (exactly or nearly) one of the training prompts?"""
@@ -141,12 +139,13 @@ class Auditor:
         text = item.prompt_key()
         p = hash(text)
         if p not in self.held:
-            leak = "exact" if p in self.prompts else "near" if hash(normalized(text)) in self.first_norm else None
+            near = self.first_norm.get(hash(normalized(text)))  # (hash(prompt), first id) of a near one
+            leak = "exact" if p in self.prompts else "near" if near else None
             self.held[p] = [0, leak]
-            if leak and len(self.examples.setdefault("heldout_leak", [])) < EXAMPLES:
-                other = self.prompts[p][2] if leak == "exact" else self.first_norm[hash(normalized(text))][1]
-                self.examples["heldout_leak"].append({"ids": [item.id, other], "leak": leak,
-                                                      **_excerpt(item, "prompt")})
+            if leak:
+                other = self.prompts[p][2] if leak == "exact" else near[1]
+                example = {"ids": [item.id, other], "leak": leak, **_excerpt(item, "prompt")}
+                self._note("heldout_leak", example, count=0)
         self.held[p][0] += 1
 
     def split(self, fraction: float, seed: int) -> None:
@@ -159,12 +158,12 @@ class Auditor:
         hashes = {hash(k): k for k in held}
         for p, text in hashes.items():
             norm, rows, first = self.prompts[p]
-            leak = "near" if any(q not in hashes for q in groups[norm]) else None
-            self.held[p] = [rows, leak]
+            others = [self.prompts[q][2] for q in groups[norm] if q not in hashes]
+            self.held[p] = [rows, "near" if others else None]
             self.heldout_pairs += rows
-            if leak and len(self.examples.setdefault("heldout_leak", [])) < EXAMPLES:
-                other = next(self.prompts[q][2] for q in groups[norm] if q not in hashes)
-                self.examples["heldout_leak"].append({"ids": [first, other], "leak": leak, "prompt": text[:EXCERPT]})
+            if others:
+                example = {"ids": [first, others[0]], "leak": "near", "prompt": text[:EXCERPT]}
+                self._note("heldout_leak", example, count=0)
 
     def findings(self) -> list[dict[str, Any]]:
         c, bad = self.counts, sum(self.bad.values())
@@ -183,8 +182,8 @@ class Auditor:
         return [{**f, "examples": self.examples.get(f["code"], [])} for f in out]
 
     def _leak(self) -> dict[str, Any]:
-        exact = sum(1 for _, leak in self.held.values() if leak == "exact")
-        near = sum(1 for _, leak in self.held.values() if leak == "near")
+        leaks = Counter(leak for _, leak in self.held.values())
+        exact, near = leaks["exact"], leaks["near"]
         pairs = sum(rows for rows, leak in self.held.values() if leak)
         return {"code": "heldout_leak", "severity": "warn" if exact + near else "info",
                 "heldout_prompts": len(self.held), "exact": exact, "near": near,
@@ -195,10 +194,11 @@ class Auditor:
             "edges": [-4 + BIN * i for i in range(len(self.hist) + 1)], "counts": list(self.hist),
             "of": "log2((chosen + 1) / (rejected + 1))"})
 
-    def counts_record(self) -> dict[str, Any]:
-        return {"rows": self.rows, "pairs": self.pairs, "prompts": len(self.prompts),
-                "bad_rows": sum(self.bad.values()),
-                "heldout_pairs": self.heldout_pairs, "heldout_prompts": len(self.held)}
+    def audit(self, sources: dict[str, Any]) -> Audit:
+        """audit.json's record: where the rows came from, the counts, the findings."""
+        return Audit(sources, {"rows": self.rows, "pairs": self.pairs, "prompts": len(self.prompts),
+                               "bad_rows": sum(self.bad.values()), "heldout_pairs": self.heldout_pairs,
+                               "heldout_prompts": len(self.held)}, self.findings())
 
 
 _TEXT = ("prompt", "chosen", "rejected")
@@ -240,9 +240,8 @@ def audit_source(data: str, eval_data: str | None = None, policy: RowPolicy | No
             auditor.add_heldout(item)
     elif eval_fraction > 0:
         auditor.split(eval_fraction, split_seed)
-    sources = {"data": data, "eval_data": eval_data} if eval_data else \
-        {"data": data, "eval_fraction": eval_fraction, "split_seed": split_seed}
-    return Audit(sources, auditor.counts_record(), auditor.findings())
+    return auditor.audit({"data": data, "eval_data": eval_data} if eval_data else
+                         {"data": data, "eval_fraction": eval_fraction, "split_seed": split_seed})
 
 
 def audit_examples(train: Iterable[Example | BadRow], heldout: Iterable[Example | BadRow],
@@ -253,7 +252,7 @@ def audit_examples(train: Iterable[Example | BadRow], heldout: Iterable[Example 
         auditor.add(item)
     for item in heldout:
         auditor.add_heldout(item)
-    return Audit(sources, auditor.counts_record(), auditor.findings())
+    return auditor.audit(sources)
 
 
 def audit_prompts(prompts: Iterable[Example], eval_data: str, eval_split: str, columns: dict[str, str]) -> Audit:
@@ -263,7 +262,7 @@ def audit_prompts(prompts: Iterable[Example], eval_data: str, eval_split: str, c
         auditor.add_prompt(item)
     for _, held in iter_rows(eval_data, eval_split, RowPolicy(columns, "skip", math.inf)):
         auditor.add_heldout(held)
-    return Audit({"prompts": "iterate --prompts", "eval_data": eval_data}, auditor.counts_record(), auditor.findings())
+    return auditor.audit({"prompts": "iterate --prompts", "eval_data": eval_data})
 
 
 # Short words per finding for the one console line (full sentences: verdict/reasons.py).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,24 +62,19 @@ class Loaded:
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's record of the skipped rows (empty when none were)."""
-        if not self.skipped:
-            return {}
-        return {"skipped": len(self.skipped), "skipped_rows": [str(b) for b in self.skipped[:NAMED]]}
+        named = [str(b) for b in self.skipped[:NAMED]]
+        return {"skipped": len(self.skipped), "skipped_rows": named} if self.skipped else {}
 
     def note(self, source: str) -> str | None:
         """One console line: how many rows were skipped, of which kinds, and the first few by file and line."""
         if not self.skipped:
             return None
-        kinds: dict[str, int] = {}
-        for b in self.skipped:
-            kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        kinds = Counter(b.kind for b in self.skipped)
         named = ", ".join(f"{b.path}:{b.line}" for b in self.skipped[:NAMED])
         more = f" and {len(self.skipped) - NAMED} more" if len(self.skipped) > NAMED else ""
         return (f"skipped {len(self.skipped)} of {len(self.skipped) + len(self.examples)} rows of {source} ("
                 + ", ".join(f"{k}: {n}" for k, n in kinds.items()) + f"): {named}{more}")
 
-
-# --- loading -----------------------------------------------------------------------------------------------
 
 def load_examples(source: str, split: str = "train", policy: RowPolicy | None = None) -> list[Example]:
     """Read and validate every row of a ``.jsonl``, ``.json`` or ``.parquet`` file, or a ``datasets`` source."""
@@ -90,14 +86,11 @@ def read_examples(source: str, split: str = "train", policy: RowPolicy | None = 
     ``--bad-rows error``, when every row is bad, or when more are bad than ``--max-bad-rows`` allows."""
     policy = policy or RowPolicy()
     out = Loaded([], [])
-    first: tuple[int, bool] | None = None  # (line, paired) of the first good row: a file holds one kind
     for line, ex in iter_rows(source, split, policy):
         if isinstance(ex, BadRow):
             out.skipped.append(ex)
             continue
-        if first is None:
-            first = (line, ex.label is None)
-        elif (ex.label is None) != first[1]:
+        if out.examples and (ex.label is None) != (out.examples[0].label is None):  # a file holds one kind
             raise InputError("mixes pairs (chosen/rejected) and unpaired rows (completion/label); use one kind per "
                              "file", path=source, line=line)
         out.examples.append(ex)
@@ -156,15 +149,11 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     try:
         f = open(path, "rb")  # noqa: SIM115  (a generator: closed when the iteration ends)
     except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
+        raise InputError(f"cannot read file: {e.strerror or one_line(e)}", path=source) from None
     offset = 0
     with f:
         for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # the line and the byte offset, so `xxd -s` finds it
-                raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
-                                 f"(byte {e.start} of the line)", path=source, line=number) from None
+            text = _decode(raw, source, number, offset)
             offset += len(raw)
             if not text.strip():
                 continue
@@ -183,20 +172,13 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
         try:
             return list(enumerate(pq.read_table(path).to_pylist()))
         except Exception as e:  # pyarrow raises its own types for missing or corrupt files
-            raise InputError(f"cannot read Parquet: {_one_line(e)}", path=source) from None
+            raise InputError(f"cannot read Parquet: {one_line(e)}", path=source) from None
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror or _one_line(e)}", path=source) from None
+        raise InputError(f"cannot read file: {e.strerror or one_line(e)}", path=source) from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
-        raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
-                         f"(byte {column} of the line)", path=source, line=line) from None
-    try:
-        obj = json.loads(text)
+        obj = json.loads(_decode(raw, source))
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=e.lineno) from None
     if isinstance(obj, dict):  # {"train": [...], "test": [...]} or {"data": [...]}
@@ -204,6 +186,18 @@ def _read_file(path: Path, source: str, split: str) -> list[tuple[int, Any]]:
     if not isinstance(obj, list):
         raise InputError(f'expected a list of objects, {{"{split}": [...]}} or {{"data": [...]}}', path=source)
     return list(enumerate(obj))
+
+
+def _decode(raw: bytes, source: str, line: int = 1, offset: int = 0) -> str:
+    """``raw`` (from byte ``offset``, line ``line`` of the file) as UTF-8 text; InputError naming the line and
+    the byte offset of a bad byte otherwise, so `xxd -s` finds it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                         f"(byte {column} of the line)", path=source, line=line) from None
 
 
 def _read_dataset(source: str, split: str) -> Iterable[tuple[int, Any]]:
@@ -222,11 +216,11 @@ def _read_dataset(source: str, split: str) -> Iterable[tuple[int, Any]]:
         else:
             ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # datasets raises many types (hub, network, format, missing split): report one line
-        raise InputError(f"cannot load dataset (split '{split}'): {_one_line(e)}", path=source) from None
+        raise InputError(f"cannot load dataset (split '{split}'): {one_line(e)}", path=source) from None
     return enumerate(ds)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -257,13 +251,13 @@ def load_prompts(source: str, split: str = "train", policy: RowPolicy | None = N
             if isinstance(row, BadRow):
                 raise row
             row = mapped(row, policy.columns, source, line)
-            if row.get("prompt") is None and "chosen" in row and "rejected" in row:
-                prompt = example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
-            elif row.get("prompt") is None:
-                raise BadRow("missing", kind="missing", path=source, line=line, field="prompt")
-            else:
-                prompt = row["prompt"]
+            prompt = row.get("prompt")
+            if prompt is not None:
                 check(prompt, "prompt", source, line)
+            elif "chosen" in row and "rejected" in row:
+                prompt = example(row, f"{name}:{line}", source, line).prompt  # implicit prompt of a pair
+            else:
+                raise BadRow("missing", kind="missing", path=source, line=line, field="prompt")
         except BadRow as e:  # a prompt file is small and hand-made: the first bad row stops it
             raise InputError(e.what, path=e.path, line=e.line, field=e.field) from None
         out.append(PromptRow(f"{name}:{line}", prompt, source, line))

@@ -77,7 +77,8 @@ def example(row: dict, id: str, source: str, line: int) -> Example:
         return _unpaired(row, id, source, line)
     for field in ("chosen", "rejected"):
         if field not in row:
-            raise _missing(row, field, source, line)
+            raise BadRow(f"missing (the row has columns: {', '.join(map(str, row)) or 'none'}; --columns "
+                         f"{field}=NAME maps yours)", kind="missing", path=source, line=line, field=field)
         check(row[field], field, source, line)
     chosen, rejected = row["chosen"], row["rejected"]
     conversational = isinstance(chosen, list)
@@ -98,11 +99,6 @@ def example(row: dict, id: str, source: str, line: int) -> Example:
             raise BadRow(f"must be {kind}, like chosen and rejected", kind="mixed_forms", path=source, line=line,
                          field="prompt")
     return Example(id, prompt, chosen, rejected)
-
-
-def _missing(row: dict, field: str, source: str, line: int) -> BadRow:
-    return BadRow(f"missing (the row has columns: {', '.join(map(str, row)) or 'none'}; "
-                  f"--columns {field}=NAME maps yours)", kind="missing", path=source, line=line, field=field)
 
 
 def _unpaired(row: dict, id: str, source: str, line: int) -> Example:

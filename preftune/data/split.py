@@ -30,12 +30,8 @@ def unpaired_view(examples: Sequence[Example], batch_size: int, seed: int) -> li
         rows = [Example(f"{ex.id}/{side}", ex.prompt, text, text, side == "chosen")
                 for ex in rows for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected))]
         random.Random(seed).shuffle(rows)
-    out = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        kl = [chunk[-1].chosen] + [ex.chosen for ex in chunk[:-1]]
-        out += [Example(ex.id, ex.prompt, ex.chosen, k, ex.label) for ex, k in zip(chunk, kl)]
-    return out
+    return [Example(ex.id, ex.prompt, ex.chosen, chunk[j - 1].chosen, ex.label)
+            for chunk in _chunks(rows, batch_size) for j, ex in enumerate(chunk)]
 
 
 def heldout_pairs(examples: Sequence[Example], source: str) -> list[Example]:
@@ -86,12 +82,10 @@ def batch_order(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
     perm = [int(i) for i in rng.permutation(len(lengths))]
     if not group_by_length:
         return _chunks(perm, batch_size)
-    window = 32 * batch_size
-    batches = []
-    for s in range(0, len(perm), window):
-        batches += _chunks(sorted(perm[s:s + window], key=lambda i: -lengths[i]), batch_size)
+    batches = [b for window in _chunks(perm, 32 * batch_size)
+               for b in _chunks(sorted(window, key=lambda i: -lengths[i]), batch_size)]
     return [batches[int(i)] for i in rng.permutation(len(batches))]
 
 
-def _chunks(items: list[int], size: int) -> list[list[int]]:
+def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]

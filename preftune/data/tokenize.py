@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InputError
-from .rows import Example, PromptRow, _one_line, as_text
+from .rows import Example, PromptRow, as_text, one_line
 
 Encoded = tuple[list[int], list[int], list[int]]  # (prompt, chosen, rejected) ids, untruncated
 
@@ -94,10 +94,7 @@ def _rank(xs: list[int], q: float) -> int:
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length: int, max_prompt_length: int,
                       apply_chat_template: bool = False, source: str = "") -> tuple[list[Pair], DataStats]:
-    """Tokenize as TRL 1.16's DPOTrainer, then truncate: prompt from the left, completions from the right.
-
-    A pair is dropped when a completion ends up empty, or both end up identical (nothing to compare).
-    """
+    """Tokenize as TRL 1.16's DPOTrainer (``encode_examples``), then ``truncate``; InputError for no rows."""
     if not examples:
         raise InputError("no rows", path=source or None)
     encoded = encode_examples(examples, tokenizer, apply_chat_template=apply_chat_template, source=source)
@@ -106,10 +103,24 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, max_length
 
 def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_template: bool = False,
                     source: str = "") -> list[Encoded]:
-    """Untruncated (prompt, chosen, rejected) ids per example. TRL: the completion starts where prompt and
-    prompt+completion diverge (chat templates, merges)."""
+    """Untruncated (prompt, chosen, rejected) ids per example, from prompt, prompt+chosen and prompt+rejected
+    encoded as TRL's ``tokenize_fn`` does; the completion starts where prompt and prompt+completion diverge
+    (chat templates, merges)."""
+    plain = {i: ex for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template}
+    full = {}
+    if plain:
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise InputError("the tokenizer has no eos_token", path=source or None)
+        # TRL appends the EOS text to standard completions, then tokenizes with the tokenizer's default
+        # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
+        texts = [(ex.prompt, ex.prompt + _with_eos(ex.chosen, eos), ex.prompt + _with_eos(ex.rejected, eos))
+                 for ex in plain.values()]
+        ids = [tokenizer(text=list(col))["input_ids"] for col in zip(*texts)]  # prompts, chosen, rejected
+        full = {i: (list(p), list(c), list(r)) for i, p, c, r in zip(plain, *ids)}
     out = []
-    for p, c, r in _encode(examples, tokenizer, apply_chat_template, source):
+    for i, ex in enumerate(examples):
+        p, c, r = full[i] if i in full else _encode_chat(ex, tokenizer, apply_chat_template, source)
         n = min(_common_prefix(p, c), _common_prefix(p, r))
         out.append((p[:n], c[n:], r[n:]))
     return out
@@ -117,7 +128,8 @@ def encode_examples(examples: Sequence[Example], tokenizer: Any, *, apply_chat_t
 
 def truncate(examples: Sequence[Example], encoded: Sequence[Encoded], *, max_length: int, max_prompt_length: int,
              source: str = "") -> tuple[list[Pair], DataStats]:
-    """Cut each encoded pair to the lengths: the prompt from the left, completions from the right."""
+    """Cut each encoded pair to the lengths: the prompt from the left, completions from the right. A pair is
+    dropped when a completion ends up empty, or both end up identical (nothing to compare)."""
     stats = DataStats(rows=len(examples), lengths=[(len(p), len(c), len(r)) for p, c, r in encoded])
     pairs = []
     for ex, (p, c, r) in zip(examples, encoded):
@@ -151,38 +163,12 @@ def use_chat_template(tok: Any, path: str) -> Any:
         else:
             text = where.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or _one_line(e)}", path=path,
-                         field="chat_template") from None
+        raise InputError(f"cannot read chat template: {getattr(e, 'strerror', None) or one_line(e)}",
+                         path=path, field="chat_template") from None
     if not text.strip():
         raise InputError("empty chat template", path=path, field="chat_template")
     tok.chat_template = text
     return tok
-
-
-def _encode(examples: Sequence[Example], tok: Any, apply_chat_template: bool,
-            source: str) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, prompt+chosen, prompt+rejected) ids per example, built the way TRL's ``tokenize_fn`` does."""
-    out: list[Any] = [None] * len(examples)
-    plain = [i for i, ex in enumerate(examples) if isinstance(ex.chosen, str) and not apply_chat_template]
-    if plain:
-        eos = tok.eos_token
-        if eos is None:
-            raise InputError("the tokenizer has no eos_token", path=source or None)
-        # TRL appends the EOS text to standard completions, then tokenizes with the tokenizer's default
-        # add_special_tokens (BOS where the tokenizer adds one) -- batched here, same ids.
-        def enc(texts: list[str]) -> list[list[int]]:
-            return list(tok(text=texts)["input_ids"])
-
-        exs = [examples[i] for i in plain]
-        prompts = enc([ex.prompt for ex in exs])
-        chosen = enc([ex.prompt + _with_eos(ex.chosen, eos) for ex in exs])
-        rejected = enc([ex.prompt + _with_eos(ex.rejected, eos) for ex in exs])
-        for i, p, c, r in zip(plain, prompts, chosen, rejected):
-            out[i] = (list(p), list(c), list(r))
-    for i, ex in enumerate(examples):
-        if out[i] is None:
-            out[i] = _encode_chat(ex, tok, apply_chat_template, source)
-    return out
 
 
 NO_TEMPLATE = ("the tokenizer has no chat template, which message-list (conversational) rows need: give one with "
@@ -207,8 +193,7 @@ def _encode_chat(ex: Example, tok: Any, wrapped: bool, source: str) -> tuple[lis
                          field="apply_chat_template" if wrapped else None)
     name, _, line = ex.id.rpartition(":")
     where = (source or name, int(line) if line.isdigit() else None)
-    return (_chat_ids(tok, prompt, True, *where), _chat_ids(tok, prompt + chosen, False, *where),
-            _chat_ids(tok, prompt + rejected, False, *where))
+    return tuple(_chat_ids(tok, prompt + tail, not tail, *where) for tail in ([], chosen, rejected))
 
 
 def _chat_ids(tok: Any, messages: list, generation_prompt: bool, path: str, line: int | None) -> list[int]:
@@ -216,7 +201,7 @@ def _chat_ids(tok: Any, messages: list, generation_prompt: bool, path: str, line
         ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
                                       add_generation_prompt=generation_prompt)["input_ids"]
     except Exception as e:  # jinja errors from the template itself, e.g. "roles must alternate"
-        raise InputError(f"chat template failed: {_one_line(e)}", path=path, line=line) from None
+        raise InputError(f"chat template failed: {one_line(e)}", path=path, line=line) from None
     return list(ids)
 
 

@@ -43,19 +43,6 @@ def suggestion(folder: str | Path, need: Sequence[str] = ALL) -> str | None:
     return next((str(p) for p in subs if not missing(p, need)), None)
 
 
-def _check_not_a_mistyped_folder(path: str, field: str) -> None:
-    parts = Path(path).parts
-    local_looking = path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
-    if path and local_looking:
-        near = Path(os.path.expanduser(path)).parent
-        try:
-            has = sorted(p.name for p in near.iterdir() if p.is_dir()) if near.is_dir() else []
-        except OSError:  # an unreadable parent: no hint, still one line
-            has = []
-        hint = f"; {near} has: {', '.join(has[:8])}" if has else ""
-        raise InputError(f"no such folder (and not a hub id 'owner/name'){hint}", path=path, field=field)
-
-
 def check_model_folder(path: str, *, need: Sequence[str] = ALL, field: str = "model") -> None:
     """One line (InputError, exit 2) naming the folder and what it lacks, with the sub-folder that has a model.
 
@@ -64,7 +51,16 @@ def check_model_folder(path: str, *, need: Sequence[str] = ALL, field: str = "mo
     ``worlds/``), is "no such folder" at once, not a minute of hub retries ending in a message about the network.
     """
     if not os.path.isdir(path):
-        _check_not_a_mistyped_folder(path, field)
+        parts = Path(path).parts
+        if path and (path.startswith((".", "/", "~")) or len(parts) > 2
+                     or (len(parts) == 2 and os.path.isdir(parts[0]))):
+            near = Path(os.path.expanduser(path)).parent
+            try:
+                has = sorted(p.name for p in near.iterdir() if p.is_dir()) if near.is_dir() else []
+            except OSError:  # an unreadable parent: no hint, still one line
+                has = []
+            hint = f"; {near} has: {', '.join(has[:8])}" if has else ""
+            raise InputError(f"no such folder (and not a hub id 'owner/name'){hint}", path=path, field=field)
         return
     lacks = missing(path, need)
     if not lacks:

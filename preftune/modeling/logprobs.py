@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,11 +32,9 @@ _CHECKPOINT_LOGITS = 1 << 25
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed log-probs and token counts of the masked tokens of each sequence.
+    """Summed log-probs (B,) and token counts (B,), fp32, of the completion tokens (``loss_mask`` True).
 
-    logits (B, T, V) predict the next token; labels (B, T); loss_mask (B, T) is True where the token at
-    that position belongs to the completion. Position t's logits score token t+1, so the shift drops the
-    first label and the last logit. Returns (sum (B,) fp32, count (B,) fp32).
+    Position t's logits score token t+1, so the shift drops the first label and the last logit.
     """
     logits = logits[:, :-1].float()                      # (B, T-1, V)
     labels = labels[:, 1:]                               # (B, T-1)
@@ -46,7 +43,7 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[T
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     """Pairs laid out for one forward pass. Sequence k < n is pair k's chosen, n + k its rejected."""
 
@@ -61,9 +58,8 @@ class Batch:
     padded_tokens: int       # R * L
 
     def to(self, device: torch.device | str) -> Batch:
-        t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "attention_mask", "src",
-                                                       "targets", "seq")}
-        return Batch(**t, n_pairs=self.n_pairs, real_tokens=self.real_tokens, padded_tokens=self.padded_tokens)
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return dataclasses.replace(self, **moved)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
@@ -73,12 +69,22 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
     Run: ``make_batch([[1]], [[2]], [[3]], 0)``.
     """
     n = len(prompts)
-    src: list[int] = []
-    targets: list[int] = []
-    seq: list[int] = []
     if share_prompt:
         rows = [list(p) + list(c) + list(r) for p, c, r in zip(prompts, chosen, rejected)]
-        L = max(len(x) for x in rows)
+    else:
+        rows = [list(p) + list(c) for side in (chosen, rejected) for p, c in zip(prompts, side)]
+    L = max(len(x) for x in rows)
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    for i, x in enumerate(rows):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    hits: list[tuple[int, int, int]] = []  # (flat index of the predicting position, target, sequence)
+
+    def predict(row: int, at: Sequence[int], tokens: Sequence[int], s: int) -> None:
+        # Token j of sequence s is predicted by position at[j] of its row. With no prompt the first token has
+        # no predictor (position -1) and is skipped, as in TRL's shifted loss.
+        hits.extend((row * L + a, token, s) for a, token in zip(at, tokens) if a >= 0)
+
+    if share_prompt:
         pos = torch.zeros(n, L, dtype=torch.long)
         block = torch.full((n, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
         for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
@@ -86,44 +92,20 @@ def make_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
             pos[i, :P + C] = torch.arange(P + C)
             pos[i, P + C:P + C + R] = torch.arange(P, P + R)   # rejected continues right after the prompt
             block[i, :P], block[i, P:P + C], block[i, P + C:P + C + R] = 0, 1, 2
-            base = i * L
-            # Token j of chosen is predicted by position P-1+j; rejected token 0 by the last prompt
-            # position too, rejected token j>0 by position P+C+j-1. With no prompt the first token has
-            # no predictor and is skipped (as in TRL's shifted loss).
-            for j in range(C):
-                if P + j - 1 >= 0:
-                    src.append(base + P - 1 + j), targets.append(c[j]), seq.append(i)
-            for j in range(R):
-                at = P - 1 if j == 0 else P + C + j - 1
-                if at >= 0:
-                    src.append(base + at), targets.append(r[j]), seq.append(n + i)
+            predict(i, range(P - 1, P + C - 1), c, i)
+            predict(i, [P - 1, *range(P + C, P + C + R - 1)], r, n + i)  # token 0 by the prompt's last too
         q, k = block.unsqueeze(2), block.unsqueeze(1)                       # (n, L, 1), (n, 1, L)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         mask = causal & (k != 3) & ~((q == 2) & (k == 1))                 # (n, L, L)
         mask |= torch.eye(L, dtype=torch.bool) & (q == 3)                  # pad rows see themselves: no NaN
-        input_ids = torch.full((n, L), pad_id, dtype=torch.long)
-        for i, x in enumerate(rows):
-            input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        real = sum(len(x) for x in rows)
-        return Batch(input_ids, pos, mask.unsqueeze(1), torch.tensor(src, dtype=torch.long),
-                     torch.tensor(targets, dtype=torch.long), torch.tensor(seq, dtype=torch.long), n, real, n * L)
-
-    rows = [list(p) + list(c) for p, c in zip(prompts, chosen)] + [list(p) + list(r) for p, r in zip(prompts, rejected)]
-    comps = list(chosen) + list(rejected)
-    L = max(len(x) for x in rows)
-    input_ids = torch.full((2 * n, L), pad_id, dtype=torch.long)
-    attn = torch.zeros(2 * n, L, dtype=torch.long)
-    for s, (x, c) in enumerate(zip(rows, comps)):
-        input_ids[s, :len(x)] = torch.tensor(x, dtype=torch.long)
-        attn[s, :len(x)] = 1
-        P = len(x) - len(c)
-        for j in range(len(c)):
-            if P + j - 1 >= 0:
-                src.append(s * L + P - 1 + j), targets.append(c[j]), seq.append(s)
-    pos = torch.arange(L).expand(2 * n, L).clone()
-    real = sum(len(x) for x in rows)
-    return Batch(input_ids, pos, attn, torch.tensor(src, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
-                 torch.tensor(seq, dtype=torch.long), n, real, 2 * n * L)
+        attn = mask.unsqueeze(1)
+    else:
+        for s, (x, c) in enumerate(zip(rows, list(chosen) + list(rejected))):
+            predict(s, range(len(x) - len(c) - 1, len(x) - 1), c, s)
+        pos = torch.arange(L).expand(2 * n, L).clone()
+        attn = (pos < torch.tensor([[len(x)] for x in rows])).long()
+    src, targets, seq = torch.tensor(hits, dtype=torch.long).reshape(-1, 3).T.contiguous()
+    return Batch(input_ids, pos, attn, src, targets, seq, n, sum(len(x) for x in rows), len(rows) * L)
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None,
@@ -147,13 +129,11 @@ def token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: i
     """Log-prob of each target token from its predicting hidden state: hidden (M, H), targets (M,) -> (M,) fp32.
     ``sumsq``: (2, M), row 1 the token's log Σ_v p_v² (no gradient), from the same logits."""
     out = []
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
     for i in range(0, hidden.shape[0], chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
-        if torch.is_grad_enabled() and h.shape[0] * vocab > _CHECKPOINT_LOGITS:
-            out.append(checkpoint(_chunk_logps, head, h, t, softcap, scale, sumsq, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(head, h, t, softcap, scale, sumsq))
+        args = (head, hidden[i:i + chunk], targets[i:i + chunk], softcap, scale, sumsq)
+        big = torch.is_grad_enabled() and args[1].shape[0] * vocab > _CHECKPOINT_LOGITS
+        out.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if big else _chunk_logps(*args))
     if not out:
         return hidden.new_zeros((2, 0) if sumsq else (0,), dtype=torch.float32)
     return torch.cat(out, dim=-1)
@@ -175,11 +155,8 @@ def cut_to_shared(pairs: Sequence) -> list:
     """Each pair with both completions cut to min(|c|, |r|) tokens: scoring these gives the shared-part sums
     (LD-DPO) through the plain path, as the reference pass does. (With no prompt the first completion token is
     predicted on neither path, and the shared part is the same.)"""
-    out = []
-    for p in pairs:
-        keep = min(len(p.chosen_ids), len(p.rejected_ids))
-        out.append(dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:keep]), rejected_ids=list(p.rejected_ids[:keep])))
-    return out
+    return [dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:k]), rejected_ids=list(p.rejected_ids[:k]))
+            for p in pairs for k in [min(len(p.chosen_ids), len(p.rejected_ids))]]
 
 
 def with_shared_cuts(pairs: Sequence, needs: Sequence[str]) -> list:
@@ -259,9 +236,8 @@ def _mask_for(model: torch.nn.Module, batch: Batch, dtype: torch.dtype) -> Tenso
     if window is not None and int(batch.position_ids.max()) >= window:  # else no query reaches past the window
         pos = batch.position_ids
         near = (pos.unsqueeze(2) - pos.unsqueeze(1)) < window           # (R, L, L): q - k < window
-        types = getattr(cfg, "layer_types", None)
         masks = {"sliding_attention": mask & near.unsqueeze(1)}         # (R, 1, L, L)
-        if types is not None and "full_attention" in types:
+        if "full_attention" in (getattr(cfg, "layer_types", None) or ()):
             masks["full_attention"] = mask
     impl = getattr(cfg, "_attn_implementation", None)
     if impl in _FLOAT_MASK:
@@ -293,10 +269,9 @@ def compiled_decoder(decoder: torch.nn.Module) -> torch.nn.Module:
     and the saved adapter. Call it through ``_run_compiled``, which makes the sequence length dynamic.
     Run: ``compiled_decoder(model.get_decoder())``.
     """
-    fn = decoder.__dict__.get("_preftune_compiled")
-    if fn is None:
-        fn = decoder.__dict__["_preftune_compiled"] = torch.compile(decoder)
-    return fn
+    if "_preftune_compiled" not in decoder.__dict__:
+        decoder.__dict__["_preftune_compiled"] = torch.compile(decoder)
+    return decoder.__dict__["_preftune_compiled"]
 
 
 def _run_compiled(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | dict[str, Tensor],
@@ -362,13 +337,12 @@ def batch_logps(model: torch.nn.Module, batch: Batch, *, chunk: int = 1024, auto
         return torch.zeros(n_seq, dtype=torch.float32, device=device).index_add(0, batch.seq, values.float())
 
     counts = torch.bincount(batch.seq, minlength=n_seq).float()
-    if not needs:
-        return per_seq(logp), counts
-    logp, sq = (logp[0], logp[1]) if "sumsq" in needs else (logp, None)
-    more = {"sumsq": per_seq(sq)} if sq is not None else {}
+    more = {}
+    if "sumsq" in needs:
+        logp, more["sumsq"] = logp[0], per_seq(logp[1])
     if "shared" in needs:
         more["shared"] = per_seq(logp * shared_mask(batch))
-    return per_seq(logp), counts, more
+    return (per_seq(logp), counts, more) if needs else (per_seq(logp), counts)
 
 
 def token_batches(pairs: Sequence, order: Sequence[int], tokens: int, share_prompt: bool) -> list[list[int]]:
@@ -379,22 +353,18 @@ def token_batches(pairs: Sequence, order: Sequence[int], tokens: int, share_prom
     short pairs in matmuls of a few hundred rows; a token budget keeps every no-grad forward equally large.
     Run: ``token_batches(pairs, range(len(pairs)), 8192, True)``.
     """
-    batches: list[list[int]] = []
-    cur: list[int] = []
+    batches: list[list[int]] = [[]]
     longest = 0
     for i in order:
         p = pairs[i]
         P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         row, rows = (P + C + R, 1) if share_prompt else (P + max(C, R), 2)
-        L = max(longest, row)
-        if cur and (len(cur) + 1) * rows * L > tokens:
-            batches.append(cur)
-            cur, L = [], row
-        cur.append(i)
-        longest = L
-    if cur:
-        batches.append(cur)
-    return batches
+        longest = max(longest, row)
+        if batches[-1] and (len(batches[-1]) + 1) * rows * longest > tokens:
+            batches.append([])
+            longest = row
+        batches[-1].append(i)
+    return [b for b in batches if b]
 
 
 @torch.no_grad()
@@ -413,25 +383,21 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_s
     model.eval()
     share_prompt = share_prompt and prefix_sharing_blocker(model) is None
     n = len(pairs)
-    logps = torch.zeros(n, 2)
-    counts = torch.zeros(n, 2)
-    more = {need: torch.zeros(n, 2) for need in needs}
-    order = sorted(range(n), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
-                                            + len(pairs[i].rejected_ids)))
+    more = {key: torch.zeros(n, 2) for key in ("logps", "counts", *needs)}
+    order = sorted(range(n), key=lambda i: -sum(map(len, (pairs[i].prompt_ids, pairs[i].chosen_ids,
+                                                          pairs[i].rejected_ids))))
+    batches = ([order[start:start + batch_size] for start in range(0, n, batch_size)] if tokens is None
+               else token_batches(pairs, order, tokens, share_prompt))
     processed = 0
-    if tokens is None:
-        batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
-    else:
-        batches = token_batches(pairs, order, tokens, share_prompt)
     for idx in batches:
         sub = [pairs[i] for i in idx]
         batch = make_batch([p.prompt_ids for p in sub], [p.chosen_ids for p in sub],
                            [p.rejected_ids for p in sub], pad_id, share_prompt)
         s, c, *extra = batch_logps(model, batch, chunk=chunk, autocast_bf16=autocast_bf16, needs=needs)
-        k = len(idx)
-        for into, v in ((logps, s), (counts, c), *((more[need], v) for need, v in (extra or [{}])[0].items())):
-            into[idx] = torch.stack([v[:k], v[k:]], 1).cpu()
+        for key, v in {"logps": s, "counts": c, **(extra[0] if extra else {})}.items():
+            more[key][idx] = torch.stack([v[:len(idx)], v[len(idx):]], 1).cpu()
         processed += batch.padded_tokens
-        tick(k)  # the terminal's phase bar (reference pass, evaluation), if one is open
+        tick(len(idx))  # the terminal's phase bar (reference pass, evaluation), if one is open
     model.train(was_training)
+    logps, counts = more.pop("logps"), more.pop("counts")
     return (logps, counts, processed, more) if needs else (logps, counts, processed)

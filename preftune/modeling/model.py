@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..core.config import Config
 from ..core.errors import InputError
 from ..core.layout import FINGERPRINTS
+from ..data.rows import one_line
 from ..data.tokenize import use_chat_template
 from .folder import check_model_folder
 from .precision import DTYPES, SDPA_FP32, resolve_dtype
@@ -38,7 +39,7 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # transformers raises many types; the user needs one line
-        raise InputError(f"cannot load tokenizer: {_first_line(e)}", path=name, field="tokenizer") from None
+        raise InputError(f"cannot load tokenizer: {one_line(e)}", path=name, field="tokenizer") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise InputError("tokenizer has neither a pad nor an eos token", path=name, field="tokenizer")
@@ -66,14 +67,9 @@ def flex_backward(device: str) -> bool:
 
 def supported_attention(model: PreTrainedModel) -> list[str]:
     """The attention implementations the model's class declares, eager first."""
-    out = ["eager"]
-    if getattr(model, "_supports_sdpa", False):
-        out.append("sdpa")
-    if getattr(model, "_supports_flex_attn", False):
-        out.append("flex_attention")
-    if getattr(model, "_supports_flash_attn", False):
-        out += ["flash_attention_2", "flash_attention_3"]
-    return out
+    flags = {"_supports_sdpa": ["sdpa"], "_supports_flex_attn": ["flex_attention"],
+             "_supports_flash_attn": ["flash_attention_2", "flash_attention_3"]}
+    return ["eager"] + [name for f, names in flags.items() if getattr(model, f, False) for name in names]
 
 
 def load_model(cfg: Config) -> PreTrainedModel:
@@ -97,7 +93,7 @@ def load_model(cfg: Config) -> PreTrainedModel:
             use_safetensors=True, attn_implementation=None)
         model.to(device)
     except Exception as e:
-        raise InputError(f"cannot load model: {_first_line(e)}", path=cfg.model, field="model") from None
+        raise InputError(f"cannot load model: {one_line(e)}", path=cfg.model, field="model") from None
     model.config.use_cache = False
     want = cfg.attn_implementation or model.config._attn_implementation
     if want not in supported_attention(model):
@@ -114,7 +110,7 @@ def load_model(cfg: Config) -> PreTrainedModel:
         try:
             model.set_attn_implementation(want)
         except (ValueError, ImportError) as e:  # e.g. flash-attn not installed
-            raise InputError(_first_line(e), path=cfg.model, field="attn_implementation") from None
+            raise InputError(one_line(e), path=cfg.model, field="attn_implementation") from None
         if model.config._attn_implementation != want:  # old-style classes only warn and keep their own
             raise InputError(f"{type(model).__name__} cannot switch its attention to {want!r}", path=cfg.model,
                              field="attn_implementation")
@@ -140,7 +136,7 @@ def add_lora(model: PreTrainedModel, cfg: Config) -> torch.nn.Module:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             wrapped = get_peft_model(model, lora)
     except ValueError as e:
-        raise InputError(_first_line(e), field="lora_target_modules") from None
+        raise InputError(one_line(e), field="lora_target_modules") from None
     if cfg.init_adapter:
         _load_adapter_weights(wrapped, cfg.init_adapter)
     return wrapped
@@ -153,8 +149,7 @@ def load_adapter(model: PreTrainedModel, adapter: str) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(model, adapter)
     except Exception as e:  # peft raises ValueError/OSError/... for a wrong folder: one line
-        text = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise InputError(f"cannot load adapter: {text}", path=adapter, field="adapter") from None
+        raise InputError(f"cannot load adapter: {one_line(e)}", path=adapter, field="adapter") from None
 
 
 def _load_adapter_weights(model: torch.nn.Module, folder: str) -> None:
@@ -165,7 +160,8 @@ def _load_adapter_weights(model: torch.nn.Module, folder: str) -> None:
     try:
         result = set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
     except (OSError, RuntimeError) as e:  # missing file; a rank or target set that doesn't match
-        raise InputError(f"cannot start from this adapter: {_first_line(e)}", path=folder, field="init_adapter") from None
+        raise InputError(f"cannot start from this adapter: {one_line(e)}", path=folder,
+                         field="init_adapter") from None
     if result.unexpected_keys:
         raise InputError(f"adapter weights this LoRA doesn't have ({result.unexpected_keys[0]}, ...): use its rank and "
                          "target modules", path=folder, field="init_adapter")
@@ -206,11 +202,8 @@ def fingerprint(model_path: str, cache_dir: Path) -> str:
         st = f.stat()
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            fh = hashlib.blake2b(digest_size=20)
             with open(f, "rb") as fp:
-                for block in iter(lambda: fp.read(1 << 24), b""):
-                    fh.update(block)
-            memo[key] = fh.hexdigest()
+                memo[key] = hashlib.file_digest(fp, lambda: hashlib.blake2b(digest_size=20)).hexdigest()
             changed = True
         h.update(f.name.encode() + memo[key].encode())
     if changed:
@@ -228,10 +221,5 @@ def _local_folder(model_path: str) -> Path:
     try:  # a hub id already downloaded by from_pretrained
         return Path(snapshot_download(model_path, local_files_only=True))
     except Exception as e:
-        raise InputError(f"cannot find local files of model: {_first_line(e)}", path=model_path,
+        raise InputError(f"cannot find local files of model: {one_line(e)}", path=model_path,
                          field="model") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

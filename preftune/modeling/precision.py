@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
 
 from ..core.config import Config
 from ..core.errors import InputError
@@ -37,15 +39,8 @@ def _sdpa_fp32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.to(query.dtype), weights
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(SDPA_FP32, _sdpa_fp32)
-    AttentionMaskInterface.register(SDPA_FP32, sdpa_mask)
-
-
-_register_attention()
+AttentionInterface.register(SDPA_FP32, _sdpa_fp32)
+AttentionMaskInterface.register(SDPA_FP32, sdpa_mask)
 
 
 def native_bf16(device: str) -> bool:
@@ -84,10 +79,8 @@ def dtype_for(requested: str, hw: Hardware) -> str:
 
     Run: ``dtype_for("auto", Hardware("cuda", True))``  -> "bfloat16".
     """
-    if requested == "float32":
+    if requested == "float32" or (requested == "auto" and not hw.native_bf16):
         return "float32"
-    if requested == "auto":
-        return "bfloat16" if hw.native_bf16 else "float32"
     if not hw.native_bf16:
         what = "this CPU has no native bf16 (AMX / AVX-512 BF16)" if hw.device.startswith("cpu") else \
             f"{hw.device} has no native bf16"

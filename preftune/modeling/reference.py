@@ -69,13 +69,9 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
     layout = f"{'shared' if shared else 'plain'}-{size}" + (f"-w{rt.world_size}" if rt.distributed else "")
     path = Path(cache_dir) / REFERENCE_CACHE / f"{cache_key(fingerprint, pairs, arith)}.{layout}.safetensors"
     logps = None
-    if path.exists():
-        try:  # checked against the checksum written with it: a damaged or altered entry is recomputed
-            logps = read_tensors(path).get("logps")
-            logps = logps if logps is not None and logps.shape == (len(pairs), 2) else None
-        except DamagedFile:
-            logps = None
-    if all(rt.gather(logps is not None)):  # every rank agrees, or all compute: a collective needs them all
+    with contextlib.suppress(DamagedFile):  # checked against its checksum: a damaged entry is recomputed
+        logps = read_tensors(path).get("logps") if path.exists() else None
+    if all(rt.gather(logps is not None and logps.shape == (len(pairs), 2))):  # all ranks hit, or all compute
         return logps, True
     lo, hi = rt.shard(len(pairs))
     if under is None:
@@ -85,7 +81,6 @@ def reference_logps(model: torch.nn.Module, pairs: Sequence, *, fingerprint: str
                                   share_prompt=share_prompt, chunk=chunk, autocast_bf16=arith.autocast_bf16,
                                   tokens=tokens)                                                    # (hi-lo, 2)
     logps = torch.cat(rt.gather(logps))                                                                 # (N, 2)
-    if not rt.is_main:
-        return logps, False
-    write_tensors(path, {"logps": logps})  # parallel cells may race: each writes its own temp file, rename wins
+    if rt.is_main:
+        write_tensors(path, {"logps": logps})  # cells may race: each writes its own temp file, rename wins
     return logps, False
