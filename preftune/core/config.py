@@ -20,6 +20,7 @@ shorthands < YAML ``objectives`` entry < command line (``--beta`` beats both). T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -293,30 +294,21 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     lists = [t for t in bases if get_origin(t) is list]
     if str in bases and lists and isinstance(value, list) and len(value) <= 1:  # judge: one item is that text
         return str(value[0]) if value else None
-    for base in bases[:-1]:  # `int | str`: the first type that takes the value (max_length: 512 or auto)
-        try:
+    for base in bases:  # `int | str`: the first type that takes the value (max_length: 512 or auto)
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
             return _convert(base, value, key, source)
-        except (ValueError, TypeError, KeyError):
-            pass
-    try:
-        return _convert(bases[-1], value, key, source)
-    except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
-        kind = " or ".join(getattr(b, "__name__", str(b)) for b in bases)
-        raise InputError(f"{reprlib.repr(value)} is not a valid {kind}", path=source, field=key) from None
+    kind = " or ".join(getattr(b, "__name__", str(b)) for b in bases)
+    raise InputError(f"{reprlib.repr(value)} is not a valid {kind}", path=source, field=key)
 
 
 def _convert(base: Any, value: Any, key: str, source: str) -> Any:
     origin = get_origin(base)
     if base is bool:
         return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
-    if base is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+    if base in (int, float):  # a yes/no is not a number, and an int is whole
+        if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
-        return int(value)
-    if base is float:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
+        return base(value)
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError

@@ -290,10 +290,8 @@ class Decision:
             raise InputError(f"not a decision (missing {', '.join(missing) or 'cells'}): rerun preftune decide",
                              path=str(path))
         cells = [CellResult.from_dict(c) for c in d["rounds" if rounds else "cells"]]
-        return cls(verdict=d["verdict"], summary=d["summary"], basis=d.get("basis") or {}, reasons=d["reasons"],
-                   explanation=d["explanation"], comparisons=d["comparisons"], cells=cells,
-                   objective=d.get("objective"), lora_rank=d.get("lora_rank"), baseline=d.get("baseline"),
-                   groups=d.get("groups"), last_beats_first=d.get("last_beats_first"), best_round=d.get("best_round"))
+        given = {f.name: d.get(f.name) for f in fields(cls)}
+        return cls(**{**given, "basis": d.get("basis") or {}, "cells": cells})
 
 
 # --- folders -------------------------------------------------------------------------------------------------------
@@ -475,16 +473,10 @@ class PipelineDir(_Folder):
 def folder_kind(path: Path) -> str:
     """``pipeline`` (pipeline.json), ``rounds`` (iterate.json), ``matrix`` (matrix.json), ``run`` (metrics.jsonl)
     or ``other``."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return "pipeline"
-    if (path / ROUNDS).exists():
-        return "rounds"
-    if (path / MATRIX).exists():
-        return "matrix"
-    if (path / METRICS).is_file():
-        return "run"
-    return "other"
+    for marker, kind in ((MANIFEST, "pipeline"), (ROUNDS, "rounds"), (MATRIX, "matrix")):
+        if (Path(path) / marker).exists():
+            return kind
+    return "run" if (Path(path) / METRICS).is_file() else "other"
 
 
 def read_decision(path: Path) -> Decision:
