@@ -144,9 +144,11 @@ class Config:
             checked[objectives.get(key).spec] = {k: resolved[k] for k in entry if k in resolved}
         self.objectives = checked
         self.objective_params()  # the modifiers: valid values, and an objective that takes them
-        _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
-        _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
-        _choice("bad_rows", self.bad_rows, ("error", "skip"))
+        choices = {"dtype": ("float32", "bfloat16", "auto"), "scheduler": ("linear", "cosine", "constant"),
+                   "bad_rows": ("error", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{getattr(self, name)!r} is not one of {', '.join(allowed)}", field=name)
         fixed = isinstance(self.max_length, int)
         self.check_device()
         self.check_judges()
@@ -229,9 +231,7 @@ class Config:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        return Path(os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+        return Path(self.cache_dir or os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -273,11 +273,6 @@ def refuse_credentials(spec: str) -> None:
     if re.search(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@", spec):
         raise InputError("a judge URL with credentials (user:password@host) is refused: they would be written to "
                          "config.yaml and logs; give the key in $PREFTUNE_JUDGE_API_KEY", field="judge")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"{value!r} is not one of {', '.join(allowed)}", field=name)
 
 
 def coerce(key: str, value: Any, source: str = "config") -> Any:

@@ -6,6 +6,7 @@ A crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -14,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp file beside ``path`` to write; on success it is fsynced and renamed over ``path``
     (parallel writers of one file: the last rename wins), on failure removed."""
@@ -116,7 +116,7 @@ def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> 
         raise InputError(f"cannot write here: {probe} is not writable by this user", path=str(path), field=field)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
@@ -180,10 +180,9 @@ class FolderLock:
         raise InputError("could not take the folder lock", path=str(self.path.parent))
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        # a folder made read-only meanwhile: the file stays, the lock goes with the fd
+        with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
-        except OSError:  # a folder made read-only meanwhile: the file stays, the lock goes with the fd
-            pass
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

@@ -1,22 +1,14 @@
 """Experiment trackers (``--report-to``): the run's metrics.jsonl rows and resolved config, also sent to
-TensorBoard, MLflow, Weights & Biases or Trackio, all offline by default.
+TensorBoard, MLflow, Weights & Biases or Trackio, all offline by default; where each writes (W&B: files under
+``<run>/wandb``) and how a matrix groups its cells: docs/metrics.md, "Trackers".
 
     preftune train ... --report-to tensorboard,mlflow --output runs/x
     tensorboard --logdir runs/x/tensorboard            # or a matrix: --logdir matrix/cells
     mlflow ui --backend-store-uri runs/x/mlruns          # a matrix: matrix/mlruns, one run per cell
 
 Names follow TRL / transformers' own ``report_to`` callbacks, so preftune runs sit beside TRL runs in one
-dashboard: TensorBoard, W&B and Trackio get ``train/<key>`` and ``eval/<key>`` (``eval_loss`` -> ``eval/loss``,
-``rewards/margins`` -> ``train/rewards/margins``); MLflow gets the raw keys (``loss``, ``eval_loss``), as
-transformers' MLflowCallback logs them. The x axis is the optimizer step. The resolved config goes in as
-hyperparameters / params.
-
-Where it goes: TensorBoard event files under ``<run>/tensorboard``; MLflow to ``$MLFLOW_TRACKING_URI`` if set,
-else a file store ``<run>/mlruns`` (for a matrix cell ``<matrix>/mlruns``, experiment = the matrix folder's
-name, run = the cell's name); W&B with ``WANDB_MODE=offline`` unless that variable says otherwise, files under
-``<run>/wandb``, group = the matrix folder's name; Trackio in its local store, group likewise. Each tracker is
-an optional extra: a missing one is an InputError naming the ``pip install`` to run, raised before anything
-is written.
+dashboard: ``train/<key>`` and ``eval/<key>`` (``eval_loss`` -> ``eval/loss``), except in MLflow, which gets
+the raw keys as transformers' MLflowCallback logs them. The x axis is the optimizer step.
 """
 
 from __future__ import annotations
