@@ -20,6 +20,7 @@ shorthands < YAML ``objectives`` entry < command line (``--beta`` beats both). T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -143,9 +144,11 @@ class Config:
             checked[objectives.get(key).spec] = {k: resolved[k] for k in entry if k in resolved}
         self.objectives = checked
         self.objective_params()  # the modifiers: valid values, and an objective that takes them
-        _choice("dtype", self.dtype, ("float32", "bfloat16", "auto"))
-        _choice("scheduler", self.scheduler, ("linear", "cosine", "constant"))
-        _choice("bad_rows", self.bad_rows, ("error", "skip"))
+        choices = {"dtype": ("float32", "bfloat16", "auto"), "scheduler": ("linear", "cosine", "constant"),
+                   "bad_rows": ("error", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{getattr(self, name)!r} is not one of {', '.join(allowed)}", field=name)
         fixed = isinstance(self.max_length, int)
         self.check_device()
         self.check_judges()
@@ -228,9 +231,7 @@ class Config:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        return Path(os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
+        return Path(self.cache_dir or os.environ.get("PREFTUNE_CACHE") or Path.home() / ".cache" / "preftune")
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -274,11 +275,6 @@ def refuse_credentials(spec: str) -> None:
                          "config.yaml and logs; give the key in $PREFTUNE_JUDGE_API_KEY", field="judge")
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"{value!r} is not one of {', '.join(allowed)}", field=name)
-
-
 def coerce(key: str, value: Any, source: str = "config") -> Any:
     """Convert a YAML or command-line value to the field's type; InputError naming the key if it can't."""
     if key not in FIELDS:  # the shorthands (beta, ...) are keys too: a typo of one gets its suggestion
@@ -293,30 +289,21 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     lists = [t for t in bases if get_origin(t) is list]
     if str in bases and lists and isinstance(value, list) and len(value) <= 1:  # judge: one item is that text
         return str(value[0]) if value else None
-    for base in bases[:-1]:  # `int | str`: the first type that takes the value (max_length: 512 or auto)
-        try:
+    for base in bases:  # `int | str`: the first type that takes the value (max_length: 512 or auto)
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
             return _convert(base, value, key, source)
-        except (ValueError, TypeError, KeyError):
-            pass
-    try:
-        return _convert(bases[-1], value, key, source)
-    except (ValueError, TypeError, KeyError):  # KeyError: not a yes/no word
-        kind = " or ".join(getattr(b, "__name__", str(b)) for b in bases)
-        raise InputError(f"{reprlib.repr(value)} is not a valid {kind}", path=source, field=key) from None
+    kind = " or ".join(getattr(b, "__name__", str(b)) for b in bases)
+    raise InputError(f"{reprlib.repr(value)} is not a valid {kind}", path=source, field=key)
 
 
 def _convert(base: Any, value: Any, key: str, source: str) -> Any:
     origin = get_origin(base)
     if base is bool:
         return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
-    if base is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+    if base in (int, float):  # a yes/no is not a number, and an int is whole
+        if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError
-        return int(value)
-    if base is float:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
+        return base(value)
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError

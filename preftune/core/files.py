@@ -6,6 +6,7 @@ A crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -14,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,28 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file beside ``path`` to write; on success it is fsynced and renamed over ``path``
+    (parallel writers of one file: the last rename wins), on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or config must be as readable as any other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -62,14 +70,15 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, Any]]:
-    """(line number, value) of every non-blank JSONL line; InputError naming the file and line otherwise.
-
-    ``skip_torn`` drops an unparsable final line with no newline, the trace of a crash in the middle of
-    ``append_jsonl`` (preftune's own logs); user data is read without it, so no row is ever silently lost.
-    Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
+def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of one of preftune's JSONL files; InputError naming the
+    file and line otherwise. An unparsable final line with no newline is dropped: the trace of a crash in the
+    middle of ``append_jsonl``. Lines are split on ``\n`` only: U+2028 may sit inside a JSON string.
     """
-    lines = text.split("\n")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read: {e}", path=str(path)) from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -77,19 +86,10 @@ def parse_jsonl(text: str, source: str, *, skip_torn: bool) -> list[tuple[int, A
         try:
             rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
-            if skip_torn and i == len(lines):
+            if i == len(lines):
                 break
-            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=source, line=i) from None
+            raise InputError(f"invalid JSON: {e.msg} (column {e.colno})", path=str(path), line=i) from None
     return rows
-
-
-def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """(line number, value) of one of preftune's JSONL files; a torn last line is dropped (:func:`parse_jsonl`)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read: {e}", path=str(path)) from None
-    return parse_jsonl(text, str(path), skip_torn=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
@@ -116,7 +116,7 @@ def check_writable_dir(path: str | os.PathLike, *, field: str | None = None) -> 
         raise InputError(f"cannot write here: {probe} is not writable by this user", path=str(path), field=field)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
@@ -139,9 +139,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def _honour_umask(folder: Path) -> None:
     """mkdtemp makes 0700 and some writers 0600: give the folder and what is in it the modes the umask gives any
     new file, so a teammate or a serving user can read an adapter or a merged model."""
-    folder.chmod(0o777 & ~_umask())
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~_umask())
+    mask = _umask()
+    for p in (folder, *folder.rglob("*")):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 class FolderLock:
@@ -180,10 +180,9 @@ class FolderLock:
         raise InputError("could not take the folder lock", path=str(self.path.parent))
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        # a folder made read-only meanwhile: the file stays, the lock goes with the fd
+        with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
-        except OSError:  # a folder made read-only meanwhile: the file stays, the lock goes with the fd
-            pass
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -217,17 +216,8 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
     rename); :func:`read_tensors` checks it. Run: ``write_tensors("ref.safetensors", {"logps": t})``."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel writers of one cache entry: rename wins
-    try:
+    with _replacing(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"sha256": _tensor_digest(tensors)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Any]:

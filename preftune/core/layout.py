@@ -179,9 +179,6 @@ class CellEntry:
     def mark(self, status: str, error: str | None = None) -> None:
         self.status, self.error = status, error
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class MatrixIndex:
@@ -191,7 +188,7 @@ class MatrixIndex:
     cells: list[CellEntry]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"factors": self.factors, "cells": [c.to_dict() for c in self.cells]}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, obj: Any, path: Path) -> MatrixIndex:
@@ -290,22 +287,15 @@ class Decision:
             raise InputError(f"not a decision (missing {', '.join(missing) or 'cells'}): rerun preftune decide",
                              path=str(path))
         cells = [CellResult.from_dict(c) for c in d["rounds" if rounds else "cells"]]
-        return cls(verdict=d["verdict"], summary=d["summary"], basis=d.get("basis") or {}, reasons=d["reasons"],
-                   explanation=d["explanation"], comparisons=d["comparisons"], cells=cells,
-                   objective=d.get("objective"), lora_rank=d.get("lora_rank"), baseline=d.get("baseline"),
-                   groups=d.get("groups"), last_beats_first=d.get("last_beats_first"), best_round=d.get("best_round"))
+        given = {f.name: d.get(f.name) for f in fields(cls)}
+        return cls(**{**given, "basis": d.get("basis") or {}, "cells": cells})
 
 
 # --- folders -------------------------------------------------------------------------------------------------------
 
-class _In:
-    """A path inside the folder: ``config = _In(CONFIG)`` makes ``run.config`` the folder's config.yaml."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, folder: Any, owner: type) -> Path:
-        return folder.path / self.name
+def _in(name: str) -> Any:
+    """A path inside the folder: ``config = _in(CONFIG)`` makes ``run.config`` the folder's config.yaml."""
+    return property(lambda folder: folder.path / name)
 
 
 @dataclass(frozen=True)
@@ -323,9 +313,9 @@ class _Folder:
 class RunDir(_Folder):
     """A run folder and the paths of its files."""
 
-    config, metrics, eval_pairs, summary = _In(CONFIG), _In(METRICS), _In(EVAL_PAIRS), _In(SUMMARY)
-    gen_eval, adapter, full_model, checkpoints = _In(GEN_EVAL), _In(ADAPTER), _In(FULL_MODEL), _In(CHECKPOINTS)
-    audit = _In(AUDIT)
+    config, metrics, eval_pairs, summary = _in(CONFIG), _in(METRICS), _in(EVAL_PAIRS), _in(SUMMARY)
+    gen_eval, adapter, full_model, checkpoints = _in(GEN_EVAL), _in(ADAPTER), _in(FULL_MODEL), _in(CHECKPOINTS)
+    audit = _in(AUDIT)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -343,15 +333,12 @@ class RunDir(_Folder):
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write_json(self.summary, summary.to_dict())
 
-    def status(self) -> str | None:
-        """summary.json's status (finished, diverged), or None when there is none or it can't be read."""
-        try:
-            return self.read_summary().status
-        except InputError:
-            return None
-
     def finished(self) -> bool:
-        return self.status() == "finished"
+        """Whether summary.json says so (False when there is none or it can't be read)."""
+        try:
+            return self.read_summary().finished
+        except InputError:
+            return False
 
     def has_log(self) -> bool:
         return self.metrics.is_file()
@@ -360,8 +347,8 @@ class RunDir(_Folder):
 class RoundDir(RunDir):
     """One round of ``preftune iterate``: a run folder plus its samples and pairs."""
 
-    samples, samples_partial = _In(SAMPLES), _In(SAMPLES_PARTIAL)
-    pairs, pair_stats, start = _In(PAIRS), _In(PAIR_STATS), _In(START)
+    samples, samples_partial = _in(SAMPLES), _in(SAMPLES_PARTIAL)
+    pairs, pair_stats, start = _in(PAIRS), _in(PAIR_STATS), _in(START)
 
     @property
     def number(self) -> int:
@@ -371,7 +358,7 @@ class RoundDir(RunDir):
 class MatrixDir(_Folder):
     """A matrix folder: matrix.json, the base config, one run folder per cell, the decision."""
 
-    index, base_config, decision, audit = _In(MATRIX), _In(BASE_CONFIG), _In(DECISION), _In(AUDIT)
+    index, base_config, decision, audit = _in(MATRIX), _in(BASE_CONFIG), _in(DECISION), _in(AUDIT)
 
     def cell(self, name: str) -> RunDir:
         return RunDir(self.path / CELLS / name)
@@ -392,7 +379,7 @@ class MatrixDir(_Folder):
 class RoundsDir(_Folder):
     """A rounds folder (``preftune iterate``): iterate.json, summary.json with one line per round, round-N/."""
 
-    meta, summary, decision, audit = _In(ROUNDS), _In(SUMMARY), _In(DECISION), _In(AUDIT)
+    meta, summary, decision, audit = _in(ROUNDS), _in(SUMMARY), _in(DECISION), _in(AUDIT)
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.path / f"{ROUND_PREFIX}{r}")
@@ -440,7 +427,7 @@ class Stage:
 class PipelineDir(_Folder):
     """A pipeline folder: the manifest, and one normal preftune folder per stage (every command works on them)."""
 
-    manifest, sft, matrix, gate, ship, rounds = map(_In, (MANIFEST, SFT, MATRIX_DIR, GATE, SHIP, ITERATE_DIR))
+    manifest, sft, matrix, gate, ship, rounds = map(_in, (MANIFEST, SFT, MATRIX_DIR, GATE, SHIP, ITERATE_DIR))
 
     def check_rows(self, check: str) -> Path:
         """The gate check's generations and judgements, one row per prompt."""
@@ -475,16 +462,10 @@ class PipelineDir(_Folder):
 def folder_kind(path: Path) -> str:
     """``pipeline`` (pipeline.json), ``rounds`` (iterate.json), ``matrix`` (matrix.json), ``run`` (metrics.jsonl)
     or ``other``."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return "pipeline"
-    if (path / ROUNDS).exists():
-        return "rounds"
-    if (path / MATRIX).exists():
-        return "matrix"
-    if (path / METRICS).is_file():
-        return "run"
-    return "other"
+    for marker, kind in ((MANIFEST, "pipeline"), (ROUNDS, "rounds"), (MATRIX, "matrix")):
+        if (Path(path) / marker).exists():
+            return kind
+    return "run" if (Path(path) / METRICS).is_file() else "other"
 
 
 def read_decision(path: Path) -> Decision:

@@ -64,14 +64,12 @@ class Progress:
     """Training progress: a tqdm bar in a terminal; plain log lines (about ten per run) otherwise."""
 
     def __init__(self, total: int, *, quiet: bool, name: str, start: int = 0) -> None:
-        self.total, self.quiet, self.name = total, quiet, name
-        self.tty = interactive()
+        self.total, self.quiet, self.name, self.start = total, quiet, name, start
         self.every = max(1, total // 10)
         self.acc = float("nan")
         self.t0 = time.perf_counter()
-        self.start = start
         self.bar = None
-        if self.tty and not quiet:
+        if interactive() and not quiet:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=f"[{name}]", unit="step", file=sys.stderr,
@@ -95,17 +93,15 @@ class Progress:
         self._print(f"[{self.name}] resumed at step {step} from {checkpoint}{held}")
 
     def step(self, step: int, row: dict) -> None:
-        pairs_s = row.get("pairs_per_second", float("nan"))
+        margin = _signed(row.get("rewards/margins", math.nan))
+        numbers = f"loss {row['loss']:.4f} margin {margin} held-out acc {self.acc:.3f}"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {row['loss']:.4f} margin {_signed(row.get('rewards/margins', math.nan))} held-out acc "
-                                     f"{self.acc:.3f} {pairs_s:.1f} pairs/s", refresh=False)
+            pairs_s = row.get("pairs_per_second", math.nan)
+            self.bar.set_postfix_str(f"{numbers} {pairs_s:.1f} pairs/s", refresh=False)
             self.bar.update(step - self.bar.n)
-            return
-        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
-        line = (f"[{self.name}] step {step}/{self.total} loss {row['loss']:.4f} "
-                f"margin {_signed(row.get('rewards/margins', math.nan))} held-out acc {self.acc:.3f} ({rate:.2f} steps/s)")
-        if step % self.every == 0 or step == self.total:
-            self._print(line)
+        elif step % self.every == 0 or step == self.total:
+            rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
+            self._print(f"[{self.name}] step {step}/{self.total} {numbers} ({rate:.2f} steps/s)")
 
     def eval(self, m: dict) -> None:
         if "eval_accuracy" not in m:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # torch is imported where a collective runs: the CLI asks for
 class Runtime:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -35,15 +34,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @property
-    def device(self) -> str | None:
-        """``cuda:<local_rank>`` under a multi-process CUDA launch; None lets the config choose."""
-        import torch
-
-        if self.distributed and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return None
 
     def shard(self, n: int) -> tuple[int, int]:
         """[lo, hi) of this rank's contiguous share of ``n`` items; sizes differ by at most one and nothing is
@@ -80,12 +70,6 @@ class Runtime:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 _SINGLE = Runtime()
 
@@ -104,16 +88,15 @@ def init() -> Runtime:
     import torch
     import torch.distributed as dist
 
-    rank, local = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # before any CUDA work: "cuda" then means this rank's GPU, for load_model and nccl alike
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         # gloo's threads must be joined before interpreter shutdown, or C++ aborts the process at exit
         # ("terminate called without an active exception") after a run that otherwise finished
         atexit.register(_shutdown)
-    return Runtime(rank=rank, world_size=world, local_rank=local)
+    return Runtime(rank=launched_rank(), world_size=world)
 
 
 def _shutdown() -> None:
@@ -131,8 +114,7 @@ def current() -> Runtime:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size())
     return _SINGLE
 
 

@@ -1,22 +1,14 @@
 """Experiment trackers (``--report-to``): the run's metrics.jsonl rows and resolved config, also sent to
-TensorBoard, MLflow, Weights & Biases or Trackio, all offline by default.
+TensorBoard, MLflow, Weights & Biases or Trackio, all offline by default; where each writes (W&B: files under
+``<run>/wandb``) and how a matrix groups its cells: docs/metrics.md, "Trackers".
 
     preftune train ... --report-to tensorboard,mlflow --output runs/x
     tensorboard --logdir runs/x/tensorboard            # or a matrix: --logdir matrix/cells
     mlflow ui --backend-store-uri runs/x/mlruns          # a matrix: matrix/mlruns, one run per cell
 
 Names follow TRL / transformers' own ``report_to`` callbacks, so preftune runs sit beside TRL runs in one
-dashboard: TensorBoard, W&B and Trackio get ``train/<key>`` and ``eval/<key>`` (``eval_loss`` -> ``eval/loss``,
-``rewards/margins`` -> ``train/rewards/margins``); MLflow gets the raw keys (``loss``, ``eval_loss``), as
-transformers' MLflowCallback logs them. The x axis is the optimizer step. The resolved config goes in as
-hyperparameters / params.
-
-Where it goes: TensorBoard event files under ``<run>/tensorboard``; MLflow to ``$MLFLOW_TRACKING_URI`` if set,
-else a file store ``<run>/mlruns`` (for a matrix cell ``<matrix>/mlruns``, experiment = the matrix folder's
-name, run = the cell's name); W&B with ``WANDB_MODE=offline`` unless that variable says otherwise, files under
-``<run>/wandb``, group = the matrix folder's name; Trackio in its local store, group likewise. Each tracker is
-an optional extra: a missing one is an InputError naming the ``pip install`` to run, raised before anything
-is written.
+dashboard: ``train/<key>`` and ``eval/<key>`` (``eval_loss`` -> ``eval/loss``), except in MLflow, which gets
+the raw keys as transformers' MLflowCallback logs them. The x axis is the optimizer step.
 """
 
 from __future__ import annotations
@@ -31,9 +23,7 @@ from typing import Any
 from .errors import InputError
 from .layout import MLRUNS, TENSORBOARD, matrix_of
 
-CHOICES = ("tensorboard", "mlflow", "wandb", "trackio", "none")
-# the module each tracker imports, and the extra that installs it
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
+CHOICES = ("tensorboard", "mlflow", "wandb", "trackio", "none")  # a tracker's module and extra share its name
 
 
 def check(names: list[str] | str | None) -> list[str]:
@@ -51,8 +41,8 @@ def check(names: list[str] | str | None) -> list[str]:
     if chosen and "none" in names:
         raise InputError("'none' cannot be combined with a tracker", field="report_to")
     for n in chosen:
-        if importlib.util.find_spec(MODULES[n]) is None:
-            raise InputError(f"--report-to {n} needs the {MODULES[n]} package: pip install preftune[{n}]",
+        if importlib.util.find_spec(n) is None:
+            raise InputError(f"--report-to {n} needs the {n} package: pip install preftune[{n}]",
                              field="report_to")
     return chosen
 
@@ -68,14 +58,6 @@ def scalars(row: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _flat_config(cfg: Any) -> dict[str, Any]:
-    """Config fields as tracker params: scalars kept, lists/dicts/None as their text."""
-    out = {}
-    for k, v in cfg.to_dict().items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 class Trackers:
     """The run's open trackers; ``log(row)`` for every metrics.jsonl row, ``close()`` once at the end.
 
@@ -86,7 +68,9 @@ class Trackers:
         self.backends: list[_Backend] = []
         out = Path(out).absolute()
         matrix = m.path if (m := matrix_of(out)) else None
-        params = _flat_config(cfg)
+        # config fields as tracker params: scalars kept, lists/dicts/None as their text
+        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in cfg.to_dict().items()}
         try:
             for name in names:
                 self.backends.append(BACKENDS[name](out, matrix, params, resume_step))
@@ -106,11 +90,15 @@ class Trackers:
 
 
 class _Backend:
+    """One open tracker; the default serves those that wrap a run object taking TRL's names (W&B, Trackio)."""
+
+    run: Any
+
     def log(self, step: int, values: dict[str, float]) -> None:
-        raise NotImplementedError
+        self.run.log({trl_name(k): v for k, v in values.items()}, step=step)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self.run.finish()
 
 
 class _TensorBoard(_Backend):
@@ -187,13 +175,10 @@ class _WandB(_Backend):
                               group=matrix.name if matrix else None, dir=str(out), config=params,
                               mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.run.log({trl_name(k): v for k, v in values.items()}, step=step)
-
     def close(self) -> None:
         import wandb
 
-        self.run.finish()
+        super().close()
         wandb.teardown()  # waits for W&B's writer process, so the offline file is complete when we return
 
 
@@ -203,12 +188,6 @@ class _Trackio(_Backend):
 
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "preftune"), name=out.name,
                                 group=matrix.name if matrix else None, config=params)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.run.log({trl_name(k): v for k, v in values.items()}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 BACKENDS: dict[str, type[_Backend]] = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB,

@@ -8,9 +8,8 @@ from . import reference_free  # noqa: F401
 from . import unpaired  # noqa: F401
 # isort: on
 from .engine import canonical, compute, entries_of, needs, run_params, spread
-from .modifiers import F_DIVERGENCES, MODIFIERS, NEEDS, Modifier
+from .modifiers import MODIFIERS
 from .registry import (
-    DATA_KINDS,
     FAMILIES,
     PREFERENCE_FAMILIES,
     REGISTRY,
@@ -30,7 +29,7 @@ from .registry import (
     scores,
 )
 
-__all__ = ["DATA_KINDS", "FAMILIES", "F_DIVERGENCES", "MODIFIERS", "NEEDS", "PREFERENCE_FAMILIES", "REGISTRY",
-           "Modifier", "Objective", "ObjectiveOutput", "Output", "Param", "SeqLogps", "canonical", "compute", "delta",
-           "entries_of", "fallback", "get", "log1mexp", "logratios", "mean_logps", "needs", "objective",
-           "resolve_params", "run_params", "scores", "spread"]
+__all__ = ["FAMILIES", "MODIFIERS", "PREFERENCE_FAMILIES", "REGISTRY", "Objective", "ObjectiveOutput",
+           "Output", "Param", "SeqLogps", "canonical", "compute", "delta", "entries_of", "fallback", "get",
+           "log1mexp", "logratios", "mean_logps", "needs", "objective", "resolve_params", "run_params",
+           "scores", "spread"]

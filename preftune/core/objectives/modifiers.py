@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from .registry import PREFERENCE_FAMILIES, REGISTRY, Objective, Output, Param, SeqLogps, number
+from .registry import PREFERENCE_FAMILIES, REGISTRY, Objective, Output, Param, SeqLogps, number, per_token
 
 NEEDS = ("shared", "sumsq")  # per-sequence quantities beyond the sums, computed only on request (logprobs.py)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -80,8 +80,7 @@ def _wpo_weight(lp: SeqLogps) -> Tensor:
     """w_c·w_r, w = exp((π − Σ log Σ_v p_v²)/|y|), without gradient (TRL computes it under no_grad)."""
     if lp.sumsq is None:
         raise ValueError("use_weighting needs the sums of log Σ_v p_v² (needs 'sumsq')")
-    c = (lp.chosen.detach() - lp.sumsq[0]) / lp.chosen_tokens.clamp(min=1)
-    r = (lp.rejected.detach() - lp.sumsq[1]) / lp.rejected_tokens.clamp(min=1)
+    c, r = per_token(lp, lp.chosen.detach() - lp.sumsq[0], lp.rejected.detach() - lp.sumsq[1])
     return torch.exp(c) * torch.exp(r)
 
 

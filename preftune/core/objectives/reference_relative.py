@@ -9,6 +9,7 @@ only ld_alpha (TRL refuses WPO and f-divergences for them).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,19 @@ from .registry import (
     scores,
 )
 
-ALL = ("ld_alpha", "use_weighting", "f_divergence_type")  # the modifiers a Δ-based objective takes
+# a Δ-based objective: reference-relative, and takes every modifier
+_delta_based = partial(objective, needs_reference=True, family="reference-relative",
+                       modifiers=("ld_alpha", "use_weighting", "f_divergence_type"))
 SMOOTHING = Param(0.0, lambda v: 0 <= v < 0.5, "in [0, 0.5)", "label smoothing ε (0 = none)")
 
 
-@objective("dpo", needs_reference=True, family="reference-relative", params={"beta": BETA}, modifiers=ALL,
-           trl_loss_type="sigmoid",
-           summary="DPO (Rafailov 2023): -log σ(β·Δ), reference-relative sigmoid loss")
+def _smoothed(z: Tensor, eps: float) -> Tensor:
+    """−(1−ε)·log σ(z) − ε·log σ(−z): the sigmoid loss with label smoothing ε (cDPO, dpo_norm, AOT)."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+@_delta_based("dpo", params={"beta": BETA}, trl_loss_type="sigmoid",
+              summary="DPO (Rafailov 2023): -log σ(β·Δ), reference-relative sigmoid loss")
 def dpo(lp: SeqLogps, *, beta: float) -> Output:
     """DPO, Rafailov et al. 2023, "Direct Preference Optimization", Eq. 7 (TRL ``loss_type="sigmoid"``).
 
@@ -45,9 +52,8 @@ def dpo(lp: SeqLogps, *, beta: float) -> Output:
     return ref_output(-F.logsigmoid(beta * delta(lp)), beta, lp)
 
 
-@objective("cdpo", needs_reference=True, family="reference-relative",
-           params={"beta": BETA, "label_smoothing": EPS}, modifiers=ALL,
-           summary="conservative DPO (Mitchell 2023): DPO with label smoothing ε")
+@_delta_based("cdpo", params={"beta": BETA, "label_smoothing": EPS},
+              summary="conservative DPO (Mitchell 2023): DPO with label smoothing ε")
 def cdpo(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """Conservative DPO, Mitchell 2023, "A note on DPO with noisy preferences": DPO with label smoothing ε.
 
@@ -57,13 +63,11 @@ def cdpo(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     in [0, 0.5), typical 0.05–0.2 (default 0.1). The loss is minimised at a finite margin βΔ = log((1−ε)/ε).
     (TRL 1.16's ``sigmoid`` ignores ``label_smoothing``; cDPO is no longer a TRL loss type.)
     """
-    z = beta * delta(lp)
-    return ref_output(-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z), beta, lp)
+    return ref_output(_smoothed(beta * delta(lp), label_smoothing), beta, lp)
 
 
-@objective("robust", needs_reference=True, family="reference-relative",
-           params={"beta": BETA, "label_smoothing": EPS}, modifiers=ALL, trl_loss_type="robust",
-           summary="robust DPO (Chowdhury 2024): unbiased under label-flip rate ε")
+@_delta_based("robust", params={"beta": BETA, "label_smoothing": EPS}, trl_loss_type="robust",
+              summary="robust DPO (Chowdhury 2024): unbiased under label-flip rate ε")
 def robust(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """Robust DPO, Chowdhury et al. 2024, "Provably Robust DPO" (TRL ``loss_type="robust"``).
 
@@ -78,9 +82,8 @@ def robust(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     return ref_output((-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), beta, lp)
 
 
-@objective("ipo", needs_reference=True, family="reference-relative", params={"beta": BETA}, modifiers=ALL,
-           trl_loss_type="ipo",
-           summary="IPO (Azar 2023): squared loss to margin 1/(2β), length-normalized log-ratios")
+@_delta_based("ipo", params={"beta": BETA}, trl_loss_type="ipo",
+              summary="IPO (Azar 2023): squared loss to margin 1/(2β), length-normalized log-ratios")
 def ipo(lp: SeqLogps, *, beta: float) -> Output:
     """IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", Eq. 17.
 
@@ -93,9 +96,8 @@ def ipo(lp: SeqLogps, *, beta: float) -> Output:
     return ref_output((c - r - 1 / (2 * beta)) ** 2, beta, lp)
 
 
-@objective("hinge", needs_reference=True, family="reference-relative", params={"beta": BETA}, modifiers=ALL,
-           trl_loss_type="hinge",
-           summary="SLiC hinge (Zhao 2023): relu(1 - β·Δ)")
+@_delta_based("hinge", params={"beta": BETA}, trl_loss_type="hinge",
+              summary="SLiC hinge (Zhao 2023): relu(1 - β·Δ)")
 def hinge(lp: SeqLogps, *, beta: float) -> Output:
     """SLiC-HF hinge loss, Zhao et al. 2023, on reference-relative log-ratios (TRL ``loss_type="hinge"``).
 
@@ -106,8 +108,8 @@ def hinge(lp: SeqLogps, *, beta: float) -> Output:
     return ref_output(torch.relu(1 - beta * delta(lp)), beta, lp)
 
 
-@objective("sigmoid_norm", needs_reference=True, family="reference-relative", params={"beta": BETA}, modifiers=ALL,
-           trl_loss_type="sigmoid_norm", summary="length-normalized DPO with the reference (TRL sigmoid_norm)")
+@_delta_based("sigmoid_norm", params={"beta": BETA}, trl_loss_type="sigmoid_norm",
+              summary="length-normalized DPO with the reference (TRL sigmoid_norm)")
 def sigmoid_norm(lp: SeqLogps, *, beta: float) -> Output:
     """Length-normalized DPO that keeps the reference, TRL ``loss_type="sigmoid_norm"`` (TRL PR #5406; the
     normalization of SimPO, Meng et al. 2024, Eq. 4, applied to DPO's log-ratios).
@@ -121,10 +123,9 @@ def sigmoid_norm(lp: SeqLogps, *, beta: float) -> Output:
     return ref_output(-F.logsigmoid(beta * (c - r)), beta, lp)
 
 
-@objective("dpo_norm", needs_reference=True, family="reference-relative", modifiers=ALL,
-           params={"beta": Param(5.0, lambda v: v > 0, "> 0", "β on per-token log-ratios (Tulu 3: 5)"),
-                   "label_smoothing": SMOOTHING},
-           summary="open-instruct's length-normalized DPO (Tulu 3, β = 5)")
+@_delta_based("dpo_norm", summary="open-instruct's length-normalized DPO (Tulu 3, β = 5)",
+              params={"beta": Param(5.0, lambda v: v > 0, "> 0", "β on per-token log-ratios (Tulu 3: 5)"),
+                      "label_smoothing": SMOOTHING})
 def dpo_norm(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """Length-normalized DPO as open-instruct trains Tulu 3 (``--loss_type dpo_norm``, ``open_instruct/dpo_utils.py``;
     Lambert et al. 2024, "Tülu 3", §5: β = 5, lr 5e-7 for the 8B model).
@@ -136,16 +137,14 @@ def dpo_norm(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     rewards differ: per token here, summed in TRL.
     """
     c, r = per_token(lp, *scores(lp))
-    z = beta * (c - r)
-    loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     rc, rr = per_token(lp, *logratios(lp))
-    return Output(loss, (beta * rc).detach(), (beta * rr).detach())
+    return Output(_smoothed(beta * (c - r), label_smoothing), (beta * rc).detach(), (beta * rr).detach())
 
 
-@objective("exo_pair", needs_reference=True, family="reference-relative", modifiers=ALL, trl_loss_type="exo_pair",
-           params={"beta": BETA, "label_smoothing": Param(1e-3, lambda v: 0 < v < 0.5, "in (0, 0.5)",
-                                                          "ε of the target distribution (paper: 1e-3)")},
-           summary="EXO (Ji 2024): reverse KL to a smoothed target over the pair")
+@_delta_based("exo_pair", trl_loss_type="exo_pair",
+              params={"beta": BETA, "label_smoothing": Param(1e-3, lambda v: 0 < v < 0.5, "in (0, 0.5)",
+                                                             "ε of the target distribution (paper: 1e-3)")},
+              summary="EXO (Ji 2024): reverse KL to a smoothed target over the pair")
 def exo_pair(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """EXO-pref, Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", Eq. 16 with
     K = 2 (TRL ``loss_type="exo_pair"``): KL(q ‖ p) with q = softmax over the pair of β·ρ, p = (1−ε, ε).
@@ -160,10 +159,10 @@ def exo_pair(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     return ref_output(loss, beta, lp)
 
 
-@objective("discopop", needs_reference=True, family="reference-relative", modifiers=ALL, trl_loss_type="discopop",
-           params={"beta": BETA,
-                   "discopop_tau": Param(0.05, lambda v: v > 0, "> 0", "temperature τ of the mixing (paper: 0.05)")},
-           summary="DiscoPOP (Lu 2024): log-ratio modulated mix of logistic and exponential losses")
+@_delta_based("discopop", trl_loss_type="discopop",
+              params={"beta": BETA, "discopop_tau": Param(0.05, lambda v: v > 0, "> 0",
+                                                          "temperature τ of the mixing (paper: 0.05)")},
+              summary="DiscoPOP (Lu 2024): log-ratio modulated mix of logistic and exponential losses")
 def discopop(lp: SeqLogps, *, beta: float, discopop_tau: float) -> Output:
     """DiscoPOP ("LRML"), Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large
     Language Models", Eq. 5 (TRL ``loss_type="discopop"``).
@@ -177,15 +176,9 @@ def discopop(lp: SeqLogps, *, beta: float, discopop_tau: float) -> Output:
     return ref_output(-F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m, beta, lp)
 
 
-def _aot(lp: SeqLogps, d: Tensor, beta: float, label_smoothing: float) -> Output:
-    """The smoothed sigmoid on a sorted margin (the two AOT forms share it)."""
-    return ref_output(-F.logsigmoid(beta * d) * (1 - label_smoothing) - F.logsigmoid(-beta * d) * label_smoothing,
-                      beta, lp)
-
-
-@objective("aot", needs_reference=True, family="reference-relative", modifiers=("ld_alpha",), trl_loss_type="aot",
-           params={"beta": BETA, "label_smoothing": SMOOTHING},
-           summary="AOT (Melnyk 2024): distributional alignment by sorting the batch's paired margins")
+@_delta_based("aot", modifiers=("ld_alpha",), trl_loss_type="aot",
+              params={"beta": BETA, "label_smoothing": SMOOTHING},
+              summary="AOT (Melnyk 2024): distributional alignment by sorting the batch's paired margins")
 def aot(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """AOT (paired), Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
     Eq. 9 (TRL ``loss_type="aot"``): first-order stochastic dominance of the policy's margins over the
@@ -197,12 +190,12 @@ def aot(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     β as DPO (0.1); ε = ``label_smoothing``, 0 as TRL. Needs micro-batches of several pairs to mean anything.
     """
     d = torch.sort(lp.chosen - lp.rejected, dim=0)[0] - torch.sort(lp.ref_chosen - lp.ref_rejected, dim=0)[0]
-    return _aot(lp, d, beta, label_smoothing)
+    return ref_output(_smoothed(beta * d, label_smoothing), beta, lp)
 
 
-@objective("aot_unpaired", needs_reference=True, family="reference-relative", modifiers=("ld_alpha",),
-           trl_loss_type="aot_unpaired", params={"beta": BETA, "label_smoothing": SMOOTHING},
-           summary="AOT unpaired (Melnyk 2024): sorted chosen vs sorted rejected log-ratios")
+@_delta_based("aot_unpaired", modifiers=("ld_alpha",), trl_loss_type="aot_unpaired",
+              params={"beta": BETA, "label_smoothing": SMOOTHING},
+              summary="AOT unpaired (Melnyk 2024): sorted chosen vs sorted rejected log-ratios")
 def aot_unpaired(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output:
     """AOT (unpaired), Melnyk et al. 2024, Eq. 8 (TRL ``loss_type="aot_unpaired"``, formerly ``aot_pair``): the
     chosen log-ratios' distribution dominates the rejected ones', matched by sorting each within the batch.
@@ -212,4 +205,5 @@ def aot_unpaired(lp: SeqLogps, *, beta: float, label_smoothing: float) -> Output
     Trains on pairs like the others (the pairing is ignored, not required). β 0.1, ε 0 as TRL.
     """
     c, r = logratios(lp)
-    return _aot(lp, torch.sort(c, dim=0)[0] - torch.sort(r, dim=0)[0], beta, label_smoothing)
+    d = torch.sort(c, dim=0)[0] - torch.sort(r, dim=0)[0]
+    return ref_output(_smoothed(beta * d, label_smoothing), beta, lp)

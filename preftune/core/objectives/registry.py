@@ -72,9 +72,8 @@ class SeqLogps:
             return None if t is None else (t[:, 0], t[:, 1])
 
         more = more or {}
-        return cls(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], None if ref is None else ref[:, 0],
-                   None if ref is None else ref[:, 1], label, pair(more.get("shared")), pair(more.get("ref_shared")),
-                   pair(more.get("sumsq")))
+        return cls(*pair(logps), *pair(counts), *(pair(ref) or (None, None)), label,
+                   *(pair(more.get(k)) for k in ("shared", "ref_shared", "sumsq")))
 
 
 @dataclass
@@ -204,8 +203,7 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
 
 def weight_text(w: float) -> str:
     """A mixture weight as the canonical name spells it: the shortest exact form, ``1`` rather than ``1.0``."""
-    text = repr(float(w))
-    return text[:-2] if text.endswith(".0") else text
+    return repr(float(w)).removesuffix(".0")
 
 
 BETA = Param(0.1, lambda v: v > 0, "> 0", "preference strength β (KL strength for reference-relative losses)")
