@@ -27,5 +27,10 @@ def did_you_mean(word: str, choices: list[str], quote: str = "'") -> str:
     return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's first line for a one-line error (its type's name when it says nothing)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
 class TrainingDiverged(RuntimeError):
     """Loss or gradients became NaN/inf. The last good checkpoint is left intact."""

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 
 def _umask() -> int:
@@ -230,7 +230,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
             want = (f.metadata() or {}).get("sha256")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise DamagedFile(f"damaged: not a readable safetensors file ({_first_line(e)})", path=str(path)) from None
+        raise DamagedFile(f"damaged: not a readable safetensors file ({one_line(e)})", path=str(path)) from None
     if want is None or want != _tensor_digest(tensors):
         raise DamagedFile("damaged: its tensors do not match the checksum written with them", path=str(path))
     return tensors
@@ -239,10 +239,6 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
 def json_digest(obj: Any) -> str:
     """sha256 of a JSON value in canonical form (sorted keys): the checksum a summary carries."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    return ((str(e).strip() or type(e).__name__).splitlines() or [""])[0]
 
 
 def clean_json(obj: Any) -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InputError, did_you_mean
+from ..core.errors import InputError, did_you_mean, one_line
 from .shapes import FIELDS, BadRow, Content, Example, as_text, check, example, mapped
 
 __all__ = ["BadRow", "Content", "Example", "Loaded", "PromptRow", "RowPolicy", "as_text", "iter_rows",
@@ -218,11 +218,6 @@ def _read_dataset(source: str, split: str) -> Iterable[tuple[int, Any]]:
     except Exception as e:  # datasets raises many types (hub, network, format, missing split): report one line
         raise InputError(f"cannot load dataset (split '{split}'): {one_line(e)}", path=source) from None
     return enumerate(ds)
-
-
-def one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 @dataclass(frozen=True)

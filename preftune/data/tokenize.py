@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InputError
-from .rows import Example, PromptRow, as_text, one_line
+from ..core.errors import InputError, one_line
+from .rows import Example, PromptRow, as_text
 
 Encoded = tuple[list[int], list[int], list[int]]  # (prompt, chosen, rejected) ids, untruncated
 

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import Config
-from ..core.errors import InputError
+from ..core.errors import InputError, one_line
 from ..core.layout import GEN_EVAL
 from ..data.rows import Content, PromptRow
 from ..data.tokenize import Pair
 from ..generation.judges import Judge, parse_judges
-from ..generation.judges.base import one_line
 from .stats import agreement, lc_win_rate, wilson_interval
 
 

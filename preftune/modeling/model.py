@@ -17,9 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.config import Config
-from ..core.errors import InputError
+from ..core.errors import InputError, one_line
 from ..core.layout import FINGERPRINTS
-from ..data.rows import one_line
 from ..data.tokenize import use_chat_template
 from .folder import check_model_folder
 from .precision import DTYPES, SDPA_FP32, resolve_dtype

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import InputError
+from ..core.errors import InputError, one_line
 from ..core.files import atomic_dir, atomic_write_json
 from ..core.layout import EVIDENCE, RunDir, RunSummary, matrix_of, read_decision
 
@@ -97,13 +97,13 @@ def _merged(cfg: dict, adapter: Path, dtype: str) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
                                                      trust_remote_code=remote)
     except Exception as e:
-        raise InputError(f"cannot load the base model: {_first_line(e)}", path=base, field="model") from None
+        raise InputError(f"cannot load the base model: {one_line(e)}", path=base, field="model") from None
     try:
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise, not news
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as e:
-        raise InputError(f"cannot apply the adapter: {_first_line(e)}", path=str(adapter)) from None
+        raise InputError(f"cannot apply the adapter: {one_line(e)}", path=str(adapter)) from None
     model = model.to(getattr(torch, dtype))
     model.config.use_cache = True  # training turned it off; generation wants it
     return model, _tokenizer(cfg)
@@ -116,7 +116,7 @@ def _tokenizer(cfg: dict) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     except Exception as e:
-        raise InputError(f"cannot load the tokenizer: {_first_line(e)}", path=name, field="tokenizer") from None
+        raise InputError(f"cannot load the tokenizer: {one_line(e)}", path=name, field="tokenizer") from None
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -230,7 +230,3 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise InputError("config.yaml is not a mapping", path=str(path))
     return raw
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0]

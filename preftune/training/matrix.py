@@ -269,7 +269,8 @@ def _run_parallel(out: MatrixDir, todo: list, prepared: dict, status: dict, writ
         while pending or running:
             while pending and len(running) < parallel:
                 name, _, cfg = pending.pop(0)
-                cfg_path, err, env = _child_config(out, name, cfg, threads), out.child_stderr(name), None
+                cfg_path, err = _child_config(out, name, cfg, threads), out.child_stderr(name)
+                env = None
                 if gpus and cfg.resolved_device() == "cuda":  # several GPUs: one per child, the least busy
                     held[name] = pick_gpu(gpus, list(held.values()))
                     env = {**os.environ, "CUDA_VISIBLE_DEVICES": held[name]}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import Config
-from ..core.errors import InputError
+from ..core.errors import InputError, one_line
 from ..modeling.folder import suggestion
 
 
@@ -58,13 +58,12 @@ def read_arch(model: str, *, trust_remote_code: bool = False) -> Arch:
     try:
         cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types; one line for the user
-        raise InputError(f"cannot read model config: {str(e).strip().splitlines()[0]}", path=model,
-                         field="model") from None
+        raise InputError(f"cannot read model config: {one_line(e)}", path=model, field="model") from None
     try:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise InputError(f"cannot build a causal LM from this config: {str(e).strip().splitlines()[0]}",
+        raise InputError(f"cannot build a causal LM from this config: {one_line(e)}",
                          path=model, field="model") from None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     head = lm.get_output_embeddings()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...core.errors import InputError
+from ...core.errors import InputError, one_line
 from ...core.files import read_jsonl
 from ...core.layout import JUDGE_CACHE
 from ...data.rows import Content, as_text
@@ -146,10 +146,6 @@ class DiskCache:
 def content_hash(*parts: Any) -> str:
     """A cache key: the parts' JSON, hashed."""
     return hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=16).hexdigest()
-
-
-def one_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def check_scores(spec: str, scores: Sequence[Any], n: int) -> list[float]:

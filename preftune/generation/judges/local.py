@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...core.errors import InputError
+from ...core.errors import InputError, one_line
 from ...data.rows import Content, as_text
-from .base import DiskCache, PointwiseJudge, check_scores, content_hash, one_line
+from .base import DiskCache, PointwiseJudge, check_scores, content_hash
 from .registry import import_from_cwd, judge_kind
 
 

@@ -39,8 +39,8 @@ from types import ModuleType
 from typing import Any
 
 from ...core.config import Config, refuse_credentials
-from ...core.errors import InputError, did_you_mean
-from .base import Judge, PairwiseJudge, PointwiseJudge, PythonJudge, one_line
+from ...core.errors import InputError, did_you_mean, one_line
+from .base import Judge, PairwiseJudge, PointwiseJudge, PythonJudge
 
 MODES: dict[str, type[Judge]] = {"pointwise": PointwiseJudge, "pairwise": PairwiseJudge}
 NEEDS = ("device", "cache_dir")  # what a factory may ask of the config, by keyword

@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ...core.config import refuse_credentials
-from ...core.errors import InputError
+from ...core.errors import InputError, one_line
 from ...data.rows import Content, as_text
-from .base import DiskCache, PairwiseJudge, PointwiseJudge, content_hash, one_line
+from .base import DiskCache, PairwiseJudge, PointwiseJudge, content_hash
 from .registry import judge_kind
 
 JUDGE_PROMPT = (
