@@ -330,7 +330,7 @@ def _length_bias(log: Log) -> list[Finding]:
     sentence = (f"chosen is shorter in {rule['chosen_shorter']:.0%}, longer in {rule['chosen_longer']:.0%}, "
                 f"equal in {rule['equal']:.0%} of {n} held-out pairs, median length ratio chosen/rejected "
                 f"{_n(ratio)}; 'prefer the {rule['rule']}' is right in {rule['rule_accuracy']:.0%} (95% CI "
-                f"{_n(lo)}-{_n(hi)})" + (f"; held-out margin vs length difference rho = {rho:.2f}" if rho is not None
+                f"{lo:.0%}-{hi:.0%})" + (f"; held-out margin vs length difference rho = {rho:.2f}" if rho is not None
                                          else ""))
     if by:
         sentence += (f": length predicts the {' and the '.join(by)}, a length-normalized reward (SimPO) "
