@@ -1,5 +1,5 @@
 """How a run ended, as summary.json says it: the last evals, the end of training, the data, timings, and how the
-model ran (docs/formats.md, "summary.json").
+model ran (docs/formats.md, section summary.json).
 
     summary = write_summary(cfg, run, steps=100, status="finished", data=data, timing=timing, t_start=t0)
 """
