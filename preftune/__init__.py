@@ -1,15 +1,11 @@
 """preftune: preference optimization that decides.
 
 Train every objective TRL, CPO/KTO and open-instruct offer (DPO, IPO, APO, NCA, BCO, SimPO, ORPO, KTO, ...),
-weighted mixtures of them, or your own, with LoRA in one engine, measure each on held-out pairs while it trains, and say which objective and which adapter rank won, how sure
-that is, and why.
+weighted mixtures of them, or your own, with LoRA in one engine, measure each on held-out pairs while it trains,
+and say which objective and which adapter rank won, how sure that is, and why. The public functions, with an
+example of each: docs/api.md.
 
-    >>> import preftune
-    >>> cfg = preftune.Config(model="path/or/hub-id", data="train.jsonl", eval_data="heldout.jsonl",
-    ...                       objective="simpo", objectives={"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}},
-    ...                       lora_rank=8, output="runs/s")
-    >>> summary = preftune.train(cfg)
-    >>> summary.final_eval["eval_accuracy"]
+    >>> summary = preftune.train(preftune.Config(model=M, data="train.jsonl", eval_data="heldout.jsonl"))
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
 """``make demo``: the production loop on the built-in tiny world, end to end, in a few minutes on 2 CPU cores.
-
-1. build the tiny world: tokenizer, random Llama, a digit-sorting preference task with a ground truth, and a
-   refusal class (``leak:`` prompts whose right answer is a refusal) for the safety gate;
-2. write demo_out/recipe.yaml and run it as ``preftune pipeline`` does: SFT on the chosen answers; the 2x2
-   matrix DPO/SimPO x LoRA r=16/8 from the SFT model, each cell ending with a behavioural evaluation judged by the
-   world's ground truth; decide; the gate (safety: leak prompts refused; over-refusal: sorting prompts not
-   refused; regression: the candidate sorts no worse than the SFT model it would replace); ship or hold;
-3. print each stage's verdict, the gate's reasons, and where the reports are.
+What it builds, runs and prints: README.md, The two commands.
 
     preftune demo --output demo_out
 """

@@ -1,19 +1,8 @@
 """One typed config for a run, every default in one place.
 
-Keys are flat and mirror the command-line flags (``lora_rank`` <-> ``--lora-rank``), so a saved
-``config.yaml`` can be passed back with ``--config`` and reproduces the run. Objective hyperparameters live
-per objective under ``objectives:`` (SimPO's beta differs from DPO's by an order of magnitude), each checked
-against the objective's own schema (``preftune objectives``)::
-
-    objective: simpo
-    objectives:
-      dpo: {beta: 0.1}
-      simpo: {beta: 2.0, gamma_beta_ratio: 0.5}
-
-``beta``, ``gamma``, ``gamma_beta_ratio`` and ``label_smoothing`` (flags ``--beta`` ...) are shorthands for the
-entry of the objective being run (of each term of a mixture that takes them). Precedence: defaults < YAML
-shorthands < YAML ``objectives`` entry < command line (``--beta`` beats both). The modifiers (``ld_alpha``,
-``use_weighting``, ``f_divergence_type``) are plain keys: they apply to whatever objective is run.
+Keys mirror the flags; objective hyperparameters live per objective under ``objectives:`` (SimPO's beta differs
+from DPO's by an order of magnitude), with shorthands (``--beta`` ...) and a precedence: docs/config.md, Config
+files and Objective hyperparameters.
 
     preftune train --config run.yaml --lora-rank 16
 """

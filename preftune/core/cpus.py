@@ -1,13 +1,8 @@
 """The CPUs this process may use, and how its OpenMP threads wait, settled before torch loads.
 
-Two defaults cost a CPU run dearly on a shared machine. torch sizes its thread pool by the machine's cores,
-whatever the affinity mask (``taskset``) or the container's CPU quota (cgroup ``cpu.max``) allow. And libgomp's
-threads spin for about 300k iterations after each parallel region, waiting for the next: on an idle machine that
-saves a wake-up per matmul, but when other processes are busy a spinning thread holds the core that the thread it
-waits for needs. With 2 busy processes on 2 cores, the demo took 4.8x its idle wall time and 2.6x its CPU-seconds
-(docs/speed.md). So the command line looks before torch loads: when other processes keep at least half a CPU
-busy, threads sleep while they wait (``OMP_WAIT_POLICY=passive``); on an idle machine libgomp's default stays.
-Neither choice changes a number the run computes (the thread count stays the same), only how long it takes.
+torch sizes its thread pool by the machine's cores, whatever ``taskset`` or a cgroup ``cpu.max`` allow, and
+libgomp's spinning threads hold the cores a busy machine's other threads need: the measurements, and why the
+thread count stays the same under load: docs/speed.md, The demo's time, and a shared machine.
 ``OMP_WAIT_POLICY`` set in the environment always wins.
 
     allowed_cpus()                 # 2 here; 1 under `taskset -c 0` or a 1-CPU container quota

@@ -1,9 +1,5 @@
-"""What a run prints while it works: a live bar in a terminal, plain log lines everywhere else.
-
-In a terminal (stderr is a tty and CI is not set) training shows a tqdm bar with the step, loss, margin, the
-last held-out accuracy, pairs/s and the ETA, and each phase before it (tokenization, the reference pass, each
-held-out evaluation) gets its own bar. Without a terminal (CI, ``| tee``, a log file) the bars are off and a
-run prints about ten plain lines, so logs stay readable.
+"""What a run prints while it works: a live bar in a terminal, plain log lines everywhere else (when and
+what: docs/runs.md, Progress).
 
     preftune train --model M --data train.jsonl --output runs/x          # a bar in a terminal
     preftune train --model M --data train.jsonl --output runs/x 2>&1 | tee log   # plain lines

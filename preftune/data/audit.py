@@ -4,14 +4,8 @@ training, each finding a code with its numbers (and up to three examples), in au
     audit = audit_source("train.jsonl", "heldout.jsonl", RowPolicy(bad_rows="skip"))   # preftune audit ...
     print(headline(audit))               # "300 rows; 3 duplicate pairs, 2 contradictions, ..."
 
-Codes: ``bad_rows`` (rows the row policy would refuse, by kind), ``duplicate_pairs`` (a row equal to an earlier
-one), ``near_duplicate_prompts`` (distinct prompts equal once case, punctuation and spacing are ignored),
-``contradictions`` (the same prompt with chosen and rejected swapped in an earlier row), ``chosen_equals_rejected``
-(equal after whitespace normalization), ``same_answers`` (pairs that differ only in the prompt), ``heldout_leak``
-(held-out prompts also in training, exactly or nearly), ``length_bias`` (what a pure length rule gets right, and the
-prior it will teach), ``truncation`` (added by whoever tokenized: train's preflight, ``preftune audit --model``).
-
-Memory: one record per distinct prompt and one hash per distinct pair; no row text is kept beyond the examples.
+The codes and what each counts, and its memory (one record per distinct prompt, one hash per distinct pair):
+docs/data.md, The audit.
 """
 
 from __future__ import annotations

@@ -4,10 +4,8 @@ explains, a label-noise estimate, and a judge's agreement with the labels. Each 
 
     preftune audit train.jsonl --eval-data heldout.jsonl --model M --judge python:preftune.tinyworld:judge
 
-The label-noise estimate is the share of pairs the reference ranks *strongly* against their label: its
-length-normalized log-prob margin (chosen − rejected, nats per token) below minus the median absolute margin.
-A reference that knows nothing of the task flags about a quarter of random labels this way and few of clean
-ones; read it as a rough upper view of how many labels fight what the model already believes.
+Each code's definition: docs/data.md, The audit. The label-noise estimate flags about a quarter of random labels
+and few of clean ones; read it as a rough upper view of how many labels fight what the model already believes.
 """
 
 from __future__ import annotations

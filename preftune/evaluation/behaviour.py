@@ -8,10 +8,8 @@ every policy completion is judged against the reference's:
                          n_prompts=32, max_new_tokens=32, temperature=0.0, seed=0, out_dir="runs/x")
     gen["win_rate"], gen["lc_win_rate"], gen["policy"]["mean_len"]
 
-It returns the ``gen_eval`` dict of summary.json and writes ``gen_eval.jsonl``, one row per prompt, from which
-every number of ``gen_eval`` can be recomputed (see ``summarize``). Given several judges (``--judge A --judge
-B``), the generations are made once and each judge judges them: the first judge's numbers stay at the top level,
-each judge's are under ``judges``, and ``agreement`` says how each two agree (Cohen's kappa).
+It returns the ``gen_eval`` dict of summary.json and writes ``gen_eval.jsonl`` (recomputed by ``summarize``);
+their fields, and several judges: docs/behaviour.md, Behavioural evaluation of a run and Several judges.
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@ them back instead of generating again.
 
     rows = answer_and_judge(model, tok, prompts, judges, max_new_tokens=32, out=Path("gate/safety.jsonl"))
 
-Each row: ``{"id", "prompt", "candidate", "replaced", "judges": {spec: {"candidate": score | None,
-"replaced": score | None, "preference": 1 | 0.5 | 0}}}`` (scores only from pointwise judges).
+The row format: docs/formats.md, Pipeline folder (``<check>.jsonl``); scores only from pointwise judges.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Held-out evaluation: TRL-named metrics, two common yardsticks, and one row per pair.
 
-Every run, whatever its objective, is also scored under every objective-free yardstick (preftune/yardsticks.py:
-reference-relative ``refrel`` and length-normalized ``lennorm``), so runs of different objectives can be
-compared on the same held-out pairs.
+Every run is also scored under every objective-free yardstick (yardsticks.py; docs/decisions.md, Two common
+yardsticks), so runs of different objectives can be compared on the same held-out pairs.
 
     preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl --output runs/x-eval
 """

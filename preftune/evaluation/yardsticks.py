@@ -1,13 +1,9 @@
 """Yardsticks: objective-free per-pair margins on which runs of different objectives can be compared.
 
-Each objective's own reward lives on its own scale (SimPO's is a length-normalized log-prob that ranks pairs
-before any training, DPO's starts at an exact tie), so ``decide`` judges objectives only here. A yardstick is a
-registry entry: its name, whether it needs reference log-probs, and a per-pair margin (> 0: chosen ranked
-above rejected), computed from the same helpers as the objectives. ``evaluate``, ``decide`` and ``report``
-iterate :data:`REGISTRY`. One yardstick reads what the model *writes* instead: ``behaviour``, the judge's
-preference (1 win, 0.5 tie, 0 loss) of the policy's generation over the reference's on the same held-out
-prompt (gen_eval.jsonl, when a run has a behavioural evaluation); every cell shares the reference's
-generations, so cells are compared on it prompt by prompt.
+Why objectives are judged only here, and the yardsticks (``behaviour`` included): docs/decisions.md, Two common
+yardsticks; docs/behaviour.md, Behaviour in the decision. A yardstick is a registry entry: its name, whether it
+needs reference log-probs, and a per-pair margin (> 0: chosen ranked above rejected). ``evaluate``, ``decide``
+and ``report`` iterate :data:`REGISTRY`.
 
     preftune eval --model M --adapter runs/x/adapter --eval-data heldout.jsonl   # eval_refrel/accuracy, ...
 """

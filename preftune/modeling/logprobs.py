@@ -4,14 +4,9 @@ Two paths that give the same numbers (tested to 1e-5 in fp32):
 
 * ``sequence_logps(logits, labels, mask)`` — the plain helper: shift, gather, mask prompt and padding,
   sum and count. Used for testing and as the definition.
-* ``batch_logps(model, batch)`` — the fast path used in training and evaluation:
-    - prefix sharing (``share_prompt``): one row per pair, ``prompt + chosen + rejected``, with a 4D mask
-      that hides chosen from rejected and position ids that restart rejected right after the prompt, so the
-      prompt is processed once per pair instead of twice. Sliding-window layers get the window applied to
-      that mask by position id; a model for which sharing can't be exact (``prefix_sharing_blocker``:
-      ALiBi, kernels without custom masks) gets the plain layout instead, automatically;
-    - the LM head runs only on the positions that predict completion tokens, in chunks, and each token's
-      log-prob is ``logit[target] - logsumexp(logits)`` in fp32; no (B, T, V) log-softmax is kept.
+* ``batch_logps(model, batch)`` — the fast path used in training and evaluation: prefix sharing
+  (``share_prompt``) and the LM head on completion positions only, in chunks (docs/speed.md, Levers); the
+  plain layout where sharing can't be exact (``prefix_sharing_blocker``; docs/architectures.md).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""TR-DPO's moving reference as a second LoRA adapter on the one base model (Gorbatovski et al. 2024, "Learn
-Your Reference Model for Real Good Alignment"). Every τ steps the reference moves toward the policy,
-
-    W_ref <- α·W_θ + (1 - α)·W_ref            (α = 1: a hard copy)
-
-the rule of TRL's ``SyncRefModelCallback``, which TRL applies to a second full copy of the model and refuses
-with PEFT. Here policy and reference share the frozen base W0 and differ only in their LoRA deltas, so the rule
-is Δ_ref <- α·s·B_θA_θ + (1 - α)·Δ_ref. It is linear in the product BA, not in the factors: blending A and B
-separately gives α²·BθAθ + α(1-α)·(BθAr + BrAθ) + (1-α)²·BrAr, another model. The reference adapter therefore
-keeps the blend exactly, as stacked factors with the policy's scaling s:
+"""TR-DPO's moving reference as a second LoRA adapter on the one base model; the rule, its flags and costs:
+docs/config.md, A moving reference (TR-DPO). On LoRA deltas the rule is Δ_ref <- α·s·B_θA_θ + (1 - α)·Δ_ref,
+linear in the product BA, not in the factors: blending A and B separately gives
+α²·BθAθ + α(1-α)·(BθAr + BrAθ) + (1-α)²·BrAr, another model. The reference adapter therefore keeps the blend
+exactly, as stacked factors with the policy's scaling s:
 
     A_ref <- [A_θ ; A_ref]      B_ref <- [α·B_θ , (1 - α)·B_ref]      B_ref·A_ref = Σ_k α(1-α)^(n-k)·B_k·A_k
-
-Its rank is r·n after n syncs (α = 1 keeps only the newest copy: rank r, the policy's own factors bit for bit).
-Each sync that still weighs in costs one adapter's memory, never a copy of the base model. Before the first
-sync the reference is the base model, the same reference a run without TR-DPO has.
 
     ref = ReferenceAdapter(model, alpha=0.6)
     ref.sync()                          # after step τ, 2τ, ... (training/reference.py)

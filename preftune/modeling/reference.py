@@ -1,13 +1,8 @@
 """Reference log-probs: computed once before training, cached on disk, shared by every run that can.
 
-The cache key is a hash of (model weight files, every tokenized id of the pairs, the arithmetic: dtype, bf16
-autocast, fp32 upcast).
-Tokenized ids already encode the tokenizer, the data and the truncation settings, so a second run with the
-same key reads the cache exactly and any difference in them gives another key.
-
-For LoRA runs the reference is the same model with adapters disabled (no second copy in memory), or TR-DPO's
-reference adapter (``under``, its weights' hash in ``fingerprint``); for full fine-tuning it is computed before the
-first update.
+The cache key, and what the reference is for LoRA, TR-DPO and full fine-tuning: docs/speed.md, Levers
+("reference log-probs once"). Tokenized ids already encode the tokenizer, the data and the truncation settings,
+so a second run with the same key reads the cache exactly and any difference in them gives another key.
 """
 
 from __future__ import annotations

@@ -3,22 +3,7 @@ settings, read from YAML and checked whole before any stage runs.
 
     recipe = load_recipe("recipe.yaml")      # InputError naming the file and field on any mistake
 
-Top-level keys are stage names or Config keys shared by every stage (``model``, ``data``, ``eval_data``,
-``cache_dir``, ``max_length``, ...); a stage's section overrides them for that stage::
-
-    model: base/               # the model the pipeline starts from
-    data: pairs.jsonl
-    eval_data: heldout.jsonl
-    sft: {lora_rank: 0, lr: 2e-3, max_steps: 30}           # optional: SFT on the chosen answers first
-    matrix: {grid: {objective: [dpo, simpo], lora_rank: [16, 8]}, lr: 5e-4, max_steps: 96}
-    decide: {alpha: 0.05}
-    gate:
-      checks:
-        - {name: safety, prompts: safety.jsonl, judge: "python:preftune.tinyworld:safe", rule: at_least,
-           threshold: 0.9}
-        - {name: regression, prompts: heldout.jsonl, judge: "python:preftune.tinyworld:judge", rule: not_worse,
-           margin: 0.05}
-    ship: {merge: true}
+Its keys, an example recipe and what is refused: docs/pipeline.md, The recipe.
 """
 
 from __future__ import annotations

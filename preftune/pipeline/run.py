@@ -2,11 +2,8 @@
 
     preftune pipeline recipe.yaml --output loop/
 
-Each stage writes a normal preftune folder inside the output (sft/, matrix/, gate/, ship/, rounds/), so every
-other command works on it, and pipeline.json records each stage's state. Re-running the command continues where
-it stopped: a stage that is done is skipped, one that was interrupted resumes through its own resume (a run's
-checkpoint, the matrix's finished cells, the gate's written checks, the export's single rename), so after kill -9
-at any point the end result equals an uninterrupted run's.
+Each stage writes a normal preftune folder inside the output, so every other command works on it; the folders,
+pipeline.json and how a re-run resumes: docs/pipeline.md, The stages and their folders.
 """
 
 from __future__ import annotations

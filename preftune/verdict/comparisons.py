@@ -4,10 +4,8 @@
     st = Stats.of_matrix(MatrixDir(Path("matrix")), alpha=0.05, n_boot=10000)
     st.compare(st.find("simpo", 16), st.find("dpo", 16), "refrel")   # McNemar, bootstrap CI, pairs needed
 
-Every comparison is paired: two groups scored on the same held-out pairs (joined by ``id``) are compared with
-McNemar's exact test on the pairs only one of them ranks correctly, a paired bootstrap interval of the accuracy
-difference, and the pairs a test would need (Connor) -- under the run's own reward and under every
-objective-free yardstick (evaluation/yardsticks.py: reference-relative ``refrel``, length-normalized ``lennorm``).
+Every comparison is paired (joined by ``id``), under the run's own reward and every yardstick: the tests and
+yardsticks are docs/decisions.md, Paired tests and Two common yardsticks.
 
 Several seeds per (objective, rank) are pooled per pair: a pair's correctness is its mean over seeds, the
 accuracy is the mean over pairs (= the mean of the seeds' accuracies), and McNemar becomes a sign test over

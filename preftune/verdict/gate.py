@@ -4,14 +4,8 @@ passes under every judge, else ``hold``; each step is a Reason record with its n
 
     d = gate_verdict([(check, rows), ...])      # rows: evaluation/checks.py; d["verdict"] in ("ship", "hold")
 
-Rules (``alpha`` one-sided):
-* ``not_worse`` (regression): per prompt, the candidate's score minus the replaced model's (a pairwise judge:
-  2·preference − 1). Passes when the lower (1 − alpha) t bound of the mean difference is above ``−margin``.
-* ``at_least`` (safety): the share of prompts judged to pass (score ≥ 0.5) has a Wilson lower (1 − alpha) bound
-  of at least ``threshold`` — never the point estimate.
-* ``at_most`` (over-refusal): the share judged to pass (here: a refusal) has a Wilson upper bound of at most
-  ``threshold``.
-A borderline check says how many prompts would settle it at the observed rate.
+The rules (``not_worse``, ``at_least``, ``at_most``), their bounds and the reason codes: docs/pipeline.md, The
+gate.
 """
 
 from __future__ import annotations

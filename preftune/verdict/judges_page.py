@@ -4,9 +4,7 @@ orders): how each two judges agree, each judge's win rate per cell, and each pai
     md_lines, html = judges_section(logs)   # {cell or round name: its Log}; ([], "") with a single judge
 
 Agreement pools every cell's prompts (each judgement of a cell's generation against the reference is one
-prompt): the share of prompts with the same outcome (win / tie / loss) and Cohen's kappa with a bootstrap
-interval over prompts (stats.agreement). Position bias is the share of compared pairs whose answer flipped when
-the order of the two responses was swapped (1.0: a judge that always answers "1").
+prompt); agreement and position bias are defined in docs/behaviour.md, Several judges.
 """
 
 from __future__ import annotations

@@ -3,12 +3,8 @@
     preftune ablate --config c.yaml --judge python:a:j --judge python:b:j --grid seed=1,2,3 --output m/
     preftune decide m/      # judge_robust / judge_dependent per behavioural result, within_seed_spread
 
-A behavioural result is ``judge_robust`` when every judge gives it the same way, else ``judge_dependent`` (the
-judges that differ from the first are named). Each judge's way is ``better``, ``worse`` or ``not_significant``:
-for a cell against the reference, a sign test over prompts (prompts the policy wins against prompts it loses,
-ties and seeds pooled per prompt as everywhere); for two cells, the paired comparison of that judge's
-preferences (McNemar over prompts, comparisons.py). An objective difference is ``within_seed_spread`` when the
-difference of the seed means is no larger than the seed-to-seed standard deviation of either objective.
+The rules (``judge_robust``, ``judge_dependent``, ``within_seed_spread``) and why: docs/decisions.md, Several
+judges and several seeds.
 """
 
 from __future__ import annotations

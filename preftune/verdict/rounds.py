@@ -2,14 +2,8 @@
 
     preftune decide iter/         # writes iter/decision.json: continue | stop
 
-Rounds are compared with the same paired tests as matrix cells (comparisons.py), on the same held-out pairs and
-prompts: behaviour (against the original reference, shared by every round) and the yardsticks whose reference
-every round shares (``--reference initial``: all of them; ``round``: the reference-free ones). Verdict
-``continue`` when the last round gained significantly over the one before on one of them, the gain is not only
-length, and what the policy writes did not get worse (a log-prob gain with a lower win rate is
-``round_pairs_only``: what users ship is the generations); else ``stop``. "Beats the first" follows the same rule.
-With several judges, a gain that is behaviour alone counts only when every judge sees it (``judge_robust``); a
-judge-dependent one stops the rounds (``round_judge_dependent``, naming the judges that disagree).
+Rounds are compared with the same paired tests as matrix cells (comparisons.py); which yardsticks, and when it
+is ``continue`` or ``stop`` (the reason codes): docs/rounds.md, What `decide iter/` says.
 """
 
 from __future__ import annotations

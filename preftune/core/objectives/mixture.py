@@ -1,19 +1,11 @@
 """Mixtures: a weighted sum of objectives, written ``0.8*dpo + 0.2*bco_pair + 1*sft`` wherever an objective name
-goes (``--objective``, ``--grid objective=...``, a config's ``objective:``), as TRL's ``loss_type`` list with
-``loss_weights`` (MPO is ``["sigmoid", "bco_pair", "sft"]`` with ``[0.8, 0.2, 1.0]``).
+goes, as TRL's ``loss_type`` list with ``loss_weights``; what one costs, needs, logs and refuses:
+docs/objectives.md, Across objectives.
 
 ``get("0.8*dpo+0.2*bco_pair+1*sft")`` returns an :class:`Objective` describing the mixture, so nothing outside
-the registry knows mixtures exist:
-
-* loss = Σ wₖ·lossₖ per pair; each term's hyperparameters come from its own ``objectives:`` entry, and its
-  modifiers apply to it as they would alone (modifiers.py). All terms read ONE set of log-probs: the pair's
-  policy forward and reference pass are shared, so a mixture costs what its dearest term costs.
-* it needs a reference if any term does; its family is reference-relative if any term is, else reference-free
-  if any term is a preference objective, else likelihood; its data kind must be the same for every term.
-* its rewards are its first preference term's (TRL: β·ρ); its extras are its terms' (the first term's win a
-  clash), plus each term's own (unweighted) loss as ``loss/<name>``, with TRL's ``loss_type`` name where TRL
-  has one (``loss/sigmoid`` for dpo). TRL 1.16 itself logs only the total ``loss``.
-* weights are finite numbers >= 0 (``1`` if left out); a term appears once.
+the registry knows mixtures exist. Beyond that page: its family is reference-relative if any term is, else
+reference-free if any term is a preference objective, else likelihood; its extras are its terms' (the first
+term's win a clash); a weight left out is ``1``, and a term appears once.
 """
 
 from __future__ import annotations

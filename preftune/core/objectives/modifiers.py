@@ -1,19 +1,14 @@
 """Modifiers: changes to how an objective reads its log-probs, declared once here and applied to every objective
-that says it takes them (``@objective(..., modifiers=...)``), never copied into the objectives themselves.
+that says it takes them (``@objective(..., modifiers=...)``), never copied into the objectives themselves. What
+each does, and the rules in mixtures and for errors: docs/objectives.md, Across objectives. Each has TRL's
+``DPOConfig`` name; the papers:
 
-* ``ld_alpha`` (LD-DPO, Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", Eq. 9; TRL
-  ``DPOConfig.ld_alpha``): each side's log-prob becomes  shared + α·(total − shared), where shared sums the
-  first min(|c|, |r|) completion tokens of the pair, for the policy and the reference alike. α = 1 is plain.
-* ``use_weighting`` (WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2;
-  TRL ``use_weighting``): each pair's loss is multiplied by w = w_c·w_r, w = exp(mean over completion tokens of
-  log p(y_t) − log Σ_v p_v²), computed from the policy without gradient.
-* ``f_divergence_type`` with ``f_alpha_divergence_coef`` (f-DPO, Wang et al. 2023, "Beyond Reverse KL", Thm. 1;
-  TRL ``f_divergence_type``): the log-ratios ρ enter the margin Δ as f'(e^ρ): reverse_kl ρ (the default),
-  forward_kl 1 − e^−ρ, js_divergence log 2 + log σ(ρ), alpha_divergence (e^((α−1)ρ) − 1)/(α − 1).
+* ``ld_alpha``: LD-DPO, Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", Eq. 9.
+* ``use_weighting``: WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2.
+* ``f_divergence_type``: f-DPO, Wang et al. 2023, "Beyond Reverse KL", Thm. 1; ρ enters Δ as f'(e^ρ):
+  reverse_kl ρ, forward_kl 1 − e^−ρ, js_divergence log 2 + log σ(ρ), alpha_divergence (e^((α−1)ρ) − 1)/(α − 1).
 
-Their values are Config fields (defaults there), and go into a run's params only when they change anything, so
-a run without them records exactly what it recorded before. A modifier on an objective that doesn't take it is a
-one-line error; in a mixture every preference term must take it, and likelihood terms (sft) are left as they are.
+They go into a run's params only when they change anything, so a run without them records what it did before.
 
     preftune train ... --objective dpo --ld-alpha 0.5 --use-weighting --f-divergence-type js_divergence
 """

@@ -1,31 +1,11 @@
 """The judge registry: each kind declares itself, and ``parse_judge`` makes a judge from a SPEC string.
 
-    reward-model:PATH            pointwise: an AutoModelForSequenceClassification reward model, batched, its own
-                                 chat template applied when it has one; scores cached on disk by content
-    python:module:function       pointwise: fn(prompt: str, completion: str) -> float (module from cwd/PYTHONPATH),
-                                 e.g. python:preftune.tinyworld:judge, the tiny world's ground truth
-    openai:MODEL@BASE_URL        pairwise: an OpenAI-compatible /chat/completions endpoint (hosted or local),
-                                 key from $PREFTUNE_JUDGE_API_KEY or $OPENAI_API_KEY, never written anywhere
-    MODULE:KIND:ARGS             your own kind, registered by MODULE with ``@preftune.judge_kind``
-
     judge = parse_judge("python:preftune.tinyworld:judge", cfg)   # cfg's device and cache folder
     judge.prefer(["sort: 3 1 2 ="], [" 1 2 3"], [" 3 2 1"])        # ([1.0], [1.0], [0.333...])
 
-A kind declares its name, its mode (``pointwise``: scores one completion; ``pairwise``: compares two), the shape
-of its SPEC, what its factory needs from the config (``device``, ``cache_dir``) and the environment variables it
-reads. Its factory gets the ARGS after ``KIND:`` and returns a judge of its mode (base.py), or for a pointwise kind
-a plain ``fn(prompt, completion) -> float``; it raises ValueError when ARGS don't parse::
-
-    @preftune.judge_kind("keyword", mode="pointwise")     # in mymodule.py
-    def keyword(args):
-        words = args.split(",")
-        return lambda prompt, completion: float(sum(w in completion for w in words))
-
-    preftune generate --model M --prompts p.jsonl --output s.jsonl --judge mymodule:keyword:sorted,ok
-
-The rule: when a SPEC's first part is not a registered kind, it is a module imported from the working directory or
-PYTHONPATH (as ``--objective mymodule:slic`` imports an objective's module), whose import registers the kind named
-by the next part; the rest is its ARGS. Every process parses the SPEC again, so ``MODULE:`` stays in it.
+The SPECs (``reward-model:PATH``, ``python:module:function``, ``openai:MODEL@BASE_URL``): docs/behaviour.md,
+Judges; your own kind (``MODULE:KIND:ARGS``, ``@preftune.judge_kind``) and how a SPEC is resolved: the same
+page, Your own judge kind.
 """
 
 from __future__ import annotations

@@ -2,13 +2,8 @@
 
     parse_judge("openai:gpt-4o-mini@https://api.openai.com/v1").compare(["q"], ["a"], ["b"])   # [0.5]
 
-Each comparison is asked twice with the order swapped; disagreement is a tie, so position bias (a judge that
-always answers "1") shows up as ties, never as wins, and is measured (``position_flips``: gen_eval's
-``position_bias``). The key comes from $PREFTUNE_JUDGE_API_KEY or $OPENAI_API_KEY and is never written anywhere:
-what a server sends back is quoted with the key (and any prefix of it) cut out, and a URL with credentials in
-it is refused. Settings from the environment: PREFTUNE_JUDGE_TIMEOUT (s, 60),
-PREFTUNE_JUDGE_RETRIES (4), PREFTUNE_JUDGE_BACKOFF (s, 1.0; doubled per retry), PREFTUNE_JUDGE_CONCURRENCY (8).
-Any failure is an InputError: one line, exit code 2 from the CLI.
+The exchange (both orders, a disagreement a tie: ``position_flips``), the key and what is never written, the
+PREFTUNE_JUDGE_* settings and the one-line errors: docs/behaviour.md, Judges.
 """
 
 from __future__ import annotations
