@@ -5,10 +5,6 @@ TensorBoard, MLflow, Weights & Biases or Trackio, all offline by default; where 
     preftune train ... --report-to tensorboard,mlflow --output runs/x
     tensorboard --logdir runs/x/tensorboard            # or a matrix: --logdir matrix/cells
     mlflow ui --backend-store-uri runs/x/mlruns          # a matrix: matrix/mlruns, one run per cell
-
-Names follow TRL / transformers' own ``report_to`` callbacks, so preftune runs sit beside TRL runs in one
-dashboard: ``train/<key>`` and ``eval/<key>`` (``eval_loss`` -> ``eval/loss``), except in MLflow, which gets
-the raw keys as transformers' MLflowCallback logs them. The x axis is the optimizer step.
 """
 
 from __future__ import annotations

@@ -170,16 +170,11 @@ def objective(name: str, *, needs_reference: bool, family: str, params: dict[str
               advice: Callable[[dict[str, int], dict[str, float]], list[str]] | None = None,
               modifiers: Iterable[str] = (), needs: Iterable[str] = (), trl_loss_type: str | None = None,
               ) -> Callable[[Callable[..., Output]], Callable[..., Output]]:
-    """Register an objective; public as ``preftune.objective``. ``params`` maps each hyperparameter to its
-    default (a number) or a :class:`Param`. The function gets a :class:`SeqLogps` and the hyperparameters as
-    keywords, and returns an :class:`Output` (``preftune.ObjectiveOutput``)::
+    """Register an objective; public as ``preftune.objective``. The function gets a :class:`SeqLogps` and the
+    hyperparameters as keywords, and returns an :class:`Output`. An example, and what ``params``, ``modifiers``
+    and ``needs`` say: docs/api.md, Your own objective.
 
-        @preftune.objective("slic", needs_reference=False, family="reference-free", params={"beta": 1.0})
-        def slic(lp, beta): ...
-
-    Then ``preftune train --objective mymodule:slic`` imports ``mymodule`` and runs it. ``modifiers`` names the
-    modifiers it takes (``ld_alpha``, ``use_weighting``, ``f_divergence_type``: it must then read the margin
-    through :func:`delta` / :func:`scores`); ``needs`` the extra per-sequence quantities it reads.
+        preftune train --objective mymodule:slic ...      # imports mymodule, which registers slic
     """
     from .modifiers import MODIFIERS, NEEDS
 
