@@ -6,8 +6,8 @@ a row policy that stops at the first bad row (the default) or skips, counts and 
     loaded = read_examples("hh.jsonl", policy=RowPolicy(bad_rows="skip"))   # loaded.skipped: the rows left out
     prompts = load_prompts("heldout.jsonl")                  # the prompt of every row
 
-Row shapes (standard, conversational, implicit prompts, unpaired) are in shapes.py. JSONL is read line by line,
-so ``iter_rows`` streams a file of any size (the audit reads it that way). Extra columns are ignored.
+Row shapes are in shapes.py; the sources and shapes accepted: docs/data.md, Rows. ``iter_rows`` streams a
+JSONL file of any size (the audit reads it that way).
 """
 
 from __future__ import annotations

@@ -4,9 +4,7 @@ row policy (rows.py) can stop on it or skip and count it.
 
     example("train.jsonl:3", {"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello", "rejected": "..."}, "train.jsonl", 3)
 
-Shapes: standard (strings) and conversational (``{role, content}`` lists) pairs with a ``prompt``; an implicit
-prompt in either form (no ``prompt``: it is taken from the shared beginning of chosen and rejected); unpaired
-rows (``prompt``, ``completion``, ``label``). For plain strings the prompt ends at the last turn boundary both
+The shapes: docs/data.md, Rows. For plain strings an implicit prompt ends at the last turn boundary both
 sides share (:data:`TURN`), never inside a word: docs/data.md, "Implicit prompts".
 """
 
