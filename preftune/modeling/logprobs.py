@@ -126,8 +126,9 @@ def token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor, chunk: i
     out = []
     vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
     for i in range(0, hidden.shape[0], chunk):
-        args = (head, hidden[i:i + chunk], targets[i:i + chunk], softcap, scale, sumsq)
-        big = torch.is_grad_enabled() and args[1].shape[0] * vocab > _CHECKPOINT_LOGITS
+        h = hidden[i:i + chunk]
+        args = (head, h, targets[i:i + chunk], softcap, scale, sumsq)
+        big = torch.is_grad_enabled() and h.shape[0] * vocab > _CHECKPOINT_LOGITS
         out.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if big else _chunk_logps(*args))
     if not out:
         return hidden.new_zeros((2, 0) if sumsq else (0,), dtype=torch.float32)
@@ -150,8 +151,11 @@ def cut_to_shared(pairs: Sequence) -> list:
     """Each pair with both completions cut to min(|c|, |r|) tokens: scoring these gives the shared-part sums
     (LD-DPO) through the plain path, as the reference pass does. (With no prompt the first completion token is
     predicted on neither path, and the shared part is the same.)"""
-    return [dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:k]), rejected_ids=list(p.rejected_ids[:k]))
-            for p in pairs for k in [min(len(p.chosen_ids), len(p.rejected_ids))]]
+    def cut(p: Any) -> Any:
+        k = min(len(p.chosen_ids), len(p.rejected_ids))
+        return dataclasses.replace(p, chosen_ids=list(p.chosen_ids[:k]), rejected_ids=list(p.rejected_ids[:k]))
+
+    return [cut(p) for p in pairs]
 
 
 def with_shared_cuts(pairs: Sequence, needs: Sequence[str]) -> list:
